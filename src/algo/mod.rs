@@ -1,0 +1,196 @@
+//! Collective schedules as sans-IO state machines.
+//!
+//! A schedule owns no socket, thread or clock. The driver (the event loop in [`crate::net`],
+//! or the simulator in tests) feeds it events and asks it what to do next:
+//!
+//! * [`Schedule::poll_transmit`] — the next frame to send, to whom, and from which region of
+//!   the op's memory. The driver keeps the region untouched until it reports
+//!   [`Schedule::handle_sent`]; schedules bound how many bytes they have in flight themselves.
+//! * [`Schedule::handle_frame`] — a whole data frame arrived from an endpoint.
+//! * [`Schedule::handle_sent`] — a transmit was fully written.
+//! * [`Schedule::is_complete`] — every expected frame arrived and every transmit was sent.
+//!
+//! Poll order for a driver: after every batch of events, call `poll_transmit` until it returns
+//! `None`, then check `is_complete`. Frames may arrive in any order (data can spread across
+//! several TCP streams); every schedule accepts them so.
+
+pub mod plan;
+pub mod ring;
+
+use crate::buffer::{OpMemory, Region};
+use crate::error::{Error, Result};
+use crate::types::{DType, ReduceOp};
+use crate::wire::FrameHeader;
+
+/// Who a frame goes to or comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Endpoint {
+    Rank(usize),
+    Relay(usize),
+}
+
+impl std::fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Endpoint::Rank(r) => write!(f, "rank {r}"),
+            Endpoint::Relay(r) => write!(f, "relay {r}"),
+        }
+    }
+}
+
+/// Which collective an op is; the discriminant travels in [`FrameHeader::coll`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum Collective {
+    AllReduce = 1,
+    Broadcast = 2,
+    AllGather = 3,
+    ReduceScatter = 4,
+    Barrier = 5,
+}
+
+impl Collective {
+    pub fn name(self) -> &'static str {
+        match self {
+            Collective::AllReduce => "allreduce",
+            Collective::Broadcast => "broadcast",
+            Collective::AllGather => "allgather",
+            Collective::ReduceScatter => "reduce_scatter",
+            Collective::Barrier => "barrier",
+        }
+    }
+}
+
+/// Everything that identifies one op, as the calling rank sees it. Peers compare the fields
+/// carried in each data frame against their own to catch mismatched calls.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OpDesc {
+    pub coll: Collective,
+    /// Position of the op in the communicator's sequence (starts at 1).
+    pub seq: u64,
+    pub dtype: DType,
+    pub op: ReduceOp,
+    /// Elements in the caller's in/out buffer for all-reduce and broadcast; elements per rank
+    /// for all-gather and reduce-scatter.
+    pub count: usize,
+    /// Broadcast root.
+    pub root: usize,
+}
+
+impl std::fmt::Display for OpDesc {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.coll {
+            Collective::AllReduce | Collective::ReduceScatter => write!(
+                f,
+                "{}(seq {}, {} x {}, {})",
+                self.coll.name(),
+                self.seq,
+                self.count,
+                self.dtype,
+                self.op
+            ),
+            Collective::Broadcast => write!(
+                f,
+                "broadcast(seq {}, {} x {}, root {})",
+                self.seq, self.count, self.dtype, self.root
+            ),
+            Collective::AllGather => {
+                write!(f, "allgather(seq {}, {} x {})", self.seq, self.count, self.dtype)
+            }
+            Collective::Barrier => write!(f, "barrier(seq {})", self.seq),
+        }
+    }
+}
+
+impl OpDesc {
+    /// A data frame header for this op.
+    pub fn header(&self, step: u32, offset: usize, len: usize) -> FrameHeader {
+        FrameHeader {
+            kind: crate::wire::FrameKind::Data as u8,
+            coll: self.coll as u8,
+            dtype: self.dtype as u8,
+            redop: self.op as u8,
+            aux: step,
+            seq: self.seq,
+            count: self.count as u64,
+            offset: offset as u64,
+            len: len as u64,
+        }
+    }
+
+    /// Check that a data frame belongs to an op called the same way as ours.
+    pub fn check_matches(&self, from: Endpoint, h: &FrameHeader) -> Result<()> {
+        let same = h.coll == self.coll as u8
+            && h.dtype == self.dtype as u8
+            && (h.redop == self.op as u8)
+            && h.count == self.count as u64;
+        if same {
+            return Ok(());
+        }
+        let theirs = (|| {
+            let coll = [
+                Collective::AllReduce,
+                Collective::Broadcast,
+                Collective::AllGather,
+                Collective::ReduceScatter,
+                Collective::Barrier,
+            ]
+            .into_iter()
+            .find(|c| *c as u8 == h.coll)?;
+            Some(OpDesc {
+                coll,
+                seq: h.seq,
+                dtype: DType::from_raw(h.dtype as u32).ok()?,
+                op: ReduceOp::from_raw(h.redop as u32).ok()?,
+                count: h.count as usize,
+                root: self.root,
+            })
+        })();
+        Err(Error::invalid(match theirs {
+            Some(t) => format!("mismatched collective calls: {from} called {t} but this rank called {self}"),
+            None => format!("mismatched collective calls: {from} sent an unrecognisable op header for seq {}", h.seq),
+        }))
+    }
+}
+
+/// A frame to send.
+#[derive(Clone, Debug)]
+pub struct Transmit {
+    pub to: Endpoint,
+    pub header: FrameHeader,
+    pub region: Region,
+}
+
+/// A collective schedule; see the module docs for the driving protocol.
+pub trait Schedule: Send {
+    fn desc(&self) -> &OpDesc;
+
+    /// The next frame to send, if any is ready. May write into `mem` (e.g. to convert the
+    /// caller's f16 data into the f32 accumulator before sending it).
+    #[must_use]
+    fn poll_transmit(&mut self, mem: &mut OpMemory) -> Option<Transmit>;
+
+    /// A transmit returned by `poll_transmit` has been completely written.
+    fn handle_sent(&mut self, t: &Transmit);
+
+    /// A data frame for this op arrived. An error fails the op.
+    fn handle_frame(
+        &mut self,
+        mem: &mut OpMemory,
+        from: Endpoint,
+        header: &FrameHeader,
+        payload: &[u8],
+    ) -> Result<()>;
+
+    /// Every frame arrived and every transmit was sent: the result is in place.
+    fn is_complete(&self) -> bool;
+
+    /// An endpoint became unusable. Schedules that can route around it (relay mode) return
+    /// `Ok`; the default fails the op with `err`.
+    fn handle_endpoint_lost(&mut self, _mem: &mut OpMemory, _ep: Endpoint, err: Error) -> Result<()> {
+        Err(err)
+    }
+
+    /// Human-readable summary of what the schedule still waits for (used in timeout errors).
+    fn waiting_for(&self) -> String;
+}

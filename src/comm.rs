@@ -1,0 +1,278 @@
+//! The public Rust API: a communicator over one job's ranks.
+//!
+//! A [`Comm`] owns one progress thread (see [`crate::net::engine`]). Calls validate their
+//! arguments here — a rejected call touches nothing and leaves the communicator usable — then
+//! build the op's schedule and hand it to the progress thread. Ops complete in the order they
+//! were issued.
+
+use crate::algo::{Collective, OpDesc};
+use crate::buffer::{OpMemory, RawBuf};
+use crate::config::Config;
+use crate::error::{Error, ErrorKind, Result};
+use crate::net::engine::{Completion, Engine, PendingOp};
+use crate::types::{DType, Element, ReduceOp};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+pub use crate::net::bootstrap::UniqueId;
+
+/// A communicator: this process's membership in one job of `size` ranks.
+pub struct Comm {
+    rank: usize,
+    size: usize,
+    config: Config,
+    engine: Engine,
+    /// Next op sequence number; the lock also keeps submission order equal to seq order.
+    next_seq: Mutex<u64>,
+    broken: Arc<AtomicBool>,
+}
+
+/// A non-blocking operation in flight. Its buffers must stay untouched until it completes.
+pub struct Request {
+    done: Arc<Completion>,
+}
+
+impl Request {
+    /// Block until the op completes; its result.
+    pub fn wait(self) -> Result<()> {
+        self.done.wait()
+    }
+
+    /// `Ok(true)` once the op completed successfully, `Ok(false)` while it runs, the op's
+    /// error if it failed.
+    pub fn test(&self) -> Result<bool> {
+        match self.done.try_get() {
+            None => Ok(false),
+            Some(r) => r.map(|()| true),
+        }
+    }
+}
+
+fn check_ptr(what: &str, ptr: *const u8, bytes: usize) -> Result<()> {
+    if bytes > 0 && ptr.is_null() {
+        return Err(Error::invalid(format!("{what} buffer is NULL but {bytes} bytes were requested")));
+    }
+    Ok(())
+}
+
+fn byte_len(count: usize, dtype: DType) -> Result<usize> {
+    count
+        .checked_mul(dtype.size())
+        .filter(|&b| b <= isize::MAX as usize)
+        .ok_or_else(|| Error::invalid(format!("count {count} of {dtype} overflows the address space")))
+}
+
+impl Comm {
+    /// Join a job as `rank` of `size`, rendezvousing through `id` (from [`UniqueId::new`] on
+    /// rank 0, passed to the other ranks out of band).
+    pub fn init(size: usize, id: &UniqueId, rank: usize, config: Config) -> Result<Comm> {
+        config.validate()?;
+        if size == 0 {
+            return Err(Error::invalid("world size must be at least 1"));
+        }
+        if rank >= size {
+            return Err(Error::invalid(format!("rank {rank} is out of range for world size {size}")));
+        }
+        let broken = Arc::new(AtomicBool::new(false));
+        let mesh = crate::net::bootstrap::rendezvous(size, id, rank, &config)?;
+        let engine = Engine::start(mesh, &config, broken.clone())?;
+        log::info!("rank {rank}/{size}: communicator ready");
+        Ok(Comm {
+            rank,
+            size,
+            config,
+            engine,
+            next_seq: Mutex::new(1),
+            broken,
+        })
+    }
+
+    /// Join a job described by the environment: `MR_RANK`, `MR_WORLD_SIZE`, `MR_BOOTSTRAP`
+    /// (`host:port` of rank 0's bootstrap listener), or torchrun's `RANK`, `WORLD_SIZE`,
+    /// `MASTER_ADDR`, `MASTER_PORT`. Connections authenticate with `MR_TOKEN` when set.
+    pub fn init_env() -> Result<Comm> {
+        let config = Config::from_env()?;
+        let (rank, size, id) = crate::net::bootstrap::from_env(&config)?;
+        Comm::init(size, &id, rank, config)
+    }
+
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+
+    pub fn size(&self) -> usize {
+        self.size
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// End every pending and future op with [`ErrorKind::Aborted`] and close all connections.
+    /// Callable from any thread, also while another thread is blocked in an op.
+    pub fn abort(&self) {
+        self.broken.store(true, Ordering::SeqCst);
+        self.engine.abort();
+    }
+
+    fn submit(
+        &self,
+        coll: Collective,
+        dtype: DType,
+        op: ReduceOp,
+        count: usize,
+        root: usize,
+        mem: OpMemory,
+    ) -> Result<Request> {
+        if self.broken.load(Ordering::SeqCst) {
+            return Err(Error::new(
+                ErrorKind::Aborted,
+                "communicator is aborted or broken by an earlier failure; destroy it and create a new one",
+            ));
+        }
+        let mut seq = self.next_seq.lock().unwrap_or_else(|e| e.into_inner());
+        let desc = OpDesc {
+            coll,
+            seq: *seq,
+            dtype,
+            op,
+            count,
+            root,
+        };
+        let schedule = crate::algo::plan::build(&desc, self.rank, self.size, &self.config, &mem)?;
+        let done = Arc::new(Completion::default());
+        self.engine.submit(PendingOp {
+            schedule,
+            mem,
+            done: done.clone(),
+        })?;
+        *seq += 1;
+        Ok(Request { done })
+    }
+
+    /// Start an in-place all-reduce of `count` elements at `buf`.
+    ///
+    /// # Safety
+    /// `buf` must be valid for reads and writes of `count` elements of `dtype` and untouched
+    /// by anything else until the request completes.
+    pub unsafe fn iallreduce_raw(&self, buf: *mut u8, count: usize, dtype: DType, op: ReduceOp) -> Result<Request> {
+        let bytes = byte_len(count, dtype)?;
+        check_ptr("allreduce", buf, bytes)?;
+        // SAFETY: forwarded from this function's contract.
+        let mem = OpMemory::new(unsafe { RawBuf::new(buf, bytes) });
+        self.submit(Collective::AllReduce, dtype, op, count, 0, mem)
+    }
+
+    /// Start a broadcast of `count` elements from `root`'s `buf` into every rank's `buf`.
+    ///
+    /// # Safety
+    /// As for [`Comm::iallreduce_raw`].
+    pub unsafe fn ibroadcast_raw(&self, buf: *mut u8, count: usize, dtype: DType, root: usize) -> Result<Request> {
+        let bytes = byte_len(count, dtype)?;
+        check_ptr("broadcast", buf, bytes)?;
+        if root >= self.size {
+            return Err(Error::invalid(format!("broadcast root {root} is out of range for world size {}", self.size)));
+        }
+        // SAFETY: forwarded from this function's contract.
+        let mem = OpMemory::new(unsafe { RawBuf::new(buf, bytes) });
+        self.submit(Collective::Broadcast, dtype, ReduceOp::Sum, count, root, mem)
+    }
+
+    /// Start an all-gather: `count` elements from every rank's `send` land, in rank order, in
+    /// every rank's `recv` (`count × size` elements).
+    ///
+    /// # Safety
+    /// `send` valid for reads of `count` elements, `recv` for writes of `count × size`
+    /// elements, neither touched by anything else until the request completes; they may not
+    /// overlap unless `send` is exactly this rank's slot of `recv`.
+    pub unsafe fn iallgather_raw(&self, send: *const u8, recv: *mut u8, count: usize, dtype: DType) -> Result<Request> {
+        let bytes = byte_len(count, dtype)?;
+        let total = bytes
+            .checked_mul(self.size)
+            .ok_or_else(|| Error::invalid(format!("allgather of {count} x {dtype} per rank overflows")))?;
+        check_ptr("allgather send", send, bytes)?;
+        check_ptr("allgather recv", recv, total)?;
+        let mut mem = OpMemory::new(unsafe { RawBuf::new(recv, total) });
+        // SAFETY: forwarded from this function's contract; the input is only read.
+        mem.input = unsafe { RawBuf::new(send as *mut u8, bytes) };
+        self.submit(Collective::AllGather, dtype, ReduceOp::Sum, count, 0, mem)
+    }
+
+    /// Start a reduce-scatter: every rank's `send` holds `recv_count × size` elements; rank r's
+    /// `recv` gets the reduction of block r.
+    ///
+    /// # Safety
+    /// As for [`Comm::iallgather_raw`], with the sizes swapped.
+    pub unsafe fn ireduce_scatter_raw(
+        &self,
+        send: *const u8,
+        recv: *mut u8,
+        recv_count: usize,
+        dtype: DType,
+        op: ReduceOp,
+    ) -> Result<Request> {
+        let bytes = byte_len(recv_count, dtype)?;
+        let total = bytes
+            .checked_mul(self.size)
+            .ok_or_else(|| Error::invalid(format!("reduce_scatter of {recv_count} x {dtype} per rank overflows")))?;
+        check_ptr("reduce_scatter send", send, total)?;
+        check_ptr("reduce_scatter recv", recv, bytes)?;
+        let mut mem = OpMemory::new(unsafe { RawBuf::new(recv, bytes) });
+        // SAFETY: forwarded from this function's contract; the input is only read.
+        mem.input = unsafe { RawBuf::new(send as *mut u8, total) };
+        self.submit(Collective::ReduceScatter, dtype, op, recv_count, 0, mem)
+    }
+
+    /// Start a barrier: completes once every rank has entered it.
+    pub fn ibarrier(&self) -> Result<Request> {
+        self.submit(Collective::Barrier, DType::U8, ReduceOp::Max, 0, 0, OpMemory::new(RawBuf::empty()))
+    }
+
+    pub fn allreduce<T: Element>(&self, buf: &mut [T], op: ReduceOp) -> Result<()> {
+        // SAFETY: the exclusive borrow lasts until wait() returns.
+        unsafe { self.iallreduce_raw(buf.as_mut_ptr().cast(), buf.len(), T::DTYPE, op)?.wait() }
+    }
+
+    pub fn broadcast<T: Element>(&self, buf: &mut [T], root: usize) -> Result<()> {
+        // SAFETY: the exclusive borrow lasts until wait() returns.
+        unsafe { self.ibroadcast_raw(buf.as_mut_ptr().cast(), buf.len(), T::DTYPE, root)?.wait() }
+    }
+
+    pub fn allgather<T: Element>(&self, send: &[T], recv: &mut [T]) -> Result<()> {
+        if recv.len() != send.len() * self.size {
+            return Err(Error::invalid(format!(
+                "allgather: recv holds {} elements, need {} x {} ranks",
+                recv.len(),
+                send.len(),
+                self.size
+            )));
+        }
+        // SAFETY: the borrows last until wait() returns; &/&mut cannot overlap.
+        unsafe { self.iallgather_raw(send.as_ptr().cast(), recv.as_mut_ptr().cast(), send.len(), T::DTYPE)?.wait() }
+    }
+
+    pub fn reduce_scatter<T: Element>(&self, send: &[T], recv: &mut [T], op: ReduceOp) -> Result<()> {
+        if send.len() != recv.len() * self.size {
+            return Err(Error::invalid(format!(
+                "reduce_scatter: send holds {} elements, need {} x {} ranks",
+                send.len(),
+                recv.len(),
+                self.size
+            )));
+        }
+        // SAFETY: the borrows last until wait() returns; &/&mut cannot overlap.
+        unsafe {
+            self.ireduce_scatter_raw(send.as_ptr().cast(), recv.as_mut_ptr().cast(), recv.len(), T::DTYPE, op)?
+                .wait()
+        }
+    }
+
+    pub fn barrier(&self) -> Result<()> {
+        self.ibarrier()?.wait()
+    }
+
+    /// Finish pending ops, say goodbye to the peers and stop the progress thread.
+    pub fn destroy(self) -> Result<()> {
+        self.engine.shutdown()
+    }
+}

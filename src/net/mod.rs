@@ -1,0 +1,7 @@
+//! Networking: the per-communicator event loop that moves bytes ([`engine`]), framed
+//! non-blocking connections ([`conn`]), and bootstrap/rendezvous ([`bootstrap`]).
+//!
+//! Nothing here knows collective semantics; that lives in [`crate::algo`].
+
+pub mod bootstrap;
+pub mod engine;

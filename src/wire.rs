@@ -1,0 +1,354 @@
+//! Frame format, handshake and keyed-blake3 authentication.
+//!
+//! Every message on every connection (rank↔rank, peer↔relay, relay↔validator) is a frame: a
+//! fixed 40-byte little-endian [`FrameHeader`] followed by `len` payload bytes. Decoding never
+//! trusts a length: [`FrameHeader::decode`] rejects unknown kinds and payloads over
+//! [`MAX_PAYLOAD`], and each consumer checks `offset`/`len` against the op it expects before
+//! touching memory.
+//!
+//! Handshake (the accepting side speaks first, so a connector can never be replayed):
+//! 1. acceptor → connector: `Challenge` with a fresh 32-byte nonce `ns`;
+//! 2. connector → acceptor: `Hello` with its own nonce `nc`, a MAC over
+//!    (`"client"`, `ns`, `nc`, body) keyed by the shared secret, and the body (who it is);
+//! 3. acceptor → connector: `Welcome` with a MAC over (`"server"`, `nc`, `ns`, body) and its
+//!    own body, or `Reject` with a reason.
+//!
+//! The secret itself never crosses the wire.
+
+use crate::error::{Error, ErrorKind, Result};
+
+/// Size of an encoded [`FrameHeader`].
+pub const HEADER_LEN: usize = 40;
+/// Largest payload any frame may carry, in bytes.
+pub const MAX_PAYLOAD: usize = 64 << 20;
+/// Largest handshake or control payload, in bytes.
+pub const MAX_CONTROL_PAYLOAD: usize = 64 << 10;
+/// Length of nonces and MACs.
+pub const NONCE_LEN: usize = 32;
+pub const MAC_LEN: usize = 32;
+
+/// What a frame carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum FrameKind {
+    /// Collective data: `seq` names the op, `offset`/`len` the bytes.
+    Data = 1,
+    /// The op `seq` failed at the sender; payload is the UTF-8 message, `aux` the
+    /// [`ErrorKind`] code.
+    OpError = 2,
+    /// Handshake step 1: payload is the acceptor's nonce.
+    Challenge = 3,
+    /// Handshake step 2: payload is nonce, MAC, body.
+    Hello = 4,
+    /// Handshake step 3: payload is MAC, body.
+    Welcome = 5,
+    /// Handshake refused, or a bootstrap error: payload is the UTF-8 reason, `aux` the
+    /// [`ErrorKind`] code.
+    Reject = 6,
+    /// Orderly close.
+    Goodbye = 7,
+    /// Control message whose payload is JSON (relay job set-up, validator protocol).
+    Control = 8,
+}
+
+impl FrameKind {
+    pub fn from_u8(v: u8) -> Option<FrameKind> {
+        Some(match v {
+            1 => FrameKind::Data,
+            2 => FrameKind::OpError,
+            3 => FrameKind::Challenge,
+            4 => FrameKind::Hello,
+            5 => FrameKind::Welcome,
+            6 => FrameKind::Reject,
+            7 => FrameKind::Goodbye,
+            8 => FrameKind::Control,
+            _ => return None,
+        })
+    }
+
+    /// Largest payload this kind may carry.
+    pub fn max_payload(self) -> usize {
+        match self {
+            FrameKind::Data => MAX_PAYLOAD,
+            _ => MAX_CONTROL_PAYLOAD,
+        }
+    }
+}
+
+/// Fixed frame header. Field meanings beyond `kind`/`len` depend on the kind; for `Data`:
+/// `coll`/`dtype`/`redop` describe the op as the sender called it (so mismatched calls are
+/// caught), `step` is the schedule step, `count` the op's element count as the sender sees it,
+/// `offset` the byte offset of the payload in the op's buffer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct FrameHeader {
+    pub kind: u8,
+    pub coll: u8,
+    pub dtype: u8,
+    pub redop: u8,
+    /// Schedule step for data, error code for errors, free for others.
+    pub aux: u32,
+    pub seq: u64,
+    pub count: u64,
+    pub offset: u64,
+    pub len: u64,
+}
+
+impl FrameHeader {
+    pub fn new(kind: FrameKind, len: usize) -> FrameHeader {
+        FrameHeader {
+            kind: kind as u8,
+            len: len as u64,
+            ..FrameHeader::default()
+        }
+    }
+
+    pub fn kind(&self) -> FrameKind {
+        FrameKind::from_u8(self.kind).expect("decoded headers have valid kinds")
+    }
+
+    pub fn encode(&self) -> [u8; HEADER_LEN] {
+        let mut b = [0u8; HEADER_LEN];
+        b[0] = self.kind;
+        b[1] = self.coll;
+        b[2] = self.dtype;
+        b[3] = self.redop;
+        b[4..8].copy_from_slice(&self.aux.to_le_bytes());
+        b[8..16].copy_from_slice(&self.seq.to_le_bytes());
+        b[16..24].copy_from_slice(&self.count.to_le_bytes());
+        b[24..32].copy_from_slice(&self.offset.to_le_bytes());
+        b[32..40].copy_from_slice(&self.len.to_le_bytes());
+        b
+    }
+
+    /// Decode and validate a header: the kind must be known and the length within that
+    /// kind's limit. The error says which check failed.
+    pub fn decode(b: &[u8; HEADER_LEN]) -> Result<FrameHeader> {
+        let u32_at = |i: usize| u32::from_le_bytes(b[i..i + 4].try_into().unwrap());
+        let u64_at = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().unwrap());
+        let h = FrameHeader {
+            kind: b[0],
+            coll: b[1],
+            dtype: b[2],
+            redop: b[3],
+            aux: u32_at(4),
+            seq: u64_at(8),
+            count: u64_at(16),
+            offset: u64_at(24),
+            len: u64_at(32),
+        };
+        let kind = FrameKind::from_u8(h.kind).ok_or_else(|| {
+            Error::remote(format!("malformed frame: unknown kind {}", h.kind))
+        })?;
+        if h.len > kind.max_payload() as u64 {
+            return Err(Error::remote(format!(
+                "malformed frame: {kind:?} payload of {} bytes exceeds the limit of {} bytes",
+                h.len,
+                kind.max_payload()
+            )));
+        }
+        Ok(h)
+    }
+
+    /// An `OpError` frame header for op `seq`; the payload is the message.
+    pub fn op_error(seq: u64, kind: ErrorKind, msg_len: usize) -> FrameHeader {
+        FrameHeader {
+            aux: kind as u32,
+            seq,
+            ..FrameHeader::new(FrameKind::OpError, msg_len)
+        }
+    }
+}
+
+/// A fresh random nonce.
+pub fn nonce() -> [u8; NONCE_LEN] {
+    let mut n = [0u8; NONCE_LEN];
+    getrandom::getrandom(&mut n).expect("the OS random source failed");
+    n
+}
+
+/// Derive a 32-byte MAC key from a secret of any length.
+pub fn mac_key(secret: &[u8]) -> [u8; 32] {
+    blake3::derive_key("mapreduce 2026 handshake mac key v1", secret)
+}
+
+/// Keyed-blake3 MAC over a role label, two nonces and a body.
+pub fn mac(key: &[u8; 32], role: &[u8], first: &[u8], second: &[u8], body: &[u8]) -> [u8; MAC_LEN] {
+    let mut h = blake3::Hasher::new_keyed(key);
+    for part in [role, first, second, body] {
+        h.update(&(part.len() as u64).to_le_bytes());
+        h.update(part);
+    }
+    *h.finalize().as_bytes()
+}
+
+/// Constant-time comparison of two MACs.
+pub fn mac_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// A `Hello` payload: connector nonce, MAC, body.
+pub struct Hello<'a> {
+    pub nonce: [u8; NONCE_LEN],
+    pub mac: [u8; MAC_LEN],
+    pub body: &'a [u8],
+}
+
+impl<'a> Hello<'a> {
+    /// Build a Hello answering challenge `ns`, proving knowledge of `key`.
+    pub fn sign(key: &[u8; 32], ns: &[u8; NONCE_LEN], body: &'a [u8]) -> Hello<'a> {
+        let nc = nonce();
+        Hello {
+            nonce: nc,
+            mac: mac(key, b"client", ns, &nc, body),
+            body,
+        }
+    }
+    pub fn encode(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(NONCE_LEN + MAC_LEN + self.body.len());
+        v.extend_from_slice(&self.nonce);
+        v.extend_from_slice(&self.mac);
+        v.extend_from_slice(self.body);
+        v
+    }
+    pub fn decode(p: &'a [u8]) -> Result<Hello<'a>> {
+        if p.len() < NONCE_LEN + MAC_LEN {
+            return Err(Error::remote(format!(
+                "malformed hello: {} bytes, need at least {}",
+                p.len(),
+                NONCE_LEN + MAC_LEN
+            )));
+        }
+        Ok(Hello {
+            nonce: p[..NONCE_LEN].try_into().unwrap(),
+            mac: p[NONCE_LEN..NONCE_LEN + MAC_LEN].try_into().unwrap(),
+            body: &p[NONCE_LEN + MAC_LEN..],
+        })
+    }
+    /// Check the MAC against challenge `ns` with `key`.
+    pub fn verify(&self, key: &[u8; 32], ns: &[u8; NONCE_LEN]) -> bool {
+        mac_eq(&mac(key, b"client", ns, &self.nonce, self.body), &self.mac)
+    }
+}
+
+/// The acceptor's answer MAC for a verified Hello.
+pub fn welcome_mac(key: &[u8; 32], ns: &[u8; NONCE_LEN], nc: &[u8; NONCE_LEN], body: &[u8]) -> [u8; MAC_LEN] {
+    mac(key, b"server", nc, ns, body)
+}
+
+/// Little helpers to build and parse handshake bodies: fixed-width little-endian integers
+/// and length-prefixed byte strings.
+#[derive(Default)]
+pub struct BodyWriter(pub Vec<u8>);
+
+impl BodyWriter {
+    pub fn u32(mut self, v: u32) -> Self {
+        self.0.extend_from_slice(&v.to_le_bytes());
+        self
+    }
+    pub fn u64(mut self, v: u64) -> Self {
+        self.0.extend_from_slice(&v.to_le_bytes());
+        self
+    }
+    pub fn bytes(mut self, b: &[u8]) -> Self {
+        self = self.u32(b.len() as u32);
+        self.0.extend_from_slice(b);
+        self
+    }
+    pub fn finish(self) -> Vec<u8> {
+        self.0
+    }
+}
+
+pub struct BodyReader<'a> {
+    buf: &'a [u8],
+    what: &'static str,
+}
+
+impl<'a> BodyReader<'a> {
+    pub fn new(buf: &'a [u8], what: &'static str) -> Self {
+        BodyReader { buf, what }
+    }
+    fn take(&mut self, n: usize) -> Result<&'a [u8]> {
+        if self.buf.len() < n {
+            return Err(Error::remote(format!(
+                "malformed {}: truncated ({} bytes left, need {n})",
+                self.what,
+                self.buf.len()
+            )));
+        }
+        let (a, b) = self.buf.split_at(n);
+        self.buf = b;
+        Ok(a)
+    }
+    pub fn u32(&mut self) -> Result<u32> {
+        Ok(u32::from_le_bytes(self.take(4)?.try_into().unwrap()))
+    }
+    pub fn u64(&mut self) -> Result<u64> {
+        Ok(u64::from_le_bytes(self.take(8)?.try_into().unwrap()))
+    }
+    pub fn bytes(&mut self) -> Result<&'a [u8]> {
+        let n = self.u32()? as usize;
+        self.take(n)
+    }
+    pub fn string(&mut self) -> Result<String> {
+        let b = self.bytes()?;
+        String::from_utf8(b.to_vec())
+            .map_err(|_| Error::remote(format!("malformed {}: string is not UTF-8", self.what)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_round_trip() {
+        let h = FrameHeader {
+            kind: FrameKind::Data as u8,
+            coll: 1,
+            dtype: 2,
+            redop: 3,
+            aux: 7,
+            seq: 1 << 40,
+            count: 12345,
+            offset: 1 << 33,
+            len: 4096,
+        };
+        assert_eq!(FrameHeader::decode(&h.encode()).unwrap(), h);
+    }
+
+    #[test]
+    fn header_rejects_unknown_kind_and_oversize() {
+        let mut b = FrameHeader::new(FrameKind::Data, 16).encode();
+        b[0] = 99;
+        assert!(FrameHeader::decode(&b).unwrap_err().message.contains("unknown kind"));
+        let b = FrameHeader::new(FrameKind::Data, MAX_PAYLOAD + 1).encode();
+        assert!(FrameHeader::decode(&b).unwrap_err().message.contains("exceeds"));
+        let b = FrameHeader::new(FrameKind::Hello, MAX_CONTROL_PAYLOAD + 1).encode();
+        assert!(FrameHeader::decode(&b).is_err());
+    }
+
+    #[test]
+    fn hello_mac_binds_key_nonce_and_body() {
+        let key = mac_key(b"secret");
+        let ns = nonce();
+        let body = BodyWriter::default().u32(3).bytes(b"addr").finish();
+        let hello = Hello::sign(&key, &ns, &body);
+        let enc = hello.encode();
+        let dec = Hello::decode(&enc).unwrap();
+        assert!(dec.verify(&key, &ns));
+        assert!(!dec.verify(&mac_key(b"other"), &ns));
+        assert!(!dec.verify(&key, &nonce()));
+        let mut tampered = enc.clone();
+        *tampered.last_mut().unwrap() ^= 1;
+        assert!(!Hello::decode(&tampered).unwrap().verify(&key, &ns));
+    }
+
+    #[test]
+    fn body_reader_reports_truncation() {
+        let body = BodyWriter::default().u32(1).finish();
+        let mut r = BodyReader::new(&body, "hello");
+        assert_eq!(r.u32().unwrap(), 1);
+        assert!(r.u64().unwrap_err().message.contains("truncated"));
+    }
+}
