@@ -33,7 +33,10 @@ impl Completion {
         }
     }
     pub fn try_get(&self) -> Option<Result<()>> {
-        self.result.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.result
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 }
 
