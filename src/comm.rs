@@ -72,6 +72,7 @@ impl Comm {
     /// Join a job as `rank` of `size`, rendezvousing through `id` (from [`UniqueId::new`] on
     /// rank 0, passed to the other ranks out of band).
     pub fn init(size: usize, id: &UniqueId, rank: usize, config: Config) -> Result<Comm> {
+        init_logging();
         config.validate()?;
         if size == 0 {
             return Err(Error::invalid("world size must be at least 1"));
@@ -347,4 +348,10 @@ impl Comm {
     pub fn destroy(self) -> Result<()> {
         self.engine.shutdown()
     }
+}
+
+/// Route `log` records to stderr, filtered by `MR_LOG` (default `warn`); idempotent.
+pub fn init_logging() {
+    let _ = env_logger::Builder::from_env(env_logger::Env::new().filter_or("MR_LOG", "warn"))
+        .try_init();
 }

@@ -709,7 +709,6 @@ impl Schedule for Broadcast {
 /// barriers.
 pub struct RecursiveDoubling {
     desc: OpDesc,
-    rank: usize,
     n: usize,
     role: Role,
     /// Exchange steps among the participants (log2 p).
@@ -723,6 +722,11 @@ pub struct RecursiveDoubling {
     folded_in: bool,
     /// The caller's data has been loaded into the accumulator.
     loaded: bool,
+    /// Frames sent and received so far, and how many there will be. Counted in frames, not
+    /// bytes: barriers exchange empty frames.
+    frames_sent: usize,
+    frames_received: usize,
+    frames_expected: usize,
     /// Partner data that arrived early, by step (0 = fold-in).
     stash: Vec<Option<Vec<u8>>>,
     finished: bool,
@@ -782,7 +786,6 @@ impl RecursiveDoubling {
         }
         RecursiveDoubling {
             desc,
-            rank,
             n,
             role,
             steps,
@@ -797,6 +800,12 @@ impl RecursiveDoubling {
                 }
             ),
             loaded: false,
+            frames_sent: 0,
+            frames_received: 0,
+            frames_expected: match role {
+                Role::Folded { .. } => 1,
+                Role::Participant { folded, .. } => steps + usize::from(folded.is_some()),
+            },
             stash: vec![None; steps + 1],
             finished: false,
             tally,
@@ -955,6 +964,7 @@ impl Schedule for RecursiveDoubling {
 
     fn handle_sent(&mut self, t: &Transmit) {
         self.tally.sent(t);
+        self.frames_sent += 1;
         if let Role::Participant { .. } = self.role {
             if t.header.aux == self.step as u32 + 1 {
                 self.step_sent = true;
@@ -992,6 +1002,7 @@ impl Schedule for RecursiveDoubling {
                     return Err(bad("unexpected for a folded rank"));
                 }
                 self.tally.received += payload.len();
+                self.frames_received += 1;
                 mem.user.as_mut_slice().copy_from_slice(payload);
             }
             Role::Participant { id, folded } => {
@@ -1013,6 +1024,7 @@ impl Schedule for RecursiveDoubling {
                     return Err(bad("duplicate step"));
                 }
                 self.tally.received += payload.len();
+                self.frames_received += 1;
                 self.stash[step] = Some(payload.to_vec());
                 self.advance(mem);
             }
@@ -1021,7 +1033,10 @@ impl Schedule for RecursiveDoubling {
     }
 
     fn is_complete(&self) -> bool {
-        self.finished && self.tally.complete()
+        self.finished
+            && self.tally.complete()
+            && self.frames_sent == self.frames_expected
+            && self.frames_received == self.frames_expected
     }
 
     fn waiting_for(&self) -> String {
