@@ -223,7 +223,9 @@ fn abort_from_another_thread_ends_a_blocked_op() {
         let r = unsafe { mr_allreduce(rank0.ptr(), buf.as_mut_ptr().cast(), buf.len(), F32, SUM) };
         (r, last_error())
     });
-    // Whether the op is already blocked or not yet started, it must end as aborted.
+    // Give the op a moment to block, so that abort usually meets it in flight; had it not
+    // started yet, it must end as aborted all the same.
+    thread::sleep(std::time::Duration::from_millis(100));
     // SAFETY: the handle is live; abort may run concurrently with an op.
     ok(unsafe { mr_comm_abort(rank0.ptr()) });
     let (r, message) = blocked.join().expect("blocked thread");
