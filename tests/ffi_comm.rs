@@ -213,6 +213,78 @@ fn ranks_on_threads_all_reduce_through_the_c_abi() {
 }
 
 #[test]
+fn ranks_on_threads_gather_and_scatter_through_the_non_blocking_abi() {
+    const N: usize = 4;
+    const COUNT: usize = 1_001;
+    let handles = local_job(N as c_int);
+    let workers: Vec<_> = handles
+        .iter()
+        .enumerate()
+        .map(|(rank, &h)| {
+            thread::spawn(move || -> Result<(), String> {
+                // All-gather: rank r contributes r * 10_000 + i; everyone gets all blocks in
+                // rank order.
+                let send: Vec<i64> = (0..COUNT).map(|i| (rank * 10_000 + i) as i64).collect();
+                let mut recv = vec![-1i64; COUNT * N];
+                // Reduce-scatter: element j of rank r's input is r + j, so block b's sum at
+                // offset i is N * (b * COUNT + i) + N (N - 1) / 2.
+                let rs_send: Vec<i32> = (0..COUNT * N).map(|j| (rank + j) as i32).collect();
+                let mut rs_recv = vec![-1i32; COUNT];
+                let (mut gather, mut scatter) = (null_mut(), null_mut());
+                // SAFETY: h stays live until every worker is joined; the buffers outlive the
+                // requests, which are waited below.
+                unsafe {
+                    let i64t = mr_dtype::MR_INT64 as u32;
+                    if mr_iallgather(
+                        h.ptr(),
+                        send.as_ptr().cast(),
+                        recv.as_mut_ptr().cast(),
+                        COUNT,
+                        i64t,
+                        &mut gather,
+                    ) != OK
+                        || mr_ireduce_scatter(
+                            h.ptr(),
+                            rs_send.as_ptr().cast(),
+                            rs_recv.as_mut_ptr().cast(),
+                            COUNT,
+                            I32,
+                            SUM,
+                            &mut scatter,
+                        ) != OK
+                    {
+                        return Err(last_error());
+                    }
+                    // Completed in the order started; wait in reverse to show that works too.
+                    if mr_wait(scatter) != OK || mr_wait(gather) != OK {
+                        return Err(last_error());
+                    }
+                }
+                for (j, v) in recv.iter().enumerate() {
+                    let (b, i) = (j / COUNT, j % COUNT);
+                    if *v != (b * 10_000 + i) as i64 {
+                        return Err(format!("allgather element {j} is {v}"));
+                    }
+                }
+                for (i, v) in rs_recv.iter().enumerate() {
+                    let want = N * (rank * COUNT + i) + N * (N - 1) / 2;
+                    if *v != want as i32 {
+                        return Err(format!("reduce_scatter element {i} is {v}, want {want}"));
+                    }
+                }
+                Ok(())
+            })
+        })
+        .collect();
+    for (rank, w) in workers.into_iter().enumerate() {
+        w.join()
+            .expect("worker")
+            .unwrap_or_else(|e| panic!("rank {rank}: {e}"));
+    }
+    destroy(handles);
+}
+
+#[test]
 fn abort_from_another_thread_ends_a_blocked_op() {
     // Rank 1 joins but never takes part, so rank 0's all-reduce cannot finish on its own.
     let handles = local_job(2);
