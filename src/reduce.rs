@@ -336,18 +336,7 @@ fn f32_to_bf16(x: f32) -> u16 {
     (r >> 16) as u16
 }
 
-<<<<<<< HEAD
-fn assert_half(what: &str, dtype: DType) {
-    assert!(
-        matches!(dtype, DType::F16 | DType::BF16),
-        "{what}: {dtype} is not a 16-bit float"
-    );
-}
-
-/// `acc = op(acc, f32(src))`: `acc` holds f32, `src` holds f16 or bf16 (`src_dtype`).
-=======
 /// `dst = f32(src)` for bf16 bits.
->>>>>>> kernels
 #[inline(never)]
 fn widen_bf16(dst: &mut [f32], src: &[u16]) {
     zip_map_best(dst, src, |_, h| bf16_to_f32(h))
