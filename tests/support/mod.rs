@@ -117,6 +117,40 @@ pub fn report<T>(name: &str, r: &mapreduce::Result<T>) {
     }
 }
 
+/// Join, then prove the communicator works: an all-reduce of known values (checked), a
+/// barrier and a clean destroy, each reported.
+pub fn join_and_check(mut ctx: Ctx) {
+    let started = Instant::now();
+    let Ok(comm) = ctx.init() else {
+        say(&format!("OK init_failed_after_ms {}", started.elapsed().as_millis()));
+        return;
+    };
+    ok("init", "");
+    check_allreduce(&comm, "allreduce");
+    report("barrier", &comm.barrier());
+    report("destroy", &comm.destroy());
+}
+
+/// All-reduce `[rank, rank + 1, ...]` over 1000 i64s and report `OK name` or an error.
+pub fn check_allreduce(comm: &Comm, name: &str) {
+    let (r, n) = (comm.rank() as i64, comm.size() as i64);
+    let mut v: Vec<i64> = (0..1000).map(|i| r + i).collect();
+    match comm.allreduce(&mut v, mapreduce::ReduceOp::Sum) {
+        Ok(()) => {
+            let good = v
+                .iter()
+                .enumerate()
+                .all(|(i, &x)| x == n * (n - 1) / 2 + n * i as i64);
+            if good {
+                ok(name, "");
+            } else {
+                say(&format!("ERR {name} WrongResult {:?}", &v[..4]));
+            }
+        }
+        Err(e) => err(name, &e),
+    }
+}
+
 /// Block until the parent writes a line to this child's stdin (or closes it).
 pub fn wait_for_parent() {
     let mut line = String::new();
@@ -477,6 +511,12 @@ impl Job {
             .iter_mut()
             .map(|p| p.outcome.take().unwrap())
             .collect()
+    }
+
+    /// Use this unique id instead of waiting for rank 0 to announce one (for jobs whose rank 0
+    /// is not a child).
+    pub fn set_id(&mut self, id: &UniqueId) {
+        self.id_hex = Some(mapreduce::config::to_hex(id.as_bytes()));
     }
 
     /// The unique id rank 0 announced.
