@@ -71,8 +71,15 @@ fn abort(mut ctx: Ctx) {
     let mut b = vec![0u8; 16];
     report("broadcast_after", &comm.broadcast(&mut b, 0));
     // SAFETY: `v` outlives the request, which is waited for at once.
-    let r = unsafe { comm.iallreduce_raw(v.as_mut_ptr().cast(), 4, mapreduce::DType::F32, ReduceOp::Max) }
-        .and_then(|req| req.wait());
+    let r = unsafe {
+        comm.iallreduce_raw(
+            v.as_mut_ptr().cast(),
+            4,
+            mapreduce::DType::F32,
+            ReduceOp::Max,
+        )
+    }
+    .and_then(|req| req.wait());
     report("iallreduce_after", &r);
     report("destroy", &comm.destroy());
 }
@@ -124,7 +131,10 @@ fn rank_that_never_joins_times_out_init() {
     for o in job.finish() {
         let msg = assert_kind(&o, "init", &["Timeout"]);
         if o.rank == 0 {
-            assert!(msg.contains("rank(s) 2 of 3"), "names the missing rank: {msg}");
+            assert!(
+                msg.contains("rank(s) 2 of 3"),
+                "names the missing rank: {msg}"
+            );
         }
         assert_eq!(o.code, Some(0), "{}", o.story());
     }

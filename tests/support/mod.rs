@@ -122,7 +122,10 @@ pub fn report<T>(name: &str, r: &mapreduce::Result<T>) {
 pub fn join_and_check(mut ctx: Ctx) {
     let started = Instant::now();
     let Ok(comm) = ctx.init() else {
-        say(&format!("OK init_failed_after_ms {}", started.elapsed().as_millis()));
+        say(&format!(
+            "OK init_failed_after_ms {}",
+            started.elapsed().as_millis()
+        ));
         return;
     };
     ok("init", "");
