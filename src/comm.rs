@@ -24,7 +24,12 @@ pub struct Comm {
     engine: Engine,
     /// Next op sequence number; the lock also keeps submission order equal to seq order.
     next_seq: Mutex<u64>,
+    /// Set by the progress thread when the communicator fails, and by [`Comm::abort`].
     broken: Arc<AtomicBool>,
+    /// Set only by [`Comm::abort`]: later ops fail with `Aborted`. Ops after any other
+    /// failure still go to the progress thread, which ends them with that failure's error
+    /// (e.g. `Remote`, naming the lost peer) so callers learn why.
+    aborted: AtomicBool,
 }
 
 /// A non-blocking operation in flight. Its buffers must stay untouched until it completes.
@@ -93,6 +98,7 @@ impl Comm {
             engine,
             next_seq: Mutex::new(1),
             broken,
+            aborted: AtomicBool::new(false),
         })
     }
 
@@ -120,6 +126,7 @@ impl Comm {
     /// End every pending and future op with [`ErrorKind::Aborted`] and close all connections.
     /// Callable from any thread, also while another thread is blocked in an op.
     pub fn abort(&self) {
+        self.aborted.store(true, Ordering::SeqCst);
         self.broken.store(true, Ordering::SeqCst);
         self.engine.abort();
     }
@@ -133,10 +140,10 @@ impl Comm {
         root: usize,
         mem: OpMemory,
     ) -> Result<Request> {
-        if self.broken.load(Ordering::SeqCst) {
+        if self.aborted.load(Ordering::SeqCst) {
             return Err(Error::new(
                 ErrorKind::Aborted,
-                "communicator is aborted or broken by an earlier failure; destroy it and create a new one",
+                "communicator was aborted; destroy it and create a new one",
             ));
         }
         let mut seq = self.next_seq.lock().unwrap_or_else(|e| e.into_inner());
