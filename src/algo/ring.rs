@@ -76,7 +76,7 @@ fn check_range(
     elem: usize,
 ) -> Result<Range<usize>> {
     let start = h.offset as usize;
-    let end = start.checked_add(len).unwrap_or(usize::MAX);
+    let end = start.saturating_add(len);
     if h.offset > usize::MAX as u64
         || start < within.start
         || end > within.end
