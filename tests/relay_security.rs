@@ -204,3 +204,40 @@ fn relay_stops_cleanly_on_sigterm() {
     assert!(status.success(), "{status}");
     assert!(relay.wait_log("relay stopped"));
 }
+
+#[test]
+fn killed_relay_fails_every_rank_instead_of_hanging() {
+    let mut relay = RelayProc::start(TOKEN);
+    let mut cfg = relay_config(std::slice::from_ref(&relay), TOKEN);
+    cfg.timeout = Duration::from_secs(10);
+    let id = UniqueId::new(&cfg).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let handles: Vec<_> = (0..2)
+        .map(|r| {
+            let cfg = cfg.clone();
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                let comm = Comm::init(2, &id, r, cfg).unwrap();
+                let mut v = vec![1.0f32; 4 << 20];
+                for i in 0..1000 {
+                    if i == 1 {
+                        let _ = tx.send(());
+                    }
+                    if let Err(e) = comm.allreduce(&mut v, ReduceOp::Sum) {
+                        return e;
+                    }
+                }
+                panic!("the job kept working without its only relay");
+            })
+        })
+        .collect();
+    rx.recv().unwrap();
+    relay.child.kill().unwrap();
+    for h in handles {
+        let e = h.join().unwrap();
+        assert!(
+            matches!(e.kind, ErrorKind::Remote | ErrorKind::Aborted),
+            "{e}"
+        );
+    }
+}
