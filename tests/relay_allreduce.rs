@@ -79,10 +79,10 @@ fn check_dtype<T: Element + PartialEq + std::fmt::Debug + Copy>(
     };
     let ring = run_job(p, ring_cfg, job);
     let relay = run_job(p, relay_cfg, job);
-    for r in 0..p {
+    for (r, got) in relay.iter().enumerate() {
         assert_eq!(
-            relay[r],
-            ring[0],
+            got,
+            &ring[0],
             "{op:?} {:?}: rank {r} differs from the ring",
             T::DTYPE
         );

@@ -246,3 +246,85 @@ impl Schedule for RelaySchedule {
         )
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::buffer::RawBuf;
+    use crate::types::{DType, ReduceOp};
+
+    fn desc(coll: Collective, count: usize, root: usize) -> OpDesc {
+        OpDesc {
+            coll,
+            seq: 1,
+            dtype: DType::I32,
+            op: ReduceOp::Sum,
+            count,
+            root,
+        }
+    }
+
+    #[test]
+    fn allreduce_keeps_a_window_per_relay_and_writes_results() {
+        let d = desc(Collective::AllReduce, 103, 0);
+        let mut buf = vec![0u8; 103 * 4];
+        // SAFETY: `buf` outlives `mem` and is only used through it.
+        let mut mem = OpMemory::new(unsafe { RawBuf::new(buf.as_mut_ptr(), buf.len()) });
+        let mut s = RelaySchedule::new(d, 0, &[0, 2], 64, 2);
+        let mut out = Vec::new();
+        while let Some(t) = s.poll_transmit(&mut mem) {
+            out.push(t);
+        }
+        // Two relays, two chunks in flight each.
+        assert_eq!(out.len(), 4);
+        assert_eq!(out.iter().filter(|t| t.to == Endpoint::Relay(2)).count(), 2);
+        for t in &out {
+            s.handle_sent(t);
+        }
+        // A result for a chunk that was never sent, a wrong length, a stranger: errors.
+        let t = &out[0];
+        let mut late = t.header;
+        late.offset += 3 * 64;
+        assert!(s.handle_frame(&mut mem, t.to, &late, &[0; 64]).is_err());
+        assert!(s.handle_frame(&mut mem, t.to, &t.header, &[0; 8]).is_err());
+        assert!(s
+            .handle_frame(&mut mem, Endpoint::Relay(1), &t.header, &[7; 64])
+            .is_err());
+        s.handle_frame(&mut mem, t.to, &t.header, &[7; 64]).unwrap();
+        assert!(s.handle_frame(&mut mem, t.to, &t.header, &[7; 64]).is_err());
+        // The answer freed one slot on that relay.
+        let next = s.poll_transmit(&mut mem).unwrap();
+        assert_eq!(next.to, t.to);
+        assert!(s.poll_transmit(&mut mem).is_none());
+        assert!(!s.is_complete());
+        assert!(buf[..64].iter().all(|&b| b == 7));
+    }
+
+    #[test]
+    fn broadcast_root_waits_for_acks_and_receivers_send_nothing() {
+        let d = desc(Collective::Broadcast, 40, 1);
+        let mut buf = vec![0u8; 160];
+        // SAFETY: `buf` outlives `mem` and is only used through it.
+        let mut mem = OpMemory::new(unsafe { RawBuf::new(buf.as_mut_ptr(), buf.len()) });
+        let mut root = RelaySchedule::new(d, 1, &[0], 64, 4);
+        let sent: Vec<_> = std::iter::from_fn(|| root.poll_transmit(&mut mem)).collect();
+        assert_eq!(sent.len(), 3);
+        for t in &sent {
+            assert_eq!(t.header.aux, 1);
+            root.handle_sent(t);
+            assert!(!root.is_complete());
+            let ack = FrameHeader { len: 0, ..t.header };
+            root.handle_frame(&mut mem, t.to, &ack, &[]).unwrap();
+        }
+        assert!(root.is_complete());
+        let mut recv = RelaySchedule::new(d, 0, &[0], 64, 4);
+        assert!(recv.poll_transmit(&mut mem).is_none());
+        for t in &sent {
+            recv.handle_frame(&mut mem, t.to, &t.header, &vec![5; t.region.len()])
+                .unwrap();
+        }
+        assert!(recv.is_complete());
+        let empty = RelaySchedule::new(desc(Collective::AllReduce, 0, 0), 0, &[0, 1, 2], 64, 4);
+        assert!(empty.is_complete());
+    }
+}
