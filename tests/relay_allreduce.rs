@@ -55,6 +55,12 @@ fn allreduce_and_broadcast_for_every_peer_and_relay_count() {
                 res.windows(2).all(|w| w[0] == w[1]),
                 "identical on every rank"
             );
+            for relay in &relays {
+                assert!(
+                    relay.wait_log(&format!("new, {p} peers")),
+                    "relay served the job"
+                );
+            }
         }
     }
 }
