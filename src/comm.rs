@@ -30,6 +30,8 @@ pub struct Comm {
     /// failure still go to the progress thread, which ends them with that failure's error
     /// (e.g. `Remote`, naming the lost peer) so callers learn why.
     aborted: AtomicBool,
+    /// Relays (indices into `config.relays`) that every rank is connected to.
+    relays: Vec<usize>,
 }
 
 /// A non-blocking operation in flight. Its buffers must stay untouched until it completes.
@@ -88,10 +90,15 @@ impl Comm {
             )));
         }
         let broken = Arc::new(AtomicBool::new(false));
-        let mesh = crate::net::bootstrap::rendezvous(size, id, rank, &config)?;
+        let mut mesh = crate::net::bootstrap::rendezvous(size, id, rank, &config)?;
+        let use_relays = !config.relays.is_empty() && config.algo != crate::config::Algo::Ring;
+        let connected = if use_relays {
+            crate::relay::client::attach(&mut mesh, &config)?
+        } else {
+            Vec::new()
+        };
         let engine = Engine::start(mesh, &config, broken.clone())?;
-        log::info!("rank {rank}/{size}: communicator ready");
-        Ok(Comm {
+        let mut comm = Comm {
             rank,
             size,
             config,
@@ -99,7 +106,25 @@ impl Comm {
             next_seq: Mutex::new(1),
             broken,
             aborted: AtomicBool::new(false),
-        })
+            relays: Vec::new(),
+        };
+        if use_relays {
+            // Every rank must cut buffers the same way: use the relays all of them reached.
+            let mut mask: Vec<u8> = connected.iter().map(|&c| u8::from(c)).collect();
+            comm.allreduce(&mut mask, ReduceOp::Min)?;
+            comm.relays = (0..mask.len()).filter(|&i| mask[i] == 1).collect();
+            if comm.relays.is_empty() {
+                log::warn!("rank {rank}: no relay is reachable by every rank; using the ring");
+            } else if comm.relays.len() < mask.len() {
+                log::warn!(
+                    "rank {rank}: using relays {:?} of {}; the others are unreachable from some rank",
+                    comm.relays,
+                    mask.len()
+                );
+            }
+        }
+        log::info!("rank {rank}/{size}: communicator ready");
+        Ok(comm)
     }
 
     /// Join a job described by the environment: `MR_RANK`, `MR_WORLD_SIZE`, `MR_BOOTSTRAP`
@@ -121,6 +146,11 @@ impl Comm {
 
     pub fn config(&self) -> &Config {
         &self.config
+    }
+
+    /// Relays in use (indices into `config().relays`): those every rank is connected to.
+    pub fn relays(&self) -> &[usize] {
+        &self.relays
     }
 
     /// End every pending and future op with [`ErrorKind::Aborted`] and close all connections.
@@ -156,8 +186,14 @@ impl Comm {
             root,
         };
         let mut mem = mem;
-        let schedule =
-            crate::algo::plan::build(&desc, self.rank, self.size, &self.config, &mut mem)?;
+        let schedule = crate::algo::plan::build_with_relays(
+            &desc,
+            self.rank,
+            self.size,
+            &self.config,
+            &self.relays,
+            &mut mem,
+        )?;
         let done = Arc::new(Completion::default());
         self.engine.submit(PendingOp {
             schedule,

@@ -15,6 +15,7 @@
 //! several TCP streams); every schedule accepts them so.
 
 pub mod plan;
+pub mod relay;
 pub mod ring;
 #[cfg(test)]
 pub mod sim;
