@@ -100,6 +100,8 @@ test: build check-header cargo-test c-test c-test-valgrind check-install test-to
 cargo-test:
 	$(TEST_ENV) $(CARGO) test --release
 
+# The same programs in relay mode, through mr-relayd daemons on loopback.
+RELAY_RUN := MR_RELAYD=$(RELEASE_DIR)/mr-relayd c-examples/with-relays.sh
 c-test: c-examples
 	$(TEST_ENV) $(BUILD)/c-examples/allreduce $(EXAMPLE_RANKS)
 	$(TEST_ENV) $(BUILD)/c-examples/allreduce 1
@@ -107,6 +109,8 @@ c-test: c-examples
 	$(TEST_ENV) $(BUILD)/c-examples/broadcast $(EXAMPLE_RANKS)
 	$(TEST_ENV) $(BUILD)/c-examples/broadcast 1
 	$(TEST_ENV) $(BUILD)/c-examples/broadcast 5
+	$(TEST_ENV) $(RELAY_RUN) 2 $(BUILD)/c-examples/allreduce $(EXAMPLE_RANKS)
+	$(TEST_ENV) $(RELAY_RUN) 3 $(BUILD)/c-examples/broadcast 3
 
 # One small job under memcheck: invalid reads/writes anywhere across the C boundary fail it.
 # Forked ranks stay under valgrind; leaks are not counted (thread-locals and the progress
