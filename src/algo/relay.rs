@@ -644,7 +644,7 @@ impl Schedule for RelaySchedule {
             return Ok(());
         };
         if !self.dead[pos] {
-            log::warn!(
+            log::debug!(
                 "{}: rank {}: dropping relay {relay}: {}",
                 self.desc,
                 self.rank,
