@@ -482,6 +482,13 @@ impl Loop {
                     break;
                 }
                 for t in queued {
+                    // A relay lost while this batch was being queued: the schedule already
+                    // routes its chunks elsewhere.
+                    if let Endpoint::Relay(r) = t.to {
+                        if self.dead_relays.contains(&r) {
+                            continue;
+                        }
+                    }
                     if let Err(e) = self.enqueue(t) {
                         self.fail_current(e);
                         break;
