@@ -301,12 +301,12 @@ impl Comm {
         &self,
         v: &Arc<JobVerify>,
         buf: *mut u8,
-        bytes: usize,
         count: usize,
         dtype: DType,
         op: ReduceOp,
         mem: OpMemory,
     ) -> Result<Request> {
+        let bytes = count * dtype.size();
         let mut recorded: Option<Recorded> = None;
         let req = self.submit_with(
             Collective::AllReduce,
@@ -404,7 +404,7 @@ impl Comm {
         // SAFETY: forwarded from this function's contract.
         let mem = OpMemory::new(unsafe { RawBuf::new(buf, bytes) });
         if let Some(v) = self.verify.as_ref().filter(|_| self.relayed(bytes)) {
-            return self.iallreduce_verified(v, buf, bytes, count, dtype, op, mem);
+            return self.iallreduce_verified(v, buf, count, dtype, op, mem);
         }
         self.submit(Collective::AllReduce, dtype, op, count, 0, mem)
     }

@@ -70,6 +70,17 @@ pub struct Registry {
     pub relays: HashMap<String, RelayEntry>,
 }
 
+/// What a registering relay offers.
+#[derive(Clone, Copy, Debug)]
+pub struct Offer<'a> {
+    /// Address peers connect to.
+    pub addr: &'a str,
+    /// Memory jobs may reserve, bytes.
+    pub capacity: u64,
+    /// Memory available now, bytes.
+    pub free_memory: u64,
+}
+
 /// Outcome of a registration attempt.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Admission {
@@ -146,14 +157,12 @@ impl Registry {
         write_atomic(scores, &serde_json::to_vec_pretty(&file).expect("json"))
     }
 
-    /// Admit relay `id` proving `key_ok(pinned key)`; an unknown id enrolls with `enroll`.
+    /// Admit relay `id` (offering `offer`) proving `key_ok(pinned key)`; an unknown id enrolls with `enroll`.
     /// Returns `Err` with the reason when the proof fails.
     pub fn admit(
         &mut self,
         id: &str,
-        addr: &str,
-        capacity: u64,
-        free_memory: u64,
+        offer: Offer<'_>,
         enroll: Option<[u8; 32]>,
         key_ok: impl Fn(&[u8; 32]) -> bool,
         now: Instant,
@@ -181,7 +190,7 @@ impl Registry {
                         "relay {id}: the id is not derived from the key offered"
                     ));
                 }
-                log::info!("relay {id} at {addr}: enrolled (key pinned)");
+                log::info!("relay {id} at {}: enrolled (key pinned)", offer.addr);
                 self.relays.entry(id.to_string()).or_insert(RelayEntry {
                     score: RelayScore {
                         id: id.to_string(),
@@ -196,10 +205,10 @@ impl Registry {
                 })
             }
         };
-        entry.score.addr = addr.to_string();
-        entry.score.ip = ip_of(addr);
-        entry.score.capacity = capacity;
-        entry.free_memory = free_memory;
+        entry.score.addr = offer.addr.to_string();
+        entry.score.ip = ip_of(offer.addr);
+        entry.score.capacity = offer.capacity;
+        entry.free_memory = offer.free_memory;
         entry.last_seen = Some(now);
         entry.generation += 1;
         let generation = entry.generation;
@@ -260,7 +269,7 @@ impl Registry {
 
     /// Relay `id` passed a verified op moving `mbps` MB/s (if measured).
     pub fn credit(&mut self, id: &str, mbps: Option<f64>) {
-        if let Some(e) = self.relays.get_mut(id) {
+        if let Some(e) = self.relays.get_mut(id).filter(|e| !e.score.excluded) {
             e.score.verified_ops += 1;
             if let Some(m) = mbps {
                 self.note_throughput(id, m);
@@ -350,7 +359,17 @@ mod tests {
 
     fn enroll(reg: &mut Registry, key: [u8; 32], addr: &str, now: Instant) -> String {
         let id = relay_id(&key);
-        let a = reg.admit(&id, addr, 1 << 30, 1 << 30, Some(key), |k| k == &key, now);
+        let a = reg.admit(
+            &id,
+            Offer {
+                addr,
+                capacity: 1 << 30,
+                free_memory: 1 << 30,
+            },
+            Some(key),
+            |k| k == &key,
+            now,
+        );
         assert!(matches!(a, Ok(Admission::Admitted(_))));
         id
     }
@@ -362,17 +381,47 @@ mod tests {
         let key = [1u8; 32];
         let id = relay_id(&key);
         assert_eq!(
-            reg.admit(&id, "127.0.0.1:1", 0, 0, None, |_| true, now),
+            reg.admit(
+                &id,
+                Offer {
+                    addr: "127.0.0.1:1",
+                    capacity: 0,
+                    free_memory: 0
+                },
+                None,
+                |_| true,
+                now
+            ),
             Ok(Admission::Unknown)
         );
         enroll(&mut reg, key, "127.0.0.1:1", now);
         let other = [2u8; 32];
         assert!(reg
-            .admit(&id, "127.0.0.1:1", 0, 0, Some(other), |k| k == &other, now)
+            .admit(
+                &id,
+                Offer {
+                    addr: "127.0.0.1:1",
+                    capacity: 0,
+                    free_memory: 0
+                },
+                Some(other),
+                |k| k == &other,
+                now
+            )
             .is_err());
         // An id that is not derived from the offered key cannot enroll.
         assert!(reg
-            .admit("feedbeef", "x:1", 0, 0, Some(other), |k| k == &other, now)
+            .admit(
+                "feedbeef",
+                Offer {
+                    addr: "x:1",
+                    capacity: 0,
+                    free_memory: 0
+                },
+                Some(other),
+                |k| k == &other,
+                now
+            )
             .is_err());
     }
 

@@ -8,7 +8,7 @@ use crate::net::bootstrap::FrameIo;
 use crate::validator::proto::{
     self, AssignedRelay, Assignment, Intro, JobRequest, Refusal, RelayMsg, ReportMsg,
 };
-use crate::validator::registry::{Admission, Registry};
+use crate::validator::registry::{Admission, Offer, Registry};
 use crate::validator::verify::{self, OpRecord};
 use crate::wire::{self, FrameKind, Hello};
 use serde::{Deserialize, Serialize};
@@ -91,13 +91,16 @@ struct RelayLink {
     acked: Condvar,
 }
 
+/// Per rank: its record of one op, the op's bytes and how long the rank saw it take (µs).
+type OpReports = Vec<Option<(OpRecord, u64, u64)>>;
+
 /// A job the validator assigned.
 struct Job {
     secret: [u8; 32],
     relays: Vec<String>,
     world: usize,
     /// Records of sampled ops by seq, until every rank's arrived.
-    pending: HashMap<u64, Vec<Option<(OpRecord, u64, u64)>>>,
+    pending: HashMap<u64, OpReports>,
 }
 
 /// Shared validator state.
@@ -453,9 +456,11 @@ fn serve_conn(state: &Arc<State>, stream: &mut TcpStream, peer: &str) -> Result<
                 .unwrap_or_else(|e| e.into_inner())
                 .admit(
                     &id,
-                    &addr,
-                    capacity,
-                    free_memory,
+                    Offer {
+                        addr: &addr,
+                        capacity,
+                        free_memory,
+                    },
                     enroll_key,
                     |k| hello.verify(&wire::mac_key(k), &ns),
                     Instant::now(),
