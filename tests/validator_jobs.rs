@@ -108,7 +108,12 @@ fn wait_status(v: &Proc, what: &str, cond: impl Fn(&[StatusRow]) -> bool) -> Vec
         if cond(&rows) {
             return rows;
         }
-        assert!(Instant::now() < deadline, "{what}: {rows:#?}");
+        if Instant::now() >= deadline {
+            for l in v.log.lock().unwrap().iter().rev().take(15) {
+                eprintln!("validator: {l}");
+            }
+            panic!("{what}: {rows:#?}");
+        }
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -383,4 +388,21 @@ fn unauthenticated_registration_is_rejected() {
         "the impostor changed the record"
     );
     assert!(v.has_log("authentication failed"));
+}
+
+#[test]
+fn benchmark_bots_measure_throughput() {
+    let dir = tmpdir("bench");
+    let v = validator(
+        &dir,
+        "127.0.0.1:0",
+        r#"{"heartbeat_timeout_ms": 3000, "bench": {"interval_secs": 0.3, "bytes": 1048576, "bots": 2}}"#,
+    );
+    let _r = relay(&v, &dir.join("r.key"), "127.0.0.1:0", &[]);
+    let rows = wait_status(&v, "benchmarked", |r| {
+        r.len() == 1 && r[0].score.throughput_mbps > 0.0
+    });
+    assert_eq!(rows[0].score.correctness, 1.0);
+    assert!(v.has_log("result verified"));
+    drop(v);
 }

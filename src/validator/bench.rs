@@ -55,12 +55,27 @@ fn bench_relay(state: &Arc<State>, id: &str) -> crate::Result<()> {
     let cfg = &state.config.bench;
     let bots = cfg.bots.max(2);
     let count = (cfg.bytes / 4).max(1);
-    let mut job = [0u8; 16];
-    job.copy_from_slice(&crate::wire::nonce()[..16]);
     let chunk = 256 << 10;
+    let mut config = Config {
+        algo: Algo::Relay,
+        chunk_bytes: chunk,
+        timeout: Duration::from_secs(30),
+        bind_addr: Some("127.0.0.1".parse().expect("ip")),
+        ..Config::default()
+    };
+    let uid = UniqueId::new(&config)?;
+    // The relay admits peers of the job id they announce: the one in the unique id (its
+    // text form ends with the job id in hex).
+    let text = String::from_utf8_lossy(uid.as_bytes());
+    let job = text
+        .trim_end_matches('\0')
+        .rsplit(' ')
+        .next()
+        .unwrap_or_default()
+        .to_string();
     let a = state.assign_to(
         &JobRequest {
-            job: crate::config::to_hex(&job),
+            job,
             peers: bots,
             relays: 1,
             relay_memory: (bots * crate::algo::relay::DEFAULT_WINDOW * chunk * 4) as u64,
@@ -68,16 +83,8 @@ fn bench_relay(state: &Arc<State>, id: &str) -> crate::Result<()> {
         },
         id,
     )?;
-    let config = Config {
-        algo: Algo::Relay,
-        relays: a.relays.iter().map(|r| r.addr.clone()).collect(),
-        token: Some(crate::config::parse_hex("token", &a.token)?),
-        chunk_bytes: chunk,
-        timeout: Duration::from_secs(30),
-        bind_addr: Some("127.0.0.1".parse().expect("ip")),
-        ..Config::default()
-    };
-    let uid = UniqueId::new(&config)?;
+    config.relays = a.relays.iter().map(|r| r.addr.clone()).collect();
+    config.token = Some(crate::config::parse_hex("token", &a.token)?);
     let handles: Vec<_> = (0..bots)
         .map(|r| {
             let config = config.clone();
