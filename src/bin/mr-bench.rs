@@ -265,24 +265,27 @@ fn spawn_job(
     let config = Config::from_env().unwrap_or_else(|e| die(e));
     let id = UniqueId::new(&config).unwrap_or_else(|e| die(e));
     let exe = std::env::current_exe().unwrap_or_else(|e| die(e));
-    let mut child_args: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| !a.starts_with("--spawn-local") && !a.starts_with("--demo"))
-        .collect();
-    // Drop the value that followed --spawn-local N if given as two words.
-    if let Some(pos) = std::env::args().skip(1).position(|a| a == "--spawn-local") {
-        let all: Vec<String> = std::env::args().skip(1).collect();
-        child_args = all
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| *i != pos && *i != pos + 1)
-            .map(|(_, a)| a.clone())
-            .collect();
-    }
-    child_args.retain(|a| !a.starts_with("--relays"));
-    if args.demo {
-        child_args.clear();
-    }
+    // Children run the same table: pass the parsed options on explicitly.
+    let ops: Vec<&str> = args.op.iter().map(|&o| op_name(o)).collect();
+    let child_args: Vec<String> = if args.demo {
+        Vec::new()
+    } else {
+        [
+            "--op", &ops.join(",").replace("reduce_scatter", "reduce-scatter"),
+            "--dtype", &args.dtype,
+            "--redop", &args.redop,
+            "--min-bytes", &args.min_bytes.to_string(),
+            "--max-bytes", &args.max_bytes.to_string(),
+            "--step-factor", &args.step_factor.to_string(),
+            "--warmup", &args.warmup.to_string(),
+            "--iters", &args.iters.to_string(),
+            "--check", &args.check.to_string(),
+            "--root", &args.root.to_string(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
     let mut children: Vec<Child> = (1..n)
         .map(|r| {
             Command::new(&exe)
