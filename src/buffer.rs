@@ -18,9 +18,10 @@ pub enum Scratch {
 impl Scratch {
     pub fn zeroed(len: usize) -> Result<Scratch> {
         if len >= MMAP_THRESHOLD {
-            let map = memmap2::MmapOptions::new().len(len).map_anon().map_err(|e| {
-                Error::io(format!("cannot map {len} bytes of scratch memory"), e)
-            })?;
+            let map = memmap2::MmapOptions::new()
+                .len(len)
+                .map_anon()
+                .map_err(|e| Error::io(format!("cannot map {len} bytes of scratch memory"), e))?;
             Ok(Scratch::Mapped(map))
         } else {
             Ok(Scratch::Heap(vec![0u64; len.div_ceil(8)], len))
@@ -179,7 +180,10 @@ impl OpMemory {
     }
 
     pub fn acc_mut(&mut self) -> &mut [u8] {
-        self.acc.as_mut().expect("op has an accumulator").as_mut_slice()
+        self.acc
+            .as_mut()
+            .expect("op has an accumulator")
+            .as_mut_slice()
     }
 
     pub fn acc(&self) -> &[u8] {

@@ -50,7 +50,9 @@ impl Request {
 
 fn check_ptr(what: &str, ptr: *const u8, bytes: usize) -> Result<()> {
     if bytes > 0 && ptr.is_null() {
-        return Err(Error::invalid(format!("{what} buffer is NULL but {bytes} bytes were requested")));
+        return Err(Error::invalid(format!(
+            "{what} buffer is NULL but {bytes} bytes were requested"
+        )));
     }
     Ok(())
 }
@@ -59,19 +61,26 @@ fn byte_len(count: usize, dtype: DType) -> Result<usize> {
     count
         .checked_mul(dtype.size())
         .filter(|&b| b <= isize::MAX as usize)
-        .ok_or_else(|| Error::invalid(format!("count {count} of {dtype} overflows the address space")))
+        .ok_or_else(|| {
+            Error::invalid(format!(
+                "count {count} of {dtype} overflows the address space"
+            ))
+        })
 }
 
 impl Comm {
     /// Join a job as `rank` of `size`, rendezvousing through `id` (from [`UniqueId::new`] on
     /// rank 0, passed to the other ranks out of band).
     pub fn init(size: usize, id: &UniqueId, rank: usize, config: Config) -> Result<Comm> {
+        init_logging();
         config.validate()?;
         if size == 0 {
             return Err(Error::invalid("world size must be at least 1"));
         }
         if rank >= size {
-            return Err(Error::invalid(format!("rank {rank} is out of range for world size {size}")));
+            return Err(Error::invalid(format!(
+                "rank {rank} is out of range for world size {size}"
+            )));
         }
         let broken = Arc::new(AtomicBool::new(false));
         let mesh = crate::net::bootstrap::rendezvous(size, id, rank, &config)?;
@@ -139,7 +148,9 @@ impl Comm {
             count,
             root,
         };
-        let schedule = crate::algo::plan::build(&desc, self.rank, self.size, &self.config, &mem)?;
+        let mut mem = mem;
+        let schedule =
+            crate::algo::plan::build(&desc, self.rank, self.size, &self.config, &mut mem)?;
         let done = Arc::new(Completion::default());
         self.engine.submit(PendingOp {
             schedule,
@@ -155,7 +166,13 @@ impl Comm {
     /// # Safety
     /// `buf` must be valid for reads and writes of `count` elements of `dtype` and untouched
     /// by anything else until the request completes.
-    pub unsafe fn iallreduce_raw(&self, buf: *mut u8, count: usize, dtype: DType, op: ReduceOp) -> Result<Request> {
+    pub unsafe fn iallreduce_raw(
+        &self,
+        buf: *mut u8,
+        count: usize,
+        dtype: DType,
+        op: ReduceOp,
+    ) -> Result<Request> {
         let bytes = byte_len(count, dtype)?;
         check_ptr("allreduce", buf, bytes)?;
         // SAFETY: forwarded from this function's contract.
@@ -167,15 +184,31 @@ impl Comm {
     ///
     /// # Safety
     /// As for [`Comm::iallreduce_raw`].
-    pub unsafe fn ibroadcast_raw(&self, buf: *mut u8, count: usize, dtype: DType, root: usize) -> Result<Request> {
+    pub unsafe fn ibroadcast_raw(
+        &self,
+        buf: *mut u8,
+        count: usize,
+        dtype: DType,
+        root: usize,
+    ) -> Result<Request> {
         let bytes = byte_len(count, dtype)?;
         check_ptr("broadcast", buf, bytes)?;
         if root >= self.size {
-            return Err(Error::invalid(format!("broadcast root {root} is out of range for world size {}", self.size)));
+            return Err(Error::invalid(format!(
+                "broadcast root {root} is out of range for world size {}",
+                self.size
+            )));
         }
         // SAFETY: forwarded from this function's contract.
         let mem = OpMemory::new(unsafe { RawBuf::new(buf, bytes) });
-        self.submit(Collective::Broadcast, dtype, ReduceOp::Sum, count, root, mem)
+        self.submit(
+            Collective::Broadcast,
+            dtype,
+            ReduceOp::Sum,
+            count,
+            root,
+            mem,
+        )
     }
 
     /// Start an all-gather: `count` elements from every rank's `send` land, in rank order, in
@@ -185,11 +218,17 @@ impl Comm {
     /// `send` valid for reads of `count` elements, `recv` for writes of `count × size`
     /// elements, neither touched by anything else until the request completes; they may not
     /// overlap unless `send` is exactly this rank's slot of `recv`.
-    pub unsafe fn iallgather_raw(&self, send: *const u8, recv: *mut u8, count: usize, dtype: DType) -> Result<Request> {
+    pub unsafe fn iallgather_raw(
+        &self,
+        send: *const u8,
+        recv: *mut u8,
+        count: usize,
+        dtype: DType,
+    ) -> Result<Request> {
         let bytes = byte_len(count, dtype)?;
-        let total = bytes
-            .checked_mul(self.size)
-            .ok_or_else(|| Error::invalid(format!("allgather of {count} x {dtype} per rank overflows")))?;
+        let total = bytes.checked_mul(self.size).ok_or_else(|| {
+            Error::invalid(format!("allgather of {count} x {dtype} per rank overflows"))
+        })?;
         check_ptr("allgather send", send, bytes)?;
         check_ptr("allgather recv", recv, total)?;
         let mut mem = OpMemory::new(unsafe { RawBuf::new(recv, total) });
@@ -212,9 +251,11 @@ impl Comm {
         op: ReduceOp,
     ) -> Result<Request> {
         let bytes = byte_len(recv_count, dtype)?;
-        let total = bytes
-            .checked_mul(self.size)
-            .ok_or_else(|| Error::invalid(format!("reduce_scatter of {recv_count} x {dtype} per rank overflows")))?;
+        let total = bytes.checked_mul(self.size).ok_or_else(|| {
+            Error::invalid(format!(
+                "reduce_scatter of {recv_count} x {dtype} per rank overflows"
+            ))
+        })?;
         check_ptr("reduce_scatter send", send, total)?;
         check_ptr("reduce_scatter recv", recv, bytes)?;
         let mut mem = OpMemory::new(unsafe { RawBuf::new(recv, bytes) });
@@ -225,17 +266,30 @@ impl Comm {
 
     /// Start a barrier: completes once every rank has entered it.
     pub fn ibarrier(&self) -> Result<Request> {
-        self.submit(Collective::Barrier, DType::U8, ReduceOp::Max, 0, 0, OpMemory::new(RawBuf::empty()))
+        self.submit(
+            Collective::Barrier,
+            DType::U8,
+            ReduceOp::Max,
+            0,
+            0,
+            OpMemory::new(RawBuf::empty()),
+        )
     }
 
     pub fn allreduce<T: Element>(&self, buf: &mut [T], op: ReduceOp) -> Result<()> {
         // SAFETY: the exclusive borrow lasts until wait() returns.
-        unsafe { self.iallreduce_raw(buf.as_mut_ptr().cast(), buf.len(), T::DTYPE, op)?.wait() }
+        unsafe {
+            self.iallreduce_raw(buf.as_mut_ptr().cast(), buf.len(), T::DTYPE, op)?
+                .wait()
+        }
     }
 
     pub fn broadcast<T: Element>(&self, buf: &mut [T], root: usize) -> Result<()> {
         // SAFETY: the exclusive borrow lasts until wait() returns.
-        unsafe { self.ibroadcast_raw(buf.as_mut_ptr().cast(), buf.len(), T::DTYPE, root)?.wait() }
+        unsafe {
+            self.ibroadcast_raw(buf.as_mut_ptr().cast(), buf.len(), T::DTYPE, root)?
+                .wait()
+        }
     }
 
     pub fn allgather<T: Element>(&self, send: &[T], recv: &mut [T]) -> Result<()> {
@@ -248,10 +302,23 @@ impl Comm {
             )));
         }
         // SAFETY: the borrows last until wait() returns; &/&mut cannot overlap.
-        unsafe { self.iallgather_raw(send.as_ptr().cast(), recv.as_mut_ptr().cast(), send.len(), T::DTYPE)?.wait() }
+        unsafe {
+            self.iallgather_raw(
+                send.as_ptr().cast(),
+                recv.as_mut_ptr().cast(),
+                send.len(),
+                T::DTYPE,
+            )?
+            .wait()
+        }
     }
 
-    pub fn reduce_scatter<T: Element>(&self, send: &[T], recv: &mut [T], op: ReduceOp) -> Result<()> {
+    pub fn reduce_scatter<T: Element>(
+        &self,
+        send: &[T],
+        recv: &mut [T],
+        op: ReduceOp,
+    ) -> Result<()> {
         if send.len() != recv.len() * self.size {
             return Err(Error::invalid(format!(
                 "reduce_scatter: send holds {} elements, need {} x {} ranks",
@@ -262,8 +329,14 @@ impl Comm {
         }
         // SAFETY: the borrows last until wait() returns; &/&mut cannot overlap.
         unsafe {
-            self.ireduce_scatter_raw(send.as_ptr().cast(), recv.as_mut_ptr().cast(), recv.len(), T::DTYPE, op)?
-                .wait()
+            self.ireduce_scatter_raw(
+                send.as_ptr().cast(),
+                recv.as_mut_ptr().cast(),
+                recv.len(),
+                T::DTYPE,
+                op,
+            )?
+            .wait()
         }
     }
 
@@ -275,4 +348,10 @@ impl Comm {
     pub fn destroy(self) -> Result<()> {
         self.engine.shutdown()
     }
+}
+
+/// Route `log` records to stderr, filtered by `MR_LOG` (default `warn`); idempotent.
+pub fn init_logging() {
+    let _ = env_logger::Builder::from_env(env_logger::Env::new().filter_or("MR_LOG", "warn"))
+        .try_init();
 }

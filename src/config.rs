@@ -81,7 +81,9 @@ fn parse_num<T: std::str::FromStr>(name: &str, value: &str) -> Result<T> {
 pub fn parse_hex(what: &str, s: &str) -> Result<Vec<u8>> {
     let s = s.trim();
     if s.len() % 2 != 0 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return Err(Error::invalid(format!("{what} must be an even number of hex digits")));
+        return Err(Error::invalid(format!(
+            "{what} must be an even number of hex digits"
+        )));
     }
     Ok((0..s.len())
         .step_by(2)
@@ -139,9 +141,10 @@ impl Config {
             c.small_bytes = parse_num("MR_SMALL_BYTES", &v)?;
         }
         if let Some(v) = var("MR_BIND_ADDR") {
-            c.bind_addr = Some(v.trim().parse().map_err(|_| {
-                Error::invalid(format!("MR_BIND_ADDR={v:?} is not an IP address"))
-            })?);
+            c.bind_addr =
+                Some(v.trim().parse().map_err(|_| {
+                    Error::invalid(format!("MR_BIND_ADDR={v:?} is not an IP address"))
+                })?);
         }
         c.ifname = var("MR_IFNAME");
         c.verify = matches!(var("MR_VERIFY").as_deref(), Some("1") | Some("true"));

@@ -155,7 +155,10 @@ fn f32_to_half(dtype: DType, v: f32) -> [u8; 2] {
 }
 
 fn assert_half(what: &str, dtype: DType) {
-    assert!(matches!(dtype, DType::F16 | DType::BF16), "{what}: {dtype} is not a 16-bit float");
+    assert!(
+        matches!(dtype, DType::F16 | DType::BF16),
+        "{what}: {dtype} is not a 16-bit float"
+    );
 }
 
 /// `acc = op(acc, f32(src))`: `acc` holds f32, `src` holds f16 or bf16 (`src_dtype`).

@@ -100,10 +100,9 @@ impl ReduceOp {
     ];
 
     pub fn from_raw(v: u32) -> Result<ReduceOp> {
-        ReduceOp::ALL
-            .get(v as usize)
-            .copied()
-            .ok_or_else(|| Error::invalid(format!("reduction op value {v} is out of range (0..=4)")))
+        ReduceOp::ALL.get(v as usize).copied().ok_or_else(|| {
+            Error::invalid(format!("reduction op value {v} is out of range (0..=4)"))
+        })
     }
 
     pub const fn name(self) -> &'static str {

@@ -136,9 +136,8 @@ impl FrameHeader {
             offset: u64_at(24),
             len: u64_at(32),
         };
-        let kind = FrameKind::from_u8(h.kind).ok_or_else(|| {
-            Error::remote(format!("malformed frame: unknown kind {}", h.kind))
-        })?;
+        let kind = FrameKind::from_u8(h.kind)
+            .ok_or_else(|| Error::remote(format!("malformed frame: unknown kind {}", h.kind)))?;
         if h.len > kind.max_payload() as u64 {
             return Err(Error::remote(format!(
                 "malformed frame: {kind:?} payload of {} bytes exceeds the limit of {} bytes",
@@ -231,7 +230,12 @@ impl<'a> Hello<'a> {
 }
 
 /// The acceptor's answer MAC for a verified Hello.
-pub fn welcome_mac(key: &[u8; 32], ns: &[u8; NONCE_LEN], nc: &[u8; NONCE_LEN], body: &[u8]) -> [u8; MAC_LEN] {
+pub fn welcome_mac(
+    key: &[u8; 32],
+    ns: &[u8; NONCE_LEN],
+    nc: &[u8; NONCE_LEN],
+    body: &[u8],
+) -> [u8; MAC_LEN] {
     mac(key, b"server", nc, ns, body)
 }
 
@@ -321,9 +325,15 @@ mod tests {
     fn header_rejects_unknown_kind_and_oversize() {
         let mut b = FrameHeader::new(FrameKind::Data, 16).encode();
         b[0] = 99;
-        assert!(FrameHeader::decode(&b).unwrap_err().message.contains("unknown kind"));
+        assert!(FrameHeader::decode(&b)
+            .unwrap_err()
+            .message
+            .contains("unknown kind"));
         let b = FrameHeader::new(FrameKind::Data, MAX_PAYLOAD + 1).encode();
-        assert!(FrameHeader::decode(&b).unwrap_err().message.contains("exceeds"));
+        assert!(FrameHeader::decode(&b)
+            .unwrap_err()
+            .message
+            .contains("exceeds"));
         let b = FrameHeader::new(FrameKind::Hello, MAX_CONTROL_PAYLOAD + 1).encode();
         assert!(FrameHeader::decode(&b).is_err());
     }

@@ -16,6 +16,8 @@
 
 pub mod plan;
 pub mod ring;
+#[cfg(test)]
+pub mod sim;
 
 use crate::buffer::{OpMemory, Region};
 use crate::error::{Error, Result};
@@ -95,7 +97,11 @@ impl std::fmt::Display for OpDesc {
                 self.seq, self.count, self.dtype, self.root
             ),
             Collective::AllGather => {
-                write!(f, "allgather(seq {}, {} x {})", self.seq, self.count, self.dtype)
+                write!(
+                    f,
+                    "allgather(seq {}, {} x {})",
+                    self.seq, self.count, self.dtype
+                )
             }
             Collective::Barrier => write!(f, "barrier(seq {})", self.seq),
         }
@@ -147,8 +153,13 @@ impl OpDesc {
             })
         })();
         Err(Error::invalid(match theirs {
-            Some(t) => format!("mismatched collective calls: {from} called {t} but this rank called {self}"),
-            None => format!("mismatched collective calls: {from} sent an unrecognisable op header for seq {}", h.seq),
+            Some(t) => format!(
+                "mismatched collective calls: {from} called {t} but this rank called {self}"
+            ),
+            None => format!(
+                "mismatched collective calls: {from} sent an unrecognisable op header for seq {}",
+                h.seq
+            ),
         }))
     }
 }
@@ -187,7 +198,12 @@ pub trait Schedule: Send {
 
     /// An endpoint became unusable. Schedules that can route around it (relay mode) return
     /// `Ok`; the default fails the op with `err`.
-    fn handle_endpoint_lost(&mut self, _mem: &mut OpMemory, _ep: Endpoint, err: Error) -> Result<()> {
+    fn handle_endpoint_lost(
+        &mut self,
+        _mem: &mut OpMemory,
+        _ep: Endpoint,
+        err: Error,
+    ) -> Result<()> {
         Err(err)
     }
 

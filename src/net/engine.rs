@@ -1,12 +1,34 @@
 //! The progress engine: one mio event-loop thread per communicator.
+//!
+//! The loop owns every socket. Callers hand it ops over a crossbeam channel and wake it with a
+//! `mio::Waker`; it runs ops strictly one after another (so frames of consecutive ops never
+//! interleave on a connection), moving bytes between sockets and the current op's schedule.
+//!
+//! Rules it keeps (see mio's "draining readiness"): reads and writes go until `WouldBlock`;
+//! spurious wake-ups are normal; writes are tried inline first and resumed on `WRITABLE`.
+//! Frames for an op that has not started here yet stay in the socket (the connection is
+//! "parked"), so a fast rank is held back by TCP flow control instead of our memory.
+//! Every wait is bounded: an op that makes no progress for `MR_TIMEOUT_MS` fails.
 
-use crate::algo::Schedule;
+use crate::algo::{Endpoint, Schedule, Transmit};
 use crate::buffer::OpMemory;
 use crate::config::Config;
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorKind, Result};
 use crate::net::bootstrap::Mesh;
-use std::sync::atomic::AtomicBool;
+use crate::wire::{self, FrameHeader, FrameKind, HEADER_LEN};
+use crossbeam_channel::{Receiver, Sender};
+use mio::net::TcpStream;
+use mio::{Events, Interest, Poll, Token, Waker};
+use std::collections::{HashMap, VecDeque};
+use std::io::{IoSlice, Read, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+const WAKER: Token = Token(usize::MAX);
+/// Kernel socket buffer size requested for data connections.
+const SOCKET_BUFFER: usize = 4 << 20;
 
 /// Where an op's result is delivered; callers block on it or poll it.
 #[derive(Default)]
@@ -33,7 +55,10 @@ impl Completion {
         }
     }
     pub fn try_get(&self) -> Option<Result<()>> {
-        self.result.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.result
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 }
 
@@ -44,17 +69,800 @@ pub struct PendingOp {
     pub done: Arc<Completion>,
 }
 
-pub struct Engine;
+enum Command {
+    Op(PendingOp),
+    Shutdown,
+}
+
+/// Handle to a communicator's progress thread.
+pub struct Engine {
+    tx: Sender<Command>,
+    waker: Arc<Waker>,
+    abort: Arc<AtomicBool>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
 
 impl Engine {
-    pub fn start(_mesh: Mesh, _config: &Config, _broken: Arc<AtomicBool>) -> Result<Engine> {
-        Err(Error::internal("not yet implemented"))
+    /// Take over `mesh` and start the progress thread.
+    pub fn start(mesh: Mesh, config: &Config, broken: Arc<AtomicBool>) -> Result<Engine> {
+        let poll = Poll::new().map_err(|e| Error::io("cannot create event loop", e))?;
+        let waker = Arc::new(
+            Waker::new(poll.registry(), WAKER).map_err(|e| Error::io("cannot create waker", e))?,
+        );
+        let mut conns = Vec::with_capacity(mesh.conns.len());
+        let mut by_endpoint: HashMap<Endpoint, Vec<usize>> = HashMap::new();
+        for (i, (ep, s)) in mesh.conns.into_iter().enumerate() {
+            tune_socket(&s).map_err(|e| Error::io(format!("configuring connection to {ep}"), e))?;
+            s.set_nonblocking(true)
+                .map_err(|e| Error::io("set_nonblocking", e))?;
+            let mut stream = TcpStream::from_std(s);
+            poll.registry()
+                .register(
+                    &mut stream,
+                    Token(i),
+                    Interest::READABLE | Interest::WRITABLE,
+                )
+                .map_err(|e| Error::io("registering connection", e))?;
+            by_endpoint.entry(ep).or_default().push(i);
+            conns.push(Conn::new(ep, stream));
+        }
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let abort = Arc::new(AtomicBool::new(false));
+        let mut lp = Loop {
+            rank: mesh.rank,
+            poll,
+            conns,
+            by_endpoint,
+            rx,
+            abort: abort.clone(),
+            broken,
+            fatal: None,
+            current: None,
+            pending: VecDeque::new(),
+            last_seq: 0,
+            remote_failures: HashMap::new(),
+            timeout: config.timeout,
+            shutting_down: false,
+            scratch: vec![0u8; 64 << 10],
+        };
+        let thread = std::thread::Builder::new()
+            .name(format!("mr-progress-{}", mesh.rank))
+            .spawn(move || lp.run())
+            .map_err(|e| Error::io("cannot start progress thread", e))?;
+        Ok(Engine {
+            tx,
+            waker,
+            abort,
+            thread: Mutex::new(Some(thread)),
+        })
     }
-    pub fn submit(&self, _op: PendingOp) -> Result<()> {
-        Err(Error::internal("not yet implemented"))
-    }
-    pub fn abort(&self) {}
-    pub fn shutdown(self) -> Result<()> {
+
+    pub fn submit(&self, op: PendingOp) -> Result<()> {
+        self.tx.send(Command::Op(op)).map_err(|_| {
+            Error::aborted("communicator's progress thread has stopped (aborted or failed)")
+        })?;
+        let _ = self.waker.wake();
         Ok(())
     }
+
+    /// Fail everything with `Aborted` and close all connections. Any thread.
+    pub fn abort(&self) {
+        self.abort.store(true, Ordering::SeqCst);
+        let _ = self.waker.wake();
+    }
+
+    /// Finish queued ops, say goodbye and stop the thread.
+    pub fn shutdown(&self) -> Result<()> {
+        let _ = self.tx.send(Command::Shutdown);
+        let _ = self.waker.wake();
+        let handle = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(h) = handle {
+            h.join()
+                .map_err(|_| Error::internal("progress thread panicked"))?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        let _ = self.shutdown();
+    }
+}
+
+fn tune_socket(s: &std::net::TcpStream) -> std::io::Result<()> {
+    s.set_nodelay(true)?;
+    let sock = socket2::SockRef::from(s);
+    sock.set_send_buffer_size(SOCKET_BUFFER)?;
+    sock.set_recv_buffer_size(SOCKET_BUFFER)?;
+    Ok(())
+}
+
+/// A frame queued on a connection.
+struct OutFrame {
+    header: [u8; HEADER_LEN],
+    /// Data frames: the transmit (payload read from the current op's memory).
+    transmit: Option<Transmit>,
+    /// Control frames, or the unsent rest of a data frame whose op ended mid-write.
+    owned: Vec<u8>,
+    written: usize,
+}
+
+impl OutFrame {
+    fn total(&self) -> usize {
+        HEADER_LEN
+            + self
+                .transmit
+                .as_ref()
+                .map_or(self.owned.len(), |t| t.region.len())
+    }
+}
+
+/// Read state of a connection.
+enum ReadState {
+    Header {
+        buf: [u8; HEADER_LEN],
+        got: usize,
+    },
+    /// A header for an op that has not started here: wait before reading the payload.
+    Parked(FrameHeader),
+    Payload {
+        header: FrameHeader,
+        got: usize,
+        deliver: bool,
+    },
+}
+
+struct Conn {
+    endpoint: Endpoint,
+    stream: TcpStream,
+    read: ReadState,
+    /// Payload of the frame being read, 8-byte aligned for the kernels.
+    payload: Vec<u64>,
+    queue: VecDeque<OutFrame>,
+    queued_bytes: usize,
+    /// The peer said goodbye: it destroyed its communicator on purpose.
+    goodbye: bool,
+    closed: bool,
+}
+
+impl Conn {
+    fn new(endpoint: Endpoint, stream: TcpStream) -> Conn {
+        Conn {
+            endpoint,
+            stream,
+            read: ReadState::Header {
+                buf: [0; HEADER_LEN],
+                got: 0,
+            },
+            payload: Vec::new(),
+            queue: VecDeque::new(),
+            queued_bytes: 0,
+            goodbye: false,
+            closed: false,
+        }
+    }
+
+    fn payload_bytes(&mut self, len: usize) -> &mut [u8] {
+        payload_view(&mut self.payload, len)
+    }
+}
+
+struct Active {
+    op: PendingOp,
+    last_progress: Instant,
+}
+
+struct Loop {
+    rank: usize,
+    poll: Poll,
+    conns: Vec<Conn>,
+    by_endpoint: HashMap<Endpoint, Vec<usize>>,
+    rx: Receiver<Command>,
+    abort: Arc<AtomicBool>,
+    broken: Arc<AtomicBool>,
+    /// Set once the communicator is unusable; every later op fails with it.
+    fatal: Option<Error>,
+    current: Option<Active>,
+    pending: VecDeque<PendingOp>,
+    /// Sequence number of the last op that ended here.
+    last_seq: u64,
+    /// Ops that peers reported failed before they started here.
+    remote_failures: HashMap<u64, Error>,
+    timeout: Duration,
+    shutting_down: bool,
+    /// Sink for payloads of frames we discard.
+    scratch: Vec<u8>,
+}
+
+/// What reading a connection produced.
+enum ReadEvent {
+    /// Nothing more now.
+    Idle,
+    Closed(Error),
+}
+
+impl Loop {
+    fn run(&mut self) {
+        let mut events = Events::with_capacity(256);
+        loop {
+            let timeout = self.current.as_ref().map(|a| {
+                (a.last_progress + self.timeout).saturating_duration_since(Instant::now())
+                    + Duration::from_millis(1)
+            });
+            if let Err(e) = self.poll.poll(&mut events, timeout) {
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                self.set_fatal(Error::io("event loop poll failed", e));
+            }
+            if self.abort.load(Ordering::SeqCst) {
+                self.set_fatal(Error::aborted("communicator was aborted (mr_comm_abort)"));
+                self.close_all();
+                self.drain_commands();
+                return;
+            }
+            self.drain_commands();
+            for ev in events.iter() {
+                let i = ev.token().0;
+                if i == WAKER.0 || i >= self.conns.len() {
+                    continue;
+                }
+                if ev.is_writable() || ev.is_error() {
+                    self.flush(i);
+                }
+                if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
+                    self.read_conn(i);
+                }
+            }
+            self.drive();
+            self.check_timeout();
+            if self.shutting_down && self.current.is_none() && self.pending.is_empty() {
+                self.say_goodbye();
+                return;
+            }
+        }
+    }
+
+    fn drain_commands(&mut self) {
+        while let Ok(cmd) = self.rx.try_recv() {
+            match cmd {
+                Command::Op(op) => {
+                    if let Some(e) = &self.fatal {
+                        op.done.complete(Err(e.clone()));
+                    } else {
+                        self.pending.push_back(op);
+                    }
+                }
+                Command::Shutdown => self.shutting_down = true,
+            }
+        }
+    }
+
+    /// The communicator can no longer be used: fail everything with `err`.
+    fn set_fatal(&mut self, err: Error) {
+        if self.fatal.is_none() {
+            log::warn!("rank {}: communicator failed: {err}", self.rank);
+            self.fatal = Some(err.clone());
+            self.broken.store(true, Ordering::SeqCst);
+        }
+        let err = self.fatal.clone().unwrap_or(err);
+        if let Some(a) = self.current.take() {
+            self.release(&a.op);
+            a.op.done.complete(Err(err.clone()));
+        }
+        for op in self.pending.drain(..) {
+            op.done.complete(Err(err.clone()));
+        }
+    }
+
+    fn close_all(&mut self) {
+        for c in &mut self.conns {
+            if !c.closed {
+                c.closed = true;
+                let _ = self.poll.registry().deregister(&mut c.stream);
+                let _ = c.stream.shutdown(std::net::Shutdown::Both);
+            }
+        }
+    }
+
+    /// Start ops and move their transmits onto connections until nothing more can happen now.
+    fn drive(&mut self) {
+        loop {
+            if self.current.is_none() {
+                if self.fatal.is_some() {
+                    return;
+                }
+                let Some(op) = self.pending.pop_front() else {
+                    return;
+                };
+                let seq = op.schedule.desc().seq;
+                if let Some(err) = self.remote_failures.remove(&seq) {
+                    self.last_seq = seq;
+                    op.done.complete(Err(err));
+                    continue;
+                }
+                log::debug!("rank {}: starting {}", self.rank, op.schedule.desc());
+                self.current = Some(Active {
+                    op,
+                    last_progress: Instant::now(),
+                });
+                // Frames for this op may be waiting on parked connections.
+                for i in 0..self.conns.len() {
+                    if matches!(self.conns[i].read, ReadState::Parked(_)) {
+                        self.read_conn(i);
+                    }
+                }
+                if self.current.is_none() {
+                    continue;
+                }
+            }
+            // Hand out everything the schedule wants to send. Writing inline can complete
+            // sends, which may let the schedule move on, so poll again until it is quiet.
+            loop {
+                let mut queued = Vec::new();
+                {
+                    let Some(a) = self.current.as_mut() else {
+                        break;
+                    };
+                    while let Some(t) = a.op.schedule.poll_transmit(&mut a.op.mem) {
+                        queued.push(t);
+                    }
+                }
+                if queued.is_empty() {
+                    break;
+                }
+                for t in queued {
+                    if let Err(e) = self.enqueue(t) {
+                        self.fail_current(e);
+                        break;
+                    }
+                }
+            }
+            let Some(a) = self.current.as_ref() else {
+                continue;
+            };
+            if a.op.schedule.is_complete() {
+                let a = self.current.take().expect("current op");
+                self.last_seq = a.op.schedule.desc().seq;
+                a.op.done.complete(Ok(()));
+                continue;
+            }
+            return;
+        }
+    }
+
+    /// Queue a data transmit on the least-loaded stream to its endpoint and try to write it.
+    fn enqueue(&mut self, t: Transmit) -> Result<()> {
+        let Some(streams) = self.by_endpoint.get(&t.to) else {
+            return Err(Error::internal(format!("no connection to {}", t.to)));
+        };
+        let &i = streams
+            .iter()
+            .filter(|&&i| !self.conns[i].closed)
+            .min_by_key(|&&i| self.conns[i].queued_bytes)
+            .ok_or_else(|| {
+                let left = streams.iter().any(|&i| self.conns[i].goodbye);
+                Error::remote(if left {
+                    format!("{} has left the job (destroyed its communicator)", t.to)
+                } else {
+                    format!("no open connection to {}", t.to)
+                })
+            })?;
+        let c = &mut self.conns[i];
+        c.queued_bytes += HEADER_LEN + t.region.len();
+        c.queue.push_back(OutFrame {
+            header: t.header.encode(),
+            transmit: Some(t),
+            owned: Vec::new(),
+            written: 0,
+        });
+        self.flush(i);
+        Ok(())
+    }
+
+    fn enqueue_control(&mut self, i: usize, header: FrameHeader, payload: Vec<u8>) {
+        let c = &mut self.conns[i];
+        if c.closed {
+            return;
+        }
+        c.queued_bytes += HEADER_LEN + payload.len();
+        c.queue.push_back(OutFrame {
+            header: header.encode(),
+            transmit: None,
+            owned: payload,
+            written: 0,
+        });
+        self.flush(i);
+    }
+
+    /// Write queued frames until the socket is full.
+    fn flush(&mut self, i: usize) {
+        let mut sent = Vec::new();
+        let result = {
+            let c = &mut self.conns[i];
+            let mem = self.current.as_ref().map(|a| &a.op.mem);
+            loop {
+                if c.closed {
+                    break Ok(());
+                }
+                let Some(f) = c.queue.front_mut() else {
+                    break Ok(());
+                };
+                let total = f.total();
+                let payload: &[u8] = match (&f.transmit, mem) {
+                    (Some(t), Some(m)) => m.bytes(&t.region),
+                    (Some(_), None) => {
+                        break Err(Error::internal("data frame queued without an op"))
+                    }
+                    (None, _) => &f.owned,
+                };
+                let res = if f.written < HEADER_LEN {
+                    let bufs = [IoSlice::new(&f.header[f.written..]), IoSlice::new(payload)];
+                    c.stream.write_vectored(&bufs)
+                } else {
+                    c.stream.write(&payload[f.written - HEADER_LEN..])
+                };
+                match res {
+                    Ok(0) => {
+                        break Err(Error::remote(format!(
+                            "connection to {} closed while sending",
+                            c.endpoint
+                        )))
+                    }
+                    Ok(n) => {
+                        f.written += n;
+                        c.queued_bytes -= n;
+                        if f.written == total {
+                            let f = c.queue.pop_front().expect("front frame");
+                            if let Some(t) = f.transmit {
+                                sent.push(t);
+                            }
+                        }
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break Ok(()),
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(e) => break Err(Error::io(format!("sending to {}", c.endpoint), e)),
+                }
+            }
+        };
+        if !sent.is_empty() {
+            if let Some(a) = self.current.as_mut() {
+                a.last_progress = Instant::now();
+                for t in &sent {
+                    a.op.schedule.handle_sent(t);
+                }
+            }
+        }
+        if let Err(e) = result {
+            self.conn_failed(i, e);
+        }
+    }
+
+    /// Read and dispatch frames from connection `i` until it would block or parks.
+    fn read_conn(&mut self, i: usize) {
+        loop {
+            if self.conns[i].closed {
+                return;
+            }
+            match self.read_step(i) {
+                Ok(true) => continue,
+                Ok(false) => return,
+                Err(ReadEvent::Idle) => return,
+                Err(ReadEvent::Closed(e)) => {
+                    self.conn_failed(i, e);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// One step of the read state machine. `Ok(true)`: call again.
+    fn read_step(&mut self, i: usize) -> std::result::Result<bool, ReadEvent> {
+        let ep = self.conns[i].endpoint;
+        let state = std::mem::replace(
+            &mut self.conns[i].read,
+            ReadState::Header {
+                buf: [0; HEADER_LEN],
+                got: 0,
+            },
+        );
+        match state {
+            ReadState::Header { mut buf, mut got } => {
+                match read_some(&mut self.conns[i].stream, &mut buf[got..], ep) {
+                    Ok(n) => got += n,
+                    Err(e) => {
+                        self.conns[i].read = ReadState::Header { buf, got };
+                        return Err(e);
+                    }
+                }
+                if got < HEADER_LEN {
+                    self.conns[i].read = ReadState::Header { buf, got };
+                    return Ok(true);
+                }
+                let h = FrameHeader::decode(&buf)
+                    .map_err(|e| ReadEvent::Closed(e.context(format!("from {ep}"))))?;
+                self.route_header(i, h)
+            }
+            ReadState::Parked(h) => self.route_header(i, h),
+            ReadState::Payload {
+                header,
+                mut got,
+                deliver,
+            } => {
+                let len = header.len as usize;
+                if got < len {
+                    let res = if deliver {
+                        let c = &mut self.conns[i];
+                        let buf = &mut payload_view(&mut c.payload, len)[got..];
+                        read_some(&mut c.stream, buf, ep)
+                    } else {
+                        let want = (len - got).min(self.scratch.len());
+                        read_some(&mut self.conns[i].stream, &mut self.scratch[..want], ep)
+                    };
+                    match res {
+                        Ok(n) => got += n,
+                        Err(e) => {
+                            self.conns[i].read = ReadState::Payload {
+                                header,
+                                got,
+                                deliver,
+                            };
+                            return Err(e);
+                        }
+                    }
+                    if let Some(a) = self.current.as_mut() {
+                        a.last_progress = Instant::now();
+                    }
+                }
+                if got < len {
+                    self.conns[i].read = ReadState::Payload {
+                        header,
+                        got,
+                        deliver,
+                    };
+                    return Ok(true);
+                }
+                if deliver {
+                    self.deliver(i, &header);
+                }
+                Ok(true)
+            }
+        }
+    }
+
+    /// Decide what to do with a frame whose header has arrived.
+    fn route_header(&mut self, i: usize, h: FrameHeader) -> std::result::Result<bool, ReadEvent> {
+        let ep = self.conns[i].endpoint;
+        let current_seq = self.current.as_ref().map(|a| a.op.schedule.desc().seq);
+        match h.kind() {
+            FrameKind::Data | FrameKind::OpError => {
+                let deliver = if Some(h.seq) == current_seq {
+                    true
+                } else if h.seq <= self.last_seq {
+                    false // stale frame of an op that already ended (failed) here
+                } else {
+                    // Belongs to an op that has not started here: leave it in the socket.
+                    log::trace!(
+                        "rank {}: parking {ep} on seq {} (current {current_seq:?})",
+                        self.rank,
+                        h.seq
+                    );
+                    self.conns[i].read = ReadState::Parked(h);
+                    return Ok(false);
+                };
+                let deliver = deliver || h.kind() == FrameKind::OpError;
+                self.conns[i].read = ReadState::Payload {
+                    header: h,
+                    got: 0,
+                    deliver,
+                };
+                Ok(true)
+            }
+            FrameKind::Goodbye => {
+                self.conns[i].goodbye = true;
+                Err(ReadEvent::Closed(Error::remote(format!(
+                    "{ep} has left the job (destroyed its communicator)"
+                ))))
+            }
+            other => Err(ReadEvent::Closed(Error::remote(format!(
+                "unexpected {other:?} frame from {ep}"
+            )))),
+        }
+    }
+
+    /// A whole frame for the current op (or an error report) arrived on connection `i`.
+    fn deliver(&mut self, i: usize, h: &FrameHeader) {
+        let ep = self.conns[i].endpoint;
+        let len = h.len as usize;
+        if h.kind() == FrameKind::OpError {
+            let msg = String::from_utf8_lossy(self.conns[i].payload_bytes(len)).into_owned();
+            let err = Error::new(
+                ErrorKind::from_u8(h.aux as u8),
+                format!("{ep} reported: {msg}"),
+            );
+            let current_seq = self.current.as_ref().map(|a| a.op.schedule.desc().seq);
+            if Some(h.seq) == current_seq {
+                self.end_current(Err(err), false);
+            } else if h.seq > self.last_seq {
+                self.remote_failures.insert(h.seq, err);
+            }
+            return;
+        }
+        let Some(a) = self.current.as_mut() else {
+            return;
+        };
+        let c = &mut self.conns[i];
+        let words = len.div_ceil(8);
+        // SAFETY: `payload` holds at least `words` u64s (filled by payload_bytes(len)).
+        let payload = unsafe {
+            std::slice::from_raw_parts(c.payload.as_ptr().cast::<u8>(), len.min(words * 8))
+        };
+        a.last_progress = Instant::now();
+        if let Err(e) = a.op.schedule.handle_frame(&mut a.op.mem, ep, h, payload) {
+            self.fail_current(e);
+        }
+    }
+
+    /// The current op failed here: tell every peer (so nobody waits for us), end it.
+    fn fail_current(&mut self, err: Error) {
+        self.end_current(Err(err), true);
+    }
+
+    fn end_current(&mut self, result: Result<()>, tell_peers: bool) {
+        let Some(a) = self.current.take() else { return };
+        let seq = a.op.schedule.desc().seq;
+        self.last_seq = seq;
+        self.release(&a.op);
+        if let (Err(e), true) = (&result, tell_peers) {
+            log::warn!("rank {}: {} failed: {e}", self.rank, a.op.schedule.desc());
+            let msg = format!("rank {}: {}", self.rank, e.message);
+            let mut first: Vec<usize> = Vec::new();
+            for streams in self.by_endpoint.values() {
+                if let Some(&s) = streams.iter().find(|&&s| !self.conns[s].closed) {
+                    first.push(s);
+                }
+            }
+            for s in first {
+                self.enqueue_control(
+                    s,
+                    FrameHeader::op_error(seq, e.kind, msg.len()),
+                    msg.clone().into_bytes(),
+                );
+            }
+        }
+        a.op.done.complete(result);
+    }
+
+    /// Before an op's memory goes back to the caller: drop its unsent frames and copy the
+    /// rest of any half-written one, so the byte stream stays well-formed.
+    fn release(&mut self, op: &PendingOp) {
+        for c in &mut self.conns {
+            let mut keep = VecDeque::new();
+            for mut f in c.queue.drain(..) {
+                match f.transmit.take() {
+                    None => keep.push_back(f),
+                    Some(t) if f.written > 0 => {
+                        f.owned = op.mem.bytes(&t.region).to_vec();
+                        keep.push_back(f);
+                    }
+                    Some(t) => c.queued_bytes -= HEADER_LEN + t.region.len(),
+                }
+            }
+            c.queue = keep;
+        }
+    }
+
+    /// Connection `i` broke: a peer that said goodbye only fails ops that still need it;
+    /// anything else breaks the communicator.
+    fn conn_failed(&mut self, i: usize, err: Error) {
+        let c = &mut self.conns[i];
+        if c.closed {
+            return;
+        }
+        c.closed = true;
+        let _ = self.poll.registry().deregister(&mut c.stream);
+        let goodbye = c.goodbye;
+        let ep = c.endpoint;
+        if goodbye || self.shutting_down {
+            log::debug!("rank {}: connection to {ep} closed: {err}", self.rank);
+            return;
+        }
+        let desc = self
+            .current
+            .as_ref()
+            .map(|a| a.op.schedule.desc().to_string());
+        let err = match desc {
+            Some(d) => Error::new(
+                err.kind,
+                format!("{d}: lost connection to {ep}: {}", err.message),
+            ),
+            None => Error::new(
+                err.kind,
+                format!("lost connection to {ep}: {}", err.message),
+            ),
+        };
+        let err = if err.kind == ErrorKind::System {
+            Error::remote(err.message)
+        } else {
+            err
+        };
+        self.set_fatal(err);
+    }
+
+    fn check_timeout(&mut self) {
+        let Some(a) = self.current.as_ref() else {
+            return;
+        };
+        if a.last_progress.elapsed() < self.timeout {
+            return;
+        }
+        let msg = format!(
+            "{} made no progress for {} ms: {}",
+            a.op.schedule.desc(),
+            self.timeout.as_millis(),
+            a.op.schedule.waiting_for()
+        );
+        self.set_fatal(Error::timeout(msg));
+    }
+
+    fn say_goodbye(&mut self) {
+        for i in 0..self.conns.len() {
+            self.enqueue_control(i, FrameHeader::new(FrameKind::Goodbye, 0), Vec::new());
+        }
+        // Give queued frames a bounded moment to leave, then close.
+        let deadline = Instant::now() + Duration::from_millis(500);
+        let mut events = Events::with_capacity(64);
+        while Instant::now() < deadline
+            && self.conns.iter().any(|c| !c.closed && !c.queue.is_empty())
+        {
+            let _ = self.poll.poll(&mut events, Some(Duration::from_millis(10)));
+            for i in 0..self.conns.len() {
+                self.flush(i);
+            }
+        }
+        self.close_all();
+    }
+}
+
+/// The first `len` bytes of an 8-byte-aligned buffer, grown as needed.
+fn payload_view(v: &mut Vec<u64>, len: usize) -> &mut [u8] {
+    let words = len.div_ceil(8);
+    if v.len() < words {
+        v.resize(words, 0);
+    }
+    // SAFETY: u64 storage viewed as bytes; len <= 8 * words, and the borrow of `v` is carried.
+    unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr().cast::<u8>(), len) }
+}
+
+fn read_some(
+    stream: &mut TcpStream,
+    buf: &mut [u8],
+    ep: Endpoint,
+) -> std::result::Result<usize, ReadEvent> {
+    loop {
+        match stream.read(buf) {
+            Ok(0) => {
+                return Err(ReadEvent::Closed(Error::remote(format!(
+                    "connection closed by {ep} (process exited or failed?)"
+                ))))
+            }
+            Ok(n) => return Ok(n),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Err(ReadEvent::Idle),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                return Err(ReadEvent::Closed(Error::io(
+                    format!("receiving from {ep}"),
+                    e,
+                )))
+            }
+        }
+    }
+}
+
+#[allow(dead_code)]
+fn _assert_send() {
+    fn is_send<T: Send>() {}
+    is_send::<PendingOp>();
+    let _ = wire::MAX_PAYLOAD;
 }
