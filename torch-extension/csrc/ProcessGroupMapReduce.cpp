@@ -390,12 +390,19 @@ void MapReduceWork::abort() {
 }
 
 void MapReduceWork::complete(std::exception_ptr error) {
-  finish(error);
-  if (error) {
-    future_->setError(error);
-  } else {
-    future_->markCompleted(c10::IValue(outputs_));
+  // The future first: once wait() returns, getFuture() must already hold the value. Its
+  // callbacks run here; if one throws, the Work still completes.
+  try {
+    if (error) {
+      future_->setError(error);
+    } else {
+      future_->markCompleted(c10::IValue(outputs_));
+    }
+  } catch (...) {
+    finish(error);
+    throw;
   }
+  finish(error);
 }
 
 // -----------------------------------------------------------------------------------------------
