@@ -1,9 +1,10 @@
 """Build and package the "mapreduce" torch.distributed backend.
 
-The C++ extension is compiled against the PyTorch installed in the running interpreter, so
-install with build isolation off:
+The C++ extension is compiled against the PyTorch installed in the environment it is installed
+into (an isolated pip build would otherwise fetch a different torch, with a different ABI):
 
-    pip install --no-build-isolation ./torch-extension
+    pip install ./torch-extension                          # finds the environment's torch
+    pip install --no-build-isolation ./torch-extension     # same, without fetching setuptools
 
 libmapreduce.so comes from the repository's Cargo build (``target/release``; built with
 ``cargo build --release --lib`` when it is missing) and is copied into the package next to the
@@ -16,21 +17,37 @@ Environment:
     CARGO_TARGET_DIR        honoured as Cargo does
 """
 
+import ctypes
 import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 from setuptools import setup
 
+
+def _environment_site_packages():
+    """The site-packages of the environment this interpreter belongs to."""
+    paths = sysconfig.get_paths()
+    return [p for p in dict.fromkeys([paths["platlib"], paths["purelib"]]) if os.path.isdir(p)]
+
+
 try:
     from torch.utils.cpp_extension import BuildExtension, CppExtension
-except ImportError:  # pragma: no cover - depends on how pip was invoked
-    sys.exit(
-        "mapreduce-torch builds against the installed PyTorch, but `import torch` failed here. "
-        "Install torch first, then run: pip install --no-build-isolation ./torch-extension"
-    )
+except ImportError:
+    # pip builds in an isolated environment by default, which hides the installed torch. The
+    # extension must be compiled against exactly the torch it will run with -- the one in the
+    # environment being installed into -- so look there rather than fetch another copy.
+    sys.path.extend(p for p in _environment_site_packages() if p not in sys.path)
+    try:
+        from torch.utils.cpp_extension import BuildExtension, CppExtension
+    except ImportError:
+        sys.exit(
+            "mapreduce-torch builds against the installed PyTorch, but `import torch` failed. "
+            "Install torch into this environment first, then: pip install --no-build-isolation ./torch-extension"
+        )
 
 HERE = Path(__file__).resolve().parent
 ROOT = Path(os.environ.get("MAPREDUCE_ROOT", HERE.parent)).resolve()
@@ -58,6 +75,7 @@ def library_dir() -> Path:
         folder = Path(explicit).resolve()
         if not (folder / LIBRARY).is_file():
             sys.exit(f"MAPREDUCE_LIB_DIR={explicit}: no {LIBRARY} there")
+        check_exports(folder / LIBRARY)
         return folder
 
     folder = cargo_target_dir() / "release"
@@ -72,7 +90,17 @@ def library_dir() -> Path:
         subprocess.run([cargo, "build", "--release", "--lib"], cwd=ROOT, check=True)
     if not (folder / LIBRARY).is_file():
         sys.exit(f"cargo finished but {folder / LIBRARY} does not exist")
+    check_exports(folder / LIBRARY)
     return folder
+
+
+def check_exports(path: Path) -> None:
+    """Fail early on a library without the C ABI (a stale or partial build): the linker would
+    otherwise drop it silently and the extension would fail only at import."""
+    try:
+        ctypes.CDLL(str(path)).mr_comm_init_rank
+    except (OSError, AttributeError) as e:
+        sys.exit(f"{path} does not provide the mapreduce C ABI ({e}); rebuild it with cargo build --release")
 
 
 class BuildWithLibrary(BuildExtension):
