@@ -179,6 +179,16 @@ impl OpMemory {
         }
     }
 
+    /// The bytes of a region, for receiving into. Only the caller's in/out buffer and the
+    /// accumulator are writable.
+    pub fn bytes_mut(&mut self, r: &Region) -> &mut [u8] {
+        match r {
+            Region::User { offset, len } => &mut self.user.as_mut_slice()[*offset..offset + len],
+            Region::Acc { offset, len } => &mut self.acc_mut()[*offset..offset + len],
+            Region::Input { .. } | Region::Inline(_) => panic!("region {r:?} is not writable"),
+        }
+    }
+
     pub fn acc_mut(&mut self) -> &mut [u8] {
         self.acc
             .as_mut()

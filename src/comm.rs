@@ -24,7 +24,14 @@ pub struct Comm {
     engine: Engine,
     /// Next op sequence number; the lock also keeps submission order equal to seq order.
     next_seq: Mutex<u64>,
+    /// Set by the progress thread when the communicator fails, and by [`Comm::abort`].
     broken: Arc<AtomicBool>,
+    /// Set only by [`Comm::abort`]: later ops fail with `Aborted`. Ops after any other
+    /// failure still go to the progress thread, which ends them with that failure's error
+    /// (e.g. `Remote`, naming the lost peer) so callers learn why.
+    aborted: AtomicBool,
+    /// Relays (indices into `config.relays`) that every rank is connected to.
+    relays: Vec<usize>,
 }
 
 /// A non-blocking operation in flight. Its buffers must stay untouched until it completes.
@@ -83,17 +90,41 @@ impl Comm {
             )));
         }
         let broken = Arc::new(AtomicBool::new(false));
-        let mesh = crate::net::bootstrap::rendezvous(size, id, rank, &config)?;
+        let mut mesh = crate::net::bootstrap::rendezvous(size, id, rank, &config)?;
+        let use_relays = !config.relays.is_empty() && config.algo != crate::config::Algo::Ring;
+        let connected = if use_relays {
+            crate::relay::client::attach(&mut mesh, &config)?
+        } else {
+            Vec::new()
+        };
         let engine = Engine::start(mesh, &config, broken.clone())?;
-        log::info!("rank {rank}/{size}: communicator ready");
-        Ok(Comm {
+        let mut comm = Comm {
             rank,
             size,
             config,
             engine,
             next_seq: Mutex::new(1),
             broken,
-        })
+            aborted: AtomicBool::new(false),
+            relays: Vec::new(),
+        };
+        if use_relays {
+            // Every rank must cut buffers the same way: use the relays all of them reached.
+            let mut mask: Vec<u8> = connected.iter().map(|&c| u8::from(c)).collect();
+            comm.allreduce(&mut mask, ReduceOp::Min)?;
+            comm.relays = (0..mask.len()).filter(|&i| mask[i] == 1).collect();
+            if comm.relays.is_empty() {
+                log::warn!("rank {rank}: no relay is reachable by every rank; using the ring");
+            } else if comm.relays.len() < mask.len() {
+                log::warn!(
+                    "rank {rank}: using relays {:?} of {}; the others are unreachable from some rank",
+                    comm.relays,
+                    mask.len()
+                );
+            }
+        }
+        log::info!("rank {rank}/{size}: communicator ready");
+        Ok(comm)
     }
 
     /// Join a job described by the environment: `MR_RANK`, `MR_WORLD_SIZE`, `MR_BOOTSTRAP`
@@ -117,9 +148,15 @@ impl Comm {
         &self.config
     }
 
+    /// Relays in use (indices into `config().relays`): those every rank is connected to.
+    pub fn relays(&self) -> &[usize] {
+        &self.relays
+    }
+
     /// End every pending and future op with [`ErrorKind::Aborted`] and close all connections.
     /// Callable from any thread, also while another thread is blocked in an op.
     pub fn abort(&self) {
+        self.aborted.store(true, Ordering::SeqCst);
         self.broken.store(true, Ordering::SeqCst);
         self.engine.abort();
     }
@@ -133,10 +170,10 @@ impl Comm {
         root: usize,
         mem: OpMemory,
     ) -> Result<Request> {
-        if self.broken.load(Ordering::SeqCst) {
+        if self.aborted.load(Ordering::SeqCst) {
             return Err(Error::new(
                 ErrorKind::Aborted,
-                "communicator is aborted or broken by an earlier failure; destroy it and create a new one",
+                "communicator was aborted; destroy it and create a new one",
             ));
         }
         let mut seq = self.next_seq.lock().unwrap_or_else(|e| e.into_inner());
@@ -149,8 +186,14 @@ impl Comm {
             root,
         };
         let mut mem = mem;
-        let schedule =
-            crate::algo::plan::build(&desc, self.rank, self.size, &self.config, &mut mem)?;
+        let schedule = crate::algo::plan::build_with_relays(
+            &desc,
+            self.rank,
+            self.size,
+            &self.config,
+            &self.relays,
+            &mut mem,
+        )?;
         let done = Arc::new(Completion::default());
         self.engine.submit(PendingOp {
             schedule,

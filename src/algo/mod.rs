@@ -15,6 +15,7 @@
 //! several TCP streams); every schedule accepts them so.
 
 pub mod plan;
+pub mod relay;
 pub mod ring;
 #[cfg(test)]
 pub mod sim;
@@ -192,6 +193,27 @@ pub trait Schedule: Send {
         header: &FrameHeader,
         payload: &[u8],
     ) -> Result<()>;
+
+    /// Zero-copy receive: if this frame's payload can be read straight into the op's memory,
+    /// the (validated) region to read it into; the driver then calls
+    /// [`Schedule::handle_frame_in_place`] instead of `handle_frame`. `None`: deliver through
+    /// `handle_frame`. An error fails the op before any byte is written.
+    fn recv_in_place(&mut self, _from: Endpoint, _header: &FrameHeader) -> Result<Option<Region>> {
+        Ok(None)
+    }
+
+    /// The payload of a frame accepted by `recv_in_place` is now in its region.
+    fn handle_frame_in_place(
+        &mut self,
+        _mem: &mut OpMemory,
+        from: Endpoint,
+        header: &FrameHeader,
+    ) -> Result<()> {
+        Err(Error::internal(format!(
+            "{from}: in-place frame for step {} not expected",
+            header.aux
+        )))
+    }
 
     /// Every frame arrived and every transmit was sent: the result is in place.
     fn is_complete(&self) -> bool;

@@ -6,10 +6,11 @@
 //! * a **segment** is the unit of pipelining: at most `chunk_bytes` of one block, in whole
 //!   elements ([`segments`]). Each segment travels as one data frame.
 
+use crate::algo::relay::{RelaySchedule, DEFAULT_WINDOW};
 use crate::algo::ring::{Broadcast, RecursiveDoubling, RingGather, RingReduce};
 use crate::algo::{Collective, OpDesc, Schedule};
 use crate::buffer::{OpMemory, Scratch};
-use crate::config::Config;
+use crate::config::{Algo, Config};
 use crate::error::Result;
 use std::ops::Range;
 
@@ -42,6 +43,10 @@ pub fn bytes(r: &Range<usize>, size: usize) -> Range<usize> {
     r.start * size..r.end * size
 }
 
+/// With `MR_ALGO=auto`, all-reduces and broadcasts of at least this many bytes go through the
+/// relays when some are connected.
+pub const RELAY_AUTO_MIN_BYTES: usize = 1 << 20;
+
 /// Build the schedule for `desc` on `rank` of `size`, allocating any scratch it needs into
 /// `mem`.
 pub fn build(
@@ -51,6 +56,36 @@ pub fn build(
     config: &Config,
     mem: &mut OpMemory,
 ) -> Result<Box<dyn Schedule>> {
+    build_with_relays(desc, rank, size, config, &[], mem)
+}
+
+/// As [`build`], where `relays` are the relay indices every rank is connected to: all-reduce
+/// and broadcast go through them when `MR_ALGO=relay`, or `auto` and the message is at least
+/// [`RELAY_AUTO_MIN_BYTES`].
+pub fn build_with_relays(
+    desc: &OpDesc,
+    rank: usize,
+    size: usize,
+    config: &Config,
+    relays: &[usize],
+    mem: &mut OpMemory,
+) -> Result<Box<dyn Schedule>> {
+    let relay_mode = !relays.is_empty()
+        && matches!(desc.coll, Collective::AllReduce | Collective::Broadcast)
+        && match config.algo {
+            Algo::Relay => true,
+            Algo::Auto => desc.count * desc.dtype.size() >= RELAY_AUTO_MIN_BYTES,
+            Algo::Ring => false,
+        };
+    if relay_mode {
+        return Ok(Box::new(RelaySchedule::new(
+            *desc,
+            rank,
+            relays,
+            config.chunk_bytes,
+            DEFAULT_WINDOW,
+        )));
+    }
     let chunk = config.chunk_bytes;
     let acc_size = desc.dtype.accumulator().size();
     Ok(match desc.coll {

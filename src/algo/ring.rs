@@ -71,13 +71,12 @@ fn check_range(
     desc: &OpDesc,
     from: Endpoint,
     h: &FrameHeader,
-    payload: &[u8],
+    len: usize,
     within: &Range<usize>,
     elem: usize,
 ) -> Result<Range<usize>> {
     let start = h.offset as usize;
-    let len = payload.len();
-    let end = start.checked_add(len).unwrap_or(usize::MAX);
+    let end = start.saturating_add(len);
     if h.offset > usize::MAX as u64
         || start < within.start
         || end > within.end
@@ -262,7 +261,7 @@ impl RingReduce {
             &self.desc,
             from,
             h,
-            payload,
+            payload.len(),
             &bytes(&blk, acc_size),
             acc_size,
         )?;
@@ -335,30 +334,57 @@ impl RingReduce {
         Ok(())
     }
 
-    fn on_gather_frame(
-        &mut self,
-        mem: &mut OpMemory,
-        from: Endpoint,
-        h: &FrameHeader,
-        payload: &[u8],
-        step: usize,
-    ) -> Result<()> {
+    /// Validate an all-gather frame; the byte range of `mem.user` it fills.
+    fn gather_target(&self, from: Endpoint, h: &FrameHeader) -> Result<Range<usize>> {
+        let step = h.aux as usize - (self.n - 1);
         let size = self.desc.dtype.size();
         let blk = self.blocks[self.ag_recv_block(step)].clone();
-        let r = check_range(&self.desc, from, h, payload, &bytes(&blk, size), size)?;
-        mem.user.as_mut_slice()[r.clone()].copy_from_slice(payload);
+        check_range(
+            &self.desc,
+            from,
+            h,
+            h.len as usize,
+            &bytes(&blk, size),
+            size,
+        )
+    }
+
+    /// An all-gather frame's payload is in `mem.user[r]`: count it and pass it on.
+    fn gather_landed(&mut self, h: &FrameHeader, r: Range<usize>) {
+        let step = h.aux as usize - (self.n - 1);
+        self.tally.received += r.len();
         if step + 2 < self.n {
             let header = self.desc.header((self.n + step) as u32, r.start, r.len());
+            let region = Region::User {
+                offset: r.start,
+                len: r.len(),
+            };
             self.tally.push(Transmit {
                 to: self.next(),
                 header,
-                region: Region::User {
-                    offset: r.start,
-                    len: r.len(),
-                },
+                region,
             });
         }
-        Ok(())
+    }
+
+    /// Checks shared by both receive paths; the step.
+    fn check_frame(&self, from: Endpoint, h: &FrameHeader) -> Result<usize> {
+        self.desc.check_matches(from, h)?;
+        if from != self.prev() {
+            return Err(Error::remote(format!(
+                "{}: unexpected data from {from} (the ring expects {})",
+                self.desc,
+                self.prev()
+            )));
+        }
+        let step = h.aux as usize;
+        if step >= 2 * (self.n - 1) || (!self.allreduce && step >= self.n - 1) {
+            return Err(Error::remote(format!(
+                "{}: {from} sent data for step {step}, which this op does not have",
+                self.desc
+            )));
+        }
+        Ok(step)
     }
 }
 
@@ -388,32 +414,44 @@ impl Schedule for RingReduce {
         h: &FrameHeader,
         payload: &[u8],
     ) -> Result<()> {
-        self.desc.check_matches(from, h)?;
-        if from != self.prev() {
-            return Err(Error::remote(format!(
-                "{}: unexpected data from {from} (the ring expects {})",
-                self.desc,
-                self.prev()
-            )));
-        }
-        let step = h.aux as usize;
-        if step >= 2 * (self.n - 1) || (!self.allreduce && step >= self.n - 1) {
-            return Err(Error::remote(format!(
-                "{}: {from} sent data for step {step}, which this op does not have",
-                self.desc
-            )));
-        }
+        let step = self.check_frame(from, h)?;
         if !self.started {
             // Our own contribution must be queued before partials that depend on it move on.
             self.started = true;
             self.start(mem);
         }
-        self.tally.received += payload.len();
         if step < self.n - 1 {
+            self.tally.received += payload.len();
             self.on_reduce_frame(mem, from, h, payload, step)
         } else {
-            self.on_gather_frame(mem, from, h, payload, step - (self.n - 1))
+            let r = self.gather_target(from, h)?;
+            mem.user.as_mut_slice()[r.clone()].copy_from_slice(payload);
+            self.gather_landed(h, r);
+            Ok(())
         }
+    }
+
+    fn recv_in_place(&mut self, from: Endpoint, h: &FrameHeader) -> Result<Option<Region>> {
+        let step = self.check_frame(from, h)?;
+        if step < self.n - 1 || !self.started {
+            return Ok(None);
+        }
+        let r = self.gather_target(from, h)?;
+        Ok(Some(Region::User {
+            offset: r.start,
+            len: r.len(),
+        }))
+    }
+
+    fn handle_frame_in_place(
+        &mut self,
+        _mem: &mut OpMemory,
+        from: Endpoint,
+        h: &FrameHeader,
+    ) -> Result<()> {
+        let r = self.gather_target(from, h)?;
+        self.gather_landed(h, r);
+        Ok(())
     }
 
     fn is_complete(&self) -> bool {
@@ -480,6 +518,55 @@ impl RingGather {
     fn prev(&self) -> Endpoint {
         Endpoint::Rank((self.rank + self.n - 1) % self.n)
     }
+    /// Validate a frame; the byte range of `mem.user` it fills.
+    fn target(&mut self, from: Endpoint, h: &FrameHeader) -> Result<Range<usize>> {
+        self.desc.check_matches(from, h)?;
+        if from != self.prev() {
+            return Err(Error::remote(format!(
+                "{}: unexpected data from {from} (the ring expects {})",
+                self.desc,
+                self.prev()
+            )));
+        }
+        let step = h.aux as usize;
+        if step >= self.n - 1 {
+            return Err(Error::remote(format!(
+                "{}: {from} sent data for step {step}, which this op does not have",
+                self.desc
+            )));
+        }
+        if !self.started {
+            self.start();
+        }
+        let blk = modn(self.rank as isize - step as isize - 1, self.n);
+        check_range(
+            &self.desc,
+            from,
+            h,
+            h.len as usize,
+            &self.block_bytes(blk),
+            self.desc.dtype.size(),
+        )
+    }
+
+    /// A frame's payload is in `mem.user[r]`: count it and pass it on.
+    fn landed(&mut self, h: &FrameHeader, r: Range<usize>) {
+        self.tally.received += r.len();
+        let step = h.aux as usize;
+        if step + 2 < self.n {
+            let header = self.desc.header(step as u32 + 1, r.start, r.len());
+            let region = Region::User {
+                offset: r.start,
+                len: r.len(),
+            };
+            self.tally.push(Transmit {
+                to: self.next(),
+                header,
+                region,
+            });
+        }
+    }
+
     fn start(&mut self) {
         self.started = true;
         if self.n == 1 {
@@ -520,46 +607,26 @@ impl Schedule for RingGather {
         h: &FrameHeader,
         payload: &[u8],
     ) -> Result<()> {
-        self.desc.check_matches(from, h)?;
-        if from != self.prev() {
-            return Err(Error::remote(format!(
-                "{}: unexpected data from {from} (the ring expects {})",
-                self.desc,
-                self.prev()
-            )));
-        }
-        let step = h.aux as usize;
-        if step >= self.n - 1 {
-            return Err(Error::remote(format!(
-                "{}: {from} sent data for step {step}, which this op does not have",
-                self.desc
-            )));
-        }
-        if !self.started {
-            self.start();
-        }
-        let blk = modn(self.rank as isize - step as isize - 1, self.n);
-        let r = check_range(
-            &self.desc,
-            from,
-            h,
-            payload,
-            &self.block_bytes(blk),
-            self.desc.dtype.size(),
-        )?;
-        self.tally.received += payload.len();
+        let r = self.target(from, h)?;
         mem.user.as_mut_slice()[r.clone()].copy_from_slice(payload);
-        if step + 2 < self.n {
-            let header = self.desc.header(step as u32 + 1, r.start, r.len());
-            self.tally.push(Transmit {
-                to: self.next(),
-                header,
-                region: Region::User {
-                    offset: r.start,
-                    len: r.len(),
-                },
-            });
-        }
+        self.landed(h, r);
+        Ok(())
+    }
+    fn recv_in_place(&mut self, from: Endpoint, h: &FrameHeader) -> Result<Option<Region>> {
+        let r = self.target(from, h)?;
+        Ok(Some(Region::User {
+            offset: r.start,
+            len: r.len(),
+        }))
+    }
+    fn handle_frame_in_place(
+        &mut self,
+        _mem: &mut OpMemory,
+        from: Endpoint,
+        h: &FrameHeader,
+    ) -> Result<()> {
+        let r = self.target(from, h)?;
+        self.landed(h, r);
         Ok(())
     }
     fn is_complete(&self) -> bool {
@@ -615,6 +682,51 @@ impl Broadcast {
     }
 }
 
+impl Broadcast {
+    /// Validate a frame; the byte range of `mem.user` it fills.
+    fn target(&self, from: Endpoint, h: &FrameHeader) -> Result<Range<usize>> {
+        self.desc.check_matches(from, h)?;
+        if h.aux as usize != self.desc.root {
+            return Err(Error::invalid(format!(
+                "mismatched collective calls: {from} broadcasts from root {} but this rank called {}",
+                h.aux, self.desc
+            )));
+        }
+        if self.pos == 0 || from != self.prev() {
+            return Err(Error::remote(format!(
+                "{}: unexpected data from {from}",
+                self.desc
+            )));
+        }
+        let size = self.desc.dtype.size();
+        check_range(
+            &self.desc,
+            from,
+            h,
+            h.len as usize,
+            &(0..self.desc.count * size),
+            size,
+        )
+    }
+
+    /// A frame's payload is in `mem.user[r]`: count it and pass it on.
+    fn landed(&mut self, r: Range<usize>) {
+        self.tally.received += r.len();
+        if self.pos + 1 < self.n {
+            let header = self.desc.header(self.desc.root as u32, r.start, r.len());
+            let region = Region::User {
+                offset: r.start,
+                len: r.len(),
+            };
+            self.tally.push(Transmit {
+                to: self.next(),
+                header,
+                region,
+            });
+        }
+    }
+}
+
 impl Schedule for Broadcast {
     fn desc(&self) -> &OpDesc {
         &self.desc
@@ -651,41 +763,26 @@ impl Schedule for Broadcast {
         h: &FrameHeader,
         payload: &[u8],
     ) -> Result<()> {
-        self.desc.check_matches(from, h)?;
-        if h.aux as usize != self.desc.root {
-            return Err(Error::invalid(format!(
-                "mismatched collective calls: {from} broadcasts from root {} but this rank called {}",
-                h.aux, self.desc
-            )));
-        }
-        if self.pos == 0 || from != self.prev() {
-            return Err(Error::remote(format!(
-                "{}: unexpected data from {from}",
-                self.desc
-            )));
-        }
-        let size = self.desc.dtype.size();
-        let r = check_range(
-            &self.desc,
-            from,
-            h,
-            payload,
-            &(0..self.desc.count * size),
-            size,
-        )?;
-        self.tally.received += payload.len();
+        let r = self.target(from, h)?;
         mem.user.as_mut_slice()[r.clone()].copy_from_slice(payload);
-        if self.pos + 1 < self.n {
-            let header = self.desc.header(self.desc.root as u32, r.start, r.len());
-            self.tally.push(Transmit {
-                to: self.next(),
-                header,
-                region: Region::User {
-                    offset: r.start,
-                    len: r.len(),
-                },
-            });
-        }
+        self.landed(r);
+        Ok(())
+    }
+    fn recv_in_place(&mut self, from: Endpoint, h: &FrameHeader) -> Result<Option<Region>> {
+        let r = self.target(from, h)?;
+        Ok(Some(Region::User {
+            offset: r.start,
+            len: r.len(),
+        }))
+    }
+    fn handle_frame_in_place(
+        &mut self,
+        _mem: &mut OpMemory,
+        from: Endpoint,
+        h: &FrameHeader,
+    ) -> Result<()> {
+        let r = self.target(from, h)?;
+        self.landed(r);
         Ok(())
     }
     fn is_complete(&self) -> bool {

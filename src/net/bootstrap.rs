@@ -711,13 +711,10 @@ fn connect_mesh(
 ) -> Result<Vec<(Endpoint, TcpStream)>> {
     let mut conns = Vec::new();
     // Connect to every lower rank; they accept in turn, so this cannot deadlock.
-    for peer in 0..rank {
+    for (peer, &addr) in addrs.iter().enumerate().take(rank) {
         for stream_index in 0..streams_between(rank, peer, size, config.streams) {
-            let what = format!(
-                "rank {rank}: connection {stream_index} to rank {peer} at {}",
-                addrs[peer]
-            );
-            let mut s = connect_with_retry(addrs[peer], deadline, &what)?;
+            let what = format!("rank {rank}: connection {stream_index} to rank {peer} at {addr}");
+            let mut s = connect_with_retry(addr, deadline, &what)?;
             let body = BodyWriter::default()
                 .bytes(&info.job)
                 .u32(rank as u32)

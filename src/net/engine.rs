@@ -11,7 +11,7 @@
 //! Every wait is bounded: an op that makes no progress for `MR_TIMEOUT_MS` fails.
 
 use crate::algo::{Endpoint, Schedule, Transmit};
-use crate::buffer::OpMemory;
+use crate::buffer::{OpMemory, Region};
 use crate::config::Config;
 use crate::error::{Error, ErrorKind, Result};
 use crate::net::bootstrap::Mesh;
@@ -198,6 +198,17 @@ impl OutFrame {
     }
 }
 
+/// Where a payload being read goes.
+#[derive(Clone, Debug)]
+enum Sink {
+    /// The connection's buffer, then `Schedule::handle_frame` (or an error report).
+    Buffer,
+    /// Straight into the current op's memory (zero-copy), then `handle_frame_in_place`.
+    Direct(Region),
+    /// Nowhere: a stale frame of an op that ended here.
+    Discard,
+}
+
 /// Read state of a connection.
 enum ReadState {
     Header {
@@ -209,7 +220,7 @@ enum ReadState {
     Payload {
         header: FrameHeader,
         got: usize,
-        deliver: bool,
+        sink: Sink,
     },
 }
 
@@ -588,26 +599,34 @@ impl Loop {
             ReadState::Payload {
                 header,
                 mut got,
-                deliver,
+                sink,
             } => {
                 let len = header.len as usize;
                 if got < len {
-                    let res = if deliver {
-                        let c = &mut self.conns[i];
-                        let buf = &mut payload_view(&mut c.payload, len)[got..];
-                        read_some(&mut c.stream, buf, ep)
-                    } else {
-                        let want = (len - got).min(self.scratch.len());
-                        read_some(&mut self.conns[i].stream, &mut self.scratch[..want], ep)
+                    let res = match &sink {
+                        Sink::Buffer => {
+                            let c = &mut self.conns[i];
+                            let buf = &mut payload_view(&mut c.payload, len)[got..];
+                            read_some(&mut c.stream, buf, ep)
+                        }
+                        Sink::Direct(region) => match self.current.as_mut() {
+                            Some(a) => {
+                                let buf = &mut a.op.mem.bytes_mut(region)[got..];
+                                read_some(&mut self.conns[i].stream, buf, ep)
+                            }
+                            None => Err(ReadEvent::Closed(Error::internal(
+                                "in-place frame without an op",
+                            ))),
+                        },
+                        Sink::Discard => {
+                            let want = (len - got).min(self.scratch.len());
+                            read_some(&mut self.conns[i].stream, &mut self.scratch[..want], ep)
+                        }
                     };
                     match res {
                         Ok(n) => got += n,
                         Err(e) => {
-                            self.conns[i].read = ReadState::Payload {
-                                header,
-                                got,
-                                deliver,
-                            };
+                            self.conns[i].read = ReadState::Payload { header, got, sink };
                             return Err(e);
                         }
                     }
@@ -616,15 +635,22 @@ impl Loop {
                     }
                 }
                 if got < len {
-                    self.conns[i].read = ReadState::Payload {
-                        header,
-                        got,
-                        deliver,
-                    };
+                    self.conns[i].read = ReadState::Payload { header, got, sink };
                     return Ok(true);
                 }
-                if deliver {
-                    self.deliver(i, &header);
+                match sink {
+                    Sink::Buffer => self.deliver(i, &header),
+                    Sink::Direct(_) => {
+                        if let Some(a) = self.current.as_mut() {
+                            if let Err(e) =
+                                a.op.schedule
+                                    .handle_frame_in_place(&mut a.op.mem, ep, &header)
+                            {
+                                self.fail_current(e);
+                            }
+                        }
+                    }
+                    Sink::Discard => {}
                 }
                 Ok(true)
             }
@@ -637,10 +663,25 @@ impl Loop {
         let current_seq = self.current.as_ref().map(|a| a.op.schedule.desc().seq);
         match h.kind() {
             FrameKind::Data | FrameKind::OpError => {
-                let deliver = if Some(h.seq) == current_seq {
-                    true
+                let sink = if h.kind() == FrameKind::OpError {
+                    if Some(h.seq) != current_seq && h.seq > self.last_seq {
+                        // A failure report for an op not started here: read it when it starts.
+                        self.conns[i].read = ReadState::Parked(h);
+                        return Ok(false);
+                    }
+                    Sink::Buffer
+                } else if Some(h.seq) == current_seq {
+                    let a = self.current.as_mut().expect("current op");
+                    match a.op.schedule.recv_in_place(ep, &h) {
+                        Ok(Some(region)) => Sink::Direct(region),
+                        Ok(None) => Sink::Buffer,
+                        Err(e) => {
+                            self.fail_current(e);
+                            Sink::Discard
+                        }
+                    }
                 } else if h.seq <= self.last_seq {
-                    false // stale frame of an op that already ended (failed) here
+                    Sink::Discard // stale frame of an op that already ended (failed) here
                 } else {
                     // Belongs to an op that has not started here: leave it in the socket.
                     log::trace!(
@@ -651,11 +692,10 @@ impl Loop {
                     self.conns[i].read = ReadState::Parked(h);
                     return Ok(false);
                 };
-                let deliver = deliver || h.kind() == FrameKind::OpError;
                 self.conns[i].read = ReadState::Payload {
                     header: h,
                     got: 0,
-                    deliver,
+                    sink,
                 };
                 Ok(true)
             }
@@ -734,10 +774,17 @@ impl Loop {
         a.op.done.complete(result);
     }
 
-    /// Before an op's memory goes back to the caller: drop its unsent frames and copy the
-    /// rest of any half-written one, so the byte stream stays well-formed.
+    /// Before an op's memory goes back to the caller: drop its unsent frames, copy the rest of
+    /// any half-written one and discard the rest of any half-read one, so the byte streams
+    /// stay well-formed and the caller's memory is never touched again.
     fn release(&mut self, op: &PendingOp) {
         for c in &mut self.conns {
+            // A payload half-read into the op's memory: read the rest into nowhere.
+            if let ReadState::Payload { sink, .. } = &mut c.read {
+                if matches!(sink, Sink::Direct(_)) {
+                    *sink = Sink::Discard;
+                }
+            }
             let mut keep = VecDeque::new();
             for mut f in c.queue.drain(..) {
                 match f.transmit.take() {

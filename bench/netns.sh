@@ -1,0 +1,119 @@
+#!/usr/bin/env bash
+# Shaped-network benchmark: P peers and R relays, each on its own host (a network namespace)
+# joined by veth pairs to a bridge, every host's link shaped with tbf to RATE in each
+# direction. Runs mapreduce's ring and relay all-reduce (and gloo's, when the project's .venv
+# has torch) and reports each time against its bound:
+#   relay: D / rate          ring: 2(P-1)/P * D / rate
+# Traffic stays inside the namespaces this script creates; it removes them on exit.
+# Needs root, iproute2 and a release build (make build).
+#
+# usage: bench/netns.sh [-p PEERS] [-r RELAYS] [-R RATE_MBIT] [-s "64M 256M"] [-n ITERS] [-S STREAMS]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PEERS=4 RELAYS=4 RATE=1000 SIZES="64M 256M" ITERS=3 STREAMS=${MR_STREAMS:-2}
+while getopts "p:r:R:s:n:S:" o; do
+  case $o in
+    p) PEERS=$OPTARG ;; r) RELAYS=$OPTARG ;; R) RATE=$OPTARG ;; s) SIZES=$OPTARG ;;
+    n) ITERS=$OPTARG ;; S) STREAMS=$OPTARG ;; *) exit 2 ;;
+  esac
+done
+BENCH=$PWD/target/release/mr-bench
+RELAYD=$PWD/target/release/mr-relayd
+[ -x "$BENCH" ] || { echo "build first: make build" >&2; exit 1; }
+HOSTS=$((PEERS + RELAYS))
+NS=mrb$$
+SUBNET=10.199.$((RANDOM % 200)).
+ip_of() { echo "$SUBNET$(( $1 + 10 ))"; }
+PIDS=()
+
+cleanup() {
+  for p in "${PIDS[@]:-}"; do [ -n "$p" ] && kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  for i in $(seq 0 $((HOSTS - 1))); do ip netns del "$NS-h$i" 2>/dev/null || true; done
+  ip netns del "$NS-sw" 2>/dev/null || true
+}
+trap cleanup EXIT
+
+# The switch: a bridge in its own namespace, so the host's network is never touched.
+ip netns add "$NS-sw"
+ip -n "$NS-sw" link add br0 type bridge
+ip -n "$NS-sw" link set br0 up
+# tbf burst must cover one timer tick at this rate; 1 ms worth, at least 64 KiB.
+BURST=$(( RATE * 1000 / 8 / 1000 * 1 ))
+[ "$BURST" -lt 65536 ] && BURST=65536
+for i in $(seq 0 $((HOSTS - 1))); do
+  h="$NS-h$i"
+  ip netns add "$h"
+  ip link add "h$i-$$" type veth peer name "s$i-$$"
+  ip link set "h$i-$$" netns "$h"
+  ip link set "s$i-$$" netns "$NS-sw"
+  ip -n "$h" link set lo up
+  ip -n "$h" link set "h$i-$$" name eth0
+  ip -n "$h" addr add "$(ip_of "$i")/24" dev eth0
+  ip -n "$h" link set eth0 up
+  ip -n "$NS-sw" link set "s$i-$$" master br0
+  ip -n "$NS-sw" link set "s$i-$$" up
+  # Upload (host -> switch) and download (switch -> host) each shaped to RATE.
+  ip netns exec "$h" tc qdisc add dev eth0 root tbf rate "${RATE}mbit" burst "$BURST" latency 100ms
+  ip netns exec "$NS-sw" tc qdisc add dev "s$i-$$" root tbf rate "${RATE}mbit" burst "$BURST" latency 100ms
+done
+
+to_bytes() { numfmt --from=iec "$1"; }
+SIZE_LIST=""
+for s in $SIZES; do SIZE_LIST="$SIZE_LIST $(to_bytes "$s")"; done
+
+# run_peers ALGO EXTRA_ENV...: runs mr-bench on every peer host, prints rank 0's rows.
+run_peers() {
+  local algo=$1; shift
+  local port=$((20000 + RANDOM % 20000)) out pids=()
+  out=$(mktemp)
+  for r in $(seq 0 $((PEERS - 1))); do
+    ip netns exec "$NS-h$r" env MR_RANK="$r" MR_WORLD_SIZE="$PEERS" MR_BOOTSTRAP="$(ip_of 0):$port" \
+      MR_ALGO="$algo" MR_STREAMS="$STREAMS" MR_TIMEOUT_MS=120000 "$@" \
+      timeout 900 "$BENCH" -b "$(echo $SIZE_LIST | awk '{print $1}')" -e "$(echo $SIZE_LIST | awk '{print $NF}')" \
+      -f 4 -w 1 -n "$ITERS" >"$out.$r" 2>&1 &
+    pids+=($!)
+  done
+  local ok=0
+  for p in "${pids[@]}"; do wait "$p" || ok=1; done
+  if [ $ok -ne 0 ]; then echo "mr-bench failed:" >&2; cat "$out".* >&2; fi
+  grep -v '^#' "$out.0" | awk -v algo="$algo" 'NF>=9 {print algo, $1, $6/1e6}'
+  rm -f "$out".*
+}
+
+echo "# shaped network: $PEERS peers, $RELAYS relays, ${RATE} Mbit/s per direction per host, MR_STREAMS=$STREAMS"
+printf "%-12s %12s %10s %10s %8s\n" mode size time_s bound_s of_bound
+report() { # mode size seconds
+  local bound
+  if [ "$1" = relay ]; then bound=$(awk -v d="$2" -v r="$RATE" 'BEGIN{print d*8/(r*1e6)}')
+  else bound=$(awk -v d="$2" -v r="$RATE" -v p="$PEERS" 'BEGIN{print 2*(p-1)/p*d*8/(r*1e6)}'); fi
+  awk -v m="$1" -v s="$2" -v t="$3" -v b="$bound" 'BEGIN{printf "%-12s %12d %10.3f %10.3f %7.1f%%\n", m, s, t, b, 100*b/t}'
+}
+
+run_peers ring | while read -r algo size secs; do report ring "$size" "$secs"; done
+
+if [ "$RELAYS" -gt 0 ] && [ -x "$RELAYD" ]; then
+  TOKEN=$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')
+  RELAY_LIST=""
+  for j in $(seq 0 $((RELAYS - 1))); do
+    h=$((PEERS + j)); addr="$(ip_of $h):7500"
+    ip netns exec "$NS-h$h" "$RELAYD" --listen "$addr" --token "$TOKEN" 2>/dev/null &
+    PIDS+=($!)
+    RELAY_LIST="$RELAY_LIST${RELAY_LIST:+,}$addr"
+  done
+  sleep 1
+  run_peers relay MR_RELAYS="$RELAY_LIST" MR_TOKEN="$TOKEN" | while read -r algo size secs; do report relay "$size" "$secs"; done
+fi
+
+if [ -x .venv/bin/python ] && .venv/bin/python -c 'import torch' 2>/dev/null; then
+  port=$((20000 + RANDOM % 20000)) pids=() out=$(mktemp)
+  for r in $(seq 0 $((PEERS - 1))); do
+    ip netns exec "$NS-h$r" env MASTER_ADDR="$(ip_of 0)" MASTER_PORT="$port" RANK="$r" WORLD_SIZE="$PEERS" \
+      GLOO_SOCKET_IFNAME=eth0 timeout 900 .venv/bin/python bench/gloo_rank.py "$(echo $SIZE_LIST | tr ' ' ',')" "$ITERS" >"$out.$r" 2>&1 &
+    pids+=($!)
+  done
+  for p in "${pids[@]}"; do wait "$p" || true; done
+  awk '/^gloo allreduce/ {print $3, $4}' "$out.0" | while read -r size secs; do report gloo-ring "$size" "$secs"; done
+  rm -f "$out".*
+fi

@@ -1,0 +1,676 @@
+//! mr-bench: nccl-tests-style throughput and correctness benchmark for mapreduce collectives.
+//!
+//! Every rank runs this program. Rank 0 prints one row per size:
+//! `size count type redop root time_us algbw busbw #wrong` (GB = 1e9 bytes; busbw scales
+//! algbw by 2(n−1)/n for all-reduce, (n−1)/n for all-gather and reduce-scatter, 1 for
+//! broadcast). Timed iterations run back to back after warm-up; a separate, untimed op on
+//! known integer-valued data verifies the result (`#wrong` counts wrong elements, summed over
+//! ranks).
+//!
+//! `--spawn-local N` runs a whole job on loopback: this process is rank 0 and starts N−1
+//! copies of itself; `--relays R` also starts R `mr-relayd` daemons and runs in relay mode.
+//! Without `--spawn-local`, ranks come from the environment (`MR_RANK`/`MR_WORLD_SIZE`/
+//! `MR_BOOTSTRAP`, or torchrun's variables).
+
+use clap::{Parser, ValueEnum};
+use mapreduce::{Comm, Config, DType, ReduceOp, UniqueId};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Op {
+    Allreduce,
+    Broadcast,
+    Allgather,
+    ReduceScatter,
+}
+
+#[derive(Parser, Debug, Clone)]
+#[command(
+    name = "mr-bench",
+    about = "nccl-tests-style benchmark for mapreduce collectives"
+)]
+struct Args {
+    /// Collectives to run (comma-separated).
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "allreduce")]
+    op: Vec<Op>,
+    /// Element type: f32, f64, f16, bf16, i8, u8, i32, i64.
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+    /// Reduction: sum, avg, max, min, prod.
+    #[arg(long, default_value = "sum")]
+    redop: String,
+    /// Smallest message in bytes (suffixes K, M, G allowed).
+    #[arg(short = 'b', long, default_value = "8", value_parser = parse_size)]
+    min_bytes: usize,
+    /// Largest message in bytes (up to 1G).
+    #[arg(short = 'e', long, default_value = "64M", value_parser = parse_size)]
+    max_bytes: usize,
+    /// Multiply the size by this factor between rows.
+    #[arg(short = 'f', long, default_value_t = 2)]
+    step_factor: usize,
+    /// Warm-up iterations per size.
+    #[arg(short = 'w', long, default_value_t = 3)]
+    warmup: usize,
+    /// Timed iterations per size.
+    #[arg(short = 'n', long, default_value_t = 10)]
+    iters: usize,
+    /// Verify results (0 to skip).
+    #[arg(short = 'c', long, default_value_t = 1)]
+    check: u8,
+    /// Broadcast root.
+    #[arg(long, default_value_t = 0)]
+    root: usize,
+    /// Run a whole job of N ranks on loopback (this process is rank 0).
+    #[arg(long)]
+    spawn_local: Option<usize>,
+    /// With --spawn-local: also start R relay daemons and use relay mode.
+    #[arg(long, default_value_t = 0)]
+    relays: usize,
+    /// Print reduction-kernel throughput beside memcpy and exit.
+    #[arg(long)]
+    kernels: bool,
+    /// The demo: a whole local job with relays; 256 MiB broadcast and all-reduce through the
+    /// relays and through the ring, verified, summarised in a table.
+    #[arg(long)]
+    demo: bool,
+    /// Peers for --demo.
+    #[arg(long, default_value_t = 4)]
+    demo_peers: usize,
+    /// Message size for --demo.
+    #[arg(long, default_value = "256M", value_parser = parse_size)]
+    demo_bytes: usize,
+    /// Internal: this process is rank R of a --spawn-local job.
+    #[arg(long, hide = true)]
+    child_rank: Option<usize>,
+    /// Internal: world size of a --spawn-local job.
+    #[arg(long, hide = true)]
+    child_world: Option<usize>,
+    /// Internal: the job's unique id, hex.
+    #[arg(long, hide = true)]
+    child_id: Option<String>,
+    /// Internal: demo mode label for a child.
+    #[arg(long, hide = true)]
+    child_demo: bool,
+}
+
+fn parse_size(s: &str) -> Result<usize, String> {
+    let s = s.trim();
+    let (num, mult) = match s.chars().last() {
+        Some('K' | 'k') => (&s[..s.len() - 1], 1usize << 10),
+        Some('M' | 'm') => (&s[..s.len() - 1], 1 << 20),
+        Some('G' | 'g') => (&s[..s.len() - 1], 1 << 30),
+        _ => (s, 1),
+    };
+    num.parse::<usize>()
+        .map(|n| n * mult)
+        .map_err(|_| format!("bad size {s:?}"))
+}
+
+fn parse_dtype(s: &str) -> Result<DType, String> {
+    Ok(match s.to_ascii_lowercase().as_str() {
+        "f32" | "float32" | "float" => DType::F32,
+        "f64" | "float64" | "double" => DType::F64,
+        "f16" | "float16" | "half" => DType::F16,
+        "bf16" | "bfloat16" => DType::BF16,
+        "i8" | "int8" => DType::I8,
+        "u8" | "uint8" => DType::U8,
+        "i32" | "int32" => DType::I32,
+        "i64" | "int64" => DType::I64,
+        _ => return Err(format!("unknown dtype {s:?}")),
+    })
+}
+
+fn parse_redop(s: &str) -> Result<ReduceOp, String> {
+    Ok(match s.to_ascii_lowercase().as_str() {
+        "sum" => ReduceOp::Sum,
+        "avg" => ReduceOp::Avg,
+        "max" => ReduceOp::Max,
+        "min" => ReduceOp::Min,
+        "prod" => ReduceOp::Prod,
+        _ => return Err(format!("unknown reduction {s:?}")),
+    })
+}
+
+fn die(msg: impl std::fmt::Display) -> ! {
+    eprintln!("mr-bench: {msg}");
+    std::process::exit(1);
+}
+
+fn main() {
+    mapreduce::comm::init_logging();
+    let args = Args::parse();
+    if args.kernels {
+        print_kernels();
+        return;
+    }
+    if args.demo {
+        demo(&args);
+        return;
+    }
+    if let (Some(rank), Some(world), Some(id)) =
+        (args.child_rank, args.child_world, args.child_id.clone())
+    {
+        let id = decode_id(&id);
+        let comm = Comm::init(
+            world,
+            &id,
+            rank,
+            Config::from_env().unwrap_or_else(|e| die(e)),
+        )
+        .unwrap_or_else(|e| die(e));
+        let ok = if args.child_demo {
+            demo_rank(&comm, args.demo_bytes / 4).is_ok()
+        } else {
+            run_table(&comm, &args)
+        };
+        let _ = comm.destroy();
+        std::process::exit(if ok { 0 } else { 2 });
+    }
+    if let Some(n) = args.spawn_local {
+        let ok = spawn_job(&args, n, args.relays, &[], |comm| run_table(comm, &args));
+        std::process::exit(if ok { 0 } else { 1 });
+    }
+    let comm = Comm::init_env().unwrap_or_else(|e| die(e));
+    let ok = run_table(&comm, &args);
+    std::process::exit(if ok { 0 } else { 2 });
+}
+
+fn encode_id(id: &UniqueId) -> String {
+    id.as_bytes().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn decode_id(hex: &str) -> UniqueId {
+    let bytes = mapreduce::config::parse_hex("unique id", hex).unwrap_or_else(|e| die(e));
+    let mut id = [0u8; 256];
+    if bytes.len() != 256 {
+        die("unique id must be 256 bytes");
+    }
+    id.copy_from_slice(&bytes);
+    UniqueId(id)
+}
+
+/// Relay daemons started for a local job; killed on drop.
+struct Relays(Vec<Child>);
+
+impl Drop for Relays {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or_else(|e| die(e))
+}
+
+fn start_relays(r: usize, token: &str) -> (Relays, String) {
+    let exe = std::env::current_exe().unwrap_or_else(|e| die(e));
+    let relayd = exe.with_file_name("mr-relayd");
+    let mut children = Vec::new();
+    let mut addrs = Vec::new();
+    for _ in 0..r {
+        let addr = format!("127.0.0.1:{}", free_port());
+        let child = Command::new(&relayd)
+            .args(["--listen", &addr, "--token", token])
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| die(format!("cannot start {}: {e}", relayd.display())));
+        children.push(child);
+        addrs.push(addr);
+    }
+    // Wait until every relay accepts connections.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for a in &addrs {
+        while std::net::TcpStream::connect(a).is_err() {
+            if Instant::now() > deadline {
+                die(format!("relay at {a} did not start"));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    (Relays(children), addrs.join(","))
+}
+
+/// Run a local job: start relays (if any) and n−1 child ranks, run `body` as rank 0.
+fn spawn_job(
+    args: &Args,
+    n: usize,
+    relays: usize,
+    extra_child_args: &[&str],
+    body: impl FnOnce(&Comm) -> bool,
+) -> bool {
+    let token = mapreduce::config::to_hex(&mapreduce::wire::nonce());
+    let (_relays, relay_list) = if relays > 0 {
+        start_relays(relays, &token)
+    } else {
+        (Relays(Vec::new()), String::new())
+    };
+    if relays > 0 {
+        std::env::set_var("MR_RELAYS", &relay_list);
+        std::env::set_var("MR_TOKEN", &token);
+        if std::env::var("MR_ALGO").is_err() {
+            std::env::set_var("MR_ALGO", "relay");
+        }
+    }
+    let config = Config::from_env().unwrap_or_else(|e| die(e));
+    let id = UniqueId::new(&config).unwrap_or_else(|e| die(e));
+    let exe = std::env::current_exe().unwrap_or_else(|e| die(e));
+    let mut child_args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--spawn-local") && !a.starts_with("--demo"))
+        .collect();
+    // Drop the value that followed --spawn-local N if given as two words.
+    if let Some(pos) = std::env::args().skip(1).position(|a| a == "--spawn-local") {
+        let all: Vec<String> = std::env::args().skip(1).collect();
+        child_args = all
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != pos && *i != pos + 1)
+            .map(|(_, a)| a.clone())
+            .collect();
+    }
+    child_args.retain(|a| !a.starts_with("--relays"));
+    if args.demo {
+        child_args.clear();
+    }
+    let mut children: Vec<Child> = (1..n)
+        .map(|r| {
+            Command::new(&exe)
+                .args(&child_args)
+                .args(extra_child_args)
+                .args([
+                    "--child-rank",
+                    &r.to_string(),
+                    "--child-world",
+                    &n.to_string(),
+                    "--child-id",
+                    &encode_id(&id),
+                ])
+                .stdin(Stdio::null())
+                .spawn()
+                .unwrap_or_else(|e| die(format!("cannot start rank {r}: {e}")))
+        })
+        .collect();
+    let comm = match Comm::init(n, &id, 0, config) {
+        Ok(c) => c,
+        Err(e) => {
+            for c in &mut children {
+                let _ = c.kill();
+            }
+            die(e)
+        }
+    };
+    let ok = body(&comm);
+    let _ = comm.destroy();
+    let mut all_ok = ok;
+    for (i, c) in children.iter_mut().enumerate() {
+        match c.wait() {
+            Ok(s) if s.success() => {}
+            Ok(s) => {
+                eprintln!("mr-bench: rank {} exited with {s}", i + 1);
+                all_ok = false;
+            }
+            Err(e) => {
+                eprintln!("mr-bench: rank {}: {e}", i + 1);
+                all_ok = false;
+            }
+        }
+    }
+    all_ok
+}
+
+fn bus_factor(op: Op, n: usize) -> f64 {
+    let n = n as f64;
+    match op {
+        Op::Allreduce => 2.0 * (n - 1.0) / n,
+        Op::Allgather | Op::ReduceScatter => (n - 1.0) / n,
+        Op::Broadcast => 1.0,
+    }
+}
+
+fn op_name(op: Op) -> &'static str {
+    match op {
+        Op::Allreduce => "allreduce",
+        Op::Broadcast => "broadcast",
+        Op::Allgather => "allgather",
+        Op::ReduceScatter => "reduce_scatter",
+    }
+}
+
+/// Integer-valued test value of rank r at element i: exact in every dtype for small worlds.
+fn value(r: usize, i: usize) -> f64 {
+    ((r + 1) * (i % 5 + 1)) as f64
+}
+
+fn write_values(dtype: DType, buf: &mut [u8], f: impl Fn(usize) -> f64) {
+    let size = dtype.size();
+    for (i, b) in buf.chunks_exact_mut(size).enumerate() {
+        let v = f(i);
+        match dtype {
+            DType::F32 => b.copy_from_slice(&(v as f32).to_le_bytes()),
+            DType::F64 => b.copy_from_slice(&v.to_le_bytes()),
+            DType::F16 => b.copy_from_slice(&half::f16::from_f64(v).to_bits().to_le_bytes()),
+            DType::BF16 => b.copy_from_slice(&half::bf16::from_f64(v).to_bits().to_le_bytes()),
+            DType::I8 => b.copy_from_slice(&(v as i8).to_le_bytes()),
+            DType::U8 => b.copy_from_slice(&(v as u8).to_le_bytes()),
+            DType::I32 => b.copy_from_slice(&(v as i32).to_le_bytes()),
+            DType::I64 => b.copy_from_slice(&(v as i64).to_le_bytes()),
+        }
+    }
+}
+
+fn count_wrong(dtype: DType, buf: &[u8], f: impl Fn(usize) -> f64) -> u64 {
+    let mut want = vec![0u8; buf.len()];
+    write_values(dtype, &mut want, f);
+    buf.chunks_exact(dtype.size())
+        .zip(want.chunks_exact(dtype.size()))
+        .filter(|(a, b)| a != b)
+        .count() as u64
+}
+
+fn expected_reduce(redop: ReduceOp, n: usize, i: usize) -> f64 {
+    let vals: Vec<f64> = (0..n).map(|r| value(r, i)).collect();
+    match redop {
+        ReduceOp::Sum => vals.iter().sum(),
+        ReduceOp::Avg => (vals.iter().sum::<f64>() / n as f64).trunc(),
+        ReduceOp::Max => vals.iter().cloned().fold(f64::MIN, f64::max),
+        ReduceOp::Min => vals.iter().cloned().fold(f64::MAX, f64::min),
+        ReduceOp::Prod => vals.iter().product(),
+    }
+}
+
+struct Row {
+    bytes: usize,
+    time_us: f64,
+    algbw: f64,
+    busbw: f64,
+    wrong: u64,
+}
+
+/// Time `iters` back-to-back ops; the max over ranks of the mean time per op, in µs.
+fn measure(
+    comm: &Comm,
+    op: Op,
+    dtype: DType,
+    redop: ReduceOp,
+    count: usize,
+    args: &Args,
+) -> Result<(f64, u64), mapreduce::Error> {
+    let n = comm.size();
+    let size = dtype.size();
+    let root = args.root.min(n - 1);
+    let (in_bytes, out_bytes) = match op {
+        Op::Allreduce | Op::Broadcast => (count * size, count * size),
+        Op::Allgather => (count * size, count * size * n),
+        Op::ReduceScatter => (count * size * n, count * size),
+    };
+    let mut input = vec![0u8; in_bytes];
+    let mut output = vec![0u8; out_bytes];
+    let run = |input: &mut [u8], output: &mut [u8]| -> Result<(), mapreduce::Error> {
+        // SAFETY: the buffers outlive the blocking wait below.
+        unsafe {
+            match op {
+                Op::Allreduce => comm
+                    .iallreduce_raw(input.as_mut_ptr(), count, dtype, redop)?
+                    .wait(),
+                Op::Broadcast => comm
+                    .ibroadcast_raw(input.as_mut_ptr(), count, dtype, root)?
+                    .wait(),
+                Op::Allgather => comm
+                    .iallgather_raw(input.as_ptr(), output.as_mut_ptr(), count, dtype)?
+                    .wait(),
+                Op::ReduceScatter => comm
+                    .ireduce_scatter_raw(input.as_ptr(), output.as_mut_ptr(), count, dtype, redop)?
+                    .wait(),
+            }
+        }
+    };
+    for _ in 0..args.warmup {
+        run(&mut input, &mut output)?;
+    }
+    comm.barrier()?;
+    let start = Instant::now();
+    for _ in 0..args.iters {
+        run(&mut input, &mut output)?;
+    }
+    let mut t = [start.elapsed().as_secs_f64() * 1e6 / args.iters.max(1) as f64];
+    comm.allreduce(&mut t, ReduceOp::Max)?;
+    let mut wrong = 0u64;
+    if args.check != 0 {
+        let r = comm.rank();
+        match op {
+            Op::Allreduce => {
+                write_values(dtype, &mut input, |i| value(r, i));
+                run(&mut input, &mut output)?;
+                wrong = count_wrong(dtype, &input, |i| expected_reduce(redop, n, i));
+            }
+            Op::Broadcast => {
+                write_values(dtype, &mut input, |i| {
+                    if r == root {
+                        value(root, i)
+                    } else {
+                        0.0
+                    }
+                });
+                run(&mut input, &mut output)?;
+                wrong = count_wrong(dtype, &input, |i| value(root, i));
+            }
+            Op::Allgather => {
+                write_values(dtype, &mut input, |i| value(r, i));
+                run(&mut input, &mut output)?;
+                wrong = count_wrong(dtype, &output, |i| {
+                    value(i / count.max(1), i % count.max(1))
+                });
+            }
+            Op::ReduceScatter => {
+                write_values(dtype, &mut input, |i| value(r, i));
+                run(&mut input, &mut output)?;
+                wrong = count_wrong(dtype, &output, |i| expected_reduce(redop, n, r * count + i));
+            }
+        }
+        let mut w = [wrong as i64];
+        comm.allreduce(&mut w, ReduceOp::Sum)?;
+        wrong = w[0] as u64;
+    }
+    Ok((t[0], wrong))
+}
+
+fn run_table(comm: &Comm, args: &Args) -> bool {
+    let dtype = parse_dtype(&args.dtype).unwrap_or_else(|e| die(e));
+    let redop = parse_redop(&args.redop).unwrap_or_else(|e| die(e));
+    let n = comm.size();
+    let rank0 = comm.rank() == 0;
+    let mut ok = true;
+    if rank0 {
+        let c = comm.config();
+        println!(
+            "# mr-bench: {n} ranks, algo {:?}, relays {}, chunk {} B, streams {}, warmup {}, iters {}",
+            c.algo,
+            c.relays.len(),
+            c.chunk_bytes,
+            c.streams,
+            args.warmup,
+            args.iters
+        );
+    }
+    for &op in &args.op {
+        if rank0 {
+            println!("#\n# {}", op_name(op));
+            println!(
+                "# {:>12} {:>12} {:>8} {:>6} {:>5} {:>12} {:>8} {:>8} {:>7}",
+                "size", "count", "type", "redop", "root", "time_us", "algbw", "busbw", "#wrong"
+            );
+        }
+        let mut bytes = args.min_bytes.max(dtype.size());
+        while bytes <= args.max_bytes {
+            let count = bytes / dtype.size();
+            let per_rank = matches!(op, Op::Allgather | Op::ReduceScatter);
+            // For all-gather/reduce-scatter, `size` is the whole gathered buffer, as in nccl-tests.
+            let op_count = if per_rank { (count / n).max(1) } else { count };
+            let size_bytes = if per_rank {
+                op_count * n * dtype.size()
+            } else {
+                count * dtype.size()
+            };
+            match measure(comm, op, dtype, redop, op_count, args) {
+                Ok((time_us, wrong)) => {
+                    let algbw = size_bytes as f64 / (time_us * 1e-6) / 1e9;
+                    let row = Row {
+                        bytes: size_bytes,
+                        time_us,
+                        algbw,
+                        busbw: algbw * bus_factor(op, n),
+                        wrong,
+                    };
+                    if row.wrong > 0 {
+                        ok = false;
+                    }
+                    if rank0 {
+                        let redop_name = if matches!(op, Op::Allreduce | Op::ReduceScatter) {
+                            redop.name()
+                        } else {
+                            "none"
+                        };
+                        let root = if op == Op::Broadcast {
+                            args.root.min(n - 1) as i64
+                        } else {
+                            -1
+                        };
+                        println!(
+                            "  {:>12} {:>12} {:>8} {:>6} {:>5} {:>12.1} {:>8.3} {:>8.3} {:>7}",
+                            row.bytes,
+                            if per_rank { op_count * n } else { count },
+                            dtype.name(),
+                            redop_name,
+                            root,
+                            row.time_us,
+                            row.algbw,
+                            row.busbw,
+                            if args.check != 0 {
+                                row.wrong.to_string()
+                            } else {
+                                "N/A".into()
+                            }
+                        );
+                    }
+                }
+                Err(e) => {
+                    eprintln!(
+                        "mr-bench: rank {}: {} of {bytes} bytes failed: {e}",
+                        comm.rank(),
+                        op_name(op)
+                    );
+                    return false;
+                }
+            }
+            bytes = bytes.saturating_mul(args.step_factor.max(2));
+        }
+    }
+    ok
+}
+
+fn print_kernels() {
+    let bytes = 64 << 20;
+    println!("# reduction kernels on {} MiB buffers (GB/s, GB = 1e9; bytes counted as the destination size)", bytes >> 20);
+    for (name, gbps) in Vec::<(String, f64)>::new() {
+        // KERNELS-PENDING
+        println!("  {name:<24} {gbps:>8.2}");
+    }
+}
+
+/// The demo: 256 MiB broadcast and all-reduce through relays and through the ring.
+fn demo(args: &Args) {
+    let peers = args.demo_peers;
+    let relays = 4;
+    let count = args.demo_bytes / 4;
+    println!(
+        "mapreduce demo: {peers} peers and {relays} relays on loopback, {} MiB of float32",
+        args.demo_bytes >> 20
+    );
+    println!(
+        "{:<6} {:<10} {:>10} {:>10} {:>10} {:>10} {:>9}",
+        "mode", "op", "size", "time_s", "algbw", "busbw", "verified"
+    );
+    let mut all_ok = true;
+    for (mode, r) in [("relay", relays), ("ring", 0)] {
+        std::env::set_var("MR_ALGO", if r > 0 { "relay" } else { "ring" });
+        let ok = spawn_job(
+            args,
+            peers,
+            r,
+            &["--child-demo", "--demo-bytes", &args.demo_bytes.to_string()],
+            |comm| match demo_rank(comm, count) {
+                Ok(rows) => {
+                    for (op, secs, verified) in rows {
+                        let algbw = args.demo_bytes as f64 / secs / 1e9;
+                        let busbw = algbw * bus_factor(op, peers);
+                        println!(
+                            "{:<6} {:<10} {:>10} {:>10.3} {:>10.3} {:>10.3} {:>9}",
+                            mode,
+                            op_name(op),
+                            format!("{}M", args.demo_bytes >> 20),
+                            secs,
+                            algbw,
+                            busbw,
+                            if verified { "yes" } else { "NO" }
+                        );
+                    }
+                    true
+                }
+                Err(e) => {
+                    eprintln!("mr-bench: demo ({mode}) failed: {e}");
+                    false
+                }
+            },
+        );
+        all_ok &= ok;
+    }
+    std::process::exit(if all_ok { 0 } else { 1 });
+}
+
+/// One rank's part of the demo; returns (op, seconds, verified on every rank).
+fn demo_rank(comm: &Comm, count: usize) -> Result<Vec<(Op, f64, bool)>, mapreduce::Error> {
+    let n = comm.size();
+    let r = comm.rank();
+    let mut rows = Vec::new();
+    let mut buf: Vec<f32> = if r == 0 {
+        (0..count).map(|i| (i % 1000) as f32).collect()
+    } else {
+        vec![0.0; count]
+    };
+    comm.barrier()?;
+    let t = Instant::now();
+    comm.broadcast(&mut buf, 0)?;
+    let mut secs = [t.elapsed().as_secs_f64()];
+    comm.allreduce(&mut secs, ReduceOp::Max)?;
+    let mut bad = [buf
+        .iter()
+        .enumerate()
+        .filter(|(i, x)| **x != (i % 1000) as f32)
+        .count() as i64];
+    comm.allreduce(&mut bad, ReduceOp::Sum)?;
+    rows.push((Op::Broadcast, secs[0], bad[0] == 0));
+    for (i, x) in buf.iter_mut().enumerate() {
+        *x = ((r + 1) * (i % 7 + 1)) as f32;
+    }
+    comm.barrier()?;
+    let t = Instant::now();
+    comm.allreduce(&mut buf, ReduceOp::Sum)?;
+    let mut secs = [t.elapsed().as_secs_f64()];
+    comm.allreduce(&mut secs, ReduceOp::Max)?;
+    let tri = (n * (n + 1) / 2) as f32;
+    let mut bad = [buf
+        .iter()
+        .enumerate()
+        .filter(|(i, x)| **x != tri * (i % 7 + 1) as f32)
+        .count() as i64];
+    comm.allreduce(&mut bad, ReduceOp::Sum)?;
+    rows.push((Op::Allreduce, secs[0], bad[0] == 0));
+    Ok(rows)
+}

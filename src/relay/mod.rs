@@ -1,0 +1,138 @@
+//! Relay mode: the daemon side (`mr-relayd`) and the peer side of the peer↔relay protocol.
+//!
+//! Protocol, on top of the frames of [`crate::wire`]:
+//! 1. the relay accepts a TCP connection and sends a `Challenge`;
+//! 2. the peer answers with a `Hello` whose MAC is keyed by the job token
+//!    ([`crate::wire::mac_key`]) and whose body is a [`JobHello`]: job id, rank, world size,
+//!    stream index, streams per peer, chunk size and window;
+//! 3. the relay answers `Welcome` (MAC over its nonce) or `Reject` (`aux` = error kind);
+//! 4. data: each peer sends the chunks of its segment as `Data` frames whose header describes
+//!    the op exactly as on the ring (`seq`, `coll`, `dtype`, `redop`, `count`, byte `offset` in
+//!    the caller's buffer). For an all-reduce the relay folds the contributions of one chunk in
+//!    rank order and sends the finished chunk (same header) to every peer. For a broadcast
+//!    (`aux` = root) it forwards the root's chunk to every other peer and, once the copies are
+//!    written, acknowledges the chunk to the root with an empty frame (same header, `len` 0).
+//!
+//! A peer keeps at most `window` chunks per relay unanswered, so a relay holds at most
+//! `world × window` chunks per job: memory is bounded independently of the tensor size.
+
+pub mod client;
+pub mod server;
+pub mod sums;
+
+use crate::error::{Error, Result};
+use crate::wire::{BodyReader, BodyWriter};
+
+/// Largest world size a relay accepts.
+pub const MAX_WORLD: usize = 1 << 16;
+/// Largest window (chunks in flight per peer and relay) a relay accepts.
+pub const MAX_WINDOW: usize = 64;
+
+/// What a peer announces about itself and its job when it connects to a relay.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct JobHello {
+    pub job: [u8; 16],
+    pub rank: usize,
+    pub world: usize,
+    pub stream: usize,
+    pub streams: usize,
+    pub chunk_bytes: usize,
+    pub window: usize,
+}
+
+impl JobHello {
+    pub fn encode(&self) -> Vec<u8> {
+        BodyWriter::default()
+            .bytes(&self.job)
+            .u32(self.rank as u32)
+            .u32(self.world as u32)
+            .u32(self.stream as u32)
+            .u32(self.streams as u32)
+            .u64(self.chunk_bytes as u64)
+            .u32(self.window as u32)
+            .finish()
+    }
+
+    /// Parse and range-check a hello body.
+    pub fn decode(body: &[u8]) -> Result<JobHello> {
+        let mut r = BodyReader::new(body, "relay hello");
+        let job: [u8; 16] = r
+            .bytes()?
+            .try_into()
+            .map_err(|_| Error::remote("malformed relay hello: job id is not 16 bytes"))?;
+        let h = JobHello {
+            job,
+            rank: r.u32()? as usize,
+            world: r.u32()? as usize,
+            stream: r.u32()? as usize,
+            streams: r.u32()? as usize,
+            chunk_bytes: r.u64()?.min(usize::MAX as u64) as usize,
+            window: r.u32()? as usize,
+        };
+        let bad = |what: String| Err(Error::invalid(format!("relay hello: {what}")));
+        if h.world == 0 || h.world > MAX_WORLD {
+            return bad(format!("world size {} is outside 1..={MAX_WORLD}", h.world));
+        }
+        if h.rank >= h.world {
+            return bad(format!(
+                "rank {} is out of range for world size {}",
+                h.rank, h.world
+            ));
+        }
+        if h.streams == 0 || h.streams > 64 || h.stream >= h.streams {
+            return bad(format!(
+                "stream {} of {} is out of range",
+                h.stream, h.streams
+            ));
+        }
+        if !(64..=crate::wire::MAX_PAYLOAD).contains(&h.chunk_bytes) {
+            return bad(format!("chunk size {} is out of range", h.chunk_bytes));
+        }
+        if h.window == 0 || h.window > MAX_WINDOW {
+            return bad(format!("window {} is outside 1..={MAX_WINDOW}", h.window));
+        }
+        Ok(h)
+    }
+
+    /// The most memory the relay may need for this job: every peer's window of chunks staged,
+    /// plus f32 accumulators (twice the wire size for 16-bit floats), plus results queued.
+    pub fn budget(&self) -> usize {
+        self.world
+            .saturating_mul(self.window)
+            .saturating_mul(self.chunk_bytes)
+            .saturating_mul(4)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hello_round_trip_and_checks() {
+        let h = JobHello {
+            job: [7; 16],
+            rank: 2,
+            world: 3,
+            stream: 1,
+            streams: 2,
+            chunk_bytes: 1 << 20,
+            window: 4,
+        };
+        assert_eq!(JobHello::decode(&h.encode()).unwrap(), h);
+        let bad = JobHello {
+            rank: 3,
+            ..h.clone()
+        };
+        assert!(JobHello::decode(&bad.encode())
+            .unwrap_err()
+            .message
+            .contains("out of range"));
+        let bad = JobHello {
+            window: 0,
+            ..h.clone()
+        };
+        assert!(JobHello::decode(&bad.encode()).is_err());
+        assert!(JobHello::decode(&h.encode()[..10]).is_err());
+    }
+}

@@ -1,0 +1,783 @@
+//! The relay daemon's event loop: one mio `Poll` serving many jobs, isolated by job id.
+//!
+//! Each connection goes through `AwaitHello` (challenge sent, proof expected within
+//! [`HANDSHAKE_TIMEOUT`]) to `Ready` (a member of one job as one rank's stream). Every frame
+//! header is checked before its payload is read: handshake frames against the control limit,
+//! data frames against the job's announced chunk size and the op's element count. A frame that
+//! fails a check closes only its own connection, with the reason logged.
+
+use crate::algo::Collective;
+use crate::buffer::Scratch;
+use crate::error::{Error, ErrorKind, Result};
+use crate::relay::sums::{check_data_header, Fault, Sums};
+use crate::relay::JobHello;
+use crate::wire::{self, FrameHeader, FrameKind, Hello, HEADER_LEN, MAX_CONTROL_PAYLOAD};
+use mio::net::{TcpListener, TcpStream};
+use mio::{Events, Interest, Poll, Token};
+use std::cell::Cell;
+use std::collections::{HashMap, VecDeque};
+use std::io::{IoSlice, Read, Write};
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::time::{Duration, Instant};
+
+const LISTENER: Token = Token(0);
+const SIGNALS: Token = Token(1);
+const FIRST_CONN: usize = 2;
+/// A connection must authenticate within this time.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+const SOCKET_BUFFER: usize = 4 << 20;
+
+/// How a relay runs.
+#[derive(Clone, Debug)]
+pub struct RelayConfig {
+    pub listen: SocketAddr,
+    /// The job token every connection must prove knowledge of.
+    pub token: Vec<u8>,
+    /// Most memory all admitted jobs together may budget for.
+    pub max_memory: usize,
+    /// How often to log a status line.
+    pub status_interval: Duration,
+}
+
+/// Payload of a queued frame.
+enum Payload {
+    None,
+    Owned(Vec<u8>),
+    Shared(Rc<Scratch>),
+}
+
+impl Payload {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Payload::None => &[],
+            Payload::Owned(v) => v,
+            Payload::Shared(s) => s.as_slice(),
+        }
+    }
+}
+
+/// A forwarded broadcast chunk: once every copy is written, the root gets an acknowledgement.
+struct Fanout {
+    remaining: Cell<usize>,
+    root_conn: usize,
+    ack: FrameHeader,
+}
+
+struct OutFrame {
+    header: [u8; HEADER_LEN],
+    payload: Payload,
+    written: usize,
+    fanout: Option<Rc<Fanout>>,
+}
+
+enum State {
+    AwaitHello {
+        nonce: [u8; 32],
+        since: Instant,
+    },
+    Ready {
+        job: [u8; 16],
+        rank: usize,
+    },
+    /// Refused: flush the reason, then close.
+    Closing {
+        since: Instant,
+    },
+}
+
+enum ReadState {
+    Header {
+        buf: [u8; HEADER_LEN],
+        got: usize,
+    },
+    Payload {
+        header: FrameHeader,
+        buf: Scratch,
+        got: usize,
+    },
+}
+
+struct Conn {
+    stream: TcpStream,
+    peer: SocketAddr,
+    state: State,
+    read: ReadState,
+    out: VecDeque<OutFrame>,
+    out_bytes: usize,
+}
+
+struct Job {
+    hello: JobHello,
+    /// Connection ids per rank.
+    members: Vec<Vec<usize>>,
+    sums: Sums,
+    budget: usize,
+    bytes_in: u64,
+}
+
+#[derive(Default)]
+struct Stats {
+    bytes_in: u64,
+    bytes_out: u64,
+    last_in: u64,
+    last_out: u64,
+}
+
+/// The relay daemon.
+pub struct Relay {
+    poll: Poll,
+    listener: TcpListener,
+    config: RelayConfig,
+    key: [u8; 32],
+    conns: HashMap<usize, Conn>,
+    next_id: usize,
+    jobs: HashMap<[u8; 16], Job>,
+    reserved: usize,
+    stats: Stats,
+    signal_fd: Option<i32>,
+    stop: bool,
+}
+
+static SIGNAL_WRITE_FD: AtomicI32 = AtomicI32::new(-1);
+
+extern "C" fn on_signal(_sig: libc::c_int) {
+    let fd = SIGNAL_WRITE_FD.load(Ordering::Relaxed);
+    if fd >= 0 {
+        let b = 1u8;
+        // SAFETY: write(2) is async-signal-safe; fd is the non-blocking write end of our pipe
+        // and `b` lives for the call.
+        unsafe { libc::write(fd, (&b as *const u8).cast(), 1) };
+    }
+}
+
+/// Route SIGINT and SIGTERM to a self-pipe; returns its read end.
+fn install_signal_pipe() -> Result<i32> {
+    let mut fds = [0i32; 2];
+    // SAFETY: pipe2 writes two descriptors into `fds`.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } != 0 {
+        return Err(Error::io(
+            "creating the signal pipe",
+            std::io::Error::last_os_error(),
+        ));
+    }
+    SIGNAL_WRITE_FD.store(fds[1], Ordering::SeqCst);
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: on_signal only performs an async-signal-safe write.
+        unsafe {
+            libc::signal(
+                sig,
+                on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t,
+            )
+        };
+    }
+    Ok(fds[0])
+}
+
+impl Relay {
+    /// Bind the listener (and, with `signals`, route SIGINT/SIGTERM to a clean shutdown).
+    pub fn bind(config: RelayConfig, signals: bool) -> Result<Relay> {
+        let poll = Poll::new().map_err(|e| Error::io("cannot create event loop", e))?;
+        let mut listener = TcpListener::bind(config.listen)
+            .map_err(|e| Error::io(format!("cannot listen on {}", config.listen), e))?;
+        poll.registry()
+            .register(&mut listener, LISTENER, Interest::READABLE)
+            .map_err(|e| Error::io("registering the listener", e))?;
+        let signal_fd = if signals {
+            let fd = install_signal_pipe()?;
+            poll.registry()
+                .register(&mut mio::unix::SourceFd(&fd), SIGNALS, Interest::READABLE)
+                .map_err(|e| Error::io("registering the signal pipe", e))?;
+            Some(fd)
+        } else {
+            None
+        };
+        let key = wire::mac_key(&config.token);
+        Ok(Relay {
+            poll,
+            listener,
+            config,
+            key,
+            conns: HashMap::new(),
+            next_id: FIRST_CONN,
+            jobs: HashMap::new(),
+            reserved: 0,
+            stats: Stats::default(),
+            signal_fd,
+            stop: false,
+        })
+    }
+
+    pub fn local_addr(&self) -> Result<SocketAddr> {
+        self.listener
+            .local_addr()
+            .map_err(|e| Error::io("listener address", e))
+    }
+
+    /// Serve until SIGINT/SIGTERM.
+    pub fn run(&mut self) -> Result<()> {
+        let mut events = Events::with_capacity(256);
+        let mut last_status = Instant::now();
+        while !self.stop {
+            if let Err(e) = self
+                .poll
+                .poll(&mut events, Some(Duration::from_millis(500)))
+            {
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(Error::io("event loop poll failed", e));
+            }
+            for ev in events.iter() {
+                match ev.token() {
+                    LISTENER => self.accept(),
+                    SIGNALS => {
+                        log::info!("signal received: shutting down");
+                        self.stop = true;
+                    }
+                    Token(id) => {
+                        if ev.is_writable() || ev.is_error() {
+                            self.flush(id);
+                        }
+                        if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
+                            self.read_conn(id);
+                        }
+                    }
+                }
+            }
+            self.sweep();
+            if last_status.elapsed() >= self.config.status_interval {
+                self.log_status(last_status.elapsed());
+                last_status = Instant::now();
+            }
+        }
+        self.shutdown();
+        Ok(())
+    }
+
+    fn log_status(&mut self, dt: Duration) {
+        let s = &mut self.stats;
+        let secs = dt.as_secs_f64().max(1e-3);
+        let held: usize = self.jobs.values().map(|j| j.sums.held()).sum();
+        log::info!(
+            "status: {} jobs, {} connections, in {:.1} MB ({:.1} MB/s), out {:.1} MB ({:.1} MB/s), holding {:.1} MB",
+            self.jobs.len(),
+            self.conns.len(),
+            s.bytes_in as f64 / 1e6,
+            (s.bytes_in - s.last_in) as f64 / 1e6 / secs,
+            s.bytes_out as f64 / 1e6,
+            (s.bytes_out - s.last_out) as f64 / 1e6 / secs,
+            held as f64 / 1e6
+        );
+        s.last_in = s.bytes_in;
+        s.last_out = s.bytes_out;
+    }
+
+    fn shutdown(&mut self) {
+        let ids: Vec<usize> = self.conns.keys().copied().collect();
+        for id in &ids {
+            self.send_control(*id, FrameHeader::new(FrameKind::Goodbye, 0), Vec::new());
+        }
+        let deadline = Instant::now() + Duration::from_millis(500);
+        let mut events = Events::with_capacity(64);
+        while Instant::now() < deadline && self.conns.values().any(|c| !c.out.is_empty()) {
+            let _ = self.poll.poll(&mut events, Some(Duration::from_millis(10)));
+            for id in &ids {
+                self.flush(*id);
+            }
+        }
+        for id in ids {
+            self.close(id, "relay shutting down", false);
+        }
+        if let Some(fd) = self.signal_fd.take() {
+            // SAFETY: fd is the pipe's read end, owned by us and closed once.
+            unsafe { libc::close(fd) };
+        }
+        log::info!("relay stopped");
+    }
+
+    fn accept(&mut self) {
+        loop {
+            match self.listener.accept() {
+                Ok((mut stream, peer)) => {
+                    let _ = stream.set_nodelay(true);
+                    let sock = socket2::SockRef::from(&stream);
+                    let _ = sock.set_send_buffer_size(SOCKET_BUFFER);
+                    let _ = sock.set_recv_buffer_size(SOCKET_BUFFER);
+                    let id = self.next_id;
+                    self.next_id += 1;
+                    if let Err(e) = self.poll.registry().register(
+                        &mut stream,
+                        Token(id),
+                        Interest::READABLE | Interest::WRITABLE,
+                    ) {
+                        log::warn!("cannot register connection from {peer}: {e}");
+                        continue;
+                    }
+                    let nonce = wire::nonce();
+                    log::debug!("connection {id} from {peer}");
+                    self.conns.insert(
+                        id,
+                        Conn {
+                            stream,
+                            peer,
+                            state: State::AwaitHello {
+                                nonce,
+                                since: Instant::now(),
+                            },
+                            read: ReadState::Header {
+                                buf: [0; HEADER_LEN],
+                                got: 0,
+                            },
+                            out: VecDeque::new(),
+                            out_bytes: 0,
+                        },
+                    );
+                    self.send_control(
+                        id,
+                        FrameHeader::new(FrameKind::Challenge, nonce.len()),
+                        nonce.to_vec(),
+                    );
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    log::warn!("accept failed: {e}");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Close connections that did not authenticate in time, or whose refusal was delivered.
+    fn sweep(&mut self) {
+        let now = Instant::now();
+        let stale: Vec<(usize, &'static str)> = self
+            .conns
+            .iter()
+            .filter_map(|(&id, c)| match c.state {
+                State::AwaitHello { since, .. } if now - since > HANDSHAKE_TIMEOUT => {
+                    Some((id, "no authentication within the handshake timeout"))
+                }
+                State::Closing { since }
+                    if c.out.is_empty() || now - since > Duration::from_secs(2) =>
+                {
+                    Some((id, "refused"))
+                }
+                _ => None,
+            })
+            .collect();
+        for (id, why) in stale {
+            self.close(id, why, why != "refused");
+        }
+    }
+
+    /// Remove connection `id`; `warn` logs the reason as a warning.
+    fn close(&mut self, id: usize, reason: &str, warn: bool) {
+        let Some(mut c) = self.conns.remove(&id) else {
+            return;
+        };
+        let _ = self.poll.registry().deregister(&mut c.stream);
+        let _ = c.stream.shutdown(std::net::Shutdown::Both);
+        if warn {
+            log::warn!("closed connection from {}: {reason}", c.peer);
+        } else {
+            log::debug!("closed connection from {}: {reason}", c.peer);
+        }
+        if let State::Ready { job, rank } = c.state {
+            let Some(j) = self.jobs.get_mut(&job) else {
+                return;
+            };
+            j.members[rank].retain(|&m| m != id);
+            if j.members.iter().all(|m| m.is_empty()) {
+                let j = self.jobs.remove(&job).expect("job");
+                self.reserved -= j.budget;
+                log::info!(
+                    "job {} ended ({} peers, {:.1} MB in, peak {:.1} MB held)",
+                    crate::config::to_hex(&job[..4]),
+                    j.hello.world,
+                    j.bytes_in as f64 / 1e6,
+                    j.sums.peak as f64 / 1e6
+                );
+            }
+        }
+    }
+
+    fn send_control(&mut self, id: usize, header: FrameHeader, payload: Vec<u8>) {
+        self.enqueue(id, header, Payload::Owned(payload), None);
+    }
+
+    fn enqueue(
+        &mut self,
+        id: usize,
+        header: FrameHeader,
+        payload: Payload,
+        fanout: Option<Rc<Fanout>>,
+    ) {
+        let Some(c) = self.conns.get_mut(&id) else {
+            return;
+        };
+        c.out_bytes += HEADER_LEN + payload.bytes().len();
+        c.out.push_back(OutFrame {
+            header: header.encode(),
+            payload,
+            written: 0,
+            fanout,
+        });
+        self.flush(id);
+    }
+
+    /// Write queued frames until the socket is full.
+    fn flush(&mut self, id: usize) {
+        let mut acks = Vec::new();
+        let result: std::io::Result<()> = {
+            let Some(c) = self.conns.get_mut(&id) else {
+                return;
+            };
+            loop {
+                let Some(f) = c.out.front_mut() else {
+                    break Ok(());
+                };
+                let payload = f.payload.bytes();
+                let total = HEADER_LEN + payload.len();
+                let res = if f.written < HEADER_LEN {
+                    c.stream.write_vectored(&[
+                        IoSlice::new(&f.header[f.written..]),
+                        IoSlice::new(payload),
+                    ])
+                } else {
+                    c.stream.write(&payload[f.written - HEADER_LEN..])
+                };
+                match res {
+                    Ok(0) => break Err(std::io::ErrorKind::WriteZero.into()),
+                    Ok(n) => {
+                        f.written += n;
+                        c.out_bytes -= n;
+                        self.stats.bytes_out += n as u64;
+                        if f.written == total {
+                            let f = c.out.pop_front().expect("front frame");
+                            if let Some(fan) = f.fanout {
+                                fan.remaining.set(fan.remaining.get() - 1);
+                                if fan.remaining.get() == 0 {
+                                    acks.push((fan.root_conn, fan.ack));
+                                }
+                            }
+                        }
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break Ok(()),
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(e) => break Err(e),
+                }
+            }
+        };
+        for (root, ack) in acks {
+            self.enqueue(root, ack, Payload::None, None);
+        }
+        if let Err(e) = result {
+            self.close(id, &format!("send failed: {e}"), true);
+        }
+    }
+
+    /// Read and handle frames from connection `id` until it would block.
+    fn read_conn(&mut self, id: usize) {
+        loop {
+            let Some(c) = self.conns.get_mut(&id) else {
+                return;
+            };
+            if matches!(c.state, State::Closing { .. }) {
+                // Refused: discard whatever it sends until the reason is flushed.
+                let mut sink = [0u8; 4096];
+                match c.stream.read(&mut sink) {
+                    Ok(n) if n > 0 => continue,
+                    _ => return,
+                }
+            }
+            let (buf, got) = match &mut c.read {
+                ReadState::Header { buf, got } => (&mut buf[..], got),
+                ReadState::Payload { buf, got, .. } => (buf.as_mut_slice(), got),
+            };
+            if *got < buf.len() {
+                match c.stream.read(&mut buf[*got..]) {
+                    Ok(0) => {
+                        let mid = *got > 0 || matches!(c.read, ReadState::Payload { .. });
+                        let reason = if mid {
+                            "connection closed in the middle of a frame"
+                        } else {
+                            "connection closed by the peer"
+                        };
+                        self.close(id, reason, mid);
+                        return;
+                    }
+                    Ok(n) => {
+                        *got += n;
+                        self.stats.bytes_in += n as u64;
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        self.close(id, &format!("receive failed: {e}"), true);
+                        return;
+                    }
+                }
+                if *got < buf.len() {
+                    continue;
+                }
+            }
+            let state = std::mem::replace(
+                &mut c.read,
+                ReadState::Header {
+                    buf: [0; HEADER_LEN],
+                    got: 0,
+                },
+            );
+            let res = match state {
+                ReadState::Header { buf, .. } => self.on_header(id, &buf),
+                ReadState::Payload { header, buf, .. } => self.on_frame(id, header, buf),
+            };
+            if let Err(e) = res {
+                self.close(id, &e.message, true);
+                return;
+            }
+        }
+    }
+
+    /// A header arrived: check it and size its payload, or handle an empty frame.
+    fn on_header(&mut self, id: usize, buf: &[u8; HEADER_LEN]) -> Result<()> {
+        let h = FrameHeader::decode(buf)?;
+        let c = self.conns.get_mut(&id).expect("connection");
+        let limit = match (&c.state, h.kind()) {
+            (State::AwaitHello { .. }, FrameKind::Hello) => MAX_CONTROL_PAYLOAD,
+            (State::AwaitHello { .. }, k) => {
+                return Err(Error::remote(format!("expected a Hello frame, got {k:?}")))
+            }
+            (State::Ready { job, rank }, FrameKind::Data) => {
+                let j = &self.jobs[job];
+                check_data_header(&h, *rank, j.hello.world, j.hello.chunk_bytes)?;
+                h.len as usize
+            }
+            (State::Ready { .. }, FrameKind::OpError) => MAX_CONTROL_PAYLOAD,
+            (State::Ready { .. }, FrameKind::Goodbye) => {
+                self.close(id, "peer said goodbye", false);
+                return Ok(());
+            }
+            (_, k) => return Err(Error::remote(format!("unexpected {k:?} frame"))),
+        };
+        if h.len as usize > limit {
+            return Err(Error::remote(format!(
+                "{:?} frame of {} bytes exceeds the limit of {limit} bytes",
+                h.kind(),
+                h.len
+            )));
+        }
+        let buf = Scratch::zeroed(h.len as usize)?;
+        if h.len == 0 {
+            return self.on_frame(id, h, buf);
+        }
+        let c = self.conns.get_mut(&id).expect("connection");
+        c.read = ReadState::Payload {
+            header: h,
+            buf,
+            got: 0,
+        };
+        Ok(())
+    }
+
+    fn on_frame(&mut self, id: usize, h: FrameHeader, payload: Scratch) -> Result<()> {
+        let c = self.conns.get_mut(&id).expect("connection");
+        match c.state {
+            State::AwaitHello { nonce, .. } => self.on_hello(id, nonce, payload.as_slice()),
+            State::Ready { job, rank } => match h.kind() {
+                FrameKind::OpError => {
+                    if let Some(j) = self.jobs.get_mut(&job) {
+                        j.sums.drop_seq(h.seq);
+                    }
+                    Ok(())
+                }
+                _ => self.on_data(job, rank, id, h, payload),
+            },
+            State::Closing { .. } => Ok(()),
+        }
+    }
+
+    fn refuse(&mut self, id: usize, kind: ErrorKind, reason: &str) {
+        let c = self.conns.get_mut(&id).expect("connection");
+        log::warn!("rejected connection from {}: {reason}", c.peer);
+        c.state = State::Closing {
+            since: Instant::now(),
+        };
+        let mut h = FrameHeader::new(FrameKind::Reject, reason.len());
+        h.aux = kind as u32;
+        self.send_control(id, h, reason.as_bytes().to_vec());
+    }
+
+    fn on_hello(&mut self, id: usize, nonce: [u8; 32], payload: &[u8]) -> Result<()> {
+        let hello = Hello::decode(payload)?;
+        if !hello.verify(&self.key, &nonce) {
+            self.refuse(
+                id,
+                ErrorKind::Auth,
+                "authentication failed: wrong job token",
+            );
+            return Ok(());
+        }
+        let jh = match JobHello::decode(hello.body) {
+            Ok(jh) => jh,
+            Err(e) => {
+                self.refuse(id, e.kind, &e.message);
+                return Ok(());
+            }
+        };
+        let tag = crate::config::to_hex(&jh.job[..4]);
+        if let Some(j) = self.jobs.get(&jh.job) {
+            let same = JobHello {
+                rank: jh.rank,
+                stream: jh.stream,
+                ..j.hello.clone()
+            };
+            if same != jh {
+                let msg = format!(
+                    "job {tag}: rank {} announced world {}, {} streams, {}-byte chunks, window {}, \
+                     but the job has world {}, {} streams, {}-byte chunks, window {}",
+                    jh.rank, jh.world, jh.streams, jh.chunk_bytes, jh.window,
+                    j.hello.world, j.hello.streams, j.hello.chunk_bytes, j.hello.window
+                );
+                self.refuse(id, ErrorKind::InvalidArgument, &msg);
+                return Ok(());
+            }
+            if j.members[jh.rank].len() >= jh.streams {
+                let msg = format!(
+                    "job {tag}: rank {} connected more than {} streams",
+                    jh.rank, jh.streams
+                );
+                self.refuse(id, ErrorKind::InvalidArgument, &msg);
+                return Ok(());
+            }
+        } else {
+            let budget = jh.budget();
+            if self.reserved.saturating_add(budget) > self.config.max_memory {
+                let msg = format!(
+                    "relay is full: job {tag} needs up to {budget} bytes, {} of {} bytes are reserved",
+                    self.reserved, self.config.max_memory
+                );
+                self.refuse(id, ErrorKind::Remote, &msg);
+                return Ok(());
+            }
+            self.reserved += budget;
+            log::info!(
+                "job {tag}: new, {} peers, {} streams each, {}-byte chunks, window {}",
+                jh.world,
+                jh.streams,
+                jh.chunk_bytes,
+                jh.window
+            );
+            self.jobs.insert(
+                jh.job,
+                Job {
+                    hello: jh.clone(),
+                    members: vec![Vec::new(); jh.world],
+                    sums: Sums::new(jh.world, budget / 4 * 3),
+                    budget,
+                    bytes_in: 0,
+                },
+            );
+        }
+        let j = self.jobs.get_mut(&jh.job).expect("job");
+        j.members[jh.rank].push(id);
+        let c = self.conns.get_mut(&id).expect("connection");
+        log::debug!(
+            "job {tag}: rank {} stream {} from {}",
+            jh.rank,
+            jh.stream,
+            c.peer
+        );
+        c.state = State::Ready {
+            job: jh.job,
+            rank: jh.rank,
+        };
+        let mut p = wire::welcome_mac(&self.key, &nonce, &hello.nonce, &[]).to_vec();
+        p.extend_from_slice(&[]);
+        self.send_control(id, FrameHeader::new(FrameKind::Welcome, p.len()), p);
+        Ok(())
+    }
+
+    /// The least-loaded connection of `rank` in `job`.
+    fn stream_of(&self, job: &Job, rank: usize) -> Option<usize> {
+        job.members[rank]
+            .iter()
+            .copied()
+            .min_by_key(|id| self.conns.get(id).map_or(usize::MAX, |c| c.out_bytes))
+    }
+
+    fn on_data(
+        &mut self,
+        job: [u8; 16],
+        rank: usize,
+        id: usize,
+        h: FrameHeader,
+        payload: Scratch,
+    ) -> Result<()> {
+        let Some(j) = self.jobs.get_mut(&job) else {
+            return Err(Error::internal("connection of a job that ended"));
+        };
+        j.bytes_in += payload.len() as u64;
+        let f = check_data_header(&h, rank, j.hello.world, j.hello.chunk_bytes)?;
+        let world = j.hello.world;
+        match f.coll {
+            Collective::Broadcast => {
+                let targets: Vec<usize> = (0..world)
+                    .filter(|&r| r != rank)
+                    .filter_map(|r| self.stream_of(&self.jobs[&job], r))
+                    .collect();
+                let ack = FrameHeader { len: 0, ..h };
+                if targets.is_empty() {
+                    self.enqueue(id, ack, Payload::None, None);
+                    return Ok(());
+                }
+                let fan = Rc::new(Fanout {
+                    remaining: Cell::new(targets.len()),
+                    root_conn: id,
+                    ack,
+                });
+                let shared = Rc::new(payload);
+                for t in targets {
+                    self.enqueue(t, h, Payload::Shared(shared.clone()), Some(fan.clone()));
+                }
+                Ok(())
+            }
+            _ => match j.sums.contribute(rank, &h, f, payload) {
+                Ok(None) => Ok(()),
+                Ok(Some((rh, result))) => {
+                    let shared = Rc::new(result);
+                    let targets: Vec<usize> = (0..world)
+                        .filter_map(|r| self.stream_of(&self.jobs[&job], r))
+                        .collect();
+                    for t in targets {
+                        self.enqueue(t, rh, Payload::Shared(shared.clone()), None);
+                    }
+                    Ok(())
+                }
+                Err(Fault::Conn(e)) => Err(e),
+                Err(Fault::Op(seq, e)) => {
+                    log::warn!(
+                        "job {}: op seq {seq} failed: {}",
+                        crate::config::to_hex(&job[..4]),
+                        e.message
+                    );
+                    let targets: Vec<usize> = (0..world)
+                        .filter_map(|r| self.stream_of(&self.jobs[&job], r))
+                        .collect();
+                    let msg = format!("relay: {}", e.message);
+                    for t in targets {
+                        self.send_control(
+                            t,
+                            FrameHeader::op_error(seq, e.kind, msg.len()),
+                            msg.clone().into_bytes(),
+                        );
+                    }
+                    Ok(())
+                }
+            },
+        }
+    }
+}

@@ -1,0 +1,295 @@
+//! Bad input across processes: invalid arguments are rejected locally and leave the
+//! communicator usable; calls that disagree across ranks end in an error that names the
+//! problem; inconsistent joins (world size, duplicate rank) fail init clearly.
+
+mod support;
+
+use mapreduce::{DType, ReduceOp, Request};
+use std::time::Duration;
+use support::{err, ok, report, say, Ctx, Job, RankSpec};
+
+#[test]
+#[ignore = "entry point of the child ranks the other tests spawn"]
+fn rank_child() {
+    support::child_entry(play);
+}
+
+fn play(ctx: Ctx) {
+    match ctx.scenario.as_str() {
+        "join" => support::join_and_check(ctx),
+        "bad_args" => bad_args(ctx),
+        "mismatch" => mismatch(ctx),
+        s => panic!("unknown scenario {s}"),
+    }
+}
+
+/// Steps of `bad_args` that must fail with `InvalidArgument`.
+const INVALID_STEPS: &[&str] = &[
+    "null_allreduce",
+    "null_broadcast",
+    "null_allgather_send",
+    "null_allgather_recv",
+    "null_reduce_scatter_send",
+    "null_reduce_scatter_recv",
+    "broadcast_root_size",
+    "broadcast_root_max",
+    "ibroadcast_root_size",
+    "allgather_wrong_recv_len",
+    "reduce_scatter_wrong_send_len",
+    "count_overflow",
+];
+
+fn bad_args(mut ctx: Ctx) {
+    let Ok(comm) = ctx.init() else { return };
+    let n = comm.size();
+    let null = std::ptr::null_mut::<u8>();
+    let mut good = vec![0u8; 4096];
+    let g = good.as_mut_ptr();
+    let wait = |r: mapreduce::Result<Request>| r.and_then(Request::wait);
+    // SAFETY: every call below is rejected by argument validation before any memory is
+    // touched (a NULL pointer with a non-zero count, or an impossible size); the non-null
+    // buffers are valid for the byte counts requested where a call could get that far.
+    unsafe {
+        report(
+            "null_allreduce",
+            &wait(comm.iallreduce_raw(null, 10, DType::F32, ReduceOp::Sum)),
+        );
+        report(
+            "null_broadcast",
+            &wait(comm.ibroadcast_raw(null, 10, DType::I32, 0)),
+        );
+        report(
+            "null_allgather_send",
+            &wait(comm.iallgather_raw(null, g, 1, DType::U8)),
+        );
+        report(
+            "null_allgather_recv",
+            &wait(comm.iallgather_raw(g, null, 1, DType::U8)),
+        );
+        report(
+            "null_reduce_scatter_send",
+            &wait(comm.ireduce_scatter_raw(null, g, 1, DType::F64, ReduceOp::Max)),
+        );
+        report(
+            "null_reduce_scatter_recv",
+            &wait(comm.ireduce_scatter_raw(g, null, 1, DType::F64, ReduceOp::Max)),
+        );
+        report(
+            "ibroadcast_root_size",
+            &wait(comm.ibroadcast_raw(g, 4, DType::U8, n)),
+        );
+        report(
+            "count_overflow",
+            &wait(comm.iallreduce_raw(g, usize::MAX / 4, DType::F64, ReduceOp::Sum)),
+        );
+    }
+    let mut v = vec![1.0f32; 8];
+    report("broadcast_root_size", &comm.broadcast(&mut v, n));
+    report("broadcast_root_max", &comm.broadcast(&mut v, usize::MAX));
+    let mut recv = vec![0i32; 3 * n + 1];
+    report(
+        "allgather_wrong_recv_len",
+        &comm.allgather(&[1i32, 2, 3], &mut recv),
+    );
+    report(
+        "reduce_scatter_wrong_send_len",
+        &comm.reduce_scatter(&[1i32; 5], &mut [0i32; 2], ReduceOp::Sum),
+    );
+    // A NULL buffer with count 0 is a valid (empty) collective on every rank.
+    // SAFETY: zero bytes are accessed.
+    let empty = unsafe { comm.iallreduce_raw(null, 0, DType::F32, ReduceOp::Sum) };
+    report("null_empty_allreduce", &wait(empty));
+    // None of the rejected calls disturbed the communicator.
+    support::check_allreduce(&comm, "allreduce_after");
+    let mut b: Vec<i64> = if comm.rank() == n - 1 {
+        (0..1000).collect()
+    } else {
+        vec![0; 1000]
+    };
+    match comm.broadcast(&mut b, n - 1) {
+        Ok(()) if b.iter().enumerate().all(|(i, &x)| x == i as i64) => ok("broadcast_after", ""),
+        Ok(()) => say("ERR broadcast_after WrongResult"),
+        Err(e) => err("broadcast_after", &e),
+    }
+    report("destroy", &comm.destroy());
+}
+
+/// Rank r all-reduces `base + r` elements (`MRT_MISMATCH=count`) or rank 0 uses another
+/// dtype (`dtype`): calls that cannot match.
+fn mismatch(mut ctx: Ctx) {
+    let Ok(comm) = ctx.init() else { return };
+    let r = comm.rank();
+    let base: usize = std::env::var("MRT_BASE").unwrap().parse().unwrap();
+    let res = match std::env::var("MRT_MISMATCH").unwrap().as_str() {
+        "count" => {
+            let mut v = vec![1.0f32; base + r];
+            comm.allreduce(&mut v, ReduceOp::Sum)
+        }
+        "dtype" if r == 0 => {
+            let mut v = vec![1i32; base];
+            comm.allreduce(&mut v, ReduceOp::Sum)
+        }
+        "dtype" => {
+            let mut v = vec![1.0f32; base];
+            comm.allreduce(&mut v, ReduceOp::Sum)
+        }
+        m => panic!("unknown mismatch {m}"),
+    };
+    report("mismatched", &res);
+    // Whether the communicator is still usable afterwards is not part of the contract;
+    // report it for the record, but it must not crash or hang.
+    support::check_allreduce(&comm, "allreduce_after");
+    let _ = comm.destroy();
+}
+
+// ---------------------------------------------------------------------------------------
+// Parent side
+// ---------------------------------------------------------------------------------------
+
+fn env() -> Vec<(&'static str, String)> {
+    vec![("MR_TIMEOUT_MS", "10000".to_string())]
+}
+
+#[test]
+fn invalid_arguments_are_rejected_and_the_communicator_stays_usable() {
+    for n in [1, 3] {
+        let out = support::run_job("bad_args", n, &env(), Duration::from_secs(60));
+        for o in &out {
+            assert!(o.done() && o.code == Some(0), "{}", o.story());
+            for step in INVALID_STEPS {
+                let (kind, msg) = o.err_of(step);
+                assert_eq!(kind, "InvalidArgument", "{step}: {msg}\n{}", o.story());
+                assert!(!msg.is_empty());
+            }
+            assert_eq!(
+                o.errs().len(),
+                INVALID_STEPS.len(),
+                "only the invalid calls fail\n{}",
+                o.story()
+            );
+            for step in [
+                "null_empty_allreduce",
+                "allreduce_after",
+                "broadcast_after",
+                "destroy",
+            ] {
+                o.ok_detail(step);
+            }
+        }
+    }
+}
+
+fn run_mismatch(kind: &str, base: usize, small_bytes: usize) {
+    let n = 3;
+    let mut e = env();
+    e.push(("MRT_MISMATCH", kind.to_string()));
+    e.push(("MRT_BASE", base.to_string()));
+    e.push(("MR_CHUNK_BYTES", "4096".to_string()));
+    e.push(("MR_SMALL_BYTES", small_bytes.to_string()));
+    let out = support::run_job("mismatch", n, &e, Duration::from_secs(60));
+    let mut named = 0;
+    let mut notes = Vec::new();
+    for o in &out {
+        assert!(
+            o.done() && o.code == Some(0),
+            "no crash, no hang\n{}",
+            o.story()
+        );
+        let (k, msg) = o.err_of("mismatched");
+        if msg.contains("mismatched collective calls") {
+            named += 1;
+        }
+        let after = o
+            .errs()
+            .into_iter()
+            .find(|(s, _, _)| s == "allreduce_after")
+            .map(|(_, k, m)| format!("{k}: {m}"))
+            .unwrap_or_else(|| "ok".to_string());
+        notes.push(format!("rank {}: {k}: {msg} | next op: {after}", o.rank));
+    }
+    eprintln!(
+        "{kind} base {base} small_bytes {small_bytes}:\n{}",
+        notes.join("\n")
+    );
+    assert!(
+        named > 0,
+        "some rank names the problem:\n{}",
+        notes.join("\n")
+    );
+}
+
+#[test]
+fn mismatched_counts_on_the_ring_are_reported() {
+    run_mismatch("count", 40_000, 0);
+}
+
+#[test]
+fn mismatched_counts_with_recursive_doubling_are_reported() {
+    run_mismatch("count", 100, usize::MAX);
+}
+
+#[test]
+fn mismatched_dtypes_are_reported() {
+    run_mismatch("dtype", 1000, 0);
+}
+
+#[test]
+fn world_size_mismatch_fails_init_clearly() {
+    let mut job = Job::new("join", &env(), Duration::from_secs(30));
+    job.spawn(RankSpec {
+        rank: 0,
+        size: 2,
+        env: Vec::new(),
+    });
+    job.spawn(RankSpec {
+        rank: 1,
+        size: 3,
+        env: Vec::new(),
+    });
+    for o in job.finish() {
+        assert!(o.done(), "{}", o.story());
+        let (kind, msg) = o.err_of("init");
+        assert_eq!(kind, "InvalidArgument", "{msg}");
+        assert!(msg.contains("world size"), "{msg}");
+    }
+}
+
+#[test]
+fn duplicate_rank_fails_init_clearly() {
+    let mut job = Job::new("join", &env(), Duration::from_secs(40));
+    let spec = |rank| RankSpec {
+        rank,
+        size: 3,
+        env: Vec::new(),
+    };
+    job.spawn(spec(0));
+    job.spawn(spec(1));
+    job.spawn(spec(1));
+    // Whichever rank-1 process joins second is turned away; rank 2 joins after that.
+    let rejected = job.wait_line(|_, l| l.starts_with("ERR init"));
+    assert!(rejected.is_some(), "a duplicate rank 1 was rejected");
+    job.spawn(spec(2));
+    let out = job.finish();
+    let mut turned_away = 0;
+    for o in &out {
+        assert!(o.done(), "{}", o.story());
+        match o.errs().first() {
+            None => {
+                for step in ["init", "allreduce", "barrier", "destroy"] {
+                    o.ok_detail(step);
+                }
+            }
+            Some((step, kind, msg)) => {
+                assert_eq!(
+                    (step.as_str(), kind.as_str()),
+                    ("init", "InvalidArgument"),
+                    "{msg}"
+                );
+                assert!(msg.contains("duplicate"), "{msg}");
+                assert_eq!(o.rank, 1);
+                turned_away += 1;
+            }
+        }
+    }
+    assert_eq!(turned_away, 1, "exactly one of the two rank-1 processes");
+}

@@ -1,0 +1,409 @@
+//! Every collective, dtype and reduction across real processes on 127.0.0.1.
+//!
+//! Each world size runs twice: with `MR_SMALL_BYTES=0` (all-reduce always takes the ring) and
+//! with `MR_SMALL_BYTES=max` (always recursive doubling). A small `MR_CHUNK_BYTES` makes the
+//! larger counts span several segments per block. Each launch runs hundreds of ops in one
+//! set of processes; children report failures as `ERR` lines and totals as `OK` lines.
+
+mod support;
+
+use mapreduce::{Comm, DType, ReduceOp, Request};
+use std::time::Duration;
+use support::data::{self, Buf};
+use support::{ok, say, Ctx};
+
+const CHUNK: usize = 4096;
+/// Not a multiple of the chunk in any dtype, and more than one segment per block for 8 ranks.
+const ODD_COUNT: usize = 40_003;
+const BIG_COUNT: usize = 16 << 20; // 64 MiB of f32
+
+#[test]
+#[ignore = "entry point of the child ranks the other tests spawn"]
+fn rank_child() {
+    support::child_entry(play);
+}
+
+fn play(mut ctx: Ctx) {
+    let comm = ctx.init().expect("init");
+    match ctx.scenario.as_str() {
+        "matrix" => matrix(&comm),
+        "big" => big(&comm),
+        s => panic!("unknown scenario {s}"),
+    }
+    comm.destroy().expect("destroy");
+}
+
+fn counts(n: usize) -> Vec<usize> {
+    let mut c = vec![0, 1, n - 1, ODD_COUNT];
+    c.sort();
+    c.dedup();
+    c
+}
+
+fn path(comm: &Comm) -> &'static str {
+    if comm.config().small_bytes == 0 {
+        "ring"
+    } else {
+        "rd"
+    }
+}
+
+/// Report a wrong result (the parent fails on any `ERR`).
+fn check(name: &str, got: &[u8], want: &[u8], elem: usize) -> bool {
+    match data::first_diff(got, want, elem) {
+        None => true,
+        Some(d) => {
+            say(&format!("ERR {name} WrongResult {d}"));
+            false
+        }
+    }
+}
+
+fn fail(name: &str, e: mapreduce::Error) {
+    support::err(name, &e);
+}
+
+fn matrix(comm: &Comm) {
+    let (r, n) = (comm.rank(), comm.size());
+    let p = path(comm);
+    let mut checked = 0usize;
+
+    // All-reduce: every dtype x op x count.
+    for &count in &counts(n) {
+        for dtype in DType::ALL {
+            for op in ReduceOp::ALL {
+                let name = format!("allreduce/{p}/{dtype}/{op}/{count}");
+                let mut buf = data::encode(dtype, 0, count, |i| data::value(r, i, dtype, op));
+                let want = data::encode(dtype, 0, count, |i| data::expected(n, i, dtype, op));
+                // SAFETY: `buf` outlives the request, which is waited for at once.
+                let res = unsafe { comm.iallreduce_raw(buf.ptr(), count, dtype, op) }
+                    .and_then(Request::wait);
+                match res {
+                    Ok(()) => {
+                        checked += check(&name, buf.bytes(), want.bytes(), dtype.size()) as usize
+                    }
+                    Err(e) => fail(&name, e),
+                }
+            }
+        }
+    }
+    ok("allreduce_checked", checked);
+
+    // Reduce-scatter: every dtype x op x per-rank count.
+    let mut checked = 0usize;
+    for &rc in &counts(n) {
+        for dtype in DType::ALL {
+            for op in ReduceOp::ALL {
+                let name = format!("reduce_scatter/{dtype}/{op}/{rc}");
+                let send = data::encode(dtype, 0, rc * n, |i| data::value(r, i, dtype, op));
+                let want = data::encode(dtype, r * rc, rc, |i| data::expected(n, i, dtype, op));
+                let mut recv = Buf::filled(rc * dtype.size(), 0xa5);
+                let mut send = send;
+                // SAFETY: both buffers outlive the request, which is waited for at once.
+                let res =
+                    unsafe { comm.ireduce_scatter_raw(send.ptr(), recv.ptr(), rc, dtype, op) }
+                        .and_then(Request::wait);
+                match res {
+                    Ok(()) => {
+                        checked += check(&name, recv.bytes(), want.bytes(), dtype.size()) as usize
+                    }
+                    Err(e) => fail(&name, e),
+                }
+            }
+        }
+    }
+    ok("reduce_scatter_checked", checked);
+
+    // All-gather and broadcast (from several roots): every dtype x count.
+    let mut roots = vec![0, n / 2, n - 1];
+    roots.dedup();
+    let mut gathered = 0usize;
+    let mut broadcast = 0usize;
+    for &count in &counts(n) {
+        for dtype in DType::ALL {
+            let name = format!("allgather/{dtype}/{count}");
+            let pattern = |rank: usize, i: usize| ((rank * 37 + i * 11) % 100) as f64;
+            let mut send = data::encode(dtype, 0, count, |i| pattern(r, i));
+            let mut want = Vec::new();
+            for q in 0..n {
+                want.extend_from_slice(data::encode(dtype, 0, count, |i| pattern(q, i)).bytes());
+            }
+            let mut recv = Buf::filled(count * n * dtype.size(), 0x5a);
+            // SAFETY: both buffers outlive the request, which is waited for at once.
+            let res = unsafe { comm.iallgather_raw(send.ptr(), recv.ptr(), count, dtype) }
+                .and_then(Request::wait);
+            match res {
+                Ok(()) => gathered += check(&name, recv.bytes(), &want, dtype.size()) as usize,
+                Err(e) => fail(&name, e),
+            }
+
+            for &root in &roots {
+                let name = format!("broadcast/{dtype}/{count}/root{root}");
+                let want = data::encode(dtype, 0, count, |i| pattern(root + 1000, i));
+                let mut buf = if r == root {
+                    Buf::from_bytes(want.bytes())
+                } else {
+                    Buf::filled(want.len(), 0x5a)
+                };
+                // SAFETY: `buf` outlives the request, which is waited for at once.
+                let res = unsafe { comm.ibroadcast_raw(buf.ptr(), count, dtype, root) }
+                    .and_then(Request::wait);
+                match res {
+                    Ok(()) => {
+                        broadcast += check(&name, buf.bytes(), want.bytes(), dtype.size()) as usize
+                    }
+                    Err(e) => fail(&name, e),
+                }
+            }
+        }
+    }
+    ok("allgather_checked", gathered);
+    ok("broadcast_checked", broadcast);
+
+    let mut barriers = 0;
+    for k in 0..3 {
+        match comm.barrier() {
+            Ok(()) => barriers += 1,
+            Err(e) => fail(&format!("barrier/{k}"), e),
+        }
+    }
+    ok("barrier_checked", barriers);
+
+    nonblocking(comm);
+    hashes(comm);
+}
+
+/// Seven ops of every kind issued back to back, then waited for: the last one first (after
+/// which every earlier one must already be complete: ops finish in issue order), then each
+/// in order, with correct results.
+fn nonblocking(comm: &Comm) {
+    let (r, n) = (comm.rank(), comm.size());
+    let (sum, avg, max) = (ReduceOp::Sum, ReduceOp::Avg, ReduceOp::Max);
+    let (f32t, bf16t, i64t, u8t, i32t, f64t) = (
+        DType::F32,
+        DType::BF16,
+        DType::I64,
+        DType::U8,
+        DType::I32,
+        DType::F64,
+    );
+    let c_big = ODD_COUNT;
+    let c_small = n.max(2) - 1;
+    let mut a = data::encode(f32t, 0, c_big, |i| data::value(r, i, f32t, sum));
+    let mut b = data::encode(bf16t, 0, c_small, |i| data::value(r, i, bf16t, max));
+    let root = n - 1;
+    let bc_want = data::encode(i64t, 0, c_big, |i| (i * 3) as f64 - 7.0);
+    let mut c = if r == root {
+        Buf::from_bytes(bc_want.bytes())
+    } else {
+        Buf::zeroed(bc_want.len())
+    };
+    let mut g_send = data::encode(u8t, 0, c_big, |i| ((r + i) % 256) as f64);
+    let mut g_recv = Buf::zeroed(c_big * n);
+    let mut rs_send = data::encode(i32t, 0, c_small * n, |i| data::value(r, i, i32t, max));
+    let mut rs_recv = Buf::zeroed(c_small * 4);
+    let mut e = data::encode(f64t, 0, c_big, |i| data::value(r, i, f64t, avg));
+
+    // SAFETY: every buffer outlives its request; all requests are waited for below, and no
+    // buffer is touched until then.
+    let issued: mapreduce::Result<Vec<Request>> = unsafe {
+        (|| {
+            Ok(vec![
+                comm.iallreduce_raw(a.ptr(), c_big, f32t, sum)?,
+                comm.iallreduce_raw(b.ptr(), c_small, bf16t, max)?,
+                comm.ibroadcast_raw(c.ptr(), c_big, i64t, root)?,
+                comm.iallgather_raw(g_send.ptr(), g_recv.ptr(), c_big, u8t)?,
+                comm.ireduce_scatter_raw(rs_send.ptr(), rs_recv.ptr(), c_small, i32t, max)?,
+                comm.ibarrier()?,
+                comm.iallreduce_raw(e.ptr(), c_big, f64t, avg)?,
+            ])
+        })()
+    };
+    let mut reqs = match issued {
+        Ok(v) => v,
+        Err(e) => return fail("nonblocking/issue", e),
+    };
+    let last = reqs.pop().expect("seven requests");
+    if let Err(e) = last.wait() {
+        return fail("nonblocking/last", e);
+    }
+    for (k, req) in reqs.iter().enumerate() {
+        match req.test() {
+            Ok(true) => {}
+            Ok(false) => say(&format!(
+                "ERR nonblocking/order OutOfOrder request {k} still running after the last one completed"
+            )),
+            Err(e) => fail(&format!("nonblocking/test{k}"), e),
+        }
+    }
+    for (k, req) in reqs.into_iter().enumerate() {
+        if let Err(e) = req.wait() {
+            fail(&format!("nonblocking/wait{k}"), e);
+        }
+    }
+    let mut good = 0;
+    let want_a = data::encode(f32t, 0, c_big, |i| data::expected(n, i, f32t, sum));
+    good += check("nonblocking/allreduce_f32", a.bytes(), want_a.bytes(), 4) as usize;
+    let want_b = data::encode(bf16t, 0, c_small, |i| data::expected(n, i, bf16t, max));
+    good += check("nonblocking/allreduce_bf16", b.bytes(), want_b.bytes(), 2) as usize;
+    good += check("nonblocking/broadcast", c.bytes(), bc_want.bytes(), 8) as usize;
+    let mut want_g = Vec::new();
+    for q in 0..n {
+        want_g.extend_from_slice(data::encode(u8t, 0, c_big, |i| ((q + i) % 256) as f64).bytes());
+    }
+    good += check("nonblocking/allgather", g_recv.bytes(), &want_g, 1) as usize;
+    let want_rs = data::encode(i32t, r * c_small, c_small, |i| {
+        data::expected(n, i, i32t, max)
+    });
+    good += check(
+        "nonblocking/reduce_scatter",
+        rs_recv.bytes(),
+        want_rs.bytes(),
+        4,
+    ) as usize;
+    let want_e = data::encode(f64t, 0, c_big, |i| data::expected(n, i, f64t, avg));
+    good += check("nonblocking/allreduce_f64", e.bytes(), want_e.bytes(), 8) as usize;
+    ok("nonblocking_checked", good);
+}
+
+/// All-reduce random (non-integer) float data; every rank reports a hash of its result, which
+/// the parent requires to be identical everywhere.
+fn hashes(comm: &Comm) {
+    let (r, n) = (comm.rank(), comm.size());
+    let p = path(comm);
+    for dtype in [DType::F32, DType::BF16, DType::F16] {
+        for op in [ReduceOp::Sum, ReduceOp::Avg] {
+            for count in [n.max(2) - 1, ODD_COUNT, 300_001] {
+                let name = format!("hash/{p}/{dtype}/{op}/{count}");
+                let mut buf = data::random(dtype, count, (r as u64 + 1) * 7919 + count as u64);
+                // SAFETY: `buf` outlives the request, which is waited for at once.
+                let res = unsafe { comm.iallreduce_raw(buf.ptr(), count, dtype, op) }
+                    .and_then(Request::wait);
+                match res {
+                    Ok(()) => ok(&name, blake3::hash(buf.bytes()).to_hex()),
+                    Err(e) => fail(&name, e),
+                }
+            }
+        }
+    }
+}
+
+/// 64 MiB of f32 through the ring, integer-valued so the sum is exact; plus a hash of a
+/// random-data all-reduce of the same size.
+fn big(comm: &Comm) {
+    let (r, n) = (comm.rank(), comm.size());
+    let mut v: Vec<f32> = (0..BIG_COUNT).map(|i| ((r + i) % 16) as f32).collect();
+    match comm.allreduce(&mut v, ReduceOp::Sum) {
+        Ok(()) => {
+            let bad = (0..BIG_COUNT).find(|&i| {
+                let want: usize = (0..n).map(|q| (q + i) % 16).sum();
+                v[i] != want as f32
+            });
+            match bad {
+                None => ok("big_sum", BIG_COUNT),
+                Some(i) => say(&format!("ERR big_sum WrongResult element {i}: {}", v[i])),
+            }
+        }
+        Err(e) => fail("big_sum", e),
+    }
+    drop(v);
+    let mut buf = data::random(DType::F32, BIG_COUNT, r as u64 + 99);
+    // SAFETY: `buf` outlives the request, which is waited for at once.
+    let res = unsafe { comm.iallreduce_raw(buf.ptr(), BIG_COUNT, DType::F32, ReduceOp::Sum) }
+        .and_then(Request::wait);
+    match res {
+        Ok(()) => ok("hash/big", blake3::hash(buf.bytes()).to_hex()),
+        Err(e) => fail("hash/big", e),
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Parent side
+// ---------------------------------------------------------------------------------------
+
+const LIMIT: Duration = Duration::from_secs(150);
+
+fn env(small_bytes: usize, chunk: usize) -> Vec<(&'static str, String)> {
+    vec![
+        ("MR_CHUNK_BYTES", chunk.to_string()),
+        ("MR_SMALL_BYTES", small_bytes.to_string()),
+        ("MR_TIMEOUT_MS", "60000".to_string()),
+    ]
+}
+
+fn run_matrix(n: usize) {
+    let per_count = DType::ALL.len() * ReduceOp::ALL.len();
+    let ncounts = counts(n).len();
+    let mut roots = vec![0, n / 2, n - 1];
+    roots.dedup();
+    for small in [0usize, usize::MAX] {
+        let out = support::run_job("matrix", n, &env(small, CHUNK), LIMIT);
+        for o in &out {
+            o.assert_clean();
+            let want = |name: &str, v: usize| {
+                assert_eq!(o.ok_detail(name), v.to_string(), "{name}\n{}", o.story())
+            };
+            want("allreduce_checked", per_count * ncounts);
+            want("reduce_scatter_checked", per_count * ncounts);
+            want("allgather_checked", DType::ALL.len() * ncounts);
+            want(
+                "broadcast_checked",
+                DType::ALL.len() * ncounts * roots.len(),
+            );
+            want("barrier_checked", 3);
+            want("nonblocking_checked", 6);
+        }
+        let hashes = support::assert_same_details(&out, "hash/");
+        assert_eq!(hashes, 3 * 2 * 3, "every hash step reported");
+    }
+}
+
+#[test]
+fn matrix_world_1() {
+    run_matrix(1);
+}
+
+#[test]
+fn matrix_world_2() {
+    run_matrix(2);
+}
+
+#[test]
+fn matrix_world_3() {
+    run_matrix(3);
+}
+
+#[test]
+fn matrix_world_4() {
+    run_matrix(4);
+}
+
+#[test]
+fn matrix_world_5() {
+    run_matrix(5);
+}
+
+#[test]
+fn matrix_world_8() {
+    run_matrix(8);
+}
+
+fn run_big(n: usize) {
+    // Default chunk size: the small-chunk paths are covered above.
+    let out = support::run_job("big", n, &env(0, 1 << 20), LIMIT);
+    for o in &out {
+        o.assert_clean();
+        assert_eq!(o.ok_detail("big_sum"), BIG_COUNT.to_string());
+    }
+    assert_eq!(support::assert_same_details(&out, "hash/"), 1);
+}
+
+#[test]
+fn big_allreduce_64mib_world_2() {
+    run_big(2);
+}
+
+#[test]
+fn big_allreduce_64mib_world_5() {
+    run_big(5);
+}

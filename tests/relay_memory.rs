@@ -1,0 +1,30 @@
+//! A relay's memory stays bounded by peers × chunk × window, whatever the tensor size.
+
+mod relay_util;
+
+use mapreduce::ReduceOp;
+use relay_util::{relay_config, run_job, RelayProc, TOKEN};
+
+fn vm_hwm_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+#[test]
+fn relay_memory_is_bounded_independently_of_the_tensor() {
+    let relay = RelayProc::start(TOKEN);
+    let mut cfg = relay_config(std::slice::from_ref(&relay), TOKEN);
+    cfg.chunk_bytes = 1 << 20;
+    // 4 peers × 256 MiB: the relay receives 1 GiB and sends 1 GiB.
+    let count = 64 << 20;
+    run_job(4, cfg, move |comm| {
+        let mut v = vec![comm.rank() as f32 + 1.0; count];
+        comm.allreduce(&mut v, ReduceOp::Sum).unwrap();
+        assert!(v.iter().all(|&x| x == 10.0));
+        comm.destroy().unwrap();
+    });
+    let hwm = vm_hwm_kib(relay.child.id());
+    assert!(hwm < 128 << 10, "relay peak RSS {hwm} KiB");
+    eprintln!("relay peak RSS: {} MiB", hwm >> 10);
+}

@@ -1,0 +1,243 @@
+//! The relay daemon's defences and lifecycle: authentication, malformed frames, concurrent
+//! jobs, unreachable relays, clean shutdown on SIGTERM.
+
+mod relay_util;
+
+use mapreduce::algo::{Collective, OpDesc};
+use mapreduce::net::bootstrap::FrameIo;
+use mapreduce::relay::JobHello;
+use mapreduce::wire::{self, FrameHeader, FrameKind};
+use mapreduce::{Comm, DType, ErrorKind, ReduceOp, UniqueId};
+use relay_util::{relay_config, run_job, RelayProc, TOKEN};
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+/// A quick all-reduce job of `p` ranks through `relays`; checks the result.
+fn sum_job(relays: &[RelayProc], p: usize, count: usize, salt: i64) {
+    let cfg = relay_config(relays, TOKEN);
+    run_job(p, cfg, move |comm| {
+        assert_eq!(comm.relays().len(), relays_len(&comm));
+        let r = comm.rank() as i64;
+        let mut v: Vec<i64> = (0..count as i64).map(|i| i * salt + r).collect();
+        comm.allreduce(&mut v, ReduceOp::Sum).unwrap();
+        let ranks: i64 = (0..p as i64).sum();
+        for (i, x) in v.iter().enumerate() {
+            assert_eq!(*x, p as i64 * i as i64 * salt + ranks);
+        }
+        comm.destroy().unwrap();
+    });
+}
+
+fn relays_len(comm: &Comm) -> usize {
+    comm.config().relays.len()
+}
+
+/// Read until the relay closes the connection (EOF or reset), within a few seconds.
+fn closed_by_relay(s: &mut TcpStream) -> bool {
+    s.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut buf = [0u8; 4096];
+    while Instant::now() < deadline {
+        match s.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::TimedOut =>
+            {
+                continue
+            }
+            Err(_) => return true,
+        }
+    }
+    false
+}
+
+fn authenticated(relay: &RelayProc, chunk_bytes: usize) -> TcpStream {
+    let mut s = TcpStream::connect(&relay.addr).unwrap();
+    let key = wire::mac_key(&mapreduce::config::parse_hex("t", TOKEN).unwrap());
+    let body = JobHello {
+        job: [9; 16],
+        rank: 0,
+        world: 2,
+        stream: 0,
+        streams: 1,
+        chunk_bytes,
+        window: 4,
+    }
+    .encode();
+    FrameIo {
+        stream: &mut s,
+        deadline: Instant::now() + Duration::from_secs(5),
+        what: "test".into(),
+    }
+    .client_handshake(&key, &body)
+    .expect("handshake with the right token");
+    s
+}
+
+#[test]
+fn wrong_token_is_an_auth_error_and_is_not_logged() {
+    let relay = RelayProc::start(TOKEN);
+    let wrong = "ffeeddccbbaa99887766554433221100";
+    let cfg = relay_config(std::slice::from_ref(&relay), wrong);
+    let id = UniqueId::new(&cfg).unwrap();
+    let handles: Vec<_> = (0..2)
+        .map(|r| {
+            let cfg = cfg.clone();
+            std::thread::spawn(move || Comm::init(2, &id, r, cfg).map(|_| ()).unwrap_err())
+        })
+        .collect();
+    for h in handles {
+        let e = h.join().unwrap();
+        assert_eq!(e.kind, ErrorKind::Auth, "{e}");
+    }
+    assert!(relay.wait_log("rejected connection"));
+    let log = relay.log.lock().unwrap().join("\n");
+    assert!(
+        !log.contains(wrong) && !log.contains(TOKEN),
+        "token leaked into the log"
+    );
+}
+
+#[test]
+fn malformed_frames_close_only_their_connection() {
+    let mut relay = RelayProc::start(TOKEN);
+    // Garbage instead of a Hello.
+    let mut s = TcpStream::connect(&relay.addr).unwrap();
+    s.write_all(&[0xff; 64]).unwrap();
+    assert!(closed_by_relay(&mut s));
+    // A Hello header announcing a huge payload.
+    let mut s = TcpStream::connect(&relay.addr).unwrap();
+    let mut h = FrameHeader::new(FrameKind::Hello, 0);
+    h.len = 1 << 40;
+    s.write_all(&h.encode()).unwrap();
+    assert!(closed_by_relay(&mut s));
+    // After authenticating: a data frame longer than the announced chunk size, and one whose
+    // length field exceeds any frame limit.
+    let desc = OpDesc {
+        coll: Collective::AllReduce,
+        seq: 1,
+        dtype: DType::F32,
+        op: ReduceOp::Sum,
+        count: 1 << 20,
+        root: 0,
+    };
+    for len in [4096 + 4, 1u64 << 40] {
+        let mut s = authenticated(&relay, 4096);
+        let mut h = desc.header(0, 0, 4);
+        h.len = len;
+        s.write_all(&h.encode()).unwrap();
+        let _ = s.write_all(&[0u8; 4100]);
+        assert!(closed_by_relay(&mut s), "frame of {len} bytes");
+    }
+    // Data outside the op.
+    let mut s = authenticated(&relay, 4096);
+    s.write_all(&desc.header(0, 4 << 20, 4).encode()).unwrap();
+    s.write_all(&[0u8; 4]).unwrap();
+    assert!(closed_by_relay(&mut s));
+    assert!(relay.wait_log("exceeds"));
+    assert!(relay.wait_log("announced chunks of at most 4096"));
+    assert!(relay.is_running());
+    // The relay still serves a real job.
+    sum_job(std::slice::from_ref(&relay), 3, 300_001, 3);
+}
+
+#[test]
+fn two_jobs_share_relays_concurrently() {
+    let relays: Vec<RelayProc> = (0..2).map(|_| RelayProc::start(TOKEN)).collect();
+    let relays = std::sync::Arc::new(relays);
+    let jobs: Vec<_> = [(3usize, 2i64), (2, 5)]
+        .into_iter()
+        .map(|(p, salt)| {
+            let relays = relays.clone();
+            std::thread::spawn(move || {
+                for _ in 0..3 {
+                    sum_job(&relays, p, 500_000, salt);
+                }
+            })
+        })
+        .collect();
+    for j in jobs {
+        j.join().unwrap();
+    }
+}
+
+#[test]
+fn unreachable_relay_is_skipped() {
+    let relay = RelayProc::start(TOKEN);
+    // A port nobody listens on.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead_addr = dead.local_addr().unwrap().to_string();
+    drop(dead);
+    let mut cfg = relay_config(std::slice::from_ref(&relay), TOKEN);
+    cfg.relays.insert(0, dead_addr);
+    run_job(2, cfg, |comm| {
+        assert_eq!(comm.relays(), &[1]);
+        let mut v = vec![comm.rank() as i32 + 1; 10_000];
+        comm.allreduce(&mut v, ReduceOp::Sum).unwrap();
+        assert!(v.iter().all(|&x| x == 3));
+        comm.destroy().unwrap();
+    });
+}
+
+#[test]
+fn relay_stops_cleanly_on_sigterm() {
+    let mut relay = RelayProc::start(TOKEN);
+    sum_job(std::slice::from_ref(&relay), 2, 1000, 1);
+    assert!(relay.wait_log("status:"));
+    // SAFETY: kill(2) on the pid of our own child process.
+    assert_eq!(
+        unsafe { libc::kill(relay.child.id() as i32, libc::SIGTERM) },
+        0
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = relay.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "relay did not stop on SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status}");
+    assert!(relay.wait_log("relay stopped"));
+}
+
+#[test]
+fn killed_relay_fails_every_rank_instead_of_hanging() {
+    let mut relay = RelayProc::start(TOKEN);
+    let mut cfg = relay_config(std::slice::from_ref(&relay), TOKEN);
+    cfg.timeout = Duration::from_secs(10);
+    let id = UniqueId::new(&cfg).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let handles: Vec<_> = (0..2)
+        .map(|r| {
+            let cfg = cfg.clone();
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                let comm = Comm::init(2, &id, r, cfg).unwrap();
+                let mut v = vec![1.0f32; 4 << 20];
+                for i in 0..1000 {
+                    if i == 1 {
+                        let _ = tx.send(());
+                    }
+                    if let Err(e) = comm.allreduce(&mut v, ReduceOp::Sum) {
+                        return e;
+                    }
+                }
+                panic!("the job kept working without its only relay");
+            })
+        })
+        .collect();
+    rx.recv().unwrap();
+    relay.child.kill().unwrap();
+    for h in handles {
+        let e = h.join().unwrap();
+        assert!(
+            matches!(e.kind, ErrorKind::Remote | ErrorKind::Aborted),
+            "{e}"
+        );
+    }
+}

@@ -1,0 +1,110 @@
+//! Shared helpers for the relay tests: real `mr-relayd` processes on loopback and whole jobs
+//! of communicators in threads.
+#![allow(dead_code)]
+
+use mapreduce::{Algo, Comm, Config, UniqueId};
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+pub const TOKEN: &str = "00112233445566778899aabbccddeeff";
+
+/// A running relay daemon; killed on drop.
+pub struct RelayProc {
+    pub child: Child,
+    pub addr: String,
+    pub log: Arc<Mutex<Vec<String>>>,
+}
+
+impl RelayProc {
+    pub fn start(token: &str) -> RelayProc {
+        RelayProc::start_with(token, &[])
+    }
+
+    pub fn start_with(token: &str, extra: &[&str]) -> RelayProc {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_mr-relayd"))
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--token",
+                token,
+                "--status-secs",
+                "1",
+            ])
+            .args(extra)
+            .env("MR_LOG", "debug")
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("spawn mr-relayd");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let stderr = child.stderr.take().unwrap();
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(|l| l.ok()) {
+                if let Some(i) = line.find("listening on ") {
+                    let addr = line[i + 13..].split(' ').next().unwrap().to_string();
+                    let _ = tx.send(addr);
+                }
+                sink.lock().unwrap().push(line);
+            }
+        });
+        let addr = rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("mr-relayd did not report its address");
+        RelayProc { child, addr, log }
+    }
+
+    /// Wait until a log line contains `needle`.
+    pub fn wait_log(&self, needle: &str) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if self.log.lock().unwrap().iter().any(|l| l.contains(needle)) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+}
+
+impl Drop for RelayProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn relay_config(relays: &[RelayProc], token: &str) -> Config {
+    Config {
+        timeout: Duration::from_secs(20),
+        algo: Algo::Relay,
+        relays: relays.iter().map(|r| r.addr.clone()).collect(),
+        token: Some(mapreduce::config::parse_hex("token", token).unwrap()),
+        chunk_bytes: 64 << 10,
+        ..Config::default()
+    }
+}
+
+/// Run `f(comm)` on `n` ranks in threads, each with `cfg`; returns each rank's result.
+pub fn run_job<T, F>(n: usize, cfg: Config, f: F) -> Vec<T>
+where
+    T: Send + 'static,
+    F: Fn(Comm) -> T + Send + Sync + Clone + 'static,
+{
+    let id = UniqueId::new(&cfg).unwrap();
+    let handles: Vec<_> = (0..n)
+        .map(|r| {
+            let cfg = cfg.clone();
+            let f = f.clone();
+            std::thread::spawn(move || f(Comm::init(n, &id, r, cfg).expect("comm init")))
+        })
+        .collect();
+    handles.into_iter().map(|h| h.join().unwrap()).collect()
+}
