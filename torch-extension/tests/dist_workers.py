@@ -445,3 +445,44 @@ def absent_peer_times_out(rank, world, port, wait_timeout_ms):
     # Rank 0 hosts the store: stay until rank 1 has seen the key.
     store.wait(["absent-peer-ack"], timedelta(seconds=60))
     return message
+
+
+# -- world size 1 and relay mode -------------------------------------------------------------
+
+
+def single_rank(rank, world, port):
+    """A job of one rank: every collective is a copy (AVG divides by one)."""
+    init(rank, world, port)
+    t = values(0, N, torch.int32)
+    for op in OPS:
+        dist.all_reduce(t, op=getattr(dist.ReduceOp, op))
+    dist.broadcast(t, src=0)
+    check_equal(t, values(0, N, torch.int32), "collectives on one rank")
+    out = torch.zeros(N, dtype=torch.int32)
+    dist.all_gather_into_tensor(out, t)
+    check_equal(out, t, "all_gather on one rank")
+    dist.reduce_scatter_tensor(out, t)
+    check_equal(out, t, "reduce_scatter on one rank")
+    dist.barrier()
+    dist.destroy_process_group()
+    return True
+
+
+def relay_collectives(rank, world, port, relays, token):
+    """Collectives through relays: MR_RELAYS/MR_TOKEN/MR_ALGO reach the communicator."""
+    os.environ.update({"MR_RELAYS": relays, "MR_TOKEN": token, "MR_ALGO": "relay"})
+    init(rank, world, port)
+    for dtype in (torch.float32, torch.bfloat16, torch.int64):
+        for op in ("SUM", "AVG", "MAX"):
+            t = values(rank, 100_003, dtype, op)
+            dist.all_reduce(t, op=getattr(dist.ReduceOp, op))
+            check_equal(t, expected(100_003, dtype, op, world), f"relay all_reduce {dtype} {op}")
+    t = values(world - 1, 100_003, torch.float32) if rank == world - 1 else torch.zeros(100_003)
+    dist.broadcast(t, src=world - 1)
+    check_equal(t, values(world - 1, 100_003, torch.float32), "relay broadcast")
+    out = torch.zeros(world * N)
+    dist.all_gather_into_tensor(out, values(rank, N, torch.float32))
+    for r in range(world):
+        check_equal(out[r * N : (r + 1) * N], values(r, N, torch.float32), f"relay all_gather slot {r}")
+    dist.destroy_process_group()
+    return True
