@@ -260,6 +260,9 @@ class TimeoutEnvironment {
 // next group.
 const std::string kUniqueIdKey = "mapreduce/unique_id";
 
+// Rank 0 stores this prefix and its error message instead of an id when it cannot create one.
+const std::string kErrorPrefix = "error:";
+
 std::string ackKey(int rank) {
   return kUniqueIdKey + "/read/" + std::to_string(rank);
 }
@@ -283,7 +286,14 @@ mr_unique_id exchangeUniqueId(c10d::Store& store, int rank, int size, std::chron
   mr_unique_id id;
   std::memset(&id, 0, sizeof(id));
   if (rank == 0) {
-    checkLibrary("mr_get_unique_id", mr_get_unique_id(&id));
+    const mr_result rc = mr_get_unique_id(&id);
+    if (rc != MR_OK) {
+      // Tell the other ranks at once instead of leaving them to time out on the store.
+      const std::string message = libraryMessage("mr_get_unique_id on rank 0", rc);
+      const std::string published = kErrorPrefix + message;
+      store.set(kUniqueIdKey, std::vector<uint8_t>(published.begin(), published.end()));
+      C10_THROW_ERROR(DistBackendError, message);
+    }
     const auto* bytes = reinterpret_cast<const uint8_t*>(&id);
     store.set(kUniqueIdKey, std::vector<uint8_t>(bytes, bytes + sizeof(id)));
     if (size > 1) {
@@ -300,6 +310,10 @@ mr_unique_id exchangeUniqueId(c10d::Store& store, int rank, int size, std::chron
     deleteQuietly(store, kUniqueIdKey);
   } else {
     const std::vector<uint8_t> bytes = store.get(kUniqueIdKey);
+    const std::string text(bytes.begin(), bytes.end());
+    if (bytes.size() != sizeof(id) && text.rfind(kErrorPrefix, 0) == 0) {
+      C10_THROW_ERROR(DistBackendError, text.substr(kErrorPrefix.size()));
+    }
     TORCH_CHECK(
         bytes.size() == sizeof(id),
         "mapreduce: the unique id in the store has ",

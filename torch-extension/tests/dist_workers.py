@@ -284,6 +284,18 @@ def matrix_cases(world):
         dist.all_reduce(t)
         check_equal(t, expected(N, torch.float32, "SUM", world), "all_reduce after rejected calls")
 
+    @add("object-collectives")
+    def _(rank):
+        # Built by torch from uint8/int64 all_gather and broadcast.
+        gathered = [None] * world
+        dist.all_gather_object(gathered, {"rank": rank, "payload": "x" * (rank * 100)})
+        if gathered != [{"rank": r, "payload": "x" * (r * 100)} for r in range(world)]:
+            raise AssertionError(f"all_gather_object: {gathered}")
+        objects = [("from", rank)]
+        dist.broadcast_object_list(objects, src=world - 1)
+        if objects != [("from", world - 1)]:
+            raise AssertionError(f"broadcast_object_list: {objects}")
+
     @add("subgroup")
     def _(rank):
         members = [0, world - 1]
@@ -486,3 +498,23 @@ def relay_collectives(rank, world, port, relays, token):
         check_equal(out[r * N : (r + 1) * N], values(r, N, torch.float32), f"relay all_gather slot {r}")
     dist.destroy_process_group()
     return True
+
+
+def rank0_cannot_create_id(rank, world, port):
+    """Rank 0's configuration is invalid: every rank must fail with its message, not time out."""
+    if rank == 0:
+        os.environ["MR_ALGO"] = "sideways"
+    # A store that outlives the failed init_process_group, so rank 0 can stay until rank 1 has
+    # read its error.
+    store = dist.TCPStore("127.0.0.1", port, world, is_master=rank == 0, timeout=timedelta(seconds=60))
+    try:
+        dist.init_process_group("mapreduce", store=store, rank=rank, world_size=world)
+        message = None
+        dist.destroy_process_group()
+    except Exception as e:  # noqa: BLE001 - the point of the test
+        message = f"{type(e).__name__}: {e}"
+    store.add("finished", 1)
+    deadline = time.monotonic() + 60
+    while store.add("finished", 0) < world and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return message

@@ -32,3 +32,10 @@ def test_process_group_timeout_reaches_the_library():
     assert "mapreduce: allreduce of 1031 x torch.float32 (SUM) failed (" in message, message
     # The 3 s process-group timeout became the communicator's MR_TIMEOUT_MS.
     assert "3000" in message, message
+
+
+def test_rank0_setup_error_reaches_every_rank():
+    results = run_ranks(dist_workers.rank0_cannot_create_id, 2, free_port())
+    for rank, message in enumerate(results):
+        assert message is not None, f"rank {rank} created a process group from a bad configuration"
+        assert "mr_get_unique_id on rank 0" in message and "sideways" in message, message
