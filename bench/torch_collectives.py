@@ -11,7 +11,7 @@ chart of bus bandwidth against size, one line per backend and mode.
     MR_RELAYS=127.0.0.1:7001,127.0.0.1:7002 python bench/torch_collectives.py
 
 Columns (GB = 1e9 bytes): size is the buffer in bytes (all-gather: the gathered output), count
-its elements; algbw = size / time; busbw = algbw x 2(n-1)/n for all-reduce, (n-1)/n for
+its elements (all-gather: each rank's share); algbw = size / time; busbw = algbw x 2(n-1)/n for all-reduce, (n-1)/n for
 all-gather, 1 for broadcast; x_gloo = busbw of this row / busbw of gloo at the same size.
 Each row is checked for correct results once after timing ("ok" / "WRONG").
 """
@@ -148,7 +148,8 @@ def run_rank(rank, world, port, config):
                         "op": op,
                         "backend": name,
                         "size": nbytes,
-                        "count": count,
+                        # As nccl-tests: all-gather's count is what each rank contributes.
+                        "count": count // world if op == "allgather" else count,
                         "type": config["dtype"],
                         "time_us": seconds * 1e6,
                         "algbw": algbw,
