@@ -11,6 +11,7 @@ use crate::config::Config;
 use crate::error::{Error, ErrorKind, Result};
 use crate::net::engine::{Completion, Engine, PendingOp};
 use crate::types::{DType, Element, ReduceOp};
+use crate::validator::peer::{JobVerify, Recorded};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -32,17 +33,39 @@ pub struct Comm {
     aborted: AtomicBool,
     /// Relays (indices into `config.relays`) that every rank is connected to.
     relays: Vec<usize>,
+    /// Verification of relay all-reduces (validator-assigned relays, or `MR_VERIFY=1`).
+    verify: Option<Arc<JobVerify>>,
 }
 
 /// A non-blocking operation in flight. Its buffers must stay untouched until it completes.
 pub struct Request {
     done: Arc<Completion>,
+    /// Runs once when the op is seen to have succeeded (records a sampled op's results).
+    after: Mutex<Option<AfterOp>>,
 }
 
+type AfterOp = Box<dyn FnOnce() + Send>;
+
 impl Request {
+    fn new(done: Arc<Completion>) -> Request {
+        Request {
+            done,
+            after: Mutex::new(None),
+        }
+    }
+
+    fn finished(&self) {
+        let after = self.after.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(f) = after {
+            f();
+        }
+    }
+
     /// Block until the op completes; its result.
     pub fn wait(self) -> Result<()> {
-        self.done.wait()
+        self.done.wait()?;
+        self.finished();
+        Ok(())
     }
 
     /// `Ok(true)` once the op completed successfully, `Ok(false)` while it runs, the op's
@@ -50,7 +73,11 @@ impl Request {
     pub fn test(&self) -> Result<bool> {
         match self.done.try_get() {
             None => Ok(false),
-            Some(r) => r.map(|()| true),
+            Some(r) => {
+                r?;
+                self.finished();
+                Ok(true)
+            }
         }
     }
 }
@@ -91,6 +118,19 @@ impl Comm {
         }
         let broken = Arc::new(AtomicBool::new(false));
         let mut mesh = crate::net::bootstrap::rendezvous(size, id, rank, &config)?;
+        let mut config = config;
+        let assignment = if config.validator.is_some()
+            && config.relays.is_empty()
+            && config.algo != crate::config::Algo::Ring
+        {
+            crate::validator::client::share_assignment(&mut mesh, &config)?
+        } else {
+            None
+        };
+        if let Some(a) = &assignment {
+            config.relays = a.relays.iter().map(|r| r.addr.clone()).collect();
+            config.token = Some(crate::config::parse_hex("job token", &a.token)?);
+        }
         let use_relays = !config.relays.is_empty() && config.algo != crate::config::Algo::Ring;
         let connected = if use_relays {
             crate::relay::client::attach(&mut mesh, &config)?
@@ -107,6 +147,7 @@ impl Comm {
             broken,
             aborted: AtomicBool::new(false),
             relays: Vec::new(),
+            verify: None,
         };
         if use_relays {
             // Every rank must cut buffers the same way: use the relays all of them reached.
@@ -122,6 +163,27 @@ impl Comm {
                     mask.len()
                 );
             }
+        }
+        if !comm.relays.is_empty() {
+            let mut v = match &assignment {
+                Some(a) => Some(JobVerify::new(
+                    a,
+                    comm.config.validator.as_deref(),
+                    rank,
+                    size,
+                    comm.config.verify,
+                )?),
+                // Static relays: the secret comes from the unique id, which relays never see.
+                None if comm.config.verify => Some(JobVerify::for_static_relays(
+                    blake3::derive_key("mapreduce verify secret v1", id.as_bytes()),
+                    size,
+                )),
+                None => None,
+            };
+            if let Some(v) = v.as_mut() {
+                v.relay_index = comm.relays.clone();
+            }
+            comm.verify = v.map(Arc::new);
         }
         log::info!("rank {rank}/{size}: communicator ready");
         Ok(comm)
@@ -170,6 +232,21 @@ impl Comm {
         root: usize,
         mem: OpMemory,
     ) -> Result<Request> {
+        self.submit_with(coll, dtype, op, count, root, mem, &mut |_| {})
+    }
+
+    /// As [`Comm::submit`]; `before(seq)` runs just before the op is handed to the engine.
+    #[allow(clippy::too_many_arguments)]
+    fn submit_with(
+        &self,
+        coll: Collective,
+        dtype: DType,
+        op: ReduceOp,
+        count: usize,
+        root: usize,
+        mem: OpMemory,
+        before: &mut dyn FnMut(u64),
+    ) -> Result<Request> {
         if self.aborted.load(Ordering::SeqCst) {
             return Err(Error::new(
                 ErrorKind::Aborted,
@@ -195,13 +272,119 @@ impl Comm {
             &mut mem,
         )?;
         let done = Arc::new(Completion::default());
+        before(*seq);
         self.engine.submit(PendingOp {
             schedule,
             mem,
             done: done.clone(),
         })?;
         *seq += 1;
-        Ok(Request { done })
+        Ok(Request::new(done))
+    }
+
+    /// Whether an all-reduce of `bytes` goes through the relays (as the plan decides).
+    fn relayed(&self, bytes: usize) -> bool {
+        !self.relays.is_empty()
+            && bytes > 0
+            && match self.config.algo {
+                crate::config::Algo::Relay => true,
+                crate::config::Algo::Auto => bytes >= crate::algo::plan::RELAY_AUTO_MIN_BYTES,
+                crate::config::Algo::Ring => false,
+            }
+    }
+
+    /// A relay all-reduce under verification: record the inputs at the sample positions
+    /// before submitting; afterwards report the record to the validator (when the request is
+    /// seen to complete) or, with `MR_VERIFY=1`, check it with the other peers before
+    /// returning.
+    fn iallreduce_verified(
+        &self,
+        v: &Arc<JobVerify>,
+        buf: *mut u8,
+        count: usize,
+        dtype: DType,
+        op: ReduceOp,
+        mem: OpMemory,
+    ) -> Result<Request> {
+        let bytes = count * dtype.size();
+        let mut recorded: Option<Recorded> = None;
+        let req = self.submit_with(
+            Collective::AllReduce,
+            dtype,
+            op,
+            count,
+            0,
+            mem,
+            &mut |seq| {
+                if v.wants(seq) {
+                    // SAFETY: the caller's contract keeps `buf` valid for `bytes` bytes until
+                    // the request completes; the engine has not been given the op yet.
+                    let input = unsafe { std::slice::from_raw_parts(buf, bytes) };
+                    recorded = Some(v.record(seq, input, count, dtype, op));
+                }
+            },
+        )?;
+        let Some(rec) = recorded else {
+            return Ok(req);
+        };
+        let rank = self.rank;
+        if v.peer_check {
+            let result = req.done.wait().and_then(|()| {
+                // SAFETY: the op completed; `buf` is still the caller's per the contract.
+                let out = unsafe { std::slice::from_raw_parts(buf, bytes) };
+                self.check_with_peers(v, &rec, out)
+            });
+            let done = Arc::new(Completion::default());
+            done.complete(result);
+            return Ok(Request::new(done));
+        }
+        let v = v.clone();
+        let addr = buf as usize;
+        *req.after.lock().unwrap_or_else(|e| e.into_inner()) = Some(Box::new(move || {
+            // SAFETY: runs when the caller observes completion, while the caller's contract
+            // still keeps the buffer valid and untouched.
+            let out = unsafe { std::slice::from_raw_parts(addr as *const u8, bytes) };
+            let record = v.complete(rank, &rec, out);
+            v.report(record, rec.started);
+        }));
+        Ok(req)
+    }
+
+    /// `MR_VERIFY=1`: exchange samples and digests over the ring and check them.
+    fn check_with_peers(&self, v: &JobVerify, rec: &Recorded, out: &[u8]) -> Result<()> {
+        let mine = v.complete(self.rank, rec, out);
+        let packed = v.pack(&mine);
+        let n = packed.len();
+        let mut all = vec![0u8; n * self.size];
+        self.allgather(&packed, &mut all)?;
+        let records: Vec<_> = (0..self.size)
+            .map(|r| v.unpack(&mine, r, &all[r * n..(r + 1) * n]))
+            .collect();
+        v.report(mine, rec.started);
+        match crate::validator::verify::check(&records) {
+            Ok(faults) if faults.is_empty() => Ok(()),
+            Ok(faults) => {
+                let what: Vec<String> = faults
+                    .iter()
+                    .map(|f| {
+                        let addr = self
+                            .relays
+                            .get(f.relay)
+                            .and_then(|&i| self.config.relays.get(i))
+                            .map_or("?", String::as_str);
+                        format!("relay {} ({addr}): {}", f.relay, f.evidence)
+                    })
+                    .collect();
+                Err(Error::new(
+                    ErrorKind::Verify,
+                    format!("relay result failed verification: {}", what.join("; ")),
+                ))
+            }
+            Err(e) => Err(Error::new(
+                ErrorKind::Verify,
+                format!("verification records disagree: {e}"),
+            )),
+        }
     }
 
     /// Start an in-place all-reduce of `count` elements at `buf`.
@@ -220,6 +403,9 @@ impl Comm {
         check_ptr("allreduce", buf, bytes)?;
         // SAFETY: forwarded from this function's contract.
         let mem = OpMemory::new(unsafe { RawBuf::new(buf, bytes) });
+        if let Some(v) = self.verify.as_ref().filter(|_| self.relayed(bytes)) {
+            return self.iallreduce_verified(v, buf, count, dtype, op, mem);
+        }
         self.submit(Collective::AllReduce, dtype, op, count, 0, mem)
     }
 
@@ -389,7 +575,10 @@ impl Comm {
 
     /// Finish pending ops, say goodbye to the peers and stop the progress thread.
     pub fn destroy(self) -> Result<()> {
-        self.engine.shutdown()
+        let r = self.engine.shutdown();
+        // Dropping the verifier delivers queued reports to the validator.
+        drop(self.verify);
+        r
     }
 }
 

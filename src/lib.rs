@@ -24,6 +24,7 @@ pub mod net;
 pub mod reduce;
 pub mod relay;
 pub mod types;
+pub mod validator;
 pub mod wire;
 
 pub use comm::{Comm, Request, UniqueId};

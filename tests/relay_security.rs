@@ -206,7 +206,7 @@ fn relay_stops_cleanly_on_sigterm() {
 }
 
 #[test]
-fn killed_relay_fails_every_rank_instead_of_hanging() {
+fn killed_only_relay_leaves_the_job_on_the_ring() {
     let mut relay = RelayProc::start(TOKEN);
     let mut cfg = relay_config(std::slice::from_ref(&relay), TOKEN);
     cfg.timeout = Duration::from_secs(10);
@@ -218,26 +218,21 @@ fn killed_relay_fails_every_rank_instead_of_hanging() {
             let tx = tx.clone();
             std::thread::spawn(move || {
                 let comm = Comm::init(2, &id, r, cfg).unwrap();
-                let mut v = vec![1.0f32; 4 << 20];
-                for i in 0..1000 {
+                for i in 0..20 {
                     if i == 1 {
                         let _ = tx.send(());
                     }
-                    if let Err(e) = comm.allreduce(&mut v, ReduceOp::Sum) {
-                        return e;
-                    }
+                    let mut v = vec![r as f32 + 1.0; 4 << 20];
+                    comm.allreduce(&mut v, ReduceOp::Sum).unwrap();
+                    assert!(v.iter().all(|&x| x == 3.0), "rank {r} op {i}");
                 }
-                panic!("the job kept working without its only relay");
+                comm.destroy().unwrap();
             })
         })
         .collect();
     rx.recv().unwrap();
     relay.child.kill().unwrap();
     for h in handles {
-        let e = h.join().unwrap();
-        assert!(
-            matches!(e.kind, ErrorKind::Remote | ErrorKind::Aborted),
-            "{e}"
-        );
+        h.join().unwrap();
     }
 }

@@ -219,14 +219,32 @@ pub trait Schedule: Send {
     fn is_complete(&self) -> bool;
 
     /// An endpoint became unusable. Schedules that can route around it (relay mode) return
-    /// `Ok`; the default fails the op with `err`.
+    /// `Ok`. The default fails the op with `err` when a rank is lost and ignores a lost relay,
+    /// which a schedule that never sends to relays does not need; schedules that do send to
+    /// relays override this.
     fn handle_endpoint_lost(
         &mut self,
         _mem: &mut OpMemory,
-        _ep: Endpoint,
+        ep: Endpoint,
         err: Error,
     ) -> Result<()> {
-        Err(err)
+        match ep {
+            Endpoint::Rank(_) => Err(err),
+            Endpoint::Relay(_) => Ok(()),
+        }
+    }
+
+    /// Whether the op is waiting for frames from `ep` now (it has unanswered chunks there).
+    /// The driver uses it to notice a relay that stopped answering.
+    fn waits_on(&self, _ep: Endpoint) -> bool {
+        false
+    }
+
+    /// An endpoint the schedule stopped using on its own (e.g. another rank reported the
+    /// relay lost); the driver closes its connections and keeps it out of later ops.
+    #[must_use]
+    fn poll_endpoint_dropped(&mut self) -> Option<Endpoint> {
+        None
     }
 
     /// Human-readable summary of what the schedule still waits for (used in timeout errors).

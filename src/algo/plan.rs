@@ -81,7 +81,9 @@ pub fn build_with_relays(
         return Ok(Box::new(RelaySchedule::new(
             *desc,
             rank,
+            size,
             relays,
+            &[],
             config.chunk_bytes,
             DEFAULT_WINDOW,
         )));

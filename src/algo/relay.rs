@@ -3,19 +3,60 @@
 //! with the rank-ordered reduction (all-reduce) or forwards the root's chunk to the others
 //! (broadcast). Results land directly in the caller's buffer.
 //!
-//! Flow control: at most `window` chunks per relay are unanswered at a time (a result for
+//! Vocabulary:
+//! * a **position** is an index into the op's relay list; `relays[pos]` is the relay's index
+//!   as in [`Endpoint::Relay`];
+//! * a **chunk** is one frame's worth of a segment; chunk ids follow byte offsets;
+//! * a **lane** is an ordered list of chunks sent to one relay, named by its **path**: the
+//!   positions the chunks went through, ending at the relay that serves them now.
+//!
+//! Flow control: at most `window` chunks per lane are unanswered at a time (a result for
 //! all-reduce, an empty acknowledgement for the broadcast root), so a relay holds at most
-//! `peers × window` chunks of a job whatever the tensor size.
+//! `peers × window` chunks of a lane whatever the tensor size.
+//!
+//! Relay failure. When a relay is lost (its connection broke, it stalled, or another peer
+//! reported it lost), every chunk of every lane it served is sent again — all of them, answered
+//! or not, because another peer may lack an answer this peer has. Where a chunk goes next
+//! depends only on the chunk and the set of lost relays, never on the order in which a peer
+//! learned of the losses: chunk `i` of segment `k` prefers position `k`, then the other
+//! positions in ascending order rotated by `i` ([`preference`]), and goes to the first it
+//! prefers that is still alive. Chunks that reach a relay along the same path form one lane,
+//! whose members are fixed by the path alone and sent in id order with their own window, so
+//! peers that learned of losses in different orders still send every relay the same chunks in
+//! the same order and cannot deadlock each other's windows. To resend chunks whose input the
+//! caller's buffer no longer holds, an all-reduce copies each input chunk aside before its
+//! result overwrites it.
+//!
+//! A peer that loses a relay tells the other peers (`AUX_LOST`), so they drop it too even when
+//! the relay only failed for some of them. A peer announces `AUX_DONE` to the others when it
+//! has every result, and finishes only once every peer did: so no peer leaves an op that
+//! another may still need it to redo.
+//!
+//! When no relay is left and results are missing, the op falls back to the ring among the
+//! peers: the inputs are restored and the whole buffer goes through
+//! [`crate::algo::ring::RingReduce`] (or the chain [`crate::algo::ring::Broadcast`]); the peer
+//! tells the others (`AUX_FALLBACK`), and any peer that gets such a notice or a ring frame
+//! joins. Frames from ranks carry either a ring step (small) or a notice (`aux` at the top of
+//! the range), so the two cannot be confused.
 
 use crate::algo::plan::{block, bytes, segments};
+use crate::algo::ring::{Broadcast, RingReduce};
 use crate::algo::{Collective, Endpoint, OpDesc, Schedule, Transmit};
-use crate::buffer::{OpMemory, Region};
+use crate::buffer::{OpMemory, Region, Scratch};
 use crate::error::{Error, Result};
 use crate::wire::FrameHeader;
+use std::collections::{BTreeMap, VecDeque};
 use std::ops::Range;
 
-/// Chunks in flight per relay.
+/// Chunks in flight per lane.
 pub const DEFAULT_WINDOW: usize = 4;
+
+/// Rank-to-rank notice: the sender has every result of the op.
+pub const AUX_DONE: u32 = u32::MAX;
+/// Rank-to-rank notice: the sender runs the op through the ring; join it.
+pub const AUX_FALLBACK: u32 = u32::MAX - 1;
+/// Rank-to-rank notice: the sender lost the relay whose index is in the header's `offset`.
+pub const AUX_LOST: u32 = u32::MAX - 2;
 
 /// What this rank does in the op.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -28,37 +69,132 @@ enum Role {
     Receiver,
 }
 
-/// One relay's segment of the buffer.
-struct Lane {
-    relay: usize,
-    /// Byte start of the segment and the chunk stride.
-    start: usize,
-    stride: usize,
-    chunks: Vec<Range<usize>>,
-    next_send: usize,
-    in_flight: usize,
-    answered: Vec<bool>,
-    answered_count: usize,
+/// Element ranges of the relays' segments: `count` elements split in proportion to
+/// `weights` (one per relay; all equal, or an empty slice, gives the nearly equal split of
+/// [`block`]). Pure integer arithmetic, so every rank computes the same split from the same
+/// weights. Zero weights get empty segments unless every weight is zero.
+pub fn segment_ranges(count: usize, parts: usize, weights: &[u64]) -> Vec<Range<usize>> {
+    assert!(parts > 0, "segments need at least one relay");
+    let total: u128 = weights.iter().map(|&w| w as u128).sum();
+    let equal = weights.len() != parts || total == 0 || weights.iter().all(|&w| w == weights[0]);
+    if equal {
+        return (0..parts).map(|k| block(count, parts, k)).collect();
+    }
+    let mut out = Vec::with_capacity(parts);
+    let mut acc: u128 = 0;
+    let mut start = 0;
+    for &w in weights {
+        acc += w as u128;
+        let end = (count as u128 * acc / total) as usize;
+        out.push(start..end);
+        start = end;
+    }
+    out
 }
 
-/// All-reduce or broadcast through relays.
+/// The order in which chunk `index` of segment `origin` prefers the `parts` positions: its own
+/// segment's relay first, then the others ascending, rotated by `index` so that a lost relay's
+/// chunks spread evenly over the rest.
+pub fn preference(origin: usize, index: usize, parts: usize) -> Vec<usize> {
+    let others: Vec<usize> = (0..parts).filter(|&p| p != origin).collect();
+    let mut order = Vec::with_capacity(parts);
+    order.push(origin);
+    if !others.is_empty() {
+        let rot = index % others.len();
+        order.extend_from_slice(&others[rot..]);
+        order.extend_from_slice(&others[..rot]);
+    }
+    order
+}
+
+/// The path of a chunk given the lost positions: its preferences up to the first live one;
+/// `None` when every relay is lost.
+fn path_of(origin: usize, index: usize, dead: &[bool]) -> Option<Vec<usize>> {
+    let pref = preference(origin, index, dead.len());
+    let live = pref.iter().position(|&p| !dead[p])?;
+    Some(pref[..=live].to_vec())
+}
+
+struct Chunk {
+    range: Range<usize>,
+    origin: usize,
+    index: usize,
+    /// Lane serving the chunk now, and its place in that lane.
+    lane: usize,
+    slot: usize,
+    /// Result in place (all-reduce), acknowledged (root) or received (receiver).
+    done: bool,
+    /// The input was copied to the backup before its result overwrote it.
+    saved: bool,
+}
+
+/// Chunks sent to one relay along one path.
+struct Lane {
+    path: Vec<usize>,
+    members: Vec<usize>,
+    next_send: usize,
+    answered: Vec<bool>,
+    in_flight: usize,
+    dead: bool,
+}
+
+impl Lane {
+    fn new(path: Vec<usize>, members: Vec<usize>) -> Lane {
+        Lane {
+            answered: vec![false; members.len()],
+            path,
+            members,
+            next_send: 0,
+            in_flight: 0,
+            dead: false,
+        }
+    }
+
+    fn target(&self) -> usize {
+        *self.path.last().expect("a lane has a path")
+    }
+}
+
+/// All-reduce or broadcast through relays, with failover; see the module docs.
+///
+/// Poll order: `poll_transmit` hands out notices first, then chunks (round robin over lanes),
+/// or the ring's frames after a fallback. Relays the schedule stops using on a peer's report
+/// come out of `poll_endpoint_dropped`.
 pub struct RelaySchedule {
     desc: OpDesc,
     role: Role,
+    rank: usize,
+    world: usize,
+    chunk_bytes: usize,
     window: usize,
+    relays: Vec<usize>,
+    dead: Vec<bool>,
+    chunks: Vec<Chunk>,
     lanes: Vec<Lane>,
     /// Lane to try first in the next `poll_transmit` (round robin).
     turn: usize,
-    send_expected: usize,
-    sent: usize,
+    done_count: usize,
+    done_from: Vec<bool>,
+    dones: usize,
+    done_sent: bool,
+    /// Notices to hand out, and those handed out but not yet written.
+    notices: VecDeque<Transmit>,
+    notices_unsent: usize,
+    /// Inputs of chunks whose results arrived (all-reduce), at their own offsets.
+    backup: Option<Scratch>,
+    fallback: Option<Box<dyn Schedule>>,
+    dropped: VecDeque<Endpoint>,
 }
 
 impl RelaySchedule {
-    /// `relays`: the relay indices (as in [`Endpoint::Relay`]) every rank agreed to use.
+    /// `relays`: the relay indices (as in [`Endpoint::Relay`]) every rank agreed to use;
+    /// `weights`: their relative throughputs (empty: equal); `world`: ranks in the job.
     pub fn new(
         desc: OpDesc,
         rank: usize,
+        world: usize,
         relays: &[usize],
+        weights: &[u64],
         chunk_bytes: usize,
         window: usize,
     ) -> RelaySchedule {
@@ -70,39 +206,55 @@ impl RelaySchedule {
             Collective::Broadcast => Role::Receiver,
             other => panic!("relays do not serve {}", other.name()),
         };
-        let stride = (chunk_bytes / size).max(1) * size;
-        let lanes: Vec<Lane> = relays
+        let mut chunks = Vec::new();
+        let mut lanes = Vec::new();
+        for (k, seg) in segment_ranges(desc.count, relays.len(), weights)
             .iter()
             .enumerate()
-            .map(|(k, &relay)| {
-                let seg = bytes(&block(desc.count, relays.len(), k), size);
-                let chunks: Vec<_> = segments(seg.clone(), size, chunk_bytes).collect();
-                Lane {
-                    relay,
-                    start: seg.start,
-                    stride,
-                    answered: vec![false; chunks.len()],
-                    chunks,
-                    next_send: 0,
-                    in_flight: 0,
-                    answered_count: 0,
-                }
-            })
-            .collect();
-        let send_expected = if role == Role::Receiver {
-            0
-        } else {
-            desc.count * size
-        };
-        RelaySchedule {
+        {
+            let first = chunks.len();
+            for (index, range) in segments(bytes(seg, size), size, chunk_bytes).enumerate() {
+                chunks.push(Chunk {
+                    range,
+                    origin: k,
+                    index,
+                    lane: lanes.len(),
+                    slot: index,
+                    done: false,
+                    saved: false,
+                });
+            }
+            lanes.push(Lane::new(vec![k], (first..chunks.len()).collect()));
+        }
+        let mut s = RelaySchedule {
             desc,
             role,
+            rank,
+            world,
+            chunk_bytes,
             window: window.max(1),
+            dead: vec![false; relays.len()],
+            relays: relays.to_vec(),
+            chunks,
             lanes,
             turn: 0,
-            send_expected,
-            sent: 0,
+            done_count: 0,
+            done_from: vec![false; world],
+            dones: 0,
+            done_sent: false,
+            notices: VecDeque::new(),
+            notices_unsent: 0,
+            backup: None,
+            fallback: None,
+            dropped: VecDeque::new(),
+        };
+        s.done_from[rank] = true;
+        if s.chunks.is_empty() || world == 1 {
+            // Nothing can go missing: no round of notices.
+            s.done_sent = true;
+            s.dones = world - 1;
         }
+        s
     }
 
     fn aux(&self) -> u32 {
@@ -111,6 +263,262 @@ impl RelaySchedule {
             _ => 0,
         }
     }
+
+    /// Relays of this op that are lost, as in [`Endpoint::Relay`].
+    pub fn lost_relays(&self) -> Vec<usize> {
+        (0..self.relays.len())
+            .filter(|&p| self.dead[p])
+            .map(|p| self.relays[p])
+            .collect()
+    }
+
+    /// Whether the op runs through the ring now.
+    pub fn fell_back(&self) -> bool {
+        self.fallback.is_some()
+    }
+
+    fn notify_all(&mut self, aux: u32, offset: usize) {
+        for r in (0..self.world).filter(|&r| r != self.rank) {
+            let mut header = self.desc.header(aux, offset, 0);
+            header.offset = offset as u64;
+            self.notices.push_back(Transmit {
+                to: Endpoint::Rank(r),
+                header,
+                region: Region::Inline(Vec::new()),
+            });
+        }
+    }
+
+    fn maybe_announce_done(&mut self) {
+        if !self.done_sent && self.fallback.is_none() && self.done_count == self.chunks.len() {
+            self.done_sent = true;
+            self.notify_all(AUX_DONE, 0);
+        }
+    }
+
+    /// Stop using position `pos`: resend its lanes' chunks along their next paths, or fall
+    /// back to the ring when no relay is left and results are missing.
+    fn lose(&mut self, mem: &mut OpMemory, pos: usize) -> Result<()> {
+        if self.dead[pos] {
+            return Ok(());
+        }
+        self.dead[pos] = true;
+        self.dropped.push_back(Endpoint::Relay(self.relays[pos]));
+        if self.fallback.is_some() {
+            return Ok(());
+        }
+        self.notify_all(AUX_LOST, self.relays[pos]);
+        let mut moved: BTreeMap<Vec<usize>, Vec<usize>> = BTreeMap::new();
+        let mut stranded = false;
+        for l in self
+            .lanes
+            .iter_mut()
+            .filter(|l| !l.dead && l.target() == pos)
+        {
+            l.dead = true;
+            for &c in &l.members {
+                let ch = &self.chunks[c];
+                match path_of(ch.origin, ch.index, &self.dead) {
+                    Some(p) => moved.entry(p).or_default().push(c),
+                    None => stranded = true,
+                }
+            }
+        }
+        if stranded || self.dead.iter().all(|&d| d) {
+            if self.done_count < self.chunks.len() {
+                return self.enter_fallback(mem);
+            }
+            // Every result is here: only the other peers' notices are awaited.
+            return Ok(());
+        }
+        for (path, mut members) in moved {
+            members.sort_unstable();
+            let id = self.lanes.len();
+            for (slot, &c) in members.iter().enumerate() {
+                self.chunks[c].lane = id;
+                self.chunks[c].slot = slot;
+            }
+            log::debug!(
+                "{}: {} chunks move to relay {} along {path:?}",
+                self.desc,
+                members.len(),
+                self.relays[*path.last().expect("path")]
+            );
+            self.lanes.push(Lane::new(path, members));
+        }
+        Ok(())
+    }
+
+    /// Restore the inputs and run the op through the ring among the peers.
+    fn enter_fallback(&mut self, mem: &mut OpMemory) -> Result<()> {
+        if self.fallback.is_some() {
+            return Ok(());
+        }
+        log::warn!(
+            "{}: rank {}: no relay left for the missing results; finishing through the ring",
+            self.desc,
+            self.rank
+        );
+        let desc = self.desc;
+        let schedule: Box<dyn Schedule> = match self.role {
+            Role::AllReduce => {
+                if let Some(b) = &self.backup {
+                    let user = mem.user.as_mut_slice();
+                    for c in self.chunks.iter().filter(|c| c.saved) {
+                        user[c.range.clone()].copy_from_slice(&b.as_slice()[c.range.clone()]);
+                    }
+                }
+                if desc.dtype.accumulator() != desc.dtype {
+                    mem.acc = Some(Scratch::zeroed(
+                        desc.count * desc.dtype.accumulator().size(),
+                    )?);
+                }
+                Box::new(RingReduce::new(
+                    desc,
+                    self.rank,
+                    self.world,
+                    self.chunk_bytes,
+                    true,
+                    mem,
+                ))
+            }
+            Role::Root | Role::Receiver => Box::new(Broadcast::new(
+                desc,
+                self.rank,
+                self.world,
+                self.chunk_bytes,
+            )),
+        };
+        self.fallback = Some(schedule);
+        self.notify_all(AUX_FALLBACK, 0);
+        Ok(())
+    }
+
+    fn on_notice(&mut self, mem: &mut OpMemory, r: usize, h: &FrameHeader) -> Result<()> {
+        match h.aux {
+            AUX_DONE => {
+                if !self.done_from[r] {
+                    self.done_from[r] = true;
+                    self.dones += 1;
+                }
+                Ok(())
+            }
+            AUX_FALLBACK => self.enter_fallback(mem),
+            _ => {
+                let relay = h.offset as usize;
+                match self.relays.iter().position(|&x| x as u64 == h.offset) {
+                    Some(pos) if !self.dead[pos] => {
+                        log::warn!(
+                            "{}: rank {r} lost relay {relay}; rank {} stops using it too",
+                            self.desc,
+                            self.rank
+                        );
+                        self.lose(mem, pos)
+                    }
+                    _ => Ok(()),
+                }
+            }
+        }
+    }
+
+    /// The chunk starting at byte `off`.
+    fn chunk_at(&self, off: u64) -> Option<usize> {
+        let i = self
+            .chunks
+            .partition_point(|c| (c.range.start as u64) < off);
+        (i < self.chunks.len() && self.chunks[i].range.start as u64 == off).then_some(i)
+    }
+
+    fn on_relay_frame(
+        &mut self,
+        mem: &mut OpMemory,
+        from: Endpoint,
+        relay: usize,
+        h: &FrameHeader,
+        payload: &[u8],
+    ) -> Result<()> {
+        let desc = self.desc;
+        let bad = |what: String| Err(Error::remote(format!("{desc}: {from} {what}")));
+        if h.aux != self.aux() {
+            return bad(format!(
+                "sent a frame for root {}, expected root {}",
+                h.aux,
+                self.aux()
+            ));
+        }
+        let Some(pos) = self.relays.iter().position(|&x| x == relay) else {
+            return bad("is not one of this op's relays".into());
+        };
+        if self.dead[pos] {
+            return Ok(()); // a lost relay's last words: its chunks are being redone
+        }
+        let Some(c) = self.chunk_at(h.offset) else {
+            return bad(format!(
+                "answered offset {}, which is not a chunk of the op",
+                h.offset
+            ));
+        };
+        let r = self.chunks[c].range.clone();
+        let expect_len = if self.role == Role::Root { 0 } else { r.len() };
+        if payload.len() != expect_len {
+            return bad(format!(
+                "answered bytes {}..{} with {} bytes, expected {expect_len}",
+                r.start,
+                r.end,
+                payload.len()
+            ));
+        }
+        if self.role == Role::Receiver {
+            // The root chose the relay; any live one may forward any chunk.
+            if !self.chunks[c].done {
+                mem.user.as_mut_slice()[r].copy_from_slice(payload);
+                self.chunks[c].done = true;
+                self.done_count += 1;
+            }
+            return Ok(());
+        }
+        let (li, slot) = (self.chunks[c].lane, self.chunks[c].slot);
+        let lane = &mut self.lanes[li];
+        if lane.target() != pos || slot >= lane.next_send {
+            return bad(format!(
+                "answered bytes {}..{} before they were sent to it",
+                r.start, r.end
+            ));
+        }
+        if lane.answered[slot] {
+            return bad(format!("answered bytes {}..{} twice", r.start, r.end));
+        }
+        lane.answered[slot] = true;
+        lane.in_flight -= 1;
+        if self.role == Role::Root {
+            if !self.chunks[c].done {
+                self.chunks[c].done = true;
+                self.done_count += 1;
+            }
+            return Ok(());
+        }
+        let user = mem.user.as_mut_slice();
+        if self.chunks[c].done {
+            // Redone after a loss: a relay sums in rank order, so the bytes must agree.
+            if user[r.clone()] != *payload {
+                return bad(format!(
+                    "answered bytes {}..{} differently from the relay that answered them first",
+                    r.start, r.end
+                ));
+            }
+            return Ok(());
+        }
+        if self.backup.is_none() {
+            self.backup = Some(Scratch::zeroed(user.len())?);
+        }
+        let backup = self.backup.as_mut().expect("backup").as_mut_slice();
+        backup[r.clone()].copy_from_slice(&user[r.clone()]);
+        user[r].copy_from_slice(payload);
+        self.chunks[c].saved = true;
+        self.chunks[c].done = true;
+        self.done_count += 1;
+        Ok(())
+    }
 }
 
 impl Schedule for RelaySchedule {
@@ -118,7 +526,14 @@ impl Schedule for RelaySchedule {
         &self.desc
     }
 
-    fn poll_transmit(&mut self, _mem: &mut OpMemory) -> Option<Transmit> {
+    fn poll_transmit(&mut self, mem: &mut OpMemory) -> Option<Transmit> {
+        if let Some(t) = self.notices.pop_front() {
+            self.notices_unsent += 1;
+            return Some(t);
+        }
+        if let Some(f) = self.fallback.as_mut() {
+            return f.poll_transmit(mem);
+        }
         if self.role == Role::Receiver {
             return None;
         }
@@ -127,28 +542,40 @@ impl Schedule for RelaySchedule {
         for i in 0..n {
             let k = (self.turn + i) % n;
             let lane = &mut self.lanes[k];
-            if lane.next_send < lane.chunks.len() && lane.in_flight < self.window {
-                let r = lane.chunks[lane.next_send].clone();
-                lane.next_send += 1;
-                lane.in_flight += 1;
-                self.turn = (k + 1) % n;
-                let mut header = self.desc.header(0, r.start, r.len());
-                header.aux = aux;
-                return Some(Transmit {
-                    to: Endpoint::Relay(lane.relay),
-                    header,
-                    region: Region::User {
-                        offset: r.start,
-                        len: r.len(),
-                    },
-                });
+            if lane.dead || lane.next_send >= lane.members.len() || lane.in_flight >= self.window {
+                continue;
             }
+            let ch = &self.chunks[lane.members[lane.next_send]];
+            lane.next_send += 1;
+            lane.in_flight += 1;
+            self.turn = (k + 1) % n;
+            let r = ch.range.clone();
+            let mut header = self.desc.header(aux, r.start, r.len());
+            header.aux = aux;
+            let region = match (&self.backup, ch.saved) {
+                (Some(b), true) => Region::Inline(b.as_slice()[r].to_vec()),
+                _ => Region::User {
+                    offset: r.start,
+                    len: r.len(),
+                },
+            };
+            return Some(Transmit {
+                to: Endpoint::Relay(self.relays[lane.target()]),
+                header,
+                region,
+            });
         }
         None
     }
 
     fn handle_sent(&mut self, t: &Transmit) {
-        self.sent += t.region.len();
+        if let Endpoint::Rank(_) = t.to {
+            if t.header.aux >= AUX_LOST {
+                self.notices_unsent -= 1;
+            } else if let Some(f) = self.fallback.as_mut() {
+                f.handle_sent(t);
+            }
+        }
     }
 
     fn handle_frame(
@@ -159,90 +586,135 @@ impl Schedule for RelaySchedule {
         payload: &[u8],
     ) -> Result<()> {
         self.desc.check_matches(from, h)?;
-        let desc = self.desc;
-        let aux = self.aux();
-        let bad = |what: String| Err(Error::remote(format!("{desc}: {from} {what}")));
-        if h.aux != aux {
-            return bad(format!(
-                "sent a frame for root {}, expected root {aux}",
-                h.aux
-            ));
-        }
-        let Endpoint::Relay(relay) = from else {
-            return bad("sent relay-mode data, but only relays do".into());
+        let res = match from {
+            Endpoint::Rank(r) if h.aux >= AUX_LOST => self.on_notice(mem, r, h),
+            Endpoint::Rank(_) => {
+                // A ring frame: its sender fell back; so do we.
+                self.enter_fallback(mem)?;
+                let f = self.fallback.as_mut().expect("fallback");
+                f.handle_frame(mem, from, h, payload)
+            }
+            Endpoint::Relay(_) if self.fallback.is_some() => Ok(()),
+            Endpoint::Relay(relay) => self.on_relay_frame(mem, from, relay, h, payload),
         };
-        let Some(lane) = self.lanes.iter_mut().find(|l| l.relay == relay) else {
-            return bad("is not one of this op's relays".into());
-        };
-        let off = h.offset as usize;
-        let idx = match off.checked_sub(lane.start) {
-            Some(d) if h.offset <= usize::MAX as u64 && d % lane.stride == 0 => d / lane.stride,
-            _ => usize::MAX,
-        };
-        let Some(r) = lane.chunks.get(idx).cloned() else {
-            return bad(format!(
-                "answered offset {off}, which is not a chunk of its segment"
-            ));
-        };
-        if lane.answered[idx] {
-            return bad(format!("answered bytes {}..{} twice", r.start, r.end));
+        self.maybe_announce_done();
+        res
+    }
+
+    fn recv_in_place(&mut self, from: Endpoint, h: &FrameHeader) -> Result<Option<Region>> {
+        match (&mut self.fallback, from) {
+            (Some(f), Endpoint::Rank(_)) if h.aux < AUX_LOST => f.recv_in_place(from, h),
+            _ => Ok(None),
         }
-        let expect_len = if self.role == Role::Root { 0 } else { r.len() };
-        if payload.len() != expect_len {
-            return bad(format!(
-                "answered bytes {}..{} with {} bytes, expected {expect_len}",
-                r.start,
-                r.end,
-                payload.len()
-            ));
+    }
+
+    fn handle_frame_in_place(
+        &mut self,
+        mem: &mut OpMemory,
+        from: Endpoint,
+        h: &FrameHeader,
+    ) -> Result<()> {
+        match self.fallback.as_mut() {
+            Some(f) => f.handle_frame_in_place(mem, from, h),
+            None => Err(Error::internal(format!(
+                "{from}: in-place frame without a ring fallback"
+            ))),
         }
-        if self.role != Role::Receiver && idx >= lane.next_send {
-            return bad(format!(
-                "answered bytes {}..{} before they were sent",
-                r.start, r.end
-            ));
-        }
-        if self.role != Role::Root {
-            mem.user.as_mut_slice()[r].copy_from_slice(payload);
-        }
-        lane.answered[idx] = true;
-        lane.answered_count += 1;
-        lane.in_flight = lane.in_flight.saturating_sub(1);
-        Ok(())
     }
 
     fn is_complete(&self) -> bool {
-        self.sent == self.send_expected
-            && self
+        if !self.notices.is_empty() || self.notices_unsent > 0 {
+            return false;
+        }
+        match &self.fallback {
+            Some(f) => f.is_complete(),
+            None => {
+                self.done_count == self.chunks.len()
+                    && self.done_sent
+                    && self.dones == self.world - 1
+            }
+        }
+    }
+
+    fn handle_endpoint_lost(&mut self, mem: &mut OpMemory, ep: Endpoint, err: Error) -> Result<()> {
+        let Endpoint::Relay(relay) = ep else {
+            return Err(err);
+        };
+        let Some(pos) = self.relays.iter().position(|&x| x == relay) else {
+            return Ok(());
+        };
+        if !self.dead[pos] {
+            log::debug!(
+                "{}: rank {}: dropping relay {relay}: {}",
+                self.desc,
+                self.rank,
+                err.message
+            );
+        }
+        let res = self.lose(mem, pos);
+        self.maybe_announce_done();
+        res
+    }
+
+    fn waits_on(&self, ep: Endpoint) -> bool {
+        let Endpoint::Relay(relay) = ep else {
+            return false;
+        };
+        let Some(pos) = self.relays.iter().position(|&x| x == relay) else {
+            return false;
+        };
+        if self.dead[pos] || self.fallback.is_some() {
+            return false;
+        }
+        match self.role {
+            Role::Receiver => self
+                .chunks
+                .iter()
+                .any(|c| !c.done && self.lanes[c.lane].target() == pos),
+            _ => self
                 .lanes
                 .iter()
-                .all(|l| l.answered_count == l.chunks.len())
+                .any(|l| !l.dead && l.target() == pos && l.in_flight > 0),
+        }
+    }
+
+    fn poll_endpoint_dropped(&mut self) -> Option<Endpoint> {
+        self.dropped.pop_front()
     }
 
     fn waiting_for(&self) -> String {
+        if let Some(f) = &self.fallback {
+            return format!("ring fallback: {}", f.waiting_for());
+        }
         let missing: Vec<String> = self
             .lanes
             .iter()
-            .filter(|l| l.answered_count < l.chunks.len())
-            .map(|l| {
-                format!(
-                    "relay {}: {} of {} chunks answered, {} sent",
-                    l.relay,
-                    l.answered_count,
-                    l.chunks.len(),
-                    l.next_send
-                )
+            .filter(|l| !l.dead)
+            .filter_map(|l| {
+                let open = l.members.iter().filter(|&&c| !self.chunks[c].done).count();
+                (open > 0).then(|| {
+                    format!(
+                        "relay {}: {open} of {} chunks missing, {} sent",
+                        self.relays[l.target()],
+                        l.members.len(),
+                        l.next_send
+                    )
+                })
             })
             .collect();
+        let peers: Vec<String> = (0..self.world)
+            .filter(|&r| !self.done_from[r])
+            .map(|r| r.to_string())
+            .collect();
         format!(
-            "{}; sent {} of {} bytes",
+            "{}; lost relays {:?}; done notices missing from ranks [{}]",
             if missing.is_empty() {
                 "all chunks answered".into()
             } else {
                 missing.join(", ")
             },
-            self.sent,
-            self.send_expected
+            self.lost_relays(),
+            peers.join(", ")
         )
     }
 }
@@ -250,8 +722,10 @@ impl Schedule for RelaySchedule {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::algo::sim::Rng;
     use crate::buffer::RawBuf;
     use crate::types::{DType, ReduceOp};
+    use std::collections::HashMap;
 
     fn desc(coll: Collective, count: usize, root: usize) -> OpDesc {
         OpDesc {
@@ -265,23 +739,391 @@ mod tests {
     }
 
     #[test]
-    fn allreduce_keeps_a_window_per_relay_and_writes_results() {
+    fn segments_follow_weights_and_cover_the_buffer() {
+        assert_eq!(segment_ranges(10, 3, &[]), vec![0..4, 4..7, 7..10]);
+        assert_eq!(segment_ranges(10, 3, &[5, 5, 5]), vec![0..4, 4..7, 7..10]);
+        assert_eq!(
+            segment_ranges(100, 3, &[1, 2, 1]),
+            vec![0..25, 25..75, 75..100]
+        );
+        assert_eq!(segment_ranges(7, 2, &[0, 9]), vec![0..0, 0..7]);
+        for count in [0, 1, 5, 1001] {
+            let s = segment_ranges(count, 4, &[3, 1, 7, 2]);
+            assert_eq!(s[0].start, 0);
+            assert_eq!(s[3].end, count);
+            assert!(s.windows(2).all(|w| w[0].end == w[1].start));
+        }
+    }
+
+    #[test]
+    fn a_chunks_path_depends_only_on_the_set_of_lost_relays() {
+        assert_eq!(preference(1, 0, 4), vec![1, 0, 2, 3]);
+        assert_eq!(preference(1, 1, 4), vec![1, 2, 3, 0]);
+        assert_eq!(preference(0, 5, 1), vec![0]);
+        // Lost relays spread evenly over the rest.
+        let dead = [false, true, false, false];
+        let mut per = [0; 4];
+        for i in 0..30 {
+            per[*path_of(1, i, &dead).unwrap().last().unwrap()] += 1;
+        }
+        assert_eq!(per, [10, 0, 10, 10]);
+        assert_eq!(path_of(2, 3, &[true, true, true]), None);
+        assert_eq!(path_of(0, 1, &[true, false, true]).unwrap(), vec![0, 2, 1]);
+    }
+
+    /// A simulated relay: all-reduce sums in rank order, broadcast forwards and acknowledges.
+    #[derive(Default)]
+    struct FakeRelay {
+        dead: bool,
+        parts: HashMap<u64, Vec<Option<Vec<u8>>>>,
+    }
+
+    enum Msg {
+        ToRelay(usize, usize, FrameHeader, Vec<u8>),
+        FromRelay(usize, usize, FrameHeader, Vec<u8>),
+        Peer(usize, usize, FrameHeader, Vec<u8>),
+    }
+
+    struct Peer {
+        s: RelaySchedule,
+        mem: OpMemory,
+        _buf: Vec<u8>,
+        /// Relays this peer knows are lost (no more frames from them).
+        lost: Vec<bool>,
+    }
+
+    struct RelaySim {
+        world: usize,
+        peers: Vec<Peer>,
+        relays: Vec<FakeRelay>,
+        net: Vec<Msg>,
+        rng: Rng,
+        /// Relays each peer will learn are lost, and at which step.
+        notify: Vec<(usize, usize, usize)>,
+    }
+
+    impl RelaySim {
+        fn new(d: OpDesc, world: usize, nrelays: usize, inputs: Vec<Vec<u8>>, seed: u64) -> Self {
+            let ids: Vec<usize> = (0..nrelays).collect();
+            let peers = inputs
+                .into_iter()
+                .enumerate()
+                .map(|(r, mut buf)| {
+                    // SAFETY: `buf` moves into the Peer beside `mem` and is never reallocated.
+                    let mem = OpMemory::new(unsafe { RawBuf::new(buf.as_mut_ptr(), buf.len()) });
+                    Peer {
+                        s: RelaySchedule::new(d, r, world, &ids, &[], 64, 2),
+                        mem,
+                        _buf: buf,
+                        lost: vec![false; nrelays],
+                    }
+                })
+                .collect();
+            RelaySim {
+                world,
+                peers,
+                relays: (0..nrelays).map(|_| FakeRelay::default()).collect(),
+                net: Vec::new(),
+                rng: Rng::new(seed),
+                notify: Vec::new(),
+            }
+        }
+
+        /// Kill relay `k` now; every peer learns of it within `spread` steps. Its answers
+        /// not yet delivered are lost or delivered at random.
+        fn kill(&mut self, k: usize, step: usize, spread: usize) {
+            self.relays[k].dead = true;
+            for p in 0..self.world {
+                let at = step + self.rng.below(spread);
+                self.notify.push((at, p, k));
+            }
+        }
+
+        fn lose(&mut self, p: usize, k: usize) {
+            let peer = &mut self.peers[p];
+            if !peer.lost[k] {
+                peer.lost[k] = true;
+                let err = Error::remote(format!("relay {k} closed"));
+                if let Err(e) = peer
+                    .s
+                    .handle_endpoint_lost(&mut peer.mem, Endpoint::Relay(k), err)
+                {
+                    panic!("rank {p}: {e}");
+                }
+            }
+        }
+
+        fn relay_in(&mut self, k: usize, from: usize, h: FrameHeader, payload: Vec<u8>) {
+            if self.relays[k].dead {
+                return;
+            }
+            let world = self.world;
+            if h.coll == Collective::Broadcast as u8 {
+                for r in (0..world).filter(|&r| r != from) {
+                    self.net.push(Msg::FromRelay(k, r, h, payload.clone()));
+                }
+                self.net.push(Msg::FromRelay(
+                    k,
+                    from,
+                    FrameHeader { len: 0, ..h },
+                    Vec::new(),
+                ));
+                return;
+            }
+            let parts = self.relays[k]
+                .parts
+                .entry(h.offset)
+                .or_insert_with(|| vec![None; world]);
+            assert!(
+                parts[from].is_none(),
+                "rank {from} sent {} to relay {k} twice",
+                h.offset
+            );
+            parts[from] = Some(payload);
+            if parts.iter().all(|p| p.is_some()) {
+                let parts = self.relays[k].parts.remove(&h.offset).unwrap();
+                let mut sum = vec![0i32; h.len as usize / 4];
+                for p in parts {
+                    for (s, x) in sum.iter_mut().zip(p.unwrap().chunks_exact(4)) {
+                        *s = s.wrapping_add(i32::from_le_bytes(x.try_into().unwrap()));
+                    }
+                }
+                let bytes: Vec<u8> = sum.iter().flat_map(|x| x.to_le_bytes()).collect();
+                for r in 0..world {
+                    self.net.push(Msg::FromRelay(k, r, h, bytes.clone()));
+                }
+            }
+        }
+
+        fn step(&mut self, p: usize) {
+            let peer = &mut self.peers[p];
+            while let Some(k) = peer.s.poll_endpoint_dropped() {
+                let Endpoint::Relay(k) = k else { panic!() };
+                peer.lost[k] = true;
+            }
+            while let Some(t) = peer.s.poll_transmit(&mut peer.mem) {
+                let payload = peer.mem.bytes(&t.region).to_vec();
+                peer.s.handle_sent(&t);
+                self.net.push(match t.to {
+                    Endpoint::Relay(k) => Msg::ToRelay(k, p, t.header, payload),
+                    Endpoint::Rank(r) => Msg::Peer(p, r, t.header, payload),
+                });
+            }
+        }
+
+        fn deliver(&mut self, m: Msg) {
+            match m {
+                Msg::ToRelay(k, from, h, pl) => self.relay_in(k, from, h, pl),
+                Msg::FromRelay(k, to, h, pl) => {
+                    let peer = &mut self.peers[to];
+                    if peer.lost[k] {
+                        return;
+                    }
+                    if let Err(e) = peer
+                        .s
+                        .handle_frame(&mut peer.mem, Endpoint::Relay(k), &h, &pl)
+                    {
+                        panic!("rank {to}: {e}");
+                    }
+                }
+                Msg::Peer(from, to, h, pl) => {
+                    let peer = &mut self.peers[to];
+                    let ep = Endpoint::Rank(from);
+                    let res = match peer.s.recv_in_place(ep, &h).unwrap() {
+                        Some(region) => {
+                            peer.mem.bytes_mut(&region).copy_from_slice(&pl);
+                            peer.s.handle_frame_in_place(&mut peer.mem, ep, &h)
+                        }
+                        None => peer.s.handle_frame(&mut peer.mem, ep, &h, &pl),
+                    };
+                    if let Err(e) = res {
+                        panic!("rank {to}: {e}");
+                    }
+                }
+            }
+        }
+
+        /// Run until every peer completes; panics on livelock.
+        fn drive(&mut self, mut kills: Vec<(usize, usize)>) {
+            for step in 0..200_000 {
+                kills.retain(|&(at, k)| {
+                    if at == step {
+                        self.relays[k].dead = true;
+                    }
+                    at != step
+                });
+                let due: Vec<(usize, usize)> = self
+                    .notify
+                    .iter()
+                    .filter(|n| n.0 == step)
+                    .map(|n| (n.1, n.2))
+                    .collect();
+                for (p, k) in due {
+                    self.lose(p, k);
+                }
+                for p in 0..self.world {
+                    self.step(p);
+                }
+                if self.peers.iter().all(|p| p.s.is_complete())
+                    && self.notify.iter().all(|n| n.0 < step)
+                {
+                    return;
+                }
+                if self.net.is_empty() {
+                    continue;
+                }
+                let m = self.net.swap_remove(self.rng.below(self.net.len()));
+                // A dead relay's answers still in flight may or may not arrive.
+                if let Msg::FromRelay(k, ..) = &m {
+                    if self.relays[*k].dead && self.rng.below(2) == 0 {
+                        continue;
+                    }
+                }
+                self.deliver(m);
+            }
+            let why: Vec<String> = self.peers.iter().map(|p| p.s.waiting_for()).collect();
+            panic!("no completion: {why:?}");
+        }
+
+        fn user(&self, p: usize) -> &[u8] {
+            self.peers[p].mem.user.as_slice()
+        }
+    }
+
+    fn inputs(world: usize, count: usize) -> Vec<Vec<u8>> {
+        (0..world)
+            .map(|r| {
+                (0..count)
+                    .flat_map(|i| ((i * 7 + r * 1000) as i32).to_le_bytes())
+                    .collect()
+            })
+            .collect()
+    }
+
+    fn check_sum(sim: &RelaySim, count: usize) {
+        let w = sim.world;
+        let want: Vec<u8> = (0..count)
+            .flat_map(|i| ((0..w).map(|r| (i * 7 + r * 1000) as i32).sum::<i32>()).to_le_bytes())
+            .collect();
+        for p in 0..w {
+            assert_eq!(sim.user(p), &want[..], "rank {p}");
+        }
+    }
+
+    /// (seed, world, relays, kills as (step, relay), notification spread)
+    fn run_allreduce(
+        seed: u64,
+        world: usize,
+        nrelays: usize,
+        kills: &[(usize, usize)],
+        spread: usize,
+    ) -> bool {
+        let count = 300;
+        let d = desc(Collective::AllReduce, count, 0);
+        let mut sim = RelaySim::new(d, world, nrelays, inputs(world, count), seed);
+        for &(at, k) in kills {
+            sim.kill(k, at, spread);
+            sim.relays[k].dead = false; // dies at `at`, in drive
+        }
+        sim.drive(kills.to_vec());
+        check_sum(&sim, count);
+        sim.peers.iter().any(|p| p.s.fell_back())
+    }
+
+    #[test]
+    fn allreduce_without_failures() {
+        for seed in 0..20 {
+            assert!(!run_allreduce(seed, 3, 3, &[], 1));
+        }
+        run_allreduce(1, 1, 2, &[], 1);
+    }
+
+    #[test]
+    fn allreduce_survives_a_relay_lost_at_any_moment() {
+        for seed in 0..60 {
+            let at = (seed as usize * 7) % 120;
+            let fell = run_allreduce(
+                seed,
+                3,
+                3,
+                &[(at, (seed % 3) as usize)],
+                1 + seed as usize % 40,
+            );
+            assert!(!fell, "two relays remain: no ring fallback");
+        }
+    }
+
+    #[test]
+    fn allreduce_survives_relays_lost_in_different_orders() {
+        for seed in 0..60 {
+            let a = (seed as usize * 5) % 100;
+            let b = (seed as usize * 11) % 100;
+            // Peers learn of the two losses over a long spread, so in differing orders.
+            run_allreduce(seed, 4, 4, &[(a, 1), (b, 3)], 60);
+        }
+    }
+
+    #[test]
+    fn allreduce_falls_back_to_the_ring_when_every_relay_is_lost() {
+        let mut fell = 0;
+        for seed in 0..40 {
+            let at = (seed as usize * 3) % 60;
+            if run_allreduce(seed, 3, 2, &[(at, 0), (at + seed as usize % 5, 1)], 30) {
+                fell += 1;
+            }
+        }
+        assert!(
+            fell > 20,
+            "most runs lose relays before all results arrive ({fell})"
+        );
+    }
+
+    #[test]
+    fn broadcast_survives_a_lost_relay_and_falls_back_when_none_is_left() {
+        let count = 300;
+        for seed in 0..40 {
+            let world = 3;
+            let root = seed as usize % world;
+            let d = desc(Collective::Broadcast, count, root);
+            let data: Vec<Vec<u8>> = (0..world)
+                .map(|r| {
+                    (0..count)
+                        .flat_map(|i| (if r == root { i as i32 * 3 } else { -1 }).to_le_bytes())
+                        .collect()
+                })
+                .collect();
+            let mut sim = RelaySim::new(d, world, 2, data, seed);
+            let at = (seed as usize * 7) % 50;
+            let kills = if seed % 2 == 0 {
+                vec![(at, 1)]
+            } else {
+                vec![(at, 0), (at + 3, 1)]
+            };
+            for &(at, k) in &kills {
+                sim.kill(k, at, 20);
+                sim.relays[k].dead = false;
+            }
+            sim.drive(kills);
+            let want: Vec<u8> = (0..count)
+                .flat_map(|i| (i as i32 * 3).to_le_bytes())
+                .collect();
+            for p in 0..world {
+                assert_eq!(sim.user(p), &want[..], "seed {seed} rank {p}");
+            }
+        }
+    }
+
+    #[test]
+    fn answers_are_checked() {
         let d = desc(Collective::AllReduce, 103, 0);
         let mut buf = vec![0u8; 103 * 4];
         // SAFETY: `buf` outlives `mem` and is only used through it.
         let mut mem = OpMemory::new(unsafe { RawBuf::new(buf.as_mut_ptr(), buf.len()) });
-        let mut s = RelaySchedule::new(d, 0, &[0, 2], 64, 2);
-        let mut out = Vec::new();
-        while let Some(t) = s.poll_transmit(&mut mem) {
-            out.push(t);
-        }
+        let mut s = RelaySchedule::new(d, 0, 1, &[0, 2], &[], 64, 2);
+        let out: Vec<_> = std::iter::from_fn(|| s.poll_transmit(&mut mem)).collect();
         // Two relays, two chunks in flight each.
         assert_eq!(out.len(), 4);
         assert_eq!(out.iter().filter(|t| t.to == Endpoint::Relay(2)).count(), 2);
-        for t in &out {
-            s.handle_sent(t);
-        }
-        // A result for a chunk that was never sent, a wrong length, a stranger: errors.
         let t = &out[0];
         let mut late = t.header;
         late.offset += 3 * 64;
@@ -290,41 +1132,37 @@ mod tests {
         assert!(s
             .handle_frame(&mut mem, Endpoint::Relay(1), &t.header, &[7; 64])
             .is_err());
+        assert!(s
+            .handle_frame(&mut mem, Endpoint::Relay(2), &t.header, &[7; 64])
+            .is_err());
         s.handle_frame(&mut mem, t.to, &t.header, &[7; 64]).unwrap();
         assert!(s.handle_frame(&mut mem, t.to, &t.header, &[7; 64]).is_err());
-        // The answer freed one slot on that relay.
         let next = s.poll_transmit(&mut mem).unwrap();
         assert_eq!(next.to, t.to);
         assert!(s.poll_transmit(&mut mem).is_none());
-        assert!(!s.is_complete());
         assert!(buf[..64].iter().all(|&b| b == 7));
-    }
-
-    #[test]
-    fn broadcast_root_waits_for_acks_and_receivers_send_nothing() {
-        let d = desc(Collective::Broadcast, 40, 1);
-        let mut buf = vec![0u8; 160];
-        // SAFETY: `buf` outlives `mem` and is only used through it.
-        let mut mem = OpMemory::new(unsafe { RawBuf::new(buf.as_mut_ptr(), buf.len()) });
-        let mut root = RelaySchedule::new(d, 1, &[0], 64, 4);
-        let sent: Vec<_> = std::iter::from_fn(|| root.poll_transmit(&mut mem)).collect();
-        assert_eq!(sent.len(), 3);
-        for t in &sent {
-            assert_eq!(t.header.aux, 1);
-            root.handle_sent(t);
-            assert!(!root.is_complete());
-            let ack = FrameHeader { len: 0, ..t.header };
-            root.handle_frame(&mut mem, t.to, &ack, &[]).unwrap();
-        }
-        assert!(root.is_complete());
-        let mut recv = RelaySchedule::new(d, 0, &[0], 64, 4);
-        assert!(recv.poll_transmit(&mut mem).is_none());
-        for t in &sent {
-            recv.handle_frame(&mut mem, t.to, &t.header, &vec![5; t.region.len()])
-                .unwrap();
-        }
-        assert!(recv.is_complete());
-        let empty = RelaySchedule::new(desc(Collective::AllReduce, 0, 0), 0, &[0, 1, 2], 64, 4);
+        // Relay 0 is lost: its chunks (the answered one too, from the saved input) go to 2.
+        s.handle_endpoint_lost(&mut mem, Endpoint::Relay(0), Error::remote("gone"))
+            .unwrap();
+        assert_eq!(s.poll_endpoint_dropped(), Some(Endpoint::Relay(0)));
+        let redo = s.poll_transmit(&mut mem).unwrap();
+        assert_eq!(redo.to, Endpoint::Relay(2));
+        assert_eq!(redo.header.offset, 0);
+        assert_eq!(
+            mem.bytes(&redo.region),
+            &[0u8; 64][..],
+            "the input, not the result"
+        );
+        assert!(!s.is_complete());
+        let empty = RelaySchedule::new(
+            desc(Collective::AllReduce, 0, 0),
+            0,
+            3,
+            &[0, 1, 2],
+            &[],
+            64,
+            4,
+        );
         assert!(empty.is_complete());
     }
 }

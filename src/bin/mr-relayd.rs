@@ -3,6 +3,7 @@
 //! foreground, logs to stderr (`MR_LOG`, default `info` here), stops cleanly on SIGINT/SIGTERM.
 
 use clap::Parser;
+use mapreduce::relay::registration::{load_or_create_key, JobGrants, Registration};
 use mapreduce::relay::server::{Relay, RelayConfig};
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -14,9 +15,18 @@ struct Args {
     /// Address to listen on (port 0 picks a free port; the log names it).
     #[arg(long)]
     listen: SocketAddr,
-    /// Validator to register with (not yet supported: logged and ignored).
+    /// Validator to register with: it assigns jobs (with their own tokens) to this relay.
     #[arg(long)]
     validator: Option<String>,
+    /// The relay's key for the validator, created on first start (hex, keep it private).
+    #[arg(long, default_value = "mr-relayd.key")]
+    key_file: std::path::PathBuf,
+    /// Address peers should connect to (default: the listening address).
+    #[arg(long)]
+    advertise: Option<String>,
+    /// Milliseconds between heartbeats to the validator.
+    #[arg(long, default_value_t = 2000)]
+    heartbeat_ms: u64,
     /// Most memory, in bytes, that admitted jobs may reserve together.
     #[arg(long, default_value_t = 2 << 30)]
     max_memory: usize,
@@ -45,37 +55,49 @@ fn main() -> ExitCode {
 }
 
 fn run(args: Args) -> mapreduce::Result<()> {
-    let hex = match (&args.token, &args.token_file) {
-        (Some(t), _) => t.clone(),
-        (None, Some(f)) => std::fs::read_to_string(f).map_err(|e| {
-            mapreduce::Error::io(format!("cannot read token file {}", f.display()), e)
-        })?,
-        (None, None) => {
-            return Err(mapreduce::Error::invalid(
-                "a job token is required: pass --token HEX or --token-file FILE",
-            ))
-        }
-    };
+    let hex =
+        match (&args.token, &args.token_file) {
+            (Some(t), _) => t.clone(),
+            (None, Some(f)) => std::fs::read_to_string(f).map_err(|e| {
+                mapreduce::Error::io(format!("cannot read token file {}", f.display()), e)
+            })?,
+            // With a validator, jobs bring their own tokens; a static token is optional.
+            (None, None) if args.validator.is_some() => String::new(),
+            (None, None) => return Err(mapreduce::Error::invalid(
+                "a job token is required: pass --token HEX or --token-file FILE (or --validator)",
+            )),
+        };
     let token = mapreduce::config::parse_hex("token", &hex)?;
-    if token.is_empty() {
+    if token.is_empty() && args.validator.is_none() {
         return Err(mapreduce::Error::invalid("the job token is empty"));
     }
-    if let Some(v) = &args.validator {
-        log::warn!("--validator {v}: registering with a validator is not yet supported; serving static jobs only");
-    }
+    let grants = args.validator.as_ref().map(|_| JobGrants::default());
     let mut relay = Relay::bind(
         RelayConfig {
             listen: args.listen,
             token,
+            grants: grants.clone(),
             max_memory: args.max_memory,
             status_interval: Duration::from_secs(args.status_secs.max(1)),
         },
         true,
     )?;
+    let local = relay.local_addr()?;
     log::info!(
-        "listening on {} (max memory {} bytes)",
-        relay.local_addr()?,
+        "listening on {local} (max memory {} bytes)",
         args.max_memory
     );
+    if let (Some(v), Some(grants)) = (&args.validator, grants) {
+        let reg = Registration {
+            validator: v.clone(),
+            key: load_or_create_key(&args.key_file)?,
+            advertise: args.advertise.clone().unwrap_or_else(|| local.to_string()),
+            capacity: args.max_memory as u64,
+            heartbeat: Duration::from_millis(args.heartbeat_ms.max(10)),
+            grants,
+        };
+        log::info!("relay id {}: registering with validator {v}", reg.id());
+        reg.spawn();
+    }
     relay.run()
 }

@@ -9,6 +9,14 @@
 //! Frames for an op that has not started here yet stay in the socket (the connection is
 //! "parked"), so a fast rank is held back by TCP flow control instead of our memory.
 //! Every wait is bounded: an op that makes no progress for `MR_TIMEOUT_MS` fails.
+//!
+//! Losing a relay is not fatal: the loop closes every stream to it, keeps it out of later ops
+//! and lets the current schedule route around it ([`Schedule::handle_endpoint_lost`]). A relay
+//! counts as lost when a stream to it breaks or it says goodbye, when the schedule stops using
+//! it (another rank reported it lost), or when it stalls: the op waits on it but nothing
+//! arrived from it for [`relay_stall`] while some other relay is not stalled (answering, or
+//! owed nothing). When every relay waited on is silent the cause may as well be a slow peer,
+//! so none is dropped and the op-level timeout applies.
 
 use crate::algo::{Endpoint, Schedule, Transmit};
 use crate::buffer::{OpMemory, Region};
@@ -19,7 +27,7 @@ use crate::wire::{self, FrameHeader, FrameKind, HEADER_LEN};
 use crossbeam_channel::{Receiver, Sender};
 use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token, Waker};
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::io::{IoSlice, Read, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -29,6 +37,14 @@ use std::time::{Duration, Instant};
 const WAKER: Token = Token(usize::MAX);
 /// Kernel socket buffer size requested for data connections.
 const SOCKET_BUFFER: usize = 4 << 20;
+/// Longest silence of a relay the op waits on before it is dropped as stalled.
+const RELAY_STALL: Duration = Duration::from_secs(5);
+
+/// How long a relay may stay silent while an op waits on it: [`RELAY_STALL`], or half of
+/// `MR_TIMEOUT_MS` when that is shorter, so a stalled relay is dropped before the op times out.
+pub fn relay_stall(timeout: Duration) -> Duration {
+    RELAY_STALL.min(timeout / 2)
+}
 
 /// Where an op's result is delivered; callers block on it or poll it.
 #[derive(Default)]
@@ -122,6 +138,8 @@ impl Engine {
             last_seq: 0,
             remote_failures: HashMap::new(),
             timeout: config.timeout,
+            dead_relays: BTreeSet::new(),
+            relay_heard: HashMap::new(),
             shutting_down: false,
             scratch: vec![0u8; 64 << 10],
         };
@@ -281,6 +299,10 @@ struct Loop {
     /// Ops that peers reported failed before they started here.
     remote_failures: HashMap<u64, Error>,
     timeout: Duration,
+    /// Relays lost on this rank: later ops start without them.
+    dead_relays: BTreeSet<usize>,
+    /// When bytes last arrived from each relay during the current op.
+    relay_heard: HashMap<usize, Instant>,
     shutting_down: bool,
     /// Sink for payloads of frames we discard.
     scratch: Vec<u8>,
@@ -297,9 +319,11 @@ impl Loop {
     fn run(&mut self) {
         let mut events = Events::with_capacity(256);
         loop {
+            // Wake at least every quarter second during an op to look for stalled relays.
             let timeout = self.current.as_ref().map(|a| {
-                (a.last_progress + self.timeout).saturating_duration_since(Instant::now())
-                    + Duration::from_millis(1)
+                ((a.last_progress + self.timeout).saturating_duration_since(Instant::now())
+                    + Duration::from_millis(1))
+                .min(Duration::from_millis(250))
             });
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() == std::io::ErrorKind::Interrupted {
@@ -328,6 +352,8 @@ impl Loop {
             }
             self.drive();
             self.check_timeout();
+            // A relay dropped as stalled leaves the schedule with chunks to redo.
+            self.drive();
             if self.shutting_down && self.current.is_none() && self.pending.is_empty() {
                 self.say_goodbye();
                 return;
@@ -394,10 +420,33 @@ impl Loop {
                     continue;
                 }
                 log::debug!("rank {}: starting {}", self.rank, op.schedule.desc());
+                let now = Instant::now();
                 self.current = Some(Active {
                     op,
-                    last_progress: Instant::now(),
+                    last_progress: now,
                 });
+                self.relay_heard.clear();
+                for ep in self.by_endpoint.keys() {
+                    if let Endpoint::Relay(r) = *ep {
+                        self.relay_heard.insert(r, now);
+                    }
+                }
+                // Relays lost earlier: the schedule routes around them from the start.
+                let dead: Vec<usize> = self.dead_relays.iter().copied().collect();
+                for r in dead {
+                    let a = self.current.as_mut().expect("current op");
+                    let err = Error::remote(format!("relay {r} was lost in an earlier op"));
+                    if let Err(e) =
+                        a.op.schedule
+                            .handle_endpoint_lost(&mut a.op.mem, Endpoint::Relay(r), err)
+                    {
+                        self.fail_current(e);
+                        break;
+                    }
+                }
+                if self.current.is_none() {
+                    continue;
+                }
                 // Frames for this op may be waiting on parked connections.
                 for i in 0..self.conns.len() {
                     if matches!(self.conns[i].read, ReadState::Parked(_)) {
@@ -412,18 +461,34 @@ impl Loop {
             // sends, which may let the schedule move on, so poll again until it is quiet.
             loop {
                 let mut queued = Vec::new();
+                let mut dropped = Vec::new();
                 {
                     let Some(a) = self.current.as_mut() else {
                         break;
                     };
+                    while let Some(ep) = a.op.schedule.poll_endpoint_dropped() {
+                        dropped.push(ep);
+                    }
                     while let Some(t) = a.op.schedule.poll_transmit(&mut a.op.mem) {
                         queued.push(t);
+                    }
+                }
+                for ep in dropped {
+                    if let Endpoint::Relay(r) = ep {
+                        self.close_relay(r);
                     }
                 }
                 if queued.is_empty() {
                     break;
                 }
                 for t in queued {
+                    // A relay lost while this batch was being queued: the schedule already
+                    // routes its chunks elsewhere.
+                    if let Endpoint::Relay(r) = t.to {
+                        if self.dead_relays.contains(&r) {
+                            continue;
+                        }
+                    }
                     if let Err(e) = self.enqueue(t) {
                         self.fail_current(e);
                         break;
@@ -581,7 +646,12 @@ impl Loop {
         match state {
             ReadState::Header { mut buf, mut got } => {
                 match read_some(&mut self.conns[i].stream, &mut buf[got..], ep) {
-                    Ok(n) => got += n,
+                    Ok(n) => {
+                        got += n;
+                        if let (Endpoint::Relay(r), true) = (ep, self.current.is_some()) {
+                            self.relay_heard.insert(r, Instant::now());
+                        }
+                    }
                     Err(e) => {
                         self.conns[i].read = ReadState::Header { buf, got };
                         return Err(e);
@@ -632,6 +702,9 @@ impl Loop {
                     }
                     if let Some(a) = self.current.as_mut() {
                         a.last_progress = Instant::now();
+                        if let Endpoint::Relay(r) = ep {
+                            self.relay_heard.insert(r, a.last_progress);
+                        }
                     }
                 }
                 if got < len {
@@ -811,6 +884,10 @@ impl Loop {
         let _ = self.poll.registry().deregister(&mut c.stream);
         let goodbye = c.goodbye;
         let ep = c.endpoint;
+        if let (Endpoint::Relay(r), false) = (ep, self.shutting_down) {
+            self.relay_lost(r, err);
+            return;
+        }
         if goodbye || self.shutting_down {
             log::debug!("rank {}: connection to {ep} closed: {err}", self.rank);
             return;
@@ -837,7 +914,92 @@ impl Loop {
         self.set_fatal(err);
     }
 
+    /// Close every stream to relay `r` and keep it out of later ops.
+    fn close_relay(&mut self, r: usize) {
+        if !self.dead_relays.insert(r) {
+            return;
+        }
+        log::warn!("rank {}: no longer using relay {r}", self.rank);
+        for &i in self
+            .by_endpoint
+            .get(&Endpoint::Relay(r))
+            .into_iter()
+            .flatten()
+        {
+            let c = &mut self.conns[i];
+            if c.closed {
+                continue;
+            }
+            c.closed = true;
+            let _ = self.poll.registry().deregister(&mut c.stream);
+            let _ = c.stream.shutdown(std::net::Shutdown::Both);
+            // Frames that will never be written: their bytes are redone elsewhere.
+            c.queue.clear();
+            c.queued_bytes = 0;
+        }
+    }
+
+    /// Relay `r` failed (`err`): drop it and let the current op route around it.
+    fn relay_lost(&mut self, r: usize, err: Error) {
+        if self.dead_relays.contains(&r) {
+            return;
+        }
+        log::warn!("rank {}: lost relay {r}: {err}", self.rank);
+        self.close_relay(r);
+        let Some(a) = self.current.as_mut() else {
+            return;
+        };
+        let err = Error::new(
+            err.kind,
+            format!("{}: lost relay {r}: {}", a.op.schedule.desc(), err.message),
+        );
+        if let Err(e) =
+            a.op.schedule
+                .handle_endpoint_lost(&mut a.op.mem, Endpoint::Relay(r), err)
+        {
+            let e = if e.kind == ErrorKind::System {
+                Error::remote(e.message)
+            } else {
+                e
+            };
+            self.fail_current(e);
+        }
+    }
+
+    /// Drop a relay the current op waits on but has not heard from for the stall bound,
+    /// provided another relay is not stalled (see the module docs).
+    fn check_stalled_relays(&mut self) {
+        let Some(a) = self.current.as_ref() else {
+            return;
+        };
+        let bound = relay_stall(self.timeout);
+        let mut stalled = Vec::new();
+        let mut healthy = false;
+        for (&r, &heard) in &self.relay_heard {
+            if self.dead_relays.contains(&r) {
+                continue;
+            }
+            if a.op.schedule.waits_on(Endpoint::Relay(r)) && heard.elapsed() >= bound {
+                stalled.push(r);
+            } else {
+                healthy = true;
+            }
+        }
+        if !healthy {
+            return;
+        }
+        stalled.sort_unstable();
+        for r in stalled {
+            let msg = format!(
+                "relay {r} stalled: nothing arrived from it for {} ms",
+                bound.as_millis()
+            );
+            self.relay_lost(r, Error::timeout(msg));
+        }
+    }
+
     fn check_timeout(&mut self) {
+        self.check_stalled_relays();
         let Some(a) = self.current.as_ref() else {
             return;
         };

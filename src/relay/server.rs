@@ -33,8 +33,11 @@ const SOCKET_BUFFER: usize = 4 << 20;
 #[derive(Clone, Debug)]
 pub struct RelayConfig {
     pub listen: SocketAddr,
-    /// The job token every connection must prove knowledge of.
+    /// The static job token connections may prove knowledge of (empty: none, only jobs
+    /// granted by a validator are served).
     pub token: Vec<u8>,
+    /// Jobs granted by a validator (`--validator`): their peers prove the job's own token.
+    pub grants: Option<crate::relay::registration::JobGrants>,
     /// Most memory all admitted jobs together may budget for.
     pub max_memory: usize,
     /// How often to log a status line.
@@ -138,6 +141,60 @@ pub struct Relay {
     stats: Stats,
     signal_fd: Option<i32>,
     stop: bool,
+    test_faults: TestFaults,
+}
+
+/// Misbehaviour for testing verification (debug builds only): `MR_RELAY_TEST_CORRUPT=f`
+/// perturbs every element of a fraction `f` of result chunks; `MR_RELAY_TEST_EQUIVOCATE=f`
+/// sends other bytes to every rank but 0 for a fraction `f` of chunks.
+#[derive(Default)]
+struct TestFaults {
+    corrupt: f64,
+    equivocate: f64,
+    rng: u64,
+}
+
+impl TestFaults {
+    fn from_env() -> TestFaults {
+        let mut t = TestFaults {
+            rng: 0x9E37_79B9_7F4A_7C15 ^ u64::from(std::process::id()),
+            ..TestFaults::default()
+        };
+        if cfg!(debug_assertions) {
+            let f = |name: &str| std::env::var(name).ok().and_then(|v| v.parse::<f64>().ok());
+            t.corrupt = f("MR_RELAY_TEST_CORRUPT").unwrap_or(0.0);
+            t.equivocate = f("MR_RELAY_TEST_EQUIVOCATE").unwrap_or(0.0);
+            if t.corrupt > 0.0 || t.equivocate > 0.0 {
+                log::warn!(
+                    "test faults enabled: corrupting {} and equivocating {} of result chunks",
+                    t.corrupt,
+                    t.equivocate
+                );
+            }
+        }
+        t
+    }
+
+    fn hit(&mut self, fraction: f64) -> bool {
+        if fraction <= 0.0 {
+            return false;
+        }
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        (self.rng >> 11) as f64 / (1u64 << 53) as f64 <= fraction
+    }
+
+    /// A copy of `s` with the lowest bit of every `elem`-byte element flipped.
+    fn perturbed(s: &Scratch, elem: usize) -> Result<Scratch> {
+        let mut out = Scratch::zeroed(s.len())?;
+        out.as_mut_slice().copy_from_slice(s.as_slice());
+        out.as_mut_slice()
+            .iter_mut()
+            .step_by(elem.max(1))
+            .for_each(|b| *b ^= 1);
+        Ok(out)
+    }
 }
 
 static SIGNAL_WRITE_FD: AtomicI32 = AtomicI32::new(-1);
@@ -206,6 +263,7 @@ impl Relay {
             stats: Stats::default(),
             signal_fd,
             stop: false,
+            test_faults: TestFaults::from_env(),
         })
     }
 
@@ -613,7 +671,23 @@ impl Relay {
 
     fn on_hello(&mut self, id: usize, nonce: [u8; 32], payload: &[u8]) -> Result<()> {
         let hello = Hello::decode(payload)?;
-        if !hello.verify(&self.key, &nonce) {
+        // A job granted by the validator has its own token; others use the static one.
+        let granted = JobHello::decode(hello.body).ok().and_then(|jh| {
+            let g = self.config.grants.as_ref()?;
+            g.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&jh.job)
+                .copied()
+        });
+        let key = match granted {
+            Some(k) => k,
+            None if !self.config.token.is_empty() => self.key,
+            None => {
+                self.refuse(id, ErrorKind::Auth, "authentication failed: unknown job");
+                return Ok(());
+            }
+        };
+        if !hello.verify(&key, &nonce) {
             self.refuse(
                 id,
                 ErrorKind::Auth,
@@ -695,7 +769,7 @@ impl Relay {
             job: jh.job,
             rank: jh.rank,
         };
-        let mut p = wire::welcome_mac(&self.key, &nonce, &hello.nonce, &[]).to_vec();
+        let mut p = wire::welcome_mac(&key, &nonce, &hello.nonce, &[]).to_vec();
         p.extend_from_slice(&[]);
         self.send_control(id, FrameHeader::new(FrameKind::Welcome, p.len()), p);
         Ok(())
@@ -748,12 +822,24 @@ impl Relay {
             _ => match j.sums.contribute(rank, &h, f, payload) {
                 Ok(None) => Ok(()),
                 Ok(Some((rh, result))) => {
+                    let elem = f.dtype.size();
+                    let result = if self.test_faults.hit(self.test_faults.corrupt) {
+                        TestFaults::perturbed(&result, elem)?
+                    } else {
+                        result
+                    };
                     let shared = Rc::new(result);
-                    let targets: Vec<usize> = (0..world)
-                        .filter_map(|r| self.stream_of(&self.jobs[&job], r))
+                    let others = if self.test_faults.hit(self.test_faults.equivocate) {
+                        Rc::new(TestFaults::perturbed(&shared, elem)?)
+                    } else {
+                        shared.clone()
+                    };
+                    let targets: Vec<(usize, usize)> = (0..world)
+                        .filter_map(|r| self.stream_of(&self.jobs[&job], r).map(|t| (r, t)))
                         .collect();
-                    for t in targets {
-                        self.enqueue(t, rh, Payload::Shared(shared.clone()), None);
+                    for (r, t) in targets {
+                        let p = if r == 0 { &shared } else { &others };
+                        self.enqueue(t, rh, Payload::Shared(p.clone()), None);
                     }
                     Ok(())
                 }

@@ -1,0 +1,110 @@
+//! `mr-validator`: registry of relays, job assignment, verification by sampling, benchmark
+//! bots and scores. Runs in the foreground and logs to stderr (`MR_LOG`, default `info`).
+//!
+//! `mr-validator --listen ADDR:PORT [--scores FILE] [--config validator.config.json]`
+//! `mr-validator status --validator ADDR:PORT` prints the relay table.
+
+use clap::{Parser, Subcommand};
+use mapreduce::validator::server::{Validator, ValidatorConfig};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+#[derive(Parser, Debug)]
+#[command(name = "mr-validator", version, about = "mapreduce validator")]
+struct Args {
+    #[command(subcommand)]
+    command: Option<Command>,
+    /// Address to listen on (overrides the config file's `listen`; port 0 picks one).
+    #[arg(long)]
+    listen: Option<String>,
+    /// Scores file (JSON, rewritten atomically, reloaded on start); pinned relay keys are
+    /// kept next to it in FILE.keys.
+    #[arg(long)]
+    scores: Option<PathBuf>,
+    /// validator.config.json.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Print the relay table of the validator at ADDR and exit.
+    #[arg(long, value_name = "ADDR")]
+    status: Option<String>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Print the relay table of a running validator.
+    Status {
+        #[arg(long)]
+        validator: String,
+    },
+}
+
+fn main() -> ExitCode {
+    let _ = env_logger::Builder::from_env(env_logger::Env::new().filter_or("MR_LOG", "info"))
+        .try_init();
+    let args = Args::parse();
+    let result = match (&args.command, &args.status) {
+        (Some(Command::Status { validator }), _) | (None, Some(validator)) => status(validator),
+        (None, None) => serve(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            log::error!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn status(addr: &str) -> mapreduce::Result<()> {
+    let rows = mapreduce::validator::client::status(addr, Duration::from_secs(10))?;
+    println!(
+        "{:<18} {:<22} {:>5} {:>10} {:>12} {:>6} {:>8} {:>8} {:>10} {:>8}",
+        "relay",
+        "address",
+        "up",
+        "MB/s",
+        "capacity",
+        "avail",
+        "correct",
+        "verified",
+        "score",
+        "weight"
+    );
+    for r in rows {
+        let s = &r.score;
+        println!(
+            "{:<18} {:<22} {:>5} {:>10.1} {:>12} {:>6.2} {:>8.0} {:>8} {:>10.3} {:>8.4}{}",
+            s.id,
+            s.addr,
+            if r.available { "yes" } else { "no" },
+            s.throughput_mbps,
+            s.capacity,
+            s.availability,
+            s.correctness,
+            s.verified_ops,
+            s.score,
+            s.weight,
+            if s.excluded { "  EXCLUDED" } else { "" }
+        );
+    }
+    Ok(())
+}
+
+fn serve(args: Args) -> mapreduce::Result<()> {
+    let config = match &args.config {
+        Some(p) => ValidatorConfig::load(p)?,
+        None => ValidatorConfig::default(),
+    };
+    let listen = args
+        .listen
+        .clone()
+        .or_else(|| config.listen.clone())
+        .ok_or_else(|| {
+            mapreduce::Error::invalid("pass --listen ADDR:PORT or set listen in the config")
+        })?;
+    let listen = mapreduce::config::resolve(&listen)?;
+    let v = Validator::bind(listen, config, args.scores.clone())?;
+    log::info!("listening on {}", v.local_addr()?);
+    v.run()
+}

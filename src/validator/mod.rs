@@ -1,0 +1,18 @@
+//! The validator (`mr-validator`): a registry of relays, job assignment, verification of relay
+//! sums by sampling, benchmark bots and scores.
+//!
+//! * [`proto`] — the JSON control messages and who proves which key;
+//! * [`registry`] — relays, pinned keys, liveness and scores (no I/O);
+//! * [`verify`] — sample positions and the bit-exact recomputation (no I/O);
+//! * [`server`] — the daemon; [`bench`] — its benchmark bots;
+//! * [`client`], [`peer`] — the peers' side: asking for relays, recording and reporting samples.
+//!
+//! The validator never forwards data and never tells a relay a job's verification secret.
+
+pub mod bench;
+pub mod client;
+pub mod peer;
+pub mod proto;
+pub mod registry;
+pub mod server;
+pub mod verify;

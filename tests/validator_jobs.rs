@@ -1,0 +1,408 @@
+//! Validator end to end with real `mr-validator` and `mr-relayd` processes on loopback:
+//! registration, job assignment, verification by sampling, exclusion of dishonest relays,
+//! heartbeat loss, restarts, IP-shared scores and authentication.
+
+use mapreduce::validator::client;
+use mapreduce::validator::server::StatusRow;
+use mapreduce::{Algo, Comm, Config, ErrorKind, ReduceOp, UniqueId};
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// A daemon process; killed on drop.
+struct Proc {
+    child: Child,
+    addr: String,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Proc {
+    fn spawn(mut cmd: Command) -> Proc {
+        let mut child = cmd
+            .env("MR_LOG", "debug")
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("spawn");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let stderr = child.stderr.take().unwrap();
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(|l| l.ok()) {
+                if let Some(i) = line.find("listening on ") {
+                    let addr = line[i + 13..].split(' ').next().unwrap().to_string();
+                    let _ = tx.send(addr);
+                }
+                sink.lock().unwrap().push(line);
+            }
+        });
+        let addr = rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("daemon did not report its address");
+        Proc { child, addr, log }
+    }
+
+    fn has_log(&self, needle: &str) -> bool {
+        self.log.lock().unwrap().iter().any(|l| l.contains(needle))
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn tmpdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("mr-validator-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn validator(dir: &Path, listen: &str, config: &str) -> Proc {
+    let cfg = dir.join("validator.config.json");
+    std::fs::write(&cfg, config).unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_mr-validator"));
+    cmd.args(["--listen", listen, "--config"])
+        .arg(&cfg)
+        .arg("--scores")
+        .arg(dir.join("scores.json"));
+    Proc::spawn(cmd)
+}
+
+const CONFIG: &str = r#"{"heartbeat_timeout_ms": 1500, "default_relays": 2, "report_fraction": 1.0,
+    "samples": 8, "bench": {"interval_secs": 0}}"#;
+
+fn relay(v: &Proc, key: &Path, listen: &str, env: &[(&str, &str)]) -> Proc {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_mr-relayd"));
+    cmd.args([
+        "--listen",
+        listen,
+        "--validator",
+        &v.addr,
+        "--heartbeat-ms",
+        "200",
+    ])
+    .arg("--key-file")
+    .arg(key);
+    for (k, val) in env {
+        cmd.env(k, val);
+    }
+    Proc::spawn(cmd)
+}
+
+fn status(v: &Proc) -> Vec<StatusRow> {
+    client::status(&v.addr, Duration::from_secs(5)).expect("status")
+}
+
+/// Wait until `cond(status)` holds.
+fn wait_status(v: &Proc, what: &str, cond: impl Fn(&[StatusRow]) -> bool) -> Vec<StatusRow> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let rows = status(v);
+        if cond(&rows) {
+            return rows;
+        }
+        if Instant::now() >= deadline {
+            for l in v.log.lock().unwrap().iter().rev().take(15) {
+                eprintln!("validator: {l}");
+            }
+            panic!("{what}: {rows:#?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn up(rows: &[StatusRow]) -> usize {
+    rows.iter().filter(|r| r.available).count()
+}
+
+fn job_config(v: &Proc, verify: bool) -> Config {
+    Config {
+        timeout: Duration::from_secs(20),
+        algo: Algo::Relay,
+        validator: Some(v.addr.clone()),
+        chunk_bytes: 4 << 10,
+        verify,
+        ..Config::default()
+    }
+}
+
+/// Run `ops` f32 all-reduces of `count` elements on `n` ranks; per rank, each op's result
+/// (Ok(exact) / Err(kind)).
+fn run_job(n: usize, cfg: Config, ops: usize, count: usize) -> Vec<Vec<Result<bool, ErrorKind>>> {
+    let id = UniqueId::new(&cfg).unwrap();
+    let handles: Vec<_> = (0..n)
+        .map(|r| {
+            let cfg = cfg.clone();
+            std::thread::spawn(move || {
+                let comm = Comm::init(n, &id, r, cfg).expect("comm init");
+                assert!(!comm.relays().is_empty(), "the job got no relays");
+                let mut out = Vec::new();
+                for op in 0..ops {
+                    let mut buf: Vec<f32> = (0..count)
+                        .map(|i| ((i * 3 + r + op) % 512) as f32)
+                        .collect();
+                    let res = comm.allreduce(&mut buf, ReduceOp::Sum);
+                    out.push(
+                        res.map(|()| {
+                            buf.iter().enumerate().all(|(i, &x)| {
+                                x == (0..n).map(|q| ((i * 3 + q + op) % 512) as f32).sum::<f32>()
+                            })
+                        })
+                        .map_err(|e| e.kind),
+                    );
+                    if matches!(out.last(), Some(Err(k)) if *k != ErrorKind::Verify) {
+                        break;
+                    }
+                }
+                comm.destroy().unwrap();
+                out
+            })
+        })
+        .collect();
+    handles.into_iter().map(|h| h.join().unwrap()).collect()
+}
+
+#[test]
+fn honest_relays_complete_a_verified_job_and_scores_rise() {
+    let dir = tmpdir("honest");
+    let v = validator(&dir, "127.0.0.1:0", CONFIG);
+    let _a = relay(&v, &dir.join("a.key"), "127.0.0.1:0", &[]);
+    let _b = relay(&v, &dir.join("b.key"), "127.0.0.1:0", &[]);
+    let before = wait_status(&v, "two relays registered", |r| up(r) == 2);
+    let results = run_job(3, job_config(&v, false), 4, 5000);
+    for (r, ops) in results.iter().enumerate() {
+        assert!(ops.iter().all(|o| *o == Ok(true)), "rank {r}: {ops:?}");
+    }
+    let after = wait_status(&v, "ops verified", |rows| {
+        rows.iter().all(|r| r.score.verified_ops >= 4)
+    });
+    for a in &after {
+        let b = before.iter().find(|b| b.score.id == a.score.id).unwrap();
+        assert!(a.score.score > b.score.score, "{a:?} vs {b:?}");
+        assert_eq!(a.score.correctness, 1.0);
+    }
+    let total: f64 = after.iter().map(|r| r.score.weight).sum();
+    assert!((total - 1.0).abs() < 1e-9);
+    let out = Command::new(env!("CARGO_BIN_EXE_mr-validator"))
+        .args(["status", "--validator", &v.addr])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success());
+    for a in &after {
+        assert!(text.contains(&a.score.id), "{text}");
+    }
+}
+
+/// Dishonest relays (test hooks of debug builds) next to an honest one: caught, excluded from
+/// the next job and scored zero. Also prints the detection rate per op.
+#[test]
+fn dishonest_relays_are_detected_and_excluded() {
+    for (hook, fraction) in [
+        ("MR_RELAY_TEST_CORRUPT", "0.5"),
+        ("MR_RELAY_TEST_EQUIVOCATE", "0.5"),
+    ] {
+        let dir = tmpdir(&format!("dishonest-{hook}"));
+        let v = validator(&dir, "127.0.0.1:0", CONFIG);
+        let bad = relay(&v, &dir.join("bad.key"), "127.0.0.1:0", &[(hook, fraction)]);
+        let _good = relay(&v, &dir.join("good.key"), "127.0.0.1:0", &[]);
+        wait_status(&v, "two relays registered", |r| up(r) == 2);
+        // Each op cuts 4000 f32 across 2 relays: about 2 chunks of 4 KiB per relay.
+        let results = run_job(2, job_config(&v, false), 10, 4000);
+        let wrong = results[0].iter().filter(|o| **o == Ok(false)).count();
+        let bad_id = mapreduce::validator::registry::relay_id(
+            &mapreduce::config::parse_hex(
+                "key",
+                &std::fs::read_to_string(dir.join("bad.key")).unwrap(),
+            )
+            .unwrap(),
+        );
+        let rows = wait_status(&v, "dishonest relay excluded", |rows| {
+            rows.iter()
+                .any(|r| r.score.id == bad_id && r.score.excluded)
+        });
+        let b = rows.iter().find(|r| r.score.id == bad_id).unwrap();
+        assert_eq!(b.score.correctness, 0.0);
+        assert_eq!(b.score.weight, 0.0);
+        assert!(!b.score.evidence.is_empty());
+        eprintln!(
+            "{hook}={fraction}: {wrong} of 10 ops had wrong results; evidence: {}",
+            b.score.evidence[0]
+        );
+        assert!(bad.has_log("test faults enabled"));
+        // The next job runs on the honest relay only and is right.
+        let next = run_job(
+            2,
+            Config {
+                ..job_config(&v, false)
+            },
+            2,
+            4000,
+        );
+        assert!(next.iter().flatten().all(|o| *o == Ok(true)), "{next:?}");
+        let assigned = bad
+            .log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains("assigned by the validator"))
+            .count();
+        assert_eq!(assigned, 1, "the excluded relay was given another job");
+    }
+}
+
+/// A relay that corrupts every chunk: with `MR_VERIFY=1` every op fails with `Verify` (any
+/// sample catches it), none returns a wrong sum. With partial corruption the per-op detection
+/// probability is 1-(1-f)^k (see tests/validator_detection.rs).
+#[test]
+fn verify_mode_fails_the_op_instead_of_returning_a_wrong_result() {
+    let dir = tmpdir("verify");
+    let v = validator(&dir, "127.0.0.1:0", CONFIG);
+    let _bad = relay(
+        &v,
+        &dir.join("bad.key"),
+        "127.0.0.1:0",
+        &[("MR_RELAY_TEST_CORRUPT", "1")],
+    );
+    wait_status(&v, "relay registered", |r| up(r) == 1);
+    std::env::set_var("MR_RELAY_COUNT", "1");
+    let results = run_job(2, job_config(&v, true), 8, 20000);
+    std::env::remove_var("MR_RELAY_COUNT");
+    for ops in &results {
+        assert!(
+            !ops.contains(&Ok(false)),
+            "a wrong result was returned: {ops:?}"
+        );
+        assert!(ops.iter().all(|o| *o == Err(ErrorKind::Verify)), "{ops:?}");
+    }
+}
+
+#[test]
+fn heartbeat_loss_restart_and_validator_restart() {
+    let dir = tmpdir("restart");
+    let v = validator(&dir, "127.0.0.1:0", CONFIG);
+    let key = dir.join("r.key");
+    let mut r = relay(&v, &key, "127.0.0.1:0", &[]);
+    let rows = wait_status(&v, "relay registered", |r| up(r) == 1);
+    let id = rows[0].score.id.clone();
+    // Freeze the relay: its connection stays open but heartbeats stop.
+    let pid = r.child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-STOP", &pid])
+        .status()
+        .unwrap()
+        .success());
+    wait_status(&v, "frozen relay unavailable", |r| {
+        up(r) == 0 && r.len() == 1
+    });
+    assert!(Command::new("kill")
+        .args(["-CONT", &pid])
+        .status()
+        .unwrap()
+        .success());
+    wait_status(&v, "thawed relay registered again", |r| up(r) == 1);
+    // Kill it: the connection drops and it becomes unavailable.
+    let _ = r.child.kill();
+    let _ = r.child.wait();
+    wait_status(&v, "relay unavailable", |r| up(r) == 0 && r.len() == 1);
+    // Restarted with the same key: same id, available again.
+    let _r2 = relay(&v, &key, "127.0.0.1:0", &[]);
+    wait_status(&v, "relay re-registered", |r| {
+        up(r) == 1 && r[0].score.id == id
+    });
+    let results = run_job(2, job_config(&v, false), 2, 3000);
+    assert!(results.iter().flatten().all(|o| *o == Ok(true)));
+    let before = wait_status(&v, "ops verified", |r| r[0].score.verified_ops >= 2);
+    // Restart the validator on the same port: scores are reloaded, the relay comes back.
+    let addr = v.addr.clone();
+    drop(v);
+    let v2 = validator(&dir, &addr, CONFIG);
+    let rows = status(&v2);
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(rows[0].score.verified_ops, before[0].score.verified_ops);
+    wait_status(&v2, "relay back after validator restart", |r| up(r) == 1);
+}
+
+#[test]
+fn relays_on_one_ip_split_their_score() {
+    let dir = tmpdir("ip");
+    let v = validator(&dir, "127.0.0.1:0", CONFIG);
+    let _a = relay(&v, &dir.join("a.key"), "127.0.0.1:0", &[]);
+    let _b = relay(&v, &dir.join("b.key"), "127.0.0.2:0", &[]);
+    let _c = relay(&v, &dir.join("c.key"), "127.0.0.2:0", &[]);
+    let rows = wait_status(&v, "three relays with equal records", |r| {
+        up(r) == 3
+            && r.iter()
+                .all(|x| (x.score.availability - r[0].score.availability).abs() < 1e-12)
+    });
+    let w = |ip: &str| -> Vec<f64> {
+        rows.iter()
+            .filter(|r| r.score.ip == ip)
+            .map(|r| r.score.weight)
+            .collect()
+    };
+    let (one, two) = (w("127.0.0.1"), w("127.0.0.2"));
+    assert_eq!((one.len(), two.len()), (1, 2));
+    assert!((one[0] - 2.0 * two[0]).abs() < 1e-9, "{rows:#?}");
+    assert!((one[0] + two[0] + two[1] - 1.0).abs() < 1e-9);
+}
+
+#[test]
+fn unauthenticated_registration_is_rejected() {
+    use mapreduce::validator::proto::Intro;
+    let dir = tmpdir("auth");
+    let v = validator(&dir, "127.0.0.1:0", CONFIG);
+    let key = dir.join("r.key");
+    let _r = relay(&v, &key, "127.0.0.1:0", &[]);
+    let rows = wait_status(&v, "relay registered", |r| up(r) == 1);
+    let id = rows[0].score.id.clone();
+    // Someone else claims the relay's id with another key, with and without enrolling.
+    let other = [7u8; 32];
+    for enroll in [None, Some(mapreduce::config::to_hex(&other))] {
+        let intro = Intro::Relay {
+            id: id.clone(),
+            addr: "127.0.0.1:9".into(),
+            capacity: 1 << 30,
+            free_memory: 1 << 30,
+            enroll,
+        };
+        let err = client::connect(
+            &v.addr,
+            &intro,
+            &mapreduce::wire::mac_key(&other),
+            Duration::from_secs(5),
+        )
+        .expect_err("impostor admitted");
+        assert_eq!(err.kind, ErrorKind::Auth, "{err}");
+    }
+    let rows = status(&v);
+    assert_eq!(
+        rows[0].score.addr, _r.addr,
+        "the impostor changed the record"
+    );
+    assert!(v.has_log("authentication failed"));
+}
+
+#[test]
+fn benchmark_bots_measure_throughput() {
+    let dir = tmpdir("bench");
+    let v = validator(
+        &dir,
+        "127.0.0.1:0",
+        r#"{"heartbeat_timeout_ms": 3000, "bench": {"interval_secs": 0.3, "bytes": 1048576, "bots": 2}}"#,
+    );
+    let _r = relay(&v, &dir.join("r.key"), "127.0.0.1:0", &[]);
+    let rows = wait_status(&v, "benchmarked", |r| {
+        r.len() == 1 && r[0].score.throughput_mbps > 0.0
+    });
+    assert_eq!(rows[0].score.correctness, 1.0);
+    assert!(v.has_log("result verified"));
+    drop(v);
+}
