@@ -57,10 +57,9 @@ LIBRARY = "libmapreduce.so"
 def header_dir() -> Path:
     """Folder holding mapreduce.h: the repository's generated header."""
     include = ROOT / "include"
-    if (include / "mapreduce.h").is_file():
-        return include
-    # Until the generated header exists, build against the ABI declarations from DESIGN.md.
-    return HERE / "csrc" / "compat"
+    if not (include / "mapreduce.h").is_file():
+        sys.exit(f"{include / 'mapreduce.h'} not found; set MAPREDUCE_ROOT to the repository root")
+    return include
 
 
 def cargo_target_dir() -> Path:
