@@ -149,8 +149,10 @@ test-torch:
 # ---------------------------------------------------------------------------------------------
 # Programs
 
-demo:
-	$(CARGO) run --release --bin mr-bench -- --spawn-local 4
+# The main job: 4 peers and 4 relays on loopback; 256 MiB broadcast and all-reduce through the
+# relays and through the ring, verified, with a summary table.
+demo: lib
+	$(RELEASE_DIR)/mr-bench --demo
 
 BENCH_ARGS ?= --spawn-local 4
 bench:

@@ -39,8 +39,10 @@ trap cleanup EXIT
 ip netns add "$NS-sw"
 ip -n "$NS-sw" link add br0 type bridge
 ip -n "$NS-sw" link set br0 up
-# tbf burst must cover one timer tick at this rate; 1 ms worth, at least 64 KiB.
-BURST=$(( RATE * 1000 / 8 / 1000 * 1 ))
+# tbf burst must cover a few timer ticks at this rate (BURST_MS, default 4 ms), at least 64 KiB;
+# the queue holds QUEUE_MS worth of packets before tbf drops.
+BURST_MS=${BURST_MS:-4} QUEUE_MS=${QUEUE_MS:-20}
+BURST=$(( RATE * 1000 / 8 * BURST_MS / 1000 ))
 [ "$BURST" -lt 65536 ] && BURST=65536
 for i in $(seq 0 $((HOSTS - 1))); do
   h="$NS-h$i"
@@ -55,8 +57,8 @@ for i in $(seq 0 $((HOSTS - 1))); do
   ip -n "$NS-sw" link set "s$i-$$" master br0
   ip -n "$NS-sw" link set "s$i-$$" up
   # Upload (host -> switch) and download (switch -> host) each shaped to RATE.
-  ip netns exec "$h" tc qdisc add dev eth0 root tbf rate "${RATE}mbit" burst "$BURST" latency 100ms
-  ip netns exec "$NS-sw" tc qdisc add dev "s$i-$$" root tbf rate "${RATE}mbit" burst "$BURST" latency 100ms
+  ip netns exec "$h" tc qdisc add dev eth0 root tbf rate "${RATE}mbit" burst "$BURST" latency "${QUEUE_MS}ms"
+  ip netns exec "$NS-sw" tc qdisc add dev "s$i-$$" root tbf rate "${RATE}mbit" burst "$BURST" latency "${QUEUE_MS}ms"
 done
 
 to_bytes() { numfmt --from=iec "$1"; }
@@ -78,7 +80,7 @@ run_peers() {
   local ok=0
   for p in "${pids[@]}"; do wait "$p" || ok=1; done
   if [ $ok -ne 0 ]; then echo "mr-bench failed:" >&2; cat "$out".* >&2; fi
-  grep -v '^#' "$out.0" | awk -v algo="$algo" 'NF>=9 {print algo, $1, $6/1e6}'
+  grep -v '^#' "$out.0" | awk -v algo="$algo" 'NF>=9 && $1 ~ /^[0-9]+$/ {print algo, $1, $6/1e6}'
   rm -f "$out".*
 }
 

@@ -4,12 +4,24 @@
 //! arguments here — a rejected call touches nothing and leaves the communicator usable — then
 //! build the op's schedule and hand it to the progress thread. Ops complete in the order they
 //! were issued.
+//!
+//! Relay segment sizes follow the relays' measured throughput. The progress thread measures
+//! each relay's rate on every relay op ([`RelayRates`]). Before every
+//! [`RELAY_RATE_PERIOD`]th relay op, each rank starts a non-blocking integer all-reduce (sum,
+//! over the ring, never the relays) of its rates in KiB/s; before the relay op
+//! [`RELAY_RATE_PERIOD`] relay ops later it waits for that sum and adopts
+//! [`weights_from_rates`] of it. Collective calls are matched, so every rank counts the same
+//! relay ops, exchanges at the same sequence numbers and receives the same integer sum
+//! whatever the reduction order: the weights, hence the segments, agree on every rank. The
+//! first relay ops split equally. A relay lost in fail-over keeps its weight; the schedule
+//! routes its segment's chunks to the others.
 
+use crate::algo::relay::weights_from_rates;
 use crate::algo::{Collective, OpDesc};
 use crate::buffer::{OpMemory, RawBuf};
 use crate::config::Config;
 use crate::error::{Error, ErrorKind, Result};
-use crate::net::engine::{Completion, Engine, PendingOp};
+use crate::net::engine::{Completion, Engine, PendingOp, RelayRates};
 use crate::types::{DType, Element, ReduceOp};
 use crate::validator::peer::{JobVerify, Recorded};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -35,6 +47,25 @@ pub struct Comm {
     relays: Vec<usize>,
     /// Verification of relay all-reduces (validator-assigned relays, or `MR_VERIFY=1`).
     verify: Option<Arc<JobVerify>>,
+    /// Relay throughput measured by the progress thread, indexed like `config.relays`.
+    relay_rates: RelayRates,
+    /// Declared after `engine`: dropping the engine finishes the rate exchange that writes
+    /// into this before its buffer is freed.
+    relay_weights: Mutex<RelayWeights>,
+}
+
+/// Relay ops between two exchanges of measured relay rates (see the module docs).
+pub const RELAY_RATE_PERIOD: u64 = 8;
+
+/// Segment weights of relay ops, the same on every rank (see the module docs).
+#[derive(Default)]
+struct RelayWeights {
+    /// Relay ops submitted so far.
+    ops: u64,
+    /// One per relay in use; empty: equal segments.
+    current: Vec<u64>,
+    /// The rate exchange in flight and its buffer, which the engine writes until it completes.
+    exchange: Option<(Request, Vec<i64>)>,
 }
 
 /// A non-blocking operation in flight. Its buffers must stay untouched until it completes.
@@ -137,7 +168,8 @@ impl Comm {
         } else {
             Vec::new()
         };
-        let engine = Engine::start(mesh, &config, broken.clone())?;
+        let relay_rates: RelayRates = Arc::new(Mutex::new(vec![0; config.relays.len()]));
+        let engine = Engine::start(mesh, &config, broken.clone(), relay_rates.clone())?;
         let mut comm = Comm {
             rank,
             size,
@@ -148,6 +180,8 @@ impl Comm {
             aborted: AtomicBool::new(false),
             relays: Vec::new(),
             verify: None,
+            relay_rates,
+            relay_weights: Mutex::new(RelayWeights::default()),
         };
         if use_relays {
             // Every rank must cut buffers the same way: use the relays all of them reached.
@@ -215,6 +249,18 @@ impl Comm {
         &self.relays
     }
 
+    /// Relative segment sizes of the next relay op, one per relay in [`Comm::relays`]: all
+    /// equal until measured throughputs were exchanged (see the module docs). Every rank sees
+    /// the same weights after the same calls.
+    pub fn relay_weights(&self) -> Vec<u64> {
+        let w = self.relay_weights.lock().unwrap_or_else(|e| e.into_inner());
+        if w.current.is_empty() {
+            vec![1; self.relays.len()]
+        } else {
+            w.current.clone()
+        }
+    }
+
     /// End every pending and future op with [`ErrorKind::Aborted`] and close all connections.
     /// Callable from any thread, also while another thread is blocked in an op.
     pub fn abort(&self) {
@@ -254,7 +300,7 @@ impl Comm {
             ));
         }
         let mut seq = self.next_seq.lock().unwrap_or_else(|e| e.into_inner());
-        let desc = OpDesc {
+        let mut desc = OpDesc {
             coll,
             seq: *seq,
             dtype,
@@ -262,13 +308,36 @@ impl Comm {
             count,
             root,
         };
+        let weights = if crate::algo::plan::uses_relays(&desc, &self.config, &self.relays) {
+            let w = self.weights_for_relay_op(&mut seq)?;
+            desc.seq = *seq; // a rate exchange may have gone first
+            w
+        } else {
+            Vec::new()
+        };
+        self.submit_locked(&mut seq, desc, &self.relays, &weights, mem, before)
+    }
+
+    /// Build `desc`'s schedule and hand it to the engine; `seq` is the locked next sequence
+    /// number, equal to `desc.seq`.
+    fn submit_locked(
+        &self,
+        seq: &mut u64,
+        desc: OpDesc,
+        relays: &[usize],
+        weights: &[u64],
+        mem: OpMemory,
+        before: &mut dyn FnMut(u64),
+    ) -> Result<Request> {
+        debug_assert_eq!(desc.seq, *seq);
         let mut mem = mem;
         let schedule = crate::algo::plan::build_with_relays(
             &desc,
             self.rank,
             self.size,
             &self.config,
-            &self.relays,
+            relays,
+            weights,
             &mut mem,
         )?;
         let done = Arc::new(Completion::default());
@@ -280,6 +349,70 @@ impl Comm {
         })?;
         *seq += 1;
         Ok(Request::new(done))
+    }
+
+    /// Segment weights for the relay op about to be submitted; every
+    /// [`RELAY_RATE_PERIOD`] relay ops, first adopt the last rate exchange's sum and start the
+    /// next exchange (taking sequence numbers from `seq`).
+    fn weights_for_relay_op(&self, seq: &mut u64) -> Result<Vec<u64>> {
+        let mut w = self.relay_weights.lock().unwrap_or_else(|e| e.into_inner());
+        if w.ops > 0 && w.ops % RELAY_RATE_PERIOD == 0 {
+            if let Some((req, sums)) = w.exchange.take() {
+                match req.wait() {
+                    Ok(()) => {
+                        let rates: Vec<u64> = sums.iter().map(|&s| s.max(0) as u64).collect();
+                        w.current = weights_from_rates(&rates);
+                        log::debug!(
+                            "rank {}: relay rates {rates:?} KiB/s summed over ranks; segment weights {:?}",
+                            self.rank,
+                            w.current
+                        );
+                    }
+                    // The exchange failed on every rank (failures are reported to the peers),
+                    // so every rank keeps the weights it had.
+                    Err(e) => log::warn!(
+                        "rank {}: exchanging relay rates failed, segment weights stay {:?}: {e}",
+                        self.rank,
+                        w.current
+                    ),
+                }
+            }
+            w.exchange = Some(self.start_rate_exchange(seq)?);
+        }
+        w.ops += 1;
+        Ok(w.current.clone())
+    }
+
+    /// Start summing every rank's measured relay rates (KiB/s, one per relay in use) over the
+    /// ring; integers, so every rank gets the same bits whatever the reduction order.
+    fn start_rate_exchange(&self, seq: &mut u64) -> Result<(Request, Vec<i64>)> {
+        let rates = self
+            .relay_rates
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        // Bounded so the sum over all ranks cannot overflow.
+        let most = i64::MAX as u64 / self.size as u64;
+        let mut sums: Vec<i64> = self
+            .relays
+            .iter()
+            .map(|&r| (rates.get(r).copied().unwrap_or(0) / 1024).min(most) as i64)
+            .collect();
+        let desc = OpDesc {
+            coll: Collective::AllReduce,
+            seq: *seq,
+            dtype: DType::I64,
+            op: ReduceOp::Sum,
+            count: sums.len(),
+            root: 0,
+        };
+        // SAFETY: the caller keeps `sums` (whose heap block does not move with the Vec) and
+        // reads it only after the request completed; the engine outlives it (field order).
+        let mem = OpMemory::new(unsafe {
+            RawBuf::new(sums.as_mut_ptr().cast(), sums.len() * DType::I64.size())
+        });
+        let req = self.submit_locked(seq, desc, &[], &[], mem, &mut |_| {})?;
+        Ok((req, sums))
     }
 
     /// Whether an all-reduce of `bytes` goes through the relays (as the plan decides).

@@ -56,34 +56,40 @@ pub fn build(
     config: &Config,
     mem: &mut OpMemory,
 ) -> Result<Box<dyn Schedule>> {
-    build_with_relays(desc, rank, size, config, &[], mem)
+    build_with_relays(desc, rank, size, config, &[], &[], mem)
 }
 
-/// As [`build`], where `relays` are the relay indices every rank is connected to: all-reduce
-/// and broadcast go through them when `MR_ALGO=relay`, or `auto` and the message is at least
-/// [`RELAY_AUTO_MIN_BYTES`].
+/// Whether `desc` goes through `relays` (the relay indices every rank is connected to):
+/// all-reduce and broadcast do when `MR_ALGO=relay`, or `auto` and the message is at least
+/// [`RELAY_AUTO_MIN_BYTES`]. Depends only on what every rank passes alike.
+pub fn uses_relays(desc: &OpDesc, config: &Config, relays: &[usize]) -> bool {
+    !relays.is_empty()
+        && matches!(desc.coll, Collective::AllReduce | Collective::Broadcast)
+        && match config.algo {
+            Algo::Relay => true,
+            Algo::Auto => desc.count * desc.dtype.size() >= RELAY_AUTO_MIN_BYTES,
+            Algo::Ring => false,
+        }
+}
+
+/// As [`build`], through `relays` when [`uses_relays`] says so, their segments sized by
+/// `weights` (one per relay, as for [`crate::algo::relay::segment_ranges`]; empty: equal).
 pub fn build_with_relays(
     desc: &OpDesc,
     rank: usize,
     size: usize,
     config: &Config,
     relays: &[usize],
+    weights: &[u64],
     mem: &mut OpMemory,
 ) -> Result<Box<dyn Schedule>> {
-    let relay_mode = !relays.is_empty()
-        && matches!(desc.coll, Collective::AllReduce | Collective::Broadcast)
-        && match config.algo {
-            Algo::Relay => true,
-            Algo::Auto => desc.count * desc.dtype.size() >= RELAY_AUTO_MIN_BYTES,
-            Algo::Ring => false,
-        };
-    if relay_mode {
+    if uses_relays(desc, config, relays) {
         return Ok(Box::new(RelaySchedule::new(
             *desc,
             rank,
             size,
             relays,
-            &[],
+            weights,
             config.chunk_bytes,
             DEFAULT_WINDOW,
         )));

@@ -10,6 +10,12 @@
 //! * a **lane** is an ordered list of chunks sent to one relay, named by its **path**: the
 //!   positions the chunks went through, ending at the relay that serves them now.
 //!
+//! Segment sizes. Segment k's share of the buffer follows weight k ([`segment_ranges`]):
+//! equal at first, later the relays' throughputs that the engine measured on earlier relay ops
+//! and the ranks summed among themselves ([`weights_from_rates`]; the bookkeeping lives in
+//! [`crate::comm`]). The schedule only needs every rank to pass the same weights, which the
+//! integer arithmetic of the split then turns into the same segments everywhere.
+//!
 //! Flow control: at most `window` chunks per lane are unanswered at a time (a result for
 //! all-reduce, an empty acknowledgement for the broadcast root), so a relay holds at most
 //! `peers × window` chunks of a lane whatever the tensor size.
@@ -90,6 +96,24 @@ pub fn segment_ranges(count: usize, parts: usize, weights: &[u64]) -> Vec<Range<
         start = end;
     }
     out
+}
+
+/// A relay's weight is never below the mean rate divided by this: a relay measured slow still
+/// gets bytes, so its rate keeps being measured and it can win its share back.
+pub const MIN_SHARE_DIVISOR: u64 = 8;
+
+/// Segment weights from the relays' throughputs (one per relay, any unit, summed over the
+/// ranks so every rank passes the same numbers): each rate, raised to the mean rate divided
+/// by [`MIN_SHARE_DIVISOR`]. Empty, meaning an equal split, when nothing was measured.
+pub fn weights_from_rates(rates: &[u64]) -> Vec<u64> {
+    let n = rates.len() as u128;
+    let total: u128 = rates.iter().map(|&r| u128::from(r)).sum();
+    if total == 0 {
+        return Vec::new();
+    }
+    // At most the largest rate over MIN_SHARE_DIVISOR, so it fits a u64.
+    let floor = (total / (n * u128::from(MIN_SHARE_DIVISOR))).max(1) as u64;
+    rates.iter().map(|&r| r.max(floor)).collect()
 }
 
 /// The order in which chunk `index` of segment `origin` prefers the `parts` positions: its own
@@ -753,6 +777,26 @@ mod tests {
             assert_eq!(s[3].end, count);
             assert!(s.windows(2).all(|w| w[0].end == w[1].start));
         }
+    }
+
+    #[test]
+    fn weights_follow_rates_with_a_floor() {
+        assert_eq!(weights_from_rates(&[]), Vec::<u64>::new());
+        assert_eq!(weights_from_rates(&[0, 0, 0]), Vec::<u64>::new());
+        assert_eq!(weights_from_rates(&[300, 100, 200]), vec![300, 100, 200]);
+        // Mean 400, floor 50: the slow and the unmeasured relay are raised to it.
+        assert_eq!(weights_from_rates(&[1190, 10, 0]), vec![1190, 50, 50]);
+        // Tiny totals still give every relay a non-zero weight.
+        assert_eq!(weights_from_rates(&[3, 0]), vec![3, 1]);
+        assert_eq!(
+            weights_from_rates(&[u64::MAX, u64::MAX, 0]),
+            vec![u64::MAX, u64::MAX, u64::MAX / 12]
+        );
+        // The floored relay's segment is about an eighth of an equal share, never empty.
+        let w = weights_from_rates(&[1_000_000, 1]);
+        let s = segment_ranges(1 << 20, 2, &w);
+        assert!(s[1].len() >= (1 << 20) / 2 / 9, "{s:?}");
+        assert!(s[1].len() < s[0].len());
     }
 
     #[test]

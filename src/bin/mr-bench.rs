@@ -218,7 +218,10 @@ fn start_relays(r: usize, token: &str) -> (Relays, String) {
         let addr = format!("127.0.0.1:{}", free_port());
         let child = Command::new(&relayd)
             .args(["--listen", &addr, "--token", token])
-            .env("MR_LOG", std::env::var("MR_LOG").unwrap_or_else(|_| "warn".into()))
+            .env(
+                "MR_LOG",
+                std::env::var("MR_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdin(Stdio::null())
             .spawn()
             .unwrap_or_else(|e| die(format!("cannot start {}: {e}", relayd.display())));

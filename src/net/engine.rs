@@ -17,6 +17,11 @@
 //! arrived from it for [`relay_stall`] while some other relay is not stalled (answering, or
 //! owed nothing). When every relay waited on is silent the cause may as well be a slow peer,
 //! so none is dropped and the op-level timeout applies.
+//!
+//! Relay throughput. During an op the loop counts the bytes that arrive from each relay and
+//! when the last of them came; when the op succeeds it folds each relay's rate (bytes over
+//! the time from the op's start to that relay's last byte) into [`RelayRates`], smoothed over
+//! ops. The communicator turns those rates into segment weights (see [`crate::comm`]).
 
 use crate::algo::{Endpoint, Schedule, Transmit};
 use crate::buffer::{OpMemory, Region};
@@ -45,6 +50,11 @@ const RELAY_STALL: Duration = Duration::from_secs(5);
 pub fn relay_stall(timeout: Duration) -> Duration {
     RELAY_STALL.min(timeout / 2)
 }
+
+/// Measured throughput of each relay (indexed as in [`Endpoint::Relay`]) in bytes per second,
+/// smoothed over the ops that received from it; 0 until measured. Written by the progress
+/// thread after each op, read by the communicator.
+pub type RelayRates = Arc<Mutex<Vec<u64>>>;
 
 /// Where an op's result is delivered; callers block on it or poll it.
 #[derive(Default)]
@@ -99,8 +109,14 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// Take over `mesh` and start the progress thread.
-    pub fn start(mesh: Mesh, config: &Config, broken: Arc<AtomicBool>) -> Result<Engine> {
+    /// Take over `mesh` and start the progress thread, which records relay throughput in
+    /// `rates`.
+    pub fn start(
+        mesh: Mesh,
+        config: &Config,
+        broken: Arc<AtomicBool>,
+        rates: RelayRates,
+    ) -> Result<Engine> {
         let poll = Poll::new().map_err(|e| Error::io("cannot create event loop", e))?;
         let waker = Arc::new(
             Waker::new(poll.registry(), WAKER).map_err(|e| Error::io("cannot create waker", e))?,
@@ -140,6 +156,8 @@ impl Engine {
             timeout: config.timeout,
             dead_relays: BTreeSet::new(),
             relay_heard: HashMap::new(),
+            relay_bytes: HashMap::new(),
+            rates,
             shutting_down: false,
             scratch: vec![0u8; 64 << 10],
         };
@@ -279,6 +297,7 @@ impl Conn {
 
 struct Active {
     op: PendingOp,
+    started: Instant,
     last_progress: Instant,
 }
 
@@ -303,6 +322,9 @@ struct Loop {
     dead_relays: BTreeSet<usize>,
     /// When bytes last arrived from each relay during the current op.
     relay_heard: HashMap<usize, Instant>,
+    /// Bytes (headers and payloads) that arrived from each relay during the current op.
+    relay_bytes: HashMap<usize, u64>,
+    rates: RelayRates,
     shutting_down: bool,
     /// Sink for payloads of frames we discard.
     scratch: Vec<u8>,
@@ -423,9 +445,11 @@ impl Loop {
                 let now = Instant::now();
                 self.current = Some(Active {
                     op,
+                    started: now,
                     last_progress: now,
                 });
                 self.relay_heard.clear();
+                self.relay_bytes.clear();
                 for ep in self.by_endpoint.keys() {
                     if let Endpoint::Relay(r) = *ep {
                         self.relay_heard.insert(r, now);
@@ -501,6 +525,7 @@ impl Loop {
             if a.op.schedule.is_complete() {
                 let a = self.current.take().expect("current op");
                 self.last_seq = a.op.schedule.desc().seq;
+                self.fold_relay_rates(a.started);
                 a.op.done.complete(Ok(()));
                 continue;
             }
@@ -650,6 +675,7 @@ impl Loop {
                         got += n;
                         if let (Endpoint::Relay(r), true) = (ep, self.current.is_some()) {
                             self.relay_heard.insert(r, Instant::now());
+                            *self.relay_bytes.entry(r).or_default() += n as u64;
                         }
                     }
                     Err(e) => {
@@ -693,17 +719,19 @@ impl Loop {
                             read_some(&mut self.conns[i].stream, &mut self.scratch[..want], ep)
                         }
                     };
-                    match res {
-                        Ok(n) => got += n,
+                    let n = match res {
+                        Ok(n) => n,
                         Err(e) => {
                             self.conns[i].read = ReadState::Payload { header, got, sink };
                             return Err(e);
                         }
-                    }
+                    };
+                    got += n;
                     if let Some(a) = self.current.as_mut() {
                         a.last_progress = Instant::now();
                         if let Endpoint::Relay(r) = ep {
                             self.relay_heard.insert(r, a.last_progress);
+                            *self.relay_bytes.entry(r).or_default() += n as u64;
                         }
                     }
                 }
@@ -815,6 +843,31 @@ impl Loop {
         if let Err(e) = a.op.schedule.handle_frame(&mut a.op.mem, ep, h, payload) {
             self.fail_current(e);
         }
+    }
+
+    /// An op that started at `started` succeeded: fold the rate of every relay it received
+    /// from into [`RelayRates`] (a quarter of the new sample, three quarters of the old rate).
+    fn fold_relay_rates(&mut self, started: Instant) {
+        if self.relay_bytes.is_empty() {
+            return;
+        }
+        let mut rates = self.rates.lock().unwrap_or_else(|e| e.into_inner());
+        for (&r, &n) in &self.relay_bytes {
+            let (Some(rate), Some(heard)) = (rates.get_mut(r), self.relay_heard.get(&r)) else {
+                continue;
+            };
+            let nanos = heard.saturating_duration_since(started).as_nanos();
+            if nanos == 0 || self.dead_relays.contains(&r) {
+                continue;
+            }
+            let sample = (u128::from(n) * 1_000_000_000 / nanos).min(u128::from(u64::MAX)) as u64;
+            *rate = if *rate == 0 {
+                sample
+            } else {
+                ((u128::from(*rate) * 3 + u128::from(sample)) / 4) as u64
+            };
+        }
+        log::trace!("rank {}: relay rates {:?} B/s", self.rank, *rates);
     }
 
     /// The current op failed here: tell every peer (so nobody waits for us), end it.

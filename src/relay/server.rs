@@ -146,11 +146,13 @@ pub struct Relay {
 
 /// Misbehaviour for testing verification (debug builds only): `MR_RELAY_TEST_CORRUPT=f`
 /// perturbs every element of a fraction `f` of result chunks; `MR_RELAY_TEST_EQUIVOCATE=f`
-/// sends other bytes to every rank but 0 for a fraction `f` of chunks.
+/// sends other bytes to every rank but 0 for a fraction `f` of chunks;
+/// `MR_RELAY_TEST_DELAY_US=n` sleeps `n` µs on every data frame, making a slow relay.
 #[derive(Default)]
 struct TestFaults {
     corrupt: f64,
     equivocate: f64,
+    delay: Duration,
     rng: u64,
 }
 
@@ -164,6 +166,10 @@ impl TestFaults {
             let f = |name: &str| std::env::var(name).ok().and_then(|v| v.parse::<f64>().ok());
             t.corrupt = f("MR_RELAY_TEST_CORRUPT").unwrap_or(0.0);
             t.equivocate = f("MR_RELAY_TEST_EQUIVOCATE").unwrap_or(0.0);
+            t.delay = Duration::from_micros(f("MR_RELAY_TEST_DELAY_US").unwrap_or(0.0) as u64);
+            if !t.delay.is_zero() {
+                log::warn!("test faults enabled: {:?} delay per data frame", t.delay);
+            }
             if t.corrupt > 0.0 || t.equivocate > 0.0 {
                 log::warn!(
                     "test faults enabled: corrupting {} and equivocating {} of result chunks",
@@ -795,6 +801,9 @@ impl Relay {
             return Err(Error::internal("connection of a job that ended"));
         };
         j.bytes_in += payload.len() as u64;
+        if !self.test_faults.delay.is_zero() {
+            std::thread::sleep(self.test_faults.delay);
+        }
         let f = check_data_header(&h, rank, j.hello.world, j.hello.chunk_bytes)?;
         let world = j.hello.world;
         match f.coll {

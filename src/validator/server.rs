@@ -118,8 +118,12 @@ impl State {
     }
 
     pub fn save(&self) {
+        let reg = self.registry.lock().unwrap_or_else(|e| e.into_inner());
+        self.save_locked(&reg);
+    }
+
+    fn save_locked(&self, reg: &Registry) {
         if let Some(p) = &self.scores {
-            let reg = self.registry.lock().unwrap_or_else(|e| e.into_inner());
             if let Err(e) = reg.save(p) {
                 log::warn!("{e}");
             }
@@ -324,8 +328,9 @@ impl State {
             Err(e) => log::warn!("job {job}: op seq {seq}: inconsistent reports: {e}"),
         }
         reg.rescore();
-        drop(reg);
-        self.save();
+        // Persist before the lock is released, so nobody can see a score that a crash
+        // right now would lose.
+        self.save_locked(&reg);
         Ok(())
     }
 }

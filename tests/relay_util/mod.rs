@@ -23,6 +23,11 @@ impl RelayProc {
     }
 
     pub fn start_with(token: &str, extra: &[&str]) -> RelayProc {
+        RelayProc::start_with_env(token, extra, &[])
+    }
+
+    /// As [`RelayProc::start_with`], with extra environment variables (test faults).
+    pub fn start_with_env(token: &str, extra: &[&str], env: &[(&str, &str)]) -> RelayProc {
         let mut child = Command::new(env!("CARGO_BIN_EXE_mr-relayd"))
             .args([
                 "--listen",
@@ -33,6 +38,7 @@ impl RelayProc {
                 "1",
             ])
             .args(extra)
+            .envs(env.iter().copied())
             .env("MR_LOG", "debug")
             .stderr(Stdio::piped())
             .stdout(Stdio::null())
