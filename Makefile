@@ -53,7 +53,8 @@ TEST_ENV := MR_TIMEOUT_MS=60000
 EXAMPLE_RANKS ?= 4
 
 .PHONY: build lib c-examples test check-header cargo-test c-test c-test-valgrind \
-	check-install test-torch demo bench header install venv lint clean distclean
+	check-install torch-install test-torch demo bench bench-torch header install venv lint \
+	clean distclean
 
 # ---------------------------------------------------------------------------------------------
 # Build
@@ -137,14 +138,13 @@ check-install: lib
 	$(TEST_ENV) LD_LIBRARY_PATH=$(BUILD)/prefix/lib $(BUILD)/installed/allreduce-shared 2
 	$(TEST_ENV) $(BUILD)/installed/allreduce-static 2
 
+# The PyTorch backend, built against the venv's torch and installed into it.
+torch-install: build venv
+	$(VENV)/bin/python -m pip install --no-build-isolation --no-deps ./torch-extension
+
 # The PyTorch backend's tests, in the local virtualenv.
-test-torch:
-	@if [ -d torch-extension/tests ]; then \
-		$(MAKE) --no-print-directory venv && \
-		$(VENV)/bin/python -m pytest -q torch-extension/tests; \
-	else \
-		echo "test-torch: torch-extension/tests does not exist yet; nothing to run"; \
-	fi
+test-torch: torch-install
+	$(TEST_ENV) $(VENV)/bin/python -m pytest -q torch-extension/tests
 
 # ---------------------------------------------------------------------------------------------
 # Programs
@@ -155,8 +155,12 @@ demo: lib
 	$(RELEASE_DIR)/mr-bench --demo
 
 BENCH_ARGS ?= --spawn-local 4
-bench:
-	$(CARGO) run --release --bin mr-bench -- $(BENCH_ARGS)
+bench: lib
+	$(RELEASE_DIR)/mr-bench $(BENCH_ARGS)
+
+# mapreduce against gloo, same tensors, one run (see BENCHMARKS.md).
+bench-torch: torch-install
+	$(VENV)/bin/python bench/torch_collectives.py --ranks 2,4 --max-size 256M --svg bench/torch_collectives.svg
 
 # ---------------------------------------------------------------------------------------------
 # Install
@@ -181,7 +185,7 @@ venv:
 		echo "venv: $(VENV) already has torch, numpy and pytest"; \
 	else \
 		$(VENV)/bin/python -m pip install --upgrade pip && \
-		$(VENV)/bin/python -m pip install torch numpy pytest; \
+		$(VENV)/bin/python -m pip install torch numpy pytest setuptools; \
 	fi
 
 # ---------------------------------------------------------------------------------------------
