@@ -271,16 +271,26 @@ fn spawn_job(
         Vec::new()
     } else {
         [
-            "--op", &ops.join(",").replace("reduce_scatter", "reduce-scatter"),
-            "--dtype", &args.dtype,
-            "--redop", &args.redop,
-            "--min-bytes", &args.min_bytes.to_string(),
-            "--max-bytes", &args.max_bytes.to_string(),
-            "--step-factor", &args.step_factor.to_string(),
-            "--warmup", &args.warmup.to_string(),
-            "--iters", &args.iters.to_string(),
-            "--check", &args.check.to_string(),
-            "--root", &args.root.to_string(),
+            "--op",
+            &ops.join(",").replace("reduce_scatter", "reduce-scatter"),
+            "--dtype",
+            &args.dtype,
+            "--redop",
+            &args.redop,
+            "--min-bytes",
+            &args.min_bytes.to_string(),
+            "--max-bytes",
+            &args.max_bytes.to_string(),
+            "--step-factor",
+            &args.step_factor.to_string(),
+            "--warmup",
+            &args.warmup.to_string(),
+            "--iters",
+            &args.iters.to_string(),
+            "--check",
+            &args.check.to_string(),
+            "--root",
+            &args.root.to_string(),
         ]
         .iter()
         .map(|s| s.to_string())
