@@ -57,6 +57,26 @@ use std::ops::Range;
 /// Chunks in flight per lane.
 pub const DEFAULT_WINDOW: usize = 4;
 
+/// Largest input backup kept for the next op (see [`SPARE_BACKUP`]).
+pub const MAX_SPARE_BACKUP: usize = 256 << 20;
+
+thread_local! {
+    /// The input backup of the last all-reduce that ran on this thread (the communicator's
+    /// progress thread), kept for the next one: a fresh backup is an anonymous mapping whose
+    /// every page faults in while results arrive, which cost peers more than the copies
+    /// themselves. Buffers above [`MAX_SPARE_BACKUP`] are not kept.
+    static SPARE_BACKUP: std::cell::RefCell<Option<Scratch>> = const { std::cell::RefCell::new(None) };
+}
+
+/// A backup of at least `len` bytes (contents unspecified: only chunks copied in are read).
+fn take_backup(len: usize) -> Result<Scratch> {
+    let spare = SPARE_BACKUP.with(|s| s.borrow_mut().take());
+    match spare {
+        Some(b) if b.len() >= len => Ok(b),
+        _ => Scratch::zeroed(len),
+    }
+}
+
 /// Rank-to-rank notice: the sender has every result of the op.
 pub const AUX_DONE: u32 = u32::MAX;
 /// Rank-to-rank notice: the sender runs the op through the ring; join it.
@@ -533,7 +553,7 @@ impl RelaySchedule {
             return Ok(());
         }
         if self.backup.is_none() {
-            self.backup = Some(Scratch::zeroed(user.len())?);
+            self.backup = Some(take_backup(user.len())?);
         }
         let backup = self.backup.as_mut().expect("backup").as_mut_slice();
         backup[r.clone()].copy_from_slice(&user[r.clone()]);
@@ -542,6 +562,22 @@ impl RelaySchedule {
         self.chunks[c].done = true;
         self.done_count += 1;
         Ok(())
+    }
+}
+
+impl Drop for RelaySchedule {
+    fn drop(&mut self) {
+        let Some(b) = self.backup.take() else {
+            return;
+        };
+        if b.len() <= MAX_SPARE_BACKUP {
+            SPARE_BACKUP.with(|s| {
+                let mut s = s.borrow_mut();
+                if s.as_ref().map_or(true, |old| old.len() <= b.len()) {
+                    *s = Some(b);
+                }
+            });
+        }
     }
 }
 
@@ -1104,6 +1140,24 @@ mod tests {
             let b = (seed as usize * 11) % 100;
             // Peers learn of the two losses over a long spread, so in differing orders.
             run_allreduce(seed, 4, 4, &[(a, 1), (b, 3)], 60);
+        }
+    }
+
+    /// A backup left by an earlier op holds stale bytes: failover must only read what this
+    /// op copied into it.
+    #[test]
+    fn a_reused_backup_never_leaks_stale_bytes() {
+        for seed in 0..20 {
+            let mut stale = Scratch::zeroed(4096).unwrap();
+            stale.as_mut_slice().fill(0xA5);
+            SPARE_BACKUP.with(|s| *s.borrow_mut() = Some(stale));
+            let at = (seed as usize * 7) % 80;
+            run_allreduce(seed, 3, 2, &[(at, 0), (at + 3, 1)], 10);
+            let kept = SPARE_BACKUP.with(|s| s.borrow().as_ref().map(|b| b.len()));
+            assert!(
+                kept.is_some_and(|n| n >= 4096),
+                "the backup is kept: {kept:?}"
+            );
         }
     }
 

@@ -495,6 +495,7 @@ impl Relay {
     /// Write queued frames until the socket is full.
     fn flush(&mut self, id: usize) {
         let mut acks = Vec::new();
+        let mut spent = Vec::new();
         let result: std::io::Result<()> = {
             let Some(c) = self.conns.get_mut(&id) else {
                 return;
@@ -521,6 +522,10 @@ impl Relay {
                         self.stats.bytes_out += n as u64;
                         if f.written == total {
                             let f = c.out.pop_front().expect("front frame");
+                            if let Payload::Shared(p) = f.payload {
+                                // The last copy written: the buffer can take another frame.
+                                spent.extend(Rc::into_inner(p));
+                            }
                             if let Some(fan) = f.fanout {
                                 fan.remaining.set(fan.remaining.get() - 1);
                                 if fan.remaining.get() == 0 {
@@ -535,6 +540,15 @@ impl Relay {
                 }
             }
         };
+        if !spent.is_empty() {
+            if let Some(State::Ready { job, .. }) = self.conns.get(&id).map(|c| &c.state) {
+                if let Some(j) = self.jobs.get_mut(job) {
+                    for s in spent {
+                        j.sums.pool.give(s);
+                    }
+                }
+            }
+        }
         for (root, ack) in acks {
             self.enqueue(root, ack, Payload::None, None);
         }
@@ -610,6 +624,7 @@ impl Relay {
     fn on_header(&mut self, id: usize, buf: &[u8; HEADER_LEN]) -> Result<()> {
         let h = FrameHeader::decode(buf)?;
         let c = self.conns.get_mut(&id).expect("connection");
+        let mut data_of = None;
         let limit = match (&c.state, h.kind()) {
             (State::AwaitHello { .. }, FrameKind::Hello) => MAX_CONTROL_PAYLOAD,
             (State::AwaitHello { .. }, k) => {
@@ -618,6 +633,7 @@ impl Relay {
             (State::Ready { job, rank }, FrameKind::Data) => {
                 let j = &self.jobs[job];
                 check_data_header(&h, *rank, j.hello.world, j.hello.chunk_bytes)?;
+                data_of = Some(*job);
                 h.len as usize
             }
             (State::Ready { .. }, FrameKind::OpError) => MAX_CONTROL_PAYLOAD,
@@ -634,7 +650,11 @@ impl Relay {
                 h.len
             )));
         }
-        let buf = Scratch::zeroed(h.len as usize)?;
+        // Data payloads are received whole into the buffer, so a reused one needs no zeroing.
+        let buf = match data_of.and_then(|job| self.jobs.get_mut(&job)) {
+            Some(j) => j.sums.pool.take(h.len as usize)?,
+            None => Scratch::zeroed(h.len as usize)?,
+        };
         if h.len == 0 {
             return self.on_frame(id, h, buf);
         }
@@ -756,7 +776,7 @@ impl Relay {
                 Job {
                     hello: jh.clone(),
                     members: vec![Vec::new(); jh.world],
-                    sums: Sums::new(jh.world, budget / 4 * 3),
+                    sums: Sums::new(jh.world, budget / 4 * 3, budget),
                     budget,
                     bytes_in: 0,
                 },

@@ -88,6 +88,55 @@ struct Chunk {
     held: usize,
 }
 
+/// Buffers of one job that are free again, kept for the next frames of the same sizes.
+///
+/// A fresh chunk-sized buffer is an anonymous mapping: an `mmap`, a page fault per page as the
+/// payload is received into it, and an `munmap` once the result is written — several times the
+/// cost of receiving the bytes. Reusing buffers keeps those pages resident instead. The pool
+/// only holds buffers the job had in use at once before, and at most `limit` bytes, so it does
+/// not raise the job's peak memory; it goes away with the job.
+pub struct Pool {
+    free: HashMap<usize, Vec<Scratch>>,
+    bytes: usize,
+    limit: usize,
+}
+
+impl Pool {
+    pub fn new(limit: usize) -> Pool {
+        Pool {
+            free: HashMap::new(),
+            bytes: 0,
+            limit,
+        }
+    }
+
+    /// A buffer of `len` bytes with unspecified contents (zeroed when freshly allocated).
+    pub fn take(&mut self, len: usize) -> Result<Scratch> {
+        match self.free.get_mut(&len).and_then(Vec::pop) {
+            Some(s) => {
+                self.bytes -= len;
+                Ok(s)
+            }
+            None => Scratch::zeroed(len),
+        }
+    }
+
+    /// Return a buffer for reuse (dropped when the pool is full).
+    pub fn give(&mut self, s: Scratch) {
+        let len = s.len();
+        if len == 0 || self.bytes + len > self.limit {
+            return;
+        }
+        self.bytes += len;
+        self.free.entry(len).or_default().push(s);
+    }
+
+    /// Bytes held for reuse.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+}
+
 /// Streaming rank-order sums of one job.
 pub struct Sums {
     world: usize,
@@ -97,16 +146,20 @@ pub struct Sums {
     held: usize,
     /// High-water mark of `held`.
     pub peak: usize,
+    /// Buffers for payloads, accumulators and results; folded contributions return here.
+    pub pool: Pool,
 }
 
 impl Sums {
-    pub fn new(world: usize, limit: usize) -> Sums {
+    /// `pool_limit`: most bytes of free buffers kept for reuse.
+    pub fn new(world: usize, limit: usize, pool_limit: usize) -> Sums {
         Sums {
             world,
             limit,
             chunks: HashMap::new(),
             held: 0,
             peak: 0,
+            pool: Pool::new(pool_limit),
         }
     }
 
@@ -174,13 +227,13 @@ impl Sums {
             self.held += added;
         } else {
             let before = chunk.held;
-            fold(chunk, payload).map_err(Fault::Conn)?;
+            fold(chunk, payload, &mut self.pool).map_err(Fault::Conn)?;
             while chunk.next < world {
                 let Some(p) = chunk.staged[chunk.next].take() else {
                     break;
                 };
                 chunk.held -= p.len();
-                fold(chunk, p).map_err(Fault::Conn)?;
+                fold(chunk, p, &mut self.pool).map_err(Fault::Conn)?;
             }
             self.held = self.held + chunk.held - before;
         }
@@ -191,34 +244,44 @@ impl Sums {
         let chunk = self.chunks.remove(&key).expect("finished chunk");
         self.held -= chunk.held;
         let header = chunk.header;
-        Ok(Some((header, finish(chunk, world).map_err(Fault::Conn)?)))
+        let out = finish(chunk, world, &mut self.pool).map_err(Fault::Conn)?;
+        Ok(Some((header, out)))
     }
 
     /// Forget every chunk of op `seq` (the op failed).
     pub fn drop_seq(&mut self, seq: u64) {
         let mut freed = 0;
+        let mut dropped = Vec::new();
         self.chunks.retain(|k, c| {
             if k.0 == seq {
                 freed += c.held;
+                dropped.extend(c.acc.take());
+                dropped.extend(c.staged.iter_mut().filter_map(Option::take));
                 false
             } else {
                 true
             }
         });
         self.held -= freed;
+        for s in dropped {
+            self.pool.give(s);
+        }
     }
 }
 
-/// Fold the contribution of rank `chunk.next` into the accumulator.
-fn fold(chunk: &mut Chunk, payload: Scratch) -> Result<()> {
+/// Fold the contribution of rank `chunk.next` into the accumulator; spent buffers go to `pool`.
+fn fold(chunk: &mut Chunk, payload: Scratch, pool: &mut Pool) -> Result<()> {
     let widened = chunk.dtype.accumulator() != chunk.dtype;
     match chunk.acc.as_mut() {
         None if !widened => {
             chunk.held += payload.len();
             chunk.acc = Some(payload);
+            chunk.next += 1;
+            return Ok(());
         }
         None => {
-            let mut acc = Scratch::zeroed(payload.len() * 2)?;
+            // `widen` writes every element, so a reused buffer needs no zeroing.
+            let mut acc = pool.take(payload.len() * 2)?;
             reduce::widen(chunk.dtype, acc.as_mut_slice(), payload.as_slice());
             chunk.held += acc.len();
             chunk.acc = Some(acc);
@@ -236,13 +299,14 @@ fn fold(chunk: &mut Chunk, payload: Scratch) -> Result<()> {
             payload.as_slice(),
         ),
     }
+    pool.give(payload);
     chunk.next += 1;
     Ok(())
 }
 
 /// The finished chunk in the op's dtype: AVG divided by the world size, 16-bit floats rounded
 /// once from f32.
-fn finish(chunk: Chunk, world: usize) -> Result<Scratch> {
+fn finish(chunk: Chunk, world: usize, pool: &mut Pool) -> Result<Scratch> {
     let mut acc = chunk.acc.expect("a finished chunk has an accumulator");
     let acc_dtype = chunk.dtype.accumulator();
     if chunk.op == ReduceOp::Avg {
@@ -251,8 +315,10 @@ fn finish(chunk: Chunk, world: usize) -> Result<Scratch> {
     if acc_dtype == chunk.dtype {
         return Ok(acc);
     }
-    let mut out = Scratch::zeroed(acc.len() / 2)?;
+    // `narrow` writes every element, so a reused buffer needs no zeroing.
+    let mut out = pool.take(acc.len() / 2)?;
     reduce::narrow(chunk.dtype, out.as_mut_slice(), acc.as_slice());
+    pool.give(acc);
     Ok(out)
 }
 
@@ -289,7 +355,7 @@ mod tests {
             let d = desc(DType::F32, ReduceOp::Sum, 1);
             let h = d.header(0, 0, 4);
             let f = check_data_header(&h, 0, world, 64).unwrap();
-            let mut sums = Sums::new(world, 1 << 20);
+            let mut sums = Sums::new(world, 1 << 20, 1 << 20);
             let mut out = None;
             for &r in &order {
                 let res = sums
@@ -316,7 +382,7 @@ mod tests {
         let d = desc(DType::F16, ReduceOp::Avg, 1);
         let h = d.header(0, 0, 2);
         let f = check_data_header(&h, 0, world, 64).unwrap();
-        let mut sums = Sums::new(world, 1 << 20);
+        let mut sums = Sums::new(world, 1 << 20, 1 << 20);
         let mut out = None;
         for r in [2, 0, 1] {
             out = sums
@@ -342,7 +408,7 @@ mod tests {
         assert!(check_data_header(&b, 0, 2, 64).is_err());
         let h = d.header(0, 0, 8);
         let f = check_data_header(&h, 0, 2, 64).unwrap();
-        let mut sums = Sums::new(3, 16);
+        let mut sums = Sums::new(3, 16, 0);
         sums.contribute(1, &h, f, scratch(&[0; 8])).unwrap();
         assert!(matches!(
             sums.contribute(1, &h, f, scratch(&[0; 8])),
