@@ -17,9 +17,9 @@ fn counts(relays: usize) -> Vec<usize> {
 
 #[test]
 fn allreduce_and_broadcast_for_every_peer_and_relay_count() {
-    for r in 1..=3 {
+    for r in [1, 2, 3, 5] {
         let relays: Vec<RelayProc> = (0..r).map(|_| RelayProc::start(TOKEN)).collect();
-        for p in 1..=4 {
+        for p in [1, 2, 3, 4, 8] {
             let cfg = relay_config(&relays, TOKEN);
             let res = run_job(p, cfg, move |comm| {
                 assert_eq!(comm.relays().len(), r, "every relay is in use");
