@@ -17,7 +17,7 @@
 //! reduce-scatter frames, in the caller's dtype for all-gather and broadcast frames.
 
 use crate::algo::plan::{block, bytes, segments};
-use crate::algo::{Collective, Endpoint, OpDesc, Schedule, Transmit};
+use crate::algo::{Endpoint, OpDesc, Schedule, Transmit};
 use crate::buffer::{OpMemory, Region};
 use crate::error::{Error, Result};
 use crate::reduce;
@@ -1144,12 +1144,5 @@ impl Schedule for RecursiveDoubling {
             self.step,
             self.steps
         )
-    }
-}
-
-impl Collective {
-    /// Collectives whose data frames carry a reduction op that must match across ranks.
-    pub fn reduces(self) -> bool {
-        matches!(self, Collective::AllReduce | Collective::ReduceScatter)
     }
 }

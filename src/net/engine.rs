@@ -28,7 +28,7 @@ use crate::buffer::{OpMemory, Region};
 use crate::config::Config;
 use crate::error::{Error, ErrorKind, Result};
 use crate::net::bootstrap::Mesh;
-use crate::wire::{self, FrameHeader, FrameKind, HEADER_LEN};
+use crate::wire::{FrameHeader, FrameKind, HEADER_LEN};
 use crossbeam_channel::{Receiver, Sender};
 use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token, Waker};
@@ -1120,11 +1120,4 @@ fn read_some(
             }
         }
     }
-}
-
-#[allow(dead_code)]
-fn _assert_send() {
-    fn is_send<T: Send>() {}
-    is_send::<PendingOp>();
-    let _ = wire::MAX_PAYLOAD;
 }
