@@ -7,7 +7,7 @@
 //!   elements ([`segments`]). Each segment travels as one data frame.
 
 use crate::algo::relay::{RelaySchedule, DEFAULT_WINDOW};
-use crate::algo::ring::{Broadcast, RecursiveDoubling, RingGather, RingReduce};
+use crate::algo::ring::{Broadcast, RecursiveDoubling, RingGather, RingReduce, TreeBroadcast};
 use crate::algo::{Collective, OpDesc, Schedule};
 use crate::buffer::{OpMemory, Scratch};
 use crate::config::{Algo, Config};
@@ -114,7 +114,13 @@ pub fn build_with_relays(
             Box::new(RingReduce::new(*desc, rank, size, chunk, false, mem))
         }
         Collective::AllGather => Box::new(RingGather::new(*desc, rank, size, chunk, mem)),
-        Collective::Broadcast => Box::new(Broadcast::new(*desc, rank, size, chunk)),
+        Collective::Broadcast => {
+            if desc.count * desc.dtype.size() < config.small_bytes {
+                Box::new(TreeBroadcast::new(*desc, rank, size, chunk))
+            } else {
+                Box::new(Broadcast::new(*desc, rank, size, chunk))
+            }
+        }
         Collective::Barrier => {
             mem.acc = Some(Scratch::zeroed(0)?);
             Box::new(RecursiveDoubling::new(*desc, rank, size))

@@ -799,6 +799,171 @@ impl Schedule for Broadcast {
     }
 }
 
+/// Binomial-tree broadcast for small messages: with v = (rank − root) mod n, rank v receives
+/// the whole buffer from v − 2^⌊log2 v⌋ and passes it to v + 2^j for every 2^j > v (largest
+/// subtree first), so the last rank has it after ⌈log2 n⌉ hops instead of the chain's n − 1.
+pub struct TreeBroadcast {
+    desc: OpDesc,
+    rank: usize,
+    n: usize,
+    chunk: usize,
+    /// Distance from the root.
+    v: usize,
+    started: bool,
+    tally: Tally,
+}
+
+impl TreeBroadcast {
+    pub fn new(desc: OpDesc, rank: usize, n: usize, chunk: usize) -> TreeBroadcast {
+        let bytes = desc.count * desc.dtype.size();
+        let v = modn(rank as isize - desc.root as isize, n);
+        let mut s = TreeBroadcast {
+            desc,
+            rank,
+            n,
+            chunk,
+            v,
+            started: false,
+            tally: Tally::default(),
+        };
+        s.tally.send_expected = s.children().len() * bytes;
+        s.tally.recv_expected = if v > 0 { bytes } else { 0 };
+        s
+    }
+
+    /// Children as ranks, largest subtree first.
+    fn children(&self) -> Vec<usize> {
+        let first = usize::BITS - self.v.leading_zeros();
+        let mut c: Vec<usize> = (first..usize::BITS)
+            .map(|j| 1usize << j)
+            .take_while(|&d| self.v + d < self.n)
+            .map(|d| (self.v + d + self.desc.root) % self.n)
+            .collect();
+        c.reverse();
+        c
+    }
+
+    fn parent(&self) -> Endpoint {
+        let hi = 1usize << (usize::BITS - 1 - self.v.leading_zeros());
+        Endpoint::Rank((self.v - hi + self.desc.root) % self.n)
+    }
+
+    /// Queue `range` (bytes of `mem.user`) to every child.
+    fn forward(&mut self, range: Range<usize>) {
+        for child in self.children() {
+            let header = self
+                .desc
+                .header(self.desc.root as u32, range.start, range.len());
+            let region = Region::User {
+                offset: range.start,
+                len: range.len(),
+            };
+            self.tally.push(Transmit {
+                to: Endpoint::Rank(child),
+                header,
+                region,
+            });
+        }
+    }
+
+    /// Validate a frame; the byte range of `mem.user` it fills.
+    fn target(&self, from: Endpoint, h: &FrameHeader) -> Result<Range<usize>> {
+        self.desc.check_matches(from, h)?;
+        if h.aux as usize != self.desc.root {
+            return Err(Error::invalid(format!(
+                "mismatched collective calls: {from} broadcasts from root {} but this rank called {}",
+                h.aux, self.desc
+            )));
+        }
+        if self.v == 0 || from != self.parent() {
+            return Err(Error::remote(format!(
+                "{}: unexpected data from {from}",
+                self.desc
+            )));
+        }
+        let size = self.desc.dtype.size();
+        check_range(
+            &self.desc,
+            from,
+            h,
+            h.len as usize,
+            &(0..self.desc.count * size),
+            size,
+        )
+    }
+
+    fn landed(&mut self, r: Range<usize>) {
+        self.tally.received += r.len();
+        self.forward(r);
+    }
+}
+
+impl Schedule for TreeBroadcast {
+    fn desc(&self) -> &OpDesc {
+        &self.desc
+    }
+    fn poll_transmit(&mut self, _mem: &mut OpMemory) -> Option<Transmit> {
+        if !self.started {
+            self.started = true;
+            if self.v == 0 {
+                let size = self.desc.dtype.size();
+                for seg in segments(0..self.desc.count * size, size, self.chunk) {
+                    self.forward(seg);
+                }
+            }
+        }
+        self.tally.pop()
+    }
+    fn handle_sent(&mut self, t: &Transmit) {
+        self.tally.sent(t);
+    }
+    fn handle_frame(
+        &mut self,
+        mem: &mut OpMemory,
+        from: Endpoint,
+        h: &FrameHeader,
+        payload: &[u8],
+    ) -> Result<()> {
+        let r = self.target(from, h)?;
+        mem.user.as_mut_slice()[r.clone()].copy_from_slice(payload);
+        self.landed(r);
+        Ok(())
+    }
+    fn recv_in_place(&mut self, from: Endpoint, h: &FrameHeader) -> Result<Option<Region>> {
+        let r = self.target(from, h)?;
+        Ok(Some(Region::User {
+            offset: r.start,
+            len: r.len(),
+        }))
+    }
+    fn handle_frame_in_place(
+        &mut self,
+        _mem: &mut OpMemory,
+        from: Endpoint,
+        h: &FrameHeader,
+    ) -> Result<()> {
+        let r = self.target(from, h)?;
+        self.landed(r);
+        Ok(())
+    }
+    fn is_complete(&self) -> bool {
+        self.started && self.tally.complete()
+    }
+    fn waiting_for(&self) -> String {
+        format!(
+            "{} (tree from root {}: rank {} waits on {})",
+            self.tally.describe(),
+            self.desc.root,
+            self.rank,
+            if self.v == 0 {
+                "nobody".to_string()
+            } else {
+                self.parent().to_string()
+            }
+        )
+    }
+}
+
 /// Recursive doubling over the largest power of two p ≤ n ranks; the n − p extra ranks first
 /// fold their data into a neighbour and get the result back at the end. Partners combine in
 /// rank order (lower group on the left), so every rank computes the same bits. Used for small

@@ -415,7 +415,7 @@ mod tests {
 
     #[test]
     fn allgather_and_broadcast() {
-        for n in [1, 2, 3, 4, 7] {
+        for n in [1, 2, 3, 4, 5, 7, 8, 9] {
             for count in [0, 1, 5, 40] {
                 let d = desc(Collective::AllGather, DType::I32, ReduceOp::Sum, count, 0);
                 let input: Vec<Vec<u8>> = (0..n)
@@ -445,7 +445,7 @@ mod tests {
                         DType::F64,
                         &(0..count).map(|i| value(root, i)).collect::<Vec<_>>(),
                     );
-                    let user = (0..n)
+                    let user: Vec<Vec<u8>> = (0..n)
                         .map(|r| {
                             if r == root {
                                 data.clone()
@@ -454,6 +454,21 @@ mod tests {
                             }
                         })
                         .collect();
+                    // The binomial tree (small messages) must agree with the chain.
+                    let mut tree = Sim::new(
+                        d,
+                        &config(16, usize::MAX),
+                        user.clone(),
+                        vec![Vec::new(); n],
+                        root as u64,
+                    );
+                    tree.drive_bounded(100_000).unwrap();
+                    for k in &tree.ranks {
+                        assert_eq!(
+                            k.user, data,
+                            "tree broadcast n={n} root={root} count={count}"
+                        );
+                    }
                     let mut sim =
                         Sim::new(d, &config(16, 0), user, vec![Vec::new(); n], root as u64);
                     sim.drive_bounded(100_000).unwrap();
