@@ -7,7 +7,7 @@
 //!   elements ([`segments`]). Each segment travels as one data frame.
 
 use crate::algo::relay::{RelaySchedule, DEFAULT_WINDOW};
-use crate::algo::ring::{Broadcast, RecursiveDoubling, RingGather, RingReduce, TreeBroadcast};
+use crate::algo::ring::{Broadcast, RecursiveDoubling, RingGather, RingReduce};
 use crate::algo::{Collective, OpDesc, Schedule};
 use crate::buffer::{OpMemory, Scratch};
 use crate::config::{Algo, Config};
@@ -116,9 +116,9 @@ pub fn build_with_relays(
         Collective::AllGather => Box::new(RingGather::new(*desc, rank, size, chunk, mem)),
         Collective::Broadcast => {
             if desc.count * desc.dtype.size() < config.small_bytes {
-                Box::new(TreeBroadcast::new(*desc, rank, size, chunk))
+                Box::new(Broadcast::tree(*desc, rank, size, chunk))
             } else {
-                Box::new(Broadcast::new(*desc, rank, size, chunk))
+                Box::new(Broadcast::chain(*desc, rank, size, chunk))
             }
         }
         Collective::Barrier => {

@@ -426,7 +426,7 @@ impl RelaySchedule {
                     mem,
                 ))
             }
-            Role::Root | Role::Receiver => Box::new(Broadcast::new(
+            Role::Root | Role::Receiver => Box::new(Broadcast::chain(
                 desc,
                 self.rank,
                 self.world,

@@ -642,187 +642,44 @@ impl Schedule for RingGather {
     }
 }
 
-/// Pipelined chain broadcast along the ring starting at the root: each segment is forwarded
-/// the moment it arrives, so every link carries the buffer once.
+/// Broadcast from the root. Large messages take a pipelined chain along the ring (each segment
+/// forwarded the moment it arrives, so every link carries the buffer once); small ones a
+/// binomial tree: with v = (rank − root) mod n, rank v receives from v − 2^⌊log2 v⌋ and passes
+/// on to v + 2^j for every 2^j > v, largest subtree first, so the last rank has the data after
+/// ⌈log2 n⌉ hops instead of n − 1.
 pub struct Broadcast {
     desc: OpDesc,
     rank: usize,
     n: usize,
     chunk: usize,
     /// Distance from the root along the ring.
-    pos: usize,
-    started: bool,
-    tally: Tally,
-}
-
-impl Broadcast {
-    pub fn new(desc: OpDesc, rank: usize, n: usize, chunk: usize) -> Broadcast {
-        let bytes = desc.count * desc.dtype.size();
-        let pos = modn(rank as isize - desc.root as isize, n);
-        let tally = Tally {
-            send_expected: if pos + 1 < n { bytes } else { 0 },
-            recv_expected: if pos > 0 { bytes } else { 0 },
-            ..Tally::default()
-        };
-        Broadcast {
-            desc,
-            rank,
-            n,
-            chunk,
-            pos,
-            started: false,
-            tally,
-        }
-    }
-    fn next(&self) -> Endpoint {
-        Endpoint::Rank((self.rank + 1) % self.n)
-    }
-    fn prev(&self) -> Endpoint {
-        Endpoint::Rank((self.rank + self.n - 1) % self.n)
-    }
-}
-
-impl Broadcast {
-    /// Validate a frame; the byte range of `mem.user` it fills.
-    fn target(&self, from: Endpoint, h: &FrameHeader) -> Result<Range<usize>> {
-        self.desc.check_matches(from, h)?;
-        if h.aux as usize != self.desc.root {
-            return Err(Error::invalid(format!(
-                "mismatched collective calls: {from} broadcasts from root {} but this rank called {}",
-                h.aux, self.desc
-            )));
-        }
-        if self.pos == 0 || from != self.prev() {
-            return Err(Error::remote(format!(
-                "{}: unexpected data from {from}",
-                self.desc
-            )));
-        }
-        let size = self.desc.dtype.size();
-        check_range(
-            &self.desc,
-            from,
-            h,
-            h.len as usize,
-            &(0..self.desc.count * size),
-            size,
-        )
-    }
-
-    /// A frame's payload is in `mem.user[r]`: count it and pass it on.
-    fn landed(&mut self, r: Range<usize>) {
-        self.tally.received += r.len();
-        if self.pos + 1 < self.n {
-            let header = self.desc.header(self.desc.root as u32, r.start, r.len());
-            let region = Region::User {
-                offset: r.start,
-                len: r.len(),
-            };
-            self.tally.push(Transmit {
-                to: self.next(),
-                header,
-                region,
-            });
-        }
-    }
-}
-
-impl Schedule for Broadcast {
-    fn desc(&self) -> &OpDesc {
-        &self.desc
-    }
-    fn poll_transmit(&mut self, _mem: &mut OpMemory) -> Option<Transmit> {
-        if !self.started {
-            self.started = true;
-            if self.pos == 0 && self.n > 1 {
-                let size = self.desc.dtype.size();
-                for seg in segments(0..self.desc.count * size, size, self.chunk) {
-                    let header = self
-                        .desc
-                        .header(self.desc.root as u32, seg.start, seg.len());
-                    self.tally.push(Transmit {
-                        to: self.next(),
-                        header,
-                        region: Region::User {
-                            offset: seg.start,
-                            len: seg.len(),
-                        },
-                    });
-                }
-            }
-        }
-        self.tally.pop()
-    }
-    fn handle_sent(&mut self, t: &Transmit) {
-        self.tally.sent(t);
-    }
-    fn handle_frame(
-        &mut self,
-        mem: &mut OpMemory,
-        from: Endpoint,
-        h: &FrameHeader,
-        payload: &[u8],
-    ) -> Result<()> {
-        let r = self.target(from, h)?;
-        mem.user.as_mut_slice()[r.clone()].copy_from_slice(payload);
-        self.landed(r);
-        Ok(())
-    }
-    fn recv_in_place(&mut self, from: Endpoint, h: &FrameHeader) -> Result<Option<Region>> {
-        let r = self.target(from, h)?;
-        Ok(Some(Region::User {
-            offset: r.start,
-            len: r.len(),
-        }))
-    }
-    fn handle_frame_in_place(
-        &mut self,
-        _mem: &mut OpMemory,
-        from: Endpoint,
-        h: &FrameHeader,
-    ) -> Result<()> {
-        let r = self.target(from, h)?;
-        self.landed(r);
-        Ok(())
-    }
-    fn is_complete(&self) -> bool {
-        self.started && self.tally.complete()
-    }
-    fn waiting_for(&self) -> String {
-        format!(
-            "{} (chain from root {}: from {}, to {})",
-            self.tally.describe(),
-            self.desc.root,
-            self.prev(),
-            self.next()
-        )
-    }
-}
-
-/// Binomial-tree broadcast for small messages: with v = (rank − root) mod n, rank v receives
-/// the whole buffer from v − 2^⌊log2 v⌋ and passes it to v + 2^j for every 2^j > v (largest
-/// subtree first), so the last rank has it after ⌈log2 n⌉ hops instead of the chain's n − 1.
-pub struct TreeBroadcast {
-    desc: OpDesc,
-    rank: usize,
-    n: usize,
-    chunk: usize,
-    /// Distance from the root.
     v: usize,
+    tree: bool,
     started: bool,
     tally: Tally,
 }
 
-impl TreeBroadcast {
-    pub fn new(desc: OpDesc, rank: usize, n: usize, chunk: usize) -> TreeBroadcast {
+impl Broadcast {
+    /// The pipelined chain.
+    pub fn chain(desc: OpDesc, rank: usize, n: usize, chunk: usize) -> Broadcast {
+        Broadcast::new(desc, rank, n, chunk, false)
+    }
+
+    /// The binomial tree.
+    pub fn tree(desc: OpDesc, rank: usize, n: usize, chunk: usize) -> Broadcast {
+        Broadcast::new(desc, rank, n, chunk, true)
+    }
+
+    fn new(desc: OpDesc, rank: usize, n: usize, chunk: usize, tree: bool) -> Broadcast {
         let bytes = desc.count * desc.dtype.size();
         let v = modn(rank as isize - desc.root as isize, n);
-        let mut s = TreeBroadcast {
+        let mut s = Broadcast {
             desc,
             rank,
             n,
             chunk,
             v,
+            tree,
             started: false,
             tally: Tally::default(),
         };
@@ -831,21 +688,37 @@ impl TreeBroadcast {
         s
     }
 
-    /// Children as ranks, largest subtree first.
+    fn to_rank(&self, v: usize) -> usize {
+        (v + self.desc.root) % self.n
+    }
+
+    /// Ranks this one passes data on to (tree: largest subtree first).
     fn children(&self) -> Vec<usize> {
+        if !self.tree {
+            return if self.v + 1 < self.n {
+                vec![self.to_rank(self.v + 1)]
+            } else {
+                Vec::new()
+            };
+        }
         let first = usize::BITS - self.v.leading_zeros();
         let mut c: Vec<usize> = (first..usize::BITS)
             .map(|j| 1usize << j)
             .take_while(|&d| self.v + d < self.n)
-            .map(|d| (self.v + d + self.desc.root) % self.n)
+            .map(|d| self.to_rank(self.v + d))
             .collect();
         c.reverse();
         c
     }
 
+    /// The rank data comes from (not called on the root).
     fn parent(&self) -> Endpoint {
-        let hi = 1usize << (usize::BITS - 1 - self.v.leading_zeros());
-        Endpoint::Rank((self.v - hi + self.desc.root) % self.n)
+        let up = if self.tree {
+            1usize << (usize::BITS - 1 - self.v.leading_zeros())
+        } else {
+            1
+        };
+        Endpoint::Rank(self.to_rank(self.v - up))
     }
 
     /// Queue `range` (bytes of `mem.user`) to every child.
@@ -892,13 +765,14 @@ impl TreeBroadcast {
         )
     }
 
+    /// A frame's payload is in `mem.user[r]`: count it and pass it on.
     fn landed(&mut self, r: Range<usize>) {
         self.tally.received += r.len();
         self.forward(r);
     }
 }
 
-impl Schedule for TreeBroadcast {
+impl Schedule for Broadcast {
     fn desc(&self) -> &OpDesc {
         &self.desc
     }
@@ -950,16 +824,17 @@ impl Schedule for TreeBroadcast {
         self.started && self.tally.complete()
     }
     fn waiting_for(&self) -> String {
+        let from = if self.v == 0 {
+            "nobody".to_string()
+        } else {
+            self.parent().to_string()
+        };
         format!(
-            "{} (tree from root {}: rank {} waits on {})",
+            "{} ({} from root {}: rank {} waits on {from})",
             self.tally.describe(),
+            if self.tree { "tree" } else { "chain" },
             self.desc.root,
-            self.rank,
-            if self.v == 0 {
-                "nobody".to_string()
-            } else {
-                self.parent().to_string()
-            }
+            self.rank
         )
     }
 }
