@@ -1,7 +1,8 @@
 //! Benchmark bots: every `bench.interval_secs` the validator runs a small job through each
 //! available relay with `bench.bots` in-process peers ([`crate::Comm`] with the relay as its
 //! only relay), measures the all-reduce throughput and checks the result exactly. A wrong
-//! result convicts the relay like a failed verification.
+//! result convicts the relay like a failed verification. `bench.max_bandwidth` caps the bots'
+//! average rate: a batch of benchmarks that finished early waits before the next starts.
 
 use crate::config::{Algo, Config};
 use crate::validator::proto::JobRequest;
@@ -32,6 +33,7 @@ pub fn round(state: &Arc<State>) {
         )
     };
     for batch in ids.chunks(state.config.bench.concurrency.max(1)) {
+        let started = Instant::now();
         let handles: Vec<_> = batch
             .iter()
             .map(|id| {
@@ -47,8 +49,27 @@ pub fn round(state: &Arc<State>) {
         for h in handles {
             let _ = h.join();
         }
+        // Keep the bots' average rate under the cap: a batch that was faster waits.
+        if let Some(min) = batch_min_duration(&state.config.bench, batch.len()) {
+            if let Some(rest) = min.checked_sub(started.elapsed()) {
+                std::thread::sleep(rest);
+            }
+        }
     }
     state.save();
+}
+
+/// The shortest time a batch of `relays` benchmarks may take under `max_bandwidth`: every bot
+/// uploads and downloads `bytes` through the validator host's link. `None` when uncapped.
+pub fn batch_min_duration(
+    cfg: &crate::validator::server::BenchConfig,
+    relays: usize,
+) -> Option<Duration> {
+    if cfg.max_bandwidth == 0 {
+        return None;
+    }
+    let moved = (relays * cfg.bots.max(2) * cfg.bytes * 2) as f64;
+    Some(Duration::from_secs_f64(moved / cfg.max_bandwidth as f64))
 }
 
 fn bench_relay(state: &Arc<State>, id: &str) -> crate::Result<()> {
@@ -122,4 +143,28 @@ fn bench_relay(state: &Arc<State>, id: &str) -> crate::Result<()> {
     }
     reg.rescore();
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::validator::server::BenchConfig;
+
+    #[test]
+    fn bandwidth_cap_spaces_batches() {
+        let mut cfg = BenchConfig {
+            bytes: 8 << 20,
+            bots: 2,
+            max_bandwidth: 0,
+            ..BenchConfig::default()
+        };
+        assert_eq!(batch_min_duration(&cfg, 3), None);
+        // 3 relays x 2 bots x 8 MiB x (up + down) at 10 MB/s.
+        cfg.max_bandwidth = 10_000_000;
+        let d = batch_min_duration(&cfg, 3).unwrap();
+        assert!(
+            (d.as_secs_f64() - 3.0 * 2.0 * 8388608.0 * 2.0 / 1e7).abs() < 1e-9,
+            "{d:?}"
+        );
+    }
 }
