@@ -66,6 +66,30 @@ fn modn(x: isize, n: usize) -> usize {
     x.rem_euclid(n as isize) as usize
 }
 
+/// Checks every ring frame passes: the op matches ours, it comes from our ring predecessor,
+/// and its step is one of the op's `steps`. Returns the step.
+fn check_ring_frame(
+    desc: &OpDesc,
+    from: Endpoint,
+    prev: Endpoint,
+    h: &FrameHeader,
+    steps: usize,
+) -> Result<usize> {
+    desc.check_matches(from, h)?;
+    if from != prev {
+        return Err(Error::remote(format!(
+            "{desc}: unexpected data from {from} (the ring expects {prev})"
+        )));
+    }
+    let step = h.aux as usize;
+    if step >= steps {
+        return Err(Error::remote(format!(
+            "{desc}: {from} sent data for step {step}, which this op does not have"
+        )));
+    }
+    Ok(step)
+}
+
 /// Check that a data frame's byte range lies inside `within` and is whole elements.
 fn check_range(
     desc: &OpDesc,
@@ -369,22 +393,12 @@ impl RingReduce {
 
     /// Checks shared by both receive paths; the step.
     fn check_frame(&self, from: Endpoint, h: &FrameHeader) -> Result<usize> {
-        self.desc.check_matches(from, h)?;
-        if from != self.prev() {
-            return Err(Error::remote(format!(
-                "{}: unexpected data from {from} (the ring expects {})",
-                self.desc,
-                self.prev()
-            )));
-        }
-        let step = h.aux as usize;
-        if step >= 2 * (self.n - 1) || (!self.allreduce && step >= self.n - 1) {
-            return Err(Error::remote(format!(
-                "{}: {from} sent data for step {step}, which this op does not have",
-                self.desc
-            )));
-        }
-        Ok(step)
+        let steps = if self.allreduce {
+            2 * (self.n - 1)
+        } else {
+            self.n - 1
+        };
+        check_ring_frame(&self.desc, from, self.prev(), h, steps)
     }
 }
 
@@ -520,21 +534,7 @@ impl RingGather {
     }
     /// Validate a frame; the byte range of `mem.user` it fills.
     fn target(&mut self, from: Endpoint, h: &FrameHeader) -> Result<Range<usize>> {
-        self.desc.check_matches(from, h)?;
-        if from != self.prev() {
-            return Err(Error::remote(format!(
-                "{}: unexpected data from {from} (the ring expects {})",
-                self.desc,
-                self.prev()
-            )));
-        }
-        let step = h.aux as usize;
-        if step >= self.n - 1 {
-            return Err(Error::remote(format!(
-                "{}: {from} sent data for step {step}, which this op does not have",
-                self.desc
-            )));
-        }
+        let step = check_ring_frame(&self.desc, from, self.prev(), h, self.n - 1)?;
         if !self.started {
             self.start();
         }

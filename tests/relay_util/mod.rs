@@ -2,9 +2,11 @@
 //! of communicators in threads.
 #![allow(dead_code)]
 
+#[path = "../support/daemon.rs"]
+mod daemon;
+
 use mapreduce::{Algo, Comm, Config, UniqueId};
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -28,38 +30,18 @@ impl RelayProc {
 
     /// As [`RelayProc::start_with`], with extra environment variables (test faults).
     pub fn start_with_env(token: &str, extra: &[&str], env: &[(&str, &str)]) -> RelayProc {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_mr-relayd"))
-            .args([
-                "--listen",
-                "127.0.0.1:0",
-                "--token",
-                token,
-                "--status-secs",
-                "1",
-            ])
-            .args(extra)
-            .envs(env.iter().copied())
-            .env("MR_LOG", "debug")
-            .stderr(Stdio::piped())
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("spawn mr-relayd");
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let (tx, rx) = std::sync::mpsc::channel();
-        let stderr = child.stderr.take().unwrap();
-        let sink = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(|l| l.ok()) {
-                if let Some(i) = line.find("listening on ") {
-                    let addr = line[i + 13..].split(' ').next().unwrap().to_string();
-                    let _ = tx.send(addr);
-                }
-                sink.lock().unwrap().push(line);
-            }
-        });
-        let addr = rx
-            .recv_timeout(Duration::from_secs(20))
-            .expect("mr-relayd did not report its address");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_mr-relayd"));
+        cmd.args([
+            "--listen",
+            "127.0.0.1:0",
+            "--token",
+            token,
+            "--status-secs",
+            "1",
+        ])
+        .args(extra)
+        .envs(env.iter().copied());
+        let (child, addr, log) = daemon::spawn_logged(cmd);
         RelayProc { child, addr, log }
     }
 

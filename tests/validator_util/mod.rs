@@ -2,12 +2,14 @@
 //! loopback, status polling, and jobs run through the validator.
 #![allow(dead_code)]
 
+#[path = "../support/daemon.rs"]
+mod daemon;
+
 use mapreduce::validator::client;
 use mapreduce::validator::server::StatusRow;
 use mapreduce::{Algo, Comm, Config, ErrorKind, ReduceOp, UniqueId};
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -19,29 +21,8 @@ pub struct Proc {
 }
 
 impl Proc {
-    pub fn spawn(mut cmd: Command) -> Proc {
-        let mut child = cmd
-            .env("MR_LOG", "debug")
-            .stderr(Stdio::piped())
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("spawn");
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let (tx, rx) = std::sync::mpsc::channel();
-        let stderr = child.stderr.take().unwrap();
-        let sink = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(|l| l.ok()) {
-                if let Some(i) = line.find("listening on ") {
-                    let addr = line[i + 13..].split(' ').next().unwrap().to_string();
-                    let _ = tx.send(addr);
-                }
-                sink.lock().unwrap().push(line);
-            }
-        });
-        let addr = rx
-            .recv_timeout(Duration::from_secs(20))
-            .expect("daemon did not report its address");
+    pub fn spawn(cmd: Command) -> Proc {
+        let (child, addr, log) = daemon::spawn_logged(cmd);
         Proc { child, addr, log }
     }
 
