@@ -21,7 +21,7 @@ use crate::algo::{Collective, OpDesc};
 use crate::buffer::{OpMemory, RawBuf};
 use crate::config::Config;
 use crate::error::{Error, ErrorKind, Result};
-use crate::net::engine::{Completion, Engine, PendingOp, RelayRates};
+use crate::net::engine::{Completion, Engine, PendingOp, RelayRates, SharedMemoryOp};
 use crate::types::{DType, Element, ReduceOp};
 use crate::validator::peer::{JobVerify, Recorded};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -52,6 +52,9 @@ pub struct Comm {
     /// Declared after `engine`: dropping the engine finishes the rate exchange that writes
     /// into this before its buffer is freed.
     relay_weights: Mutex<RelayWeights>,
+    /// Every rank mapped the job's shared-memory segment (all on one host): all-reduce,
+    /// broadcast, all-gather and barrier go through it unless they use relays.
+    shm: bool,
 }
 
 /// Relay ops between two exchanges of measured relay rates (see the module docs).
@@ -149,6 +152,7 @@ impl Comm {
         }
         let broken = Arc::new(AtomicBool::new(false));
         let mut mesh = crate::net::bootstrap::rendezvous(size, id, rank, &config)?;
+        let job = mesh.job;
         let mut config = config;
         let assignment = if config.validator.is_some()
             && config.relays.is_empty()
@@ -182,7 +186,11 @@ impl Comm {
             verify: None,
             relay_rates,
             relay_weights: Mutex::new(RelayWeights::default()),
+            shm: false,
         };
+        if size > 1 {
+            comm.shm = comm.attach_shared_memory(id, &job)?;
+        }
         if use_relays {
             // Every rank must cut buffers the same way: use the relays all of them reached.
             let mut mask: Vec<u8> = connected.iter().map(|&c| u8::from(c)).collect();
@@ -223,6 +231,51 @@ impl Comm {
         Ok(comm)
     }
 
+    /// Agree with every rank on a shared-memory segment (see [`crate::net::shm`]): rank 0
+    /// creates it, the others open it, and it is used only if every rank attached. Runs two
+    /// one-byte all-reduces on every rank whatever the outcome, so ranks that disagree about
+    /// `MR_SHM_DISABLE` still make the same calls.
+    fn attach_shared_memory(&self, id: &UniqueId, job: &[u8; 16]) -> Result<bool> {
+        use crate::net::shm::{segment_path, slot_bytes, Segment};
+        let wanted = self.config.shm && self.config.algo != crate::config::Algo::Ring;
+        let tag = blake3::derive_key("mapreduce shm segment v1", id.as_bytes());
+        let path = segment_path(job);
+        let chunk = slot_bytes(self.config.chunk_bytes);
+        let mut seg = None;
+        if self.rank == 0 && wanted {
+            match Segment::create(&path, self.size, chunk, &tag) {
+                Ok(s) => seg = Some(s),
+                Err(e) => log::info!("rank 0: no shared-memory segment: {e}"),
+            }
+        }
+        // Rank 0 created the file before its contribution, so after this every rank may open it.
+        let mut flag = [u8::from(wanted && (self.rank != 0 || seg.is_some()))];
+        self.allreduce(&mut flag, ReduceOp::Min)?;
+        if flag[0] == 1 && self.rank != 0 {
+            match Segment::open(&path, self.rank, self.size, chunk, &tag) {
+                Ok(s) => seg = Some(s),
+                Err(e) => log::info!(
+                    "rank {}: cannot use rank 0's shared-memory segment (not on one host?): {e}",
+                    self.rank
+                ),
+            }
+        }
+        let mut flag = [u8::from(flag[0] == 1 && seg.is_some())];
+        self.allreduce(&mut flag, ReduceOp::Min)?;
+        // Every rank that will use the file has it mapped: remove the name.
+        if let Some(s) = seg.as_mut() {
+            s.unlink();
+        }
+        match seg {
+            Some(s) if flag[0] == 1 => {
+                self.engine.attach_shm(s)?;
+                log::info!("rank {}: collectives use shared memory", self.rank);
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
     /// Join a job described by the environment: `MR_RANK`, `MR_WORLD_SIZE`, `MR_BOOTSTRAP`
     /// (`host:port` of rank 0's bootstrap listener), or torchrun's `RANK`, `WORLD_SIZE`,
     /// `MASTER_ADDR`, `MASTER_PORT`. Connections authenticate with `MR_TOKEN` when set.
@@ -242,6 +295,12 @@ impl Comm {
 
     pub fn config(&self) -> &Config {
         &self.config
+    }
+
+    /// Whether all-reduce, broadcast, all-gather and barrier run through a shared-memory
+    /// segment (every rank on this host; see [`crate::net::shm`]) when they do not use relays.
+    pub fn uses_shared_memory(&self) -> bool {
+        self.shm
     }
 
     /// Relays in use (indices into `config().relays`): those every rank is connected to.
@@ -331,21 +390,29 @@ impl Comm {
     ) -> Result<Request> {
         debug_assert_eq!(desc.seq, *seq);
         let mut mem = mem;
-        let schedule = crate::algo::plan::build_with_relays(
-            &desc,
-            self.rank,
-            self.size,
-            &self.config,
-            relays,
-            weights,
-            &mut mem,
-        )?;
+        let shm = self.shm
+            && crate::net::shm::carries(desc.coll)
+            && !crate::algo::plan::uses_relays(&desc, &self.config, relays);
+        let schedule: Box<dyn crate::algo::Schedule> = if shm {
+            Box::new(SharedMemoryOp(desc))
+        } else {
+            crate::algo::plan::build_with_relays(
+                &desc,
+                self.rank,
+                self.size,
+                &self.config,
+                relays,
+                weights,
+                &mut mem,
+            )?
+        };
         let done = Arc::new(Completion::default());
         before(*seq);
         self.engine.submit(PendingOp {
             schedule,
             mem,
             done: done.clone(),
+            shm,
         })?;
         *seq += 1;
         Ok(Request::new(done))

@@ -46,6 +46,9 @@ pub struct Config {
     pub ifname: Option<String>,
     /// Peers check relay results among themselves (`MR_VERIFY=1`).
     pub verify: bool,
+    /// Use a shared-memory segment when every rank runs on this host (`MR_SHM_DISABLE=1`
+    /// turns it off).
+    pub shm: bool,
 }
 
 impl Default for Config {
@@ -62,6 +65,7 @@ impl Default for Config {
             bind_addr: None,
             ifname: None,
             verify: false,
+            shm: true,
         }
     }
 }
@@ -148,6 +152,7 @@ impl Config {
         }
         c.ifname = var("MR_IFNAME");
         c.verify = matches!(var("MR_VERIFY").as_deref(), Some("1") | Some("true"));
+        c.shm = !matches!(var("MR_SHM_DISABLE").as_deref(), Some("1") | Some("true"));
         c.validate()?;
         Ok(c)
     }

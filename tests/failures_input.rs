@@ -179,9 +179,10 @@ fn invalid_arguments_are_rejected_and_the_communicator_stays_usable() {
     }
 }
 
-fn run_mismatch(kind: &str, base: usize, small_bytes: usize) {
+fn run_mismatch(kind: &str, base: usize, small_bytes: usize, algo: &str) {
     let n = 3;
     let mut e = env();
+    e.push(("MR_ALGO", algo.to_string()));
     e.push(("MRT_MISMATCH", kind.to_string()));
     e.push(("MRT_BASE", base.to_string()));
     e.push(("MR_CHUNK_BYTES", "4096".to_string()));
@@ -220,17 +221,27 @@ fn run_mismatch(kind: &str, base: usize, small_bytes: usize) {
 
 #[test]
 fn mismatched_counts_on_the_ring_are_reported() {
-    run_mismatch("count", 40_000, 0);
+    run_mismatch("count", 40_000, 0, "ring");
+}
+
+#[test]
+fn mismatched_counts_over_shared_memory_are_reported() {
+    run_mismatch("count", 40_000, 0, "auto");
+}
+
+#[test]
+fn mismatched_dtypes_over_shared_memory_are_reported() {
+    run_mismatch("dtype", 1000, 0, "auto");
 }
 
 #[test]
 fn mismatched_counts_with_recursive_doubling_are_reported() {
-    run_mismatch("count", 100, usize::MAX);
+    run_mismatch("count", 100, usize::MAX, "ring");
 }
 
 #[test]
 fn mismatched_dtypes_are_reported() {
-    run_mismatch("dtype", 1000, 0);
+    run_mismatch("dtype", 1000, 0, "ring");
 }
 
 #[test]

@@ -162,9 +162,12 @@ fn rank_zero_that_never_joins_times_out_init() {
 /// Kill `victim` of a 4-rank job in the middle of a stream of 64 MiB all-reduces: every
 /// survivor's op fails with Remote or Timeout, and its process ends before the job deadline
 /// (which is shorter than `MR_TIMEOUT_MS`, so only prompt detection passes).
-fn kill_mid_allreduce(victim: usize) {
+fn kill_mid_allreduce(victim: usize, algo: &str) {
     let n = 4;
-    let env = vec![("MR_TIMEOUT_MS", "60000".to_string())];
+    let env = vec![
+        ("MR_TIMEOUT_MS", "60000".to_string()),
+        ("MR_ALGO", algo.to_string()),
+    ];
     let mut job = Job::new("allreduce_loop", &env, Duration::from_secs(45));
     job.spawn_all(n);
     let started = job.wait_line(|r, l| r == victim && l == "STARTED");
@@ -192,17 +195,39 @@ fn kill_mid_allreduce(victim: usize) {
 
 #[test]
 fn killed_rank_fails_survivors_promptly() {
-    kill_mid_allreduce(2);
+    kill_mid_allreduce(2, "ring");
 }
 
 #[test]
 fn killed_rank_zero_fails_survivors_promptly() {
-    kill_mid_allreduce(0);
+    kill_mid_allreduce(0, "ring");
+}
+
+#[test]
+fn killed_rank_fails_survivors_promptly_over_shared_memory() {
+    kill_mid_allreduce(2, "auto");
+}
+
+#[test]
+fn killed_rank_zero_fails_survivors_promptly_over_shared_memory() {
+    kill_mid_allreduce(0, "auto");
 }
 
 #[test]
 fn abort_ends_a_blocked_op_and_every_later_one() {
-    let env = vec![("MR_TIMEOUT_MS", "60000".to_string())];
+    abort_ends_every_op("ring");
+}
+
+#[test]
+fn abort_ends_a_blocked_op_and_every_later_one_over_shared_memory() {
+    abort_ends_every_op("auto");
+}
+
+fn abort_ends_every_op(algo: &str) {
+    let env = vec![
+        ("MR_TIMEOUT_MS", "60000".to_string()),
+        ("MR_ALGO", algo.to_string()),
+    ];
     let mut job = Job::new("abort", &env, Duration::from_secs(30));
     job.spawn_all(2);
     let rank0 = job.wait_one(0);
@@ -229,7 +254,19 @@ fn abort_ends_a_blocked_op_and_every_later_one() {
 /// peer), not `Aborted`: nobody called abort.
 #[test]
 fn op_after_peer_exit_reports_the_lost_peer() {
-    let env = vec![("MR_TIMEOUT_MS", "60000".to_string())];
+    op_after_peer_exit("ring");
+}
+
+#[test]
+fn op_after_peer_exit_reports_the_lost_peer_over_shared_memory() {
+    op_after_peer_exit("auto");
+}
+
+fn op_after_peer_exit(algo: &str) {
+    let env = vec![
+        ("MR_TIMEOUT_MS", "60000".to_string()),
+        ("MR_ALGO", algo.to_string()),
+    ];
     let mut job = Job::new("peer_exits", &env, Duration::from_secs(30));
     job.spawn_all(2);
     let rank1 = job.wait_one(1);

@@ -1,8 +1,10 @@
 //! Every collective, dtype and reduction across real processes on 127.0.0.1.
 //!
-//! Each world size runs twice: with `MR_SMALL_BYTES=0` (all-reduce always takes the ring) and
-//! with `MR_SMALL_BYTES=max` (always recursive doubling). A small `MR_CHUNK_BYTES` makes the
-//! larger counts span several segments per block. Each launch runs hundreds of ops in one
+//! Each world size runs three times: over TCP (`MR_ALGO=ring`) with `MR_SMALL_BYTES=0`
+//! (all-reduce always takes the ring) and with `MR_SMALL_BYTES=max` (always recursive
+//! doubling), and with the default `MR_ALGO=auto`, where ranks on one host share memory. A
+//! small `MR_CHUNK_BYTES` makes the larger counts span several segments per block (and many
+//! shared-memory chunks). Each launch runs hundreds of ops in one
 //! set of processes; children report failures as `ERR` lines and totals as `OK` lines.
 
 mod support;
@@ -25,6 +27,7 @@ fn rank_child() {
 
 fn play(mut ctx: Ctx) {
     let comm = ctx.init().expect("init");
+    ok("path", path(&comm));
     match ctx.scenario.as_str() {
         "matrix" => matrix(&comm),
         "big" => big(&comm),
@@ -41,7 +44,9 @@ fn counts(n: usize) -> Vec<usize> {
 }
 
 fn path(comm: &Comm) -> &'static str {
-    if comm.config().small_bytes == 0 {
+    if comm.uses_shared_memory() {
+        "shm"
+    } else if comm.config().small_bytes == 0 {
         "ring"
     } else {
         "rd"
@@ -323,8 +328,16 @@ fn big(comm: &Comm) {
 
 const LIMIT: Duration = Duration::from_secs(150);
 
-fn env(small_bytes: usize, chunk: usize) -> Vec<(&'static str, String)> {
+/// How a launch moves data: `(MR_ALGO, MR_SMALL_BYTES, path the ranks must report)`.
+const PATHS: [(&str, usize, &str); 3] = [
+    ("ring", 0, "ring"),
+    ("ring", usize::MAX, "rd"),
+    ("auto", 0, "shm"),
+];
+
+fn env(algo: &str, small_bytes: usize, chunk: usize) -> Vec<(&'static str, String)> {
     vec![
+        ("MR_ALGO", algo.to_string()),
         ("MR_CHUNK_BYTES", chunk.to_string()),
         ("MR_SMALL_BYTES", small_bytes.to_string()),
         ("MR_TIMEOUT_MS", "60000".to_string()),
@@ -336,10 +349,17 @@ fn run_matrix(n: usize) {
     let ncounts = counts(n).len();
     let mut roots = vec![0, n / 2, n - 1];
     roots.dedup();
-    for small in [0usize, usize::MAX] {
-        let out = support::run_job("matrix", n, &env(small, CHUNK), LIMIT);
+    for (algo, small, want_path) in PATHS {
+        let out = support::run_job("matrix", n, &env(algo, small, CHUNK), LIMIT);
         for o in &out {
             o.assert_clean();
+            // One rank has nobody to share memory with.
+            let p = if n == 1 && want_path == "shm" {
+                "ring"
+            } else {
+                want_path
+            };
+            assert_eq!(o.ok_detail("path"), p, "{}", o.story());
             let want = |name: &str, v: usize| {
                 assert_eq!(o.ok_detail(name), v.to_string(), "{name}\n{}", o.story())
             };
@@ -388,11 +408,12 @@ fn matrix_world_8() {
     run_matrix(8);
 }
 
-fn run_big(n: usize) {
+fn run_big(n: usize, algo: &str, want_path: &str) {
     // Default chunk size: the small-chunk paths are covered above.
-    let out = support::run_job("big", n, &env(0, 1 << 20), LIMIT);
+    let out = support::run_job("big", n, &env(algo, 0, 1 << 20), LIMIT);
     for o in &out {
         o.assert_clean();
+        assert_eq!(o.ok_detail("path"), want_path, "{}", o.story());
         assert_eq!(o.ok_detail("big_sum"), BIG_COUNT.to_string());
     }
     assert_eq!(support::assert_same_details(&out, "hash/"), 1);
@@ -400,10 +421,15 @@ fn run_big(n: usize) {
 
 #[test]
 fn big_allreduce_64mib_world_2() {
-    run_big(2);
+    run_big(2, "ring", "ring");
 }
 
 #[test]
 fn big_allreduce_64mib_world_5() {
-    run_big(5);
+    run_big(5, "ring", "ring");
+}
+
+#[test]
+fn big_allreduce_64mib_world_5_shared_memory() {
+    run_big(5, "auto", "shm");
 }

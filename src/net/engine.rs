@@ -23,11 +23,12 @@
 //! the time from the op's start to that relay's last byte) into [`RelayRates`], smoothed over
 //! ops. The communicator turns those rates into segment weights (see [`crate::comm`]).
 
-use crate::algo::{Endpoint, Schedule, Transmit};
+use crate::algo::{Endpoint, OpDesc, Schedule, Transmit};
 use crate::buffer::{OpMemory, Region};
 use crate::config::Config;
 use crate::error::{Error, ErrorKind, Result};
 use crate::net::bootstrap::Mesh;
+use crate::net::shm::{self, Segment};
 use crate::wire::{FrameHeader, FrameKind, HEADER_LEN};
 use crossbeam_channel::{Receiver, Sender};
 use mio::net::TcpStream;
@@ -93,10 +94,46 @@ pub struct PendingOp {
     pub schedule: Box<dyn Schedule>,
     pub mem: OpMemory,
     pub done: Arc<Completion>,
+    /// Run through the shared-memory segment ([`shm`]); `schedule` is then a
+    /// [`SharedMemoryOp`] that only describes the op.
+    pub shm: bool,
+}
+
+/// The schedule of an op the engine runs through the shared-memory segment: no frames, only
+/// the op's description (the engine never drives it).
+pub struct SharedMemoryOp(pub OpDesc);
+
+impl Schedule for SharedMemoryOp {
+    fn desc(&self) -> &OpDesc {
+        &self.0
+    }
+    fn poll_transmit(&mut self, _mem: &mut OpMemory) -> Option<Transmit> {
+        None
+    }
+    fn handle_sent(&mut self, _t: &Transmit) {}
+    fn handle_frame(
+        &mut self,
+        _mem: &mut OpMemory,
+        from: Endpoint,
+        _header: &FrameHeader,
+        _payload: &[u8],
+    ) -> Result<()> {
+        Err(Error::internal(format!(
+            "{from} sent a frame for {}, which runs over shared memory",
+            self.0
+        )))
+    }
+    fn is_complete(&self) -> bool {
+        false
+    }
+    fn waiting_for(&self) -> String {
+        "shared memory".to_string()
+    }
 }
 
 enum Command {
     Op(PendingOp),
+    Shm(Box<Segment>),
     Shutdown,
 }
 
@@ -160,6 +197,7 @@ impl Engine {
             rates,
             shutting_down: false,
             scratch: vec![0u8; 64 << 10],
+            shm: None,
         };
         let thread = std::thread::Builder::new()
             .name(format!("mr-progress-{}", mesh.rank))
@@ -171,6 +209,15 @@ impl Engine {
             abort,
             thread: Mutex::new(Some(thread)),
         })
+    }
+
+    /// Run later ops marked `shm` through `seg`; every rank attaches before the same op.
+    pub fn attach_shm(&self, seg: Segment) -> Result<()> {
+        self.tx.send(Command::Shm(Box::new(seg))).map_err(|_| {
+            Error::aborted("communicator's progress thread has stopped (aborted or failed)")
+        })?;
+        let _ = self.waker.wake();
+        Ok(())
     }
 
     pub fn submit(&self, op: PendingOp) -> Result<()> {
@@ -204,6 +251,29 @@ impl Drop for Engine {
     fn drop(&mut self) {
         let _ = self.shutdown();
     }
+}
+
+/// Whether rank `r` has gone away: every connection to it is closed here, or its end hung up
+/// (a process that exits or dies has its sockets closed by the kernel).
+fn rank_gone(conns: &[Conn], by_endpoint: &HashMap<Endpoint, Vec<usize>>, r: usize) -> bool {
+    use std::os::unix::io::AsRawFd;
+    let Some(ids) = by_endpoint.get(&Endpoint::Rank(r)) else {
+        return false;
+    };
+    ids.iter().any(|&i| {
+        let c = &conns[i];
+        if c.closed {
+            return true;
+        }
+        let mut fd = libc::pollfd {
+            fd: c.stream.as_raw_fd(),
+            events: libc::POLLRDHUP,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd, zero timeout; poll only writes `revents`.
+        let n = unsafe { libc::poll(&mut fd, 1, 0) };
+        n > 0 && fd.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0
+    })
 }
 
 fn tune_socket(s: &std::net::TcpStream) -> std::io::Result<()> {
@@ -328,6 +398,8 @@ struct Loop {
     shutting_down: bool,
     /// Sink for payloads of frames we discard.
     scratch: Vec<u8>,
+    /// Shared-memory segment, when every rank runs on this host.
+    shm: Option<Box<Segment>>,
 }
 
 /// What reading a connection produced.
@@ -393,6 +465,7 @@ impl Loop {
                         self.pending.push_back(op);
                     }
                 }
+                Command::Shm(seg) => self.shm = Some(seg),
                 Command::Shutdown => self.shutting_down = true,
             }
         }
@@ -442,6 +515,10 @@ impl Loop {
                     continue;
                 }
                 log::debug!("rank {}: starting {}", self.rank, op.schedule.desc());
+                if op.shm {
+                    self.run_shm(op);
+                    continue;
+                }
                 let now = Instant::now();
                 self.current = Some(Active {
                     op,
@@ -530,6 +607,38 @@ impl Loop {
                 continue;
             }
             return;
+        }
+    }
+
+    /// Run `op` through the shared-memory segment, blocking this thread until it ends. Frames
+    /// that arrive meanwhile wait in the sockets. A failure breaks the communicator: the
+    /// segment's counters no longer agree between ranks.
+    fn run_shm(&mut self, mut op: PendingOp) {
+        let desc = *op.schedule.desc();
+        let result = match self.shm.as_mut() {
+            None => Err(Error::internal(format!(
+                "{desc} was routed to shared memory, but no segment is attached"
+            ))),
+            Some(seg) => {
+                let conns = &self.conns;
+                let by_endpoint = &self.by_endpoint;
+                let mut gone = |r: usize| rank_gone(conns, by_endpoint, r);
+                let mut watch = shm::Watch {
+                    abort: &self.abort,
+                    timeout: self.timeout,
+                    gone: &mut gone,
+                };
+                seg.run(&desc, &mut op.mem, &mut watch)
+            }
+        };
+        self.last_seq = desc.seq;
+        match result {
+            Ok(()) => op.done.complete(Ok(())),
+            Err(e) => {
+                log::warn!("rank {}: {desc} failed: {e}", self.rank);
+                op.done.complete(Err(e.clone()));
+                self.set_fatal(e);
+            }
         }
     }
 

@@ -5,3 +5,4 @@
 
 pub mod bootstrap;
 pub mod engine;
+pub mod shm;

@@ -1,0 +1,669 @@
+//! Shared-memory collectives for jobs whose ranks all run on one host.
+//!
+//! When every rank of a communicator can map the same file under `/dev/shm`, all-reduce,
+//! broadcast, all-gather and barrier skip TCP: ranks copy their data into the segment once and
+//! read each other's data straight out of it. On a busy host this removes the kernel's two
+//! copies per hop and the socket overhead, which is where a loopback ring spends its time.
+//!
+//! # Set-up
+//! [`crate::comm::Comm::init`] agrees on the segment over TCP: rank 0 creates
+//! `/dev/shm/mapreduce-<job id>` (mode 0600, space reserved with `posix_fallocate`, a header
+//! carrying a tag derived from the job secret); after an all-reduce the others open it and
+//! check owner, size and tag; a second all-reduce (minimum of "attached") decides for all
+//! ranks at once, and rank 0 unlinks the file, so nothing is left behind even if the job
+//! crashes later. Any failure on any rank (another host, no `/dev/shm`, too little space)
+//! leaves every rank on TCP.
+//!
+//! # Layout
+//! A header page; one 512-byte control block per rank (three 32-bit counters on their own
+//! cache lines and the descriptor of the rank's current op); then, per rank, [`SLOTS`]
+//! staging slots of `chunk` bytes, and [`SLOTS`] shared result slots of `chunk` bytes.
+//!
+//! # Protocol
+//! An op is cut into chunks of at most `chunk` bytes per rank (at least one chunk, so even
+//! an empty op synchronises and checks its descriptor). Chunks are numbered across ops — every
+//! rank runs the same ops in the same order — and chunk `g` uses slot `g % SLOTS`. For each
+//! chunk a rank
+//!
+//! 1. waits until every rank has finished chunk `g - SLOTS` (`gathered`), so the slots it is
+//!    about to overwrite are no longer read;
+//! 2. copies its contribution into its staging slot and publishes `staged = g + 1`;
+//! 3. waits for every rank's `staged` (on the first chunk it then compares every rank's op
+//!    descriptor with its own: mismatched calls are reported, never summed);
+//! 4. all-reduce only: reduces its slice of the chunk over every rank's staging slot **in rank
+//!    order** into the result slot, publishes `reduced`, and waits for every rank's `reduced`;
+//! 5. copies the result (all-reduce), the root's data (broadcast) or every rank's data
+//!    (all-gather) into its own buffer and publishes `gathered`.
+//!
+//! Each slice is reduced by exactly one rank and everybody copies the same bytes, so results
+//! are bitwise identical on every rank. Counters are published with release stores and read
+//! with acquire loads; waiting spins briefly and then sleeps on the counter's futex.
+//!
+//! # Failure
+//! Every wait is bounded: it gives up when the communicator is aborted, when the rank it waits
+//! for has closed its TCP connections (a dead process's sockets are closed by the kernel), or
+//! when nothing moved for `MR_TIMEOUT_MS`. Any failure leaves the counters inconsistent, so
+//! it breaks the communicator.
+
+use crate::algo::{Collective, OpDesc};
+use crate::buffer::OpMemory;
+use crate::error::{Error, Result};
+use crate::reduce;
+use crate::types::{DType, ReduceOp};
+use std::fs::File;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// Slots per rank: chunk `g` uses slot `g % SLOTS`, so ranks may run one chunk apart.
+pub const SLOTS: u32 = 2;
+const MAGIC: u64 = u64::from_le_bytes(*b"MRSHMv01");
+const PAGE: usize = 4096;
+const CTRL: usize = 512;
+/// Smallest staging slot.
+const MIN_CHUNK: usize = 4096;
+/// Busy-wait iterations before sleeping on a futex.
+const SPINS: u32 = 256;
+/// Longest sleep between checks for abort, a lost rank or the timeout.
+const POLL: Duration = Duration::from_millis(20);
+
+/// Where the segment of job `job` lives.
+pub fn segment_path(job: &[u8; 16]) -> PathBuf {
+    PathBuf::from(format!("/dev/shm/mapreduce-{}", crate::config::to_hex(job)))
+}
+
+/// Staging slot size for a configured pipeline chunk: at least 4 KiB, a multiple of 64 bytes.
+pub fn slot_bytes(chunk_bytes: usize) -> usize {
+    chunk_bytes.max(MIN_CHUNK).next_multiple_of(64)
+}
+
+/// The collectives the segment carries.
+pub fn carries(coll: Collective) -> bool {
+    matches!(
+        coll,
+        Collective::AllReduce | Collective::Broadcast | Collective::AllGather | Collective::Barrier
+    )
+}
+
+#[repr(C)]
+struct Header {
+    magic: u64,
+    size: u64,
+    chunk: u64,
+    slots: u64,
+    tag: [u8; 32],
+}
+
+/// One rank's control block; only that rank writes it.
+#[repr(C, align(512))]
+struct Ctrl {
+    staged: AtomicU32,
+    _p0: [u8; 60],
+    reduced: AtomicU32,
+    _p1: [u8; 60],
+    gathered: AtomicU32,
+    _p2: [u8; 60],
+    /// The rank's ops (coll, seq, dtype, op, count, root), indexed by the slot of the op's
+    /// first chunk: a rank rewrites an entry only after every rank finished the chunk that
+    /// last used that slot, so the others have compared it by then.
+    desc: [[AtomicU64; 6]; SLOTS as usize],
+}
+
+const _: () = assert!(std::mem::size_of::<Ctrl>() == CTRL);
+const _: () = assert!(std::mem::size_of::<Header>() <= PAGE);
+
+#[derive(Clone, Copy, Debug)]
+enum Counter {
+    Staged,
+    Reduced,
+    Gathered,
+}
+
+/// Checks made while a wait sleeps (supplied by the progress engine).
+pub struct Watch<'a> {
+    pub abort: &'a AtomicBool,
+    pub timeout: Duration,
+    /// Whether rank `r` is gone: its connections are closed or its peer hung up.
+    pub gone: &'a mut dyn FnMut(usize) -> bool,
+}
+
+/// A mapped segment shared by every rank of one communicator.
+pub struct Segment {
+    map: memmap2::MmapRaw,
+    rank: usize,
+    size: usize,
+    chunk: usize,
+    /// Chunks every rank has moved through the segment so far (the same on every rank).
+    done: u32,
+    /// f32 accumulator for 16-bit float slices.
+    acc: Vec<u64>,
+    /// Rank 0 removes the file once every rank has it mapped (or when set-up fails).
+    unlink: Option<PathBuf>,
+}
+
+fn total_bytes(size: usize, chunk: usize) -> Option<usize> {
+    let data = (PAGE + CTRL * size).next_multiple_of(PAGE);
+    chunk
+        .checked_mul(SLOTS as usize)?
+        .checked_mul(size + 1)?
+        .checked_add(data)
+}
+
+impl Segment {
+    /// Rank 0: create the segment file at `path` for `size` ranks and `chunk`-byte slots.
+    pub fn create(path: &Path, size: usize, chunk: usize, tag: &[u8; 32]) -> Result<Segment> {
+        let total = total_bytes(size, chunk)
+            .ok_or_else(|| Error::invalid(format!("shared segment for {size} ranks overflows")))?;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(path)
+            .map_err(|e| Error::io(format!("creating {}", path.display()), e))?;
+        let map = match map(&file, path, total) {
+            Ok(m) => m,
+            Err(e) => {
+                let _ = std::fs::remove_file(path);
+                return Err(e);
+            }
+        };
+        let seg = Segment {
+            map,
+            rank: 0,
+            size,
+            chunk,
+            done: 0,
+            acc: Vec::new(),
+            unlink: Some(path.to_path_buf()),
+        };
+        // SAFETY: fd is an open, writable file we own for the duration of the call.
+        let rc = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, total as libc::off_t) };
+        if rc != 0 {
+            return Err(Error::io(
+                format!("reserving {total} bytes for {}", path.display()),
+                std::io::Error::from_raw_os_error(rc),
+            ));
+        }
+        // SAFETY: the mapping is PAGE-aligned and at least PAGE bytes long; no other process
+        // opens the file before rank 0 announces it, so nothing else accesses the header now.
+        unsafe {
+            seg.map.as_mut_ptr().cast::<Header>().write(Header {
+                magic: MAGIC,
+                size: size as u64,
+                chunk: chunk as u64,
+                slots: SLOTS as u64,
+                tag: *tag,
+            });
+        }
+        Ok(seg)
+    }
+
+    /// Other ranks: open rank 0's segment and check it belongs to this job.
+    pub fn open(
+        path: &Path,
+        rank: usize,
+        size: usize,
+        chunk: usize,
+        tag: &[u8; 32],
+    ) -> Result<Segment> {
+        let total = total_bytes(size, chunk)
+            .ok_or_else(|| Error::invalid(format!("shared segment for {size} ranks overflows")))?;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(path)
+            .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+        let meta = file
+            .metadata()
+            .map_err(|e| Error::io(format!("inspecting {}", path.display()), e))?;
+        // SAFETY: geteuid has no preconditions.
+        let uid = unsafe { libc::geteuid() };
+        if meta.uid() != uid || meta.len() != total as u64 {
+            return Err(Error::invalid(format!(
+                "{} is not this job's segment (owner {}, {} bytes; expected owner {uid}, {total} bytes)",
+                path.display(),
+                meta.uid(),
+                meta.len()
+            )));
+        }
+        let seg = Segment {
+            map: map(&file, path, total)?,
+            rank,
+            size,
+            chunk,
+            done: 0,
+            acc: Vec::new(),
+            unlink: None,
+        };
+        // SAFETY: the mapping is PAGE-aligned and at least PAGE bytes; rank 0 wrote the
+        // header before the all-reduce that let this rank open the file, and never again.
+        let h = unsafe { &*seg.map.as_ptr().cast::<Header>() };
+        if h.magic != MAGIC
+            || h.size != size as u64
+            || h.chunk != chunk as u64
+            || h.slots != SLOTS as u64
+            || h.tag != *tag
+        {
+            return Err(Error::invalid(format!(
+                "{} does not carry this job's tag",
+                path.display()
+            )));
+        }
+        Ok(seg)
+    }
+
+    /// Remove the file (rank 0, once every rank has mapped it); the mapping stays.
+    pub fn unlink(&mut self) {
+        if let Some(p) = self.unlink.take() {
+            if let Err(e) = std::fs::remove_file(&p) {
+                log::warn!("cannot remove {}: {e}", p.display());
+            }
+        }
+    }
+
+    fn data_start(&self) -> usize {
+        (PAGE + CTRL * self.size).next_multiple_of(PAGE)
+    }
+
+    fn ctrl(&self, r: usize) -> &Ctrl {
+        debug_assert!(r < self.size);
+        // SAFETY: control blocks lie inside the mapping (total_bytes), 512-byte aligned from a
+        // page-aligned base; their fields are atomics, which other processes also access only
+        // atomically, and the mapping lives as long as `self`.
+        unsafe { &*self.map.as_ptr().add(PAGE + CTRL * r).cast::<Ctrl>() }
+    }
+
+    fn counter(&self, r: usize, c: Counter) -> &AtomicU32 {
+        let b = self.ctrl(r);
+        match c {
+            Counter::Staged => &b.staged,
+            Counter::Reduced => &b.reduced,
+            Counter::Gathered => &b.gathered,
+        }
+    }
+
+    fn publish(&self, c: Counter, value: u32) {
+        let word = self.counter(self.rank, c);
+        word.store(value, Ordering::Release);
+        futex_wake(word);
+    }
+
+    /// Pointer to rank `r`'s staging slot `s`.
+    fn staging(&self, r: usize, s: usize) -> *mut u8 {
+        let off = self.data_start() + (r * SLOTS as usize + s) * self.chunk;
+        // SAFETY: within the mapping by construction of total_bytes.
+        unsafe { self.map.as_mut_ptr().add(off) }
+    }
+
+    /// Pointer to result slot `s`.
+    fn result(&self, s: usize) -> *mut u8 {
+        self.staging(self.size, s)
+    }
+
+    /// Wait until rank `r`'s counter `c` reaches `target` (wrapping order).
+    fn wait(
+        &self,
+        w: &mut Watch,
+        r: usize,
+        c: Counter,
+        target: u32,
+        what: &dyn Fn() -> String,
+    ) -> Result<()> {
+        let word = self.counter(r, c);
+        let mut seen = word.load(Ordering::Acquire);
+        let mut spins = 0;
+        let mut moved = Instant::now();
+        loop {
+            if reached(seen, target) {
+                return Ok(());
+            }
+            if spins < SPINS {
+                spins += 1;
+                std::hint::spin_loop();
+                seen = word.load(Ordering::Acquire);
+                continue;
+            }
+            futex_wait(word, seen, POLL);
+            let now = word.load(Ordering::Acquire);
+            if now != seen {
+                seen = now;
+                moved = Instant::now();
+                continue;
+            }
+            if w.abort.load(Ordering::SeqCst) {
+                return Err(Error::aborted(format!(
+                    "{}: communicator was aborted (mr_comm_abort)",
+                    what()
+                )));
+            }
+            if (w.gone)(r) {
+                return Err(Error::remote(format!(
+                    "{}: rank {r} left (its connections closed) while this rank waited for its {c:?} counter to reach {target}",
+                    what()
+                )));
+            }
+            if moved.elapsed() >= w.timeout {
+                return Err(Error::timeout(format!(
+                    "{}: rank {r} made no progress for {} ms (waiting for its {c:?} counter to reach {target}, at {seen})",
+                    what(),
+                    w.timeout.as_millis()
+                )));
+            }
+        }
+    }
+
+    fn wait_all(
+        &self,
+        w: &mut Watch,
+        c: Counter,
+        target: u32,
+        what: &dyn Fn() -> String,
+    ) -> Result<()> {
+        for r in (0..self.size).filter(|&r| r != self.rank) {
+            self.wait(w, r, c, target, what)?;
+        }
+        Ok(())
+    }
+
+    fn write_desc(&self, d: &OpDesc, s: usize) {
+        let b = self.ctrl(self.rank);
+        for (slot, v) in b.desc[s].iter().zip(desc_words(d)) {
+            slot.store(v, Ordering::Relaxed);
+        }
+    }
+
+    /// Compare every rank's descriptor with ours (after their first `staged`).
+    fn check_descs(&self, d: &OpDesc, s: usize) -> Result<()> {
+        let mine = desc_words(d);
+        for r in (0..self.size).filter(|&r| r != self.rank) {
+            let theirs: Vec<u64> = self.ctrl(r).desc[s]
+                .iter()
+                .map(|x| x.load(Ordering::Relaxed))
+                .collect();
+            if theirs != mine {
+                return Err(Error::invalid(format!(
+                    "mismatched collective calls: rank {r} called {} but this rank called {d}",
+                    describe(&theirs, d.root)
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Run one op through the segment.
+    pub fn run(&mut self, d: &OpDesc, mem: &mut OpMemory, w: &mut Watch) -> Result<()> {
+        debug_assert!(carries(d.coll));
+        let elem = d.dtype.size();
+        let per_chunk = (self.chunk / elem).max(1);
+        let count = if d.coll == Collective::Barrier {
+            0
+        } else {
+            d.count
+        };
+        let chunks = count.div_ceil(per_chunk).max(1);
+        let (me, n) = (self.rank, self.size);
+        let first = self.done;
+        for k in 0..chunks {
+            let g = first.wrapping_add(k as u32);
+            let s = (g % SLOTS) as usize;
+            let lo = k * per_chunk * elem;
+            let len = (count * elem).saturating_sub(lo).min(per_chunk * elem);
+            let what = || {
+                format!(
+                    "{d} over shared memory, chunk {} of {chunks} ({len} bytes)",
+                    k + 1
+                )
+            };
+            // The first chunk also rewrites our descriptor entry for slot `s`.
+            let writes = k == 0
+                || match d.coll {
+                    Collective::Broadcast => me == d.root,
+                    Collective::Barrier => false,
+                    _ => true,
+                };
+            if writes {
+                self.wait_all(
+                    w,
+                    Counter::Gathered,
+                    g.wrapping_add(1).wrapping_sub(SLOTS),
+                    &what,
+                )?;
+            }
+            if k == 0 {
+                self.write_desc(d, s);
+            }
+            // Stage.
+            let src: Option<&[u8]> = match d.coll {
+                Collective::AllReduce => Some(&mem.user.as_slice()[lo..lo + len]),
+                Collective::Broadcast if me == d.root => Some(&mem.user.as_slice()[lo..lo + len]),
+                Collective::AllGather => Some(&mem.input.as_slice()[lo..lo + len]),
+                _ => None,
+            };
+            if let Some(src) = src {
+                // SAFETY: our staging slot `s` holds `chunk >= len` bytes; no rank reads it
+                // until we publish `staged` below, and every rank finished reading its previous
+                // contents (chunk g - SLOTS) per the wait above.
+                unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), self.staging(me, s), len) };
+            }
+            self.publish(Counter::Staged, g.wrapping_add(1));
+            if d.coll == Collective::Broadcast && k > 0 {
+                if me != d.root {
+                    self.wait(w, d.root, Counter::Staged, g.wrapping_add(1), &what)?;
+                }
+            } else {
+                self.wait_all(w, Counter::Staged, g.wrapping_add(1), &what)?;
+            }
+            if k == 0 {
+                self.check_descs(d, s)?;
+            }
+            // Reduce our slice.
+            if d.coll == Collective::AllReduce {
+                let elems = len / elem;
+                let a = elems * me / n * elem;
+                let b = elems * (me + 1) / n * elem;
+                self.reduce_slice(d.dtype, d.op, s, a, b);
+                self.publish(Counter::Reduced, g.wrapping_add(1));
+                self.wait_all(w, Counter::Reduced, g.wrapping_add(1), &what)?;
+            }
+            // Gather.
+            match d.coll {
+                Collective::AllReduce => {
+                    let dst = &mut mem.user.as_mut_slice()[lo..lo + len];
+                    // SAFETY: every rank published `reduced` for chunk g, so result slot `s`
+                    // holds the whole chunk and nobody writes it until we publish `gathered`.
+                    unsafe { std::ptr::copy_nonoverlapping(self.result(s), dst.as_mut_ptr(), len) };
+                }
+                Collective::Broadcast if me != d.root => {
+                    let dst = &mut mem.user.as_mut_slice()[lo..lo + len];
+                    // SAFETY: the root published `staged` for chunk g and does not rewrite the
+                    // slot before we publish `gathered`.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(
+                            self.staging(d.root, s),
+                            dst.as_mut_ptr(),
+                            len,
+                        )
+                    };
+                }
+                Collective::AllGather => {
+                    let per_rank = count * elem;
+                    for r in 0..n {
+                        let dst = &mut mem.user.as_mut_slice()[r * per_rank + lo..][..len];
+                        // SAFETY: rank r published `staged` for chunk g and does not rewrite
+                        // the slot before we publish `gathered`.
+                        unsafe {
+                            std::ptr::copy_nonoverlapping(self.staging(r, s), dst.as_mut_ptr(), len)
+                        };
+                    }
+                }
+                _ => {}
+            }
+            self.publish(Counter::Gathered, g.wrapping_add(1));
+        }
+        self.done = first.wrapping_add(chunks as u32);
+        Ok(())
+    }
+
+    /// result[s][a..b] = x_0 op x_1 op … op x_{n-1} over every rank's staging slot `s`.
+    fn reduce_slice(&mut self, dtype: DType, op: ReduceOp, s: usize, a: usize, b: usize) {
+        if a == b {
+            return;
+        }
+        let n = self.size;
+        let len = b - a;
+        let mut acc_store = std::mem::take(&mut self.acc);
+        // SAFETY (for the slices below): every rank published `staged` for this chunk, so
+        // their staging slots hold it and stay unchanged until they see our `gathered`; bytes
+        // a..b of result slot `s` are written only by this rank (its slice), and read by others
+        // only after we publish `reduced`.
+        let part = |r: usize| unsafe { std::slice::from_raw_parts(self.staging(r, s).add(a), len) };
+        let out = unsafe { std::slice::from_raw_parts_mut(self.result(s).add(a), len) };
+        if dtype.accumulator() == dtype {
+            out.copy_from_slice(part(0));
+            for r in 1..n {
+                reduce::reduce(dtype, op, out, part(r));
+            }
+            if op == ReduceOp::Avg {
+                reduce::divide(dtype, out, n);
+            }
+        } else {
+            let acc_len = len / dtype.size() * 4;
+            if acc_store.len() * 8 < acc_len {
+                acc_store = vec![0u64; acc_len.div_ceil(8)];
+            }
+            // SAFETY: u64 storage viewed as bytes; acc_len fits in it.
+            let acc = unsafe {
+                std::slice::from_raw_parts_mut(acc_store.as_mut_ptr().cast::<u8>(), acc_len)
+            };
+            reduce::widen(dtype, acc, part(0));
+            for r in 1..n {
+                reduce::reduce_widen(dtype, op, acc, part(r));
+            }
+            if op == ReduceOp::Avg {
+                reduce::divide(DType::F32, acc, n);
+            }
+            reduce::narrow(dtype, out, acc);
+        }
+        self.acc = acc_store;
+    }
+}
+
+impl Drop for Segment {
+    fn drop(&mut self) {
+        self.unlink();
+    }
+}
+
+fn map(file: &File, path: &Path, total: usize) -> Result<memmap2::MmapRaw> {
+    file.set_len(total as u64)
+        .map_err(|e| Error::io(format!("sizing {} to {total} bytes", path.display()), e))?;
+    memmap2::MmapOptions::new()
+        .len(total)
+        .map_raw(file)
+        .map_err(|e| Error::io(format!("mapping {}", path.display()), e))
+}
+
+fn reached(value: u32, target: u32) -> bool {
+    (value.wrapping_sub(target) as i32) >= 0
+}
+
+fn desc_words(d: &OpDesc) -> [u64; 6] {
+    [
+        d.coll as u64,
+        d.seq,
+        d.dtype as u64,
+        d.op as u64,
+        d.count as u64,
+        d.root as u64,
+    ]
+}
+
+fn describe(w: &[u64], root: usize) -> String {
+    let coll = [
+        Collective::AllReduce,
+        Collective::Broadcast,
+        Collective::AllGather,
+        Collective::ReduceScatter,
+        Collective::Barrier,
+    ]
+    .into_iter()
+    .find(|c| *c as u64 == w[0]);
+    let d = (|| {
+        Some(OpDesc {
+            coll: coll?,
+            seq: w[1],
+            dtype: DType::from_raw(u32::try_from(w[2]).ok()?).ok()?,
+            op: ReduceOp::from_raw(u32::try_from(w[3]).ok()?).ok()?,
+            count: usize::try_from(w[4]).ok()?,
+            root: usize::try_from(w[5]).unwrap_or(root),
+        })
+    })();
+    match d {
+        Some(d) => d.to_string(),
+        None => format!("an unrecognisable op (seq {})", w[1]),
+    }
+}
+
+fn futex_wait(word: &AtomicU32, expected: u32, timeout: Duration) {
+    let ts = libc::timespec {
+        tv_sec: timeout.as_secs() as libc::time_t,
+        tv_nsec: timeout.subsec_nanos() as libc::c_long,
+    };
+    // SAFETY: `word` is a valid, aligned 32-bit atomic in a shared mapping (hence no
+    // FUTEX_PRIVATE_FLAG); the kernel only reads it and the timespec. Spurious returns are
+    // handled by the caller's loop.
+    unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            word.as_ptr(),
+            libc::FUTEX_WAIT,
+            expected,
+            &ts as *const libc::timespec,
+            std::ptr::null::<u32>(),
+            0u32,
+        );
+    }
+}
+
+fn futex_wake(word: &AtomicU32) {
+    // SAFETY: as in futex_wait; FUTEX_WAKE only reads the address to find waiters.
+    unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            word.as_ptr(),
+            libc::FUTEX_WAKE,
+            i32::MAX,
+            std::ptr::null::<libc::timespec>(),
+            std::ptr::null::<u32>(),
+            0u32,
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wrapping_order() {
+        assert!(reached(5, 5));
+        assert!(reached(6, 5));
+        assert!(!reached(4, 5));
+        assert!(reached(1, u32::MAX));
+        assert!(reached(0, u32::MAX.wrapping_add(1)));
+        assert!(!reached(u32::MAX, 1));
+    }
+
+    #[test]
+    fn layout_fits() {
+        let t = total_bytes(8, slot_bytes(1 << 20)).unwrap();
+        assert_eq!(t, 2 * PAGE + 9 * 2 * (1 << 20));
+        assert_eq!(slot_bytes(100), 4096);
+        assert_eq!(slot_bytes(5000), 5056);
+    }
+}
