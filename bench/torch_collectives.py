@@ -2,7 +2,8 @@
 """Compare torch.distributed collectives over gloo and over mapreduce on this machine.
 
 For each world size, spawns that many ranks on loopback and pushes the same tensors through
-gloo and through the mapreduce backend (ring; and relay when MR_RELAYS is set), for all-reduce,
+gloo and through the mapreduce backend (shm: the default on one host, where ranks share memory;
+ring: TCP only, MR_ALGO=ring; and relay when MR_RELAYS is set), for all-reduce,
 broadcast and all-gather over a range of sizes. Prints nccl-tests-style rows and writes an SVG
 chart of bus bandwidth against size, one line per backend and mode.
 
@@ -70,17 +71,24 @@ def rank_main(rank, world, port, config, results):
         results.put((rank, f"{type(e).__name__}: {e}\n{traceback.format_exc()}", None))
 
 
-def new_mapreduce_group(dist, algo):
-    """A mapreduce process group whose communicator uses MR_ALGO=algo."""
-    previous = os.environ.get("MR_ALGO")
-    os.environ["MR_ALGO"] = algo
+def new_mapreduce_group(dist, algo, **env):
+    """A mapreduce process group whose communicator uses MR_ALGO=algo and the other MR_*
+    variables given (None: unset while the group is created)."""
+    env = {"MR_ALGO": algo, **env}
+    previous = {k: os.environ.get(k) for k in env}
+    for k, v in env.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
     try:
         return dist.new_group(backend="mapreduce")
     finally:
-        if previous is None:
-            del os.environ["MR_ALGO"]
-        else:
-            os.environ["MR_ALGO"] = previous
+        for k, v in previous.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def run_rank(rank, world, port, config):
@@ -98,6 +106,10 @@ def run_rank(rank, world, port, config):
         timeout=timedelta(seconds=config["timeout"]),
     )
     groups = [("gloo", None)]
+    # The default (MR_ALGO=auto) without relays: ranks on one host share memory.
+    groups.append(
+        ("mapreduce-shm", new_mapreduce_group(dist, "auto", MR_RELAYS=None, MR_VALIDATOR=None))
+    )
     groups.append(("mapreduce-ring", new_mapreduce_group(dist, "ring")))
     if config["relay"]:
         groups.append(("mapreduce-relay", new_mapreduce_group(dist, "relay")))
@@ -242,7 +254,12 @@ def print_table(rows, out=sys.stdout):
         )
 
 
-COLORS = {"gloo": "#4e79a7", "mapreduce-ring": "#e15759", "mapreduce-relay": "#59a14f"}
+COLORS = {
+    "gloo": "#4e79a7",
+    "mapreduce-shm": "#f28e2b",
+    "mapreduce-ring": "#e15759",
+    "mapreduce-relay": "#59a14f",
+}
 
 
 def svg_chart(rows):
@@ -343,7 +360,7 @@ def main():
         "timeout": args.timeout,
         "job_timeout": args.job_timeout,
     }
-    modes = "gloo, mapreduce-ring" + (", mapreduce-relay" if relay else " (set MR_RELAYS for relay mode)")
+    modes = "gloo, mapreduce-shm, mapreduce-ring" + (", mapreduce-relay" if relay else " (set MR_RELAYS for relay mode)")
     print(f"# torch_collectives: {modes}; sizes {human(lo)}..{human(hi)}; dtype {args.dtype}")
     rows = []
     for world in [int(w) for w in args.ranks.split(",") if w.strip()]:

@@ -408,15 +408,17 @@ def init_and_allreduce(rank, world, port, method):
 # -- failures ----------------------------------------------------------------------------------
 
 
-def dies_during_allreduce(rank, world, port, victim):
-    """``victim`` exits in the middle of a large all-reduce; the others must raise."""
+def dies_during_allreduce(rank, world, port, victim, algo):
+    """``victim`` exits in the middle of a large all-reduce (over TCP with ``algo="ring"``,
+    through shared memory with ``"auto"``); the others must raise."""
+    os.environ["MR_ALGO"] = algo
     init(rank, world, port, timeout_s=15)
     t = torch.ones(N)
     dist.all_reduce(t)  # everyone is connected and in step
-    big = torch.ones(16 << 20)  # 64 MiB: the op is still running when the victim dies
+    big = torch.ones(64 << 20)  # 256 MiB: the op is still running when the victim dies
     if rank == victim:
         dist.all_reduce(big, async_op=True)
-        time.sleep(0.05)
+        time.sleep(0.005)
         os._exit(17)
     try:
         dist.all_reduce(big)

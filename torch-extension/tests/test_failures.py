@@ -1,18 +1,22 @@
 """No hang: a dead or silent peer becomes a Python exception carrying the library's message."""
 
 import dist_workers
+import pytest
 from conftest import free_port, run_ranks
 
 
-def test_rank_exit_during_allreduce_raises_on_survivors():
+@pytest.mark.parametrize("algo", ["ring", "auto"])
+def test_rank_exit_during_allreduce_raises_on_survivors(algo):
     victim = 1
-    results = run_ranks(dist_workers.dies_during_allreduce, 3, free_port(), victim, allow_missing=(victim,))
+    results = run_ranks(
+        dist_workers.dies_during_allreduce, 3, free_port(), victim, algo, allow_missing=(victim,)
+    )
     for rank in (0, 2):
         r = results[rank]
         assert r["raised"], f"rank {rank} finished an all-reduce with a dead peer"
         message = r["message"]
         # Our context, then the library's code and mr_last_error() detail.
-        assert "mapreduce: allreduce of 16777216 x torch.float32 (SUM) failed (" in message, message
+        assert "mapreduce: allreduce of 67108864 x torch.float32 (SUM) failed (" in message, message
         # mr_last_error()'s detail names the broken link: the victim's, or that of a survivor
         # which failed first and closed its connections.
         detail = message.split("): ", 1)[1] if "): " in message else ""
