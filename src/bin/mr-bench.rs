@@ -71,7 +71,7 @@ struct Args {
     #[arg(long)]
     kernels: bool,
     /// The demo: a whole local job with relays; 256 MiB broadcast and all-reduce through the
-    /// relays and through the ring, verified, summarised in a table.
+    /// relays, through shared memory and through the TCP ring, verified, summarised in a table.
     #[arg(long)]
     demo: bool,
     /// Peers for --demo.
@@ -600,7 +600,8 @@ fn print_kernels() {
     }
 }
 
-/// The demo: 256 MiB broadcast and all-reduce through relays and through the ring.
+/// The demo: 256 MiB broadcast and all-reduce through relays, through shared memory and
+/// through the TCP ring.
 fn demo(args: &Args) {
     let peers = args.demo_peers;
     let relays = 4;
@@ -614,8 +615,14 @@ fn demo(args: &Args) {
         "mode", "op", "size", "time_s", "algbw", "busbw", "verified"
     );
     let mut all_ok = true;
-    for (mode, r) in [("relay", relays), ("ring", 0)] {
-        std::env::set_var("MR_ALGO", if r > 0 { "relay" } else { "ring" });
+    // Relays; then the default without relays, which on one host is shared memory; then the
+    // TCP ring.
+    for (mode, r, algo) in [("relay", relays, "relay"), ("shm", 0, "auto"), ("ring", 0, "ring")] {
+        std::env::set_var("MR_ALGO", algo);
+        if r == 0 {
+            std::env::remove_var("MR_RELAYS");
+            std::env::remove_var("MR_TOKEN");
+        }
         let ok = spawn_job(
             args,
             peers,
