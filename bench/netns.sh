@@ -8,14 +8,15 @@
 # Needs root, iproute2 and a release build (make build).
 #
 # usage: bench/netns.sh [-p PEERS] [-r RELAYS] [-R RATE_MBIT] [-s "64M 256M"] [-n ITERS] [-S STREAMS]
+#                       [-m "ring relay gloo"]   (the modes to run; default all three)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PEERS=4 RELAYS=4 RATE=1000 SIZES="64M 256M" ITERS=3 STREAMS=${MR_STREAMS:-2}
-while getopts "p:r:R:s:n:S:" o; do
+PEERS=4 RELAYS=4 RATE=1000 SIZES="64M 256M" ITERS=3 STREAMS=${MR_STREAMS:-2} MODES="ring relay gloo"
+while getopts "p:r:R:s:n:S:m:" o; do
   case $o in
     p) PEERS=$OPTARG ;; r) RELAYS=$OPTARG ;; R) RATE=$OPTARG ;; s) SIZES=$OPTARG ;;
-    n) ITERS=$OPTARG ;; S) STREAMS=$OPTARG ;; *) exit 2 ;;
+    n) ITERS=$OPTARG ;; S) STREAMS=$OPTARG ;; m) MODES=$OPTARG ;; *) exit 2 ;;
   esac
 done
 BENCH=$PWD/target/release/mr-bench
@@ -93,9 +94,13 @@ report() { # mode size seconds
   awk -v m="$1" -v s="$2" -v t="$3" -v b="$bound" 'BEGIN{printf "%-12s %12d %10.3f %10.3f %7.1f%%\n", m, s, t, b, 100*b/t}'
 }
 
-run_peers ring | while read -r algo size secs; do report ring "$size" "$secs"; done
+want() { case " $MODES " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 
-if [ "$RELAYS" -gt 0 ] && [ -x "$RELAYD" ]; then
+if want ring; then
+  run_peers ring | while read -r algo size secs; do report ring "$size" "$secs"; done
+fi
+
+if want relay && [ "$RELAYS" -gt 0 ] && [ -x "$RELAYD" ]; then
   TOKEN=$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')
   RELAY_LIST=""
   for j in $(seq 0 $((RELAYS - 1))); do
@@ -108,7 +113,7 @@ if [ "$RELAYS" -gt 0 ] && [ -x "$RELAYD" ]; then
   run_peers relay MR_RELAYS="$RELAY_LIST" MR_TOKEN="$TOKEN" | while read -r algo size secs; do report relay "$size" "$secs"; done
 fi
 
-if [ -x .venv/bin/python ] && .venv/bin/python -c 'import torch' 2>/dev/null; then
+if want gloo && [ -x .venv/bin/python ] && .venv/bin/python -c 'import torch' 2>/dev/null; then
   port=$((20000 + RANDOM % 20000)) pids=() out=$(mktemp)
   for r in $(seq 0 $((PEERS - 1))); do
     ip netns exec "$NS-h$r" env MASTER_ADDR="$(ip_of 0)" MASTER_PORT="$port" RANK="$r" WORLD_SIZE="$PEERS" \

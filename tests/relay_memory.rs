@@ -16,6 +16,7 @@ fn relay_memory_is_bounded_independently_of_the_tensor() {
     let relay = RelayProc::start(TOKEN);
     let mut cfg = relay_config(std::slice::from_ref(&relay), TOKEN);
     cfg.chunk_bytes = 1 << 20;
+    cfg.relay_chunk_bytes = 1 << 20;
     // A 1 GiB all-reduce from 4 peers: the relay receives 4 GiB and sends 4 GiB.
     let count = 256 << 20;
     run_job(4, cfg, move |comm| {

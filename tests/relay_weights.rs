@@ -28,6 +28,7 @@ fn a_slow_relay_gets_a_smaller_segment_and_ranks_agree() {
     );
     let mut cfg = relay_config(&relays, TOKEN);
     cfg.chunk_bytes = 16 << 10;
+    cfg.relay_chunk_bytes = 16 << 10;
     let ops = 3 * RELAY_RATE_PERIOD as usize;
     let seen = run_job(peers, cfg, move |comm| {
         assert_eq!(comm.relays(), &[0, 1]);

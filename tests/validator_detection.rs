@@ -23,6 +23,7 @@ fn detection_rate_matches_one_minus_one_minus_f_to_the_k() {
     std::env::set_var("MR_RELAY_COUNT", "1");
     let cfg = Config {
         chunk_bytes: 256,
+        relay_chunk_bytes: 256,
         ..job_config(&v, true)
     };
     // 256 chunks of 64 f32 per op.

@@ -90,7 +90,7 @@ pub fn build_with_relays(
             size,
             relays,
             weights,
-            config.chunk_bytes,
+            config.relay_chunk_bytes,
             DEFAULT_WINDOW,
         )));
     }

@@ -1,5 +1,6 @@
 //! Relay schedules (peer side): the buffer is cut into one segment per relay; every peer sends
-//! segment k to relay k in chunks of at most `chunk_bytes`, and the relay answers each chunk
+//! segment k to relay k in chunks of at most `chunk_bytes` (`Config::relay_chunk_bytes`), and
+//! the relay answers each chunk
 //! with the rank-ordered reduction (all-reduce) or forwards the root's chunk to the others
 //! (broadcast). Results land directly in the caller's buffer.
 //!

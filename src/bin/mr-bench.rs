@@ -617,7 +617,11 @@ fn demo(args: &Args) {
     let mut all_ok = true;
     // Relays; then the default without relays, which on one host is shared memory; then the
     // TCP ring.
-    for (mode, r, algo) in [("relay", relays, "relay"), ("shm", 0, "auto"), ("ring", 0, "ring")] {
+    for (mode, r, algo) in [
+        ("relay", relays, "relay"),
+        ("shm", 0, "auto"),
+        ("ring", 0, "ring"),
+    ] {
         std::env::set_var("MR_ALGO", algo);
         if r == 0 {
             std::env::remove_var("MR_RELAYS");

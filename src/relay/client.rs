@@ -72,7 +72,7 @@ fn connect_relay(
             world: mesh.size,
             stream,
             streams: config.streams,
-            chunk_bytes: config.chunk_bytes,
+            chunk_bytes: config.relay_chunk_bytes,
             window: DEFAULT_WINDOW,
         }
         .encode();

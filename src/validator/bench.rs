@@ -80,6 +80,7 @@ fn bench_relay(state: &Arc<State>, id: &str) -> crate::Result<()> {
     let mut config = Config {
         algo: Algo::Relay,
         chunk_bytes: chunk,
+        relay_chunk_bytes: chunk,
         timeout: Duration::from_secs(30),
         bind_addr: Some("127.0.0.1".parse().expect("ip")),
         ..Config::default()

@@ -87,7 +87,7 @@ pub fn share_assignment(mesh: &mut Mesh, config: &Config) -> Result<Option<Assig
                 world: mesh.size,
                 stream: 0,
                 streams: config.streams,
-                chunk_bytes: config.chunk_bytes,
+                chunk_bytes: config.relay_chunk_bytes,
                 window: crate::algo::relay::DEFAULT_WINDOW,
             }
             .budget() as u64,

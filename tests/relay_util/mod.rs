@@ -76,6 +76,7 @@ pub fn relay_config(relays: &[RelayProc], token: &str) -> Config {
         relays: relays.iter().map(|r| r.addr.clone()).collect(),
         token: Some(mapreduce::config::parse_hex("token", token).unwrap()),
         chunk_bytes: 64 << 10,
+        relay_chunk_bytes: 64 << 10,
         ..Config::default()
     }
 }

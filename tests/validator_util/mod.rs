@@ -109,6 +109,7 @@ pub fn job_config(v: &Proc, verify: bool) -> Config {
         algo: Algo::Relay,
         validator: Some(v.addr.clone()),
         chunk_bytes: 4 << 10,
+        relay_chunk_bytes: 4 << 10,
         verify,
         ..Config::default()
     }
