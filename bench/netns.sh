@@ -9,14 +9,17 @@
 #
 # usage: bench/netns.sh [-p PEERS] [-r RELAYS] [-R RATE_MBIT] [-s "64M 256M"] [-n ITERS] [-S STREAMS]
 #                       [-m "ring relay gloo"]   (the modes to run; default all three)
+#                       [-M MTU]                 (link MTU, default 1500)
+# tbf counts every packet's headers, so at MTU 1500 TCP payload can reach at most
+# 1448/1514 = 95.6% of RATE (TCP timestamps on); at MTU 9000, 99.3%.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PEERS=4 RELAYS=4 RATE=1000 SIZES="64M 256M" ITERS=3 STREAMS=${MR_STREAMS:-2} MODES="ring relay gloo"
-while getopts "p:r:R:s:n:S:m:" o; do
+PEERS=4 RELAYS=4 RATE=1000 SIZES="64M 256M" ITERS=3 STREAMS=${MR_STREAMS:-2} MODES="ring relay gloo" MTU=1500
+while getopts "p:r:R:s:n:S:m:M:" o; do
   case $o in
     p) PEERS=$OPTARG ;; r) RELAYS=$OPTARG ;; R) RATE=$OPTARG ;; s) SIZES=$OPTARG ;;
-    n) ITERS=$OPTARG ;; S) STREAMS=$OPTARG ;; m) MODES=$OPTARG ;; *) exit 2 ;;
+    n) ITERS=$OPTARG ;; S) STREAMS=$OPTARG ;; m) MODES=$OPTARG ;; M) MTU=$OPTARG ;; *) exit 2 ;;
   esac
 done
 BENCH=$PWD/target/release/mr-bench
@@ -48,7 +51,7 @@ BURST=$(( RATE * 1000 / 8 * BURST_MS / 1000 ))
 for i in $(seq 0 $((HOSTS - 1))); do
   h="$NS-h$i"
   ip netns add "$h"
-  ip link add "h$i-$$" type veth peer name "s$i-$$"
+  ip link add "h$i-$$" mtu "$MTU" type veth peer name "s$i-$$" mtu "$MTU"
   ip link set "h$i-$$" netns "$h"
   ip link set "s$i-$$" netns "$NS-sw"
   ip -n "$h" link set lo up
@@ -85,7 +88,7 @@ run_peers() {
   rm -f "$out".*
 }
 
-echo "# shaped network: $PEERS peers, $RELAYS relays, ${RATE} Mbit/s per direction per host, MR_STREAMS=$STREAMS"
+echo "# shaped network: $PEERS peers, $RELAYS relays, ${RATE} Mbit/s per direction per host, MTU $MTU, MR_STREAMS=$STREAMS"
 printf "%-12s %12s %10s %10s %8s\n" mode size time_s bound_s of_bound
 report() { # mode size seconds
   local bound
