@@ -10,16 +10,19 @@
 # usage: bench/netns.sh [-p PEERS] [-r RELAYS] [-R RATE_MBIT] [-s "64M 256M"] [-n ITERS] [-S STREAMS]
 #                       [-m "ring relay gloo"]   (the modes to run; default all three)
 #                       [-M MTU]                 (link MTU, default 1500)
+#                       [-d RTT_MS]              (round-trip delay between any two hosts)
+# Delay uses netem when the kernel has it, else bench/delayline.c (a user-space delay line
+# between each host and the switch, built here with cc): RTT_MS/4 per hop and direction.
 # tbf counts every packet's headers, so at MTU 1500 TCP payload can reach at most
 # 1448/1514 = 95.6% of RATE (TCP timestamps on); at MTU 9000, 99.3%.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PEERS=4 RELAYS=4 RATE=1000 SIZES="64M 256M" ITERS=3 STREAMS=${MR_STREAMS:-2} MODES="ring relay gloo" MTU=1500
-while getopts "p:r:R:s:n:S:m:M:" o; do
+PEERS=4 RELAYS=4 RATE=1000 SIZES="64M 256M" ITERS=3 STREAMS=${MR_STREAMS:-2} MODES="ring relay gloo" MTU=1500 RTT=0
+while getopts "p:r:R:s:n:S:m:M:d:" o; do
   case $o in
     p) PEERS=$OPTARG ;; r) RELAYS=$OPTARG ;; R) RATE=$OPTARG ;; s) SIZES=$OPTARG ;;
-    n) ITERS=$OPTARG ;; S) STREAMS=$OPTARG ;; m) MODES=$OPTARG ;; M) MTU=$OPTARG ;; *) exit 2 ;;
+    n) ITERS=$OPTARG ;; S) STREAMS=$OPTARG ;; m) MODES=$OPTARG ;; M) MTU=$OPTARG ;; d) RTT=$OPTARG ;; *) exit 2 ;;
   esac
 done
 BENCH=$PWD/target/release/mr-bench
@@ -36,6 +39,7 @@ cleanup() {
   wait 2>/dev/null || true
   for i in $(seq 0 $((HOSTS - 1))); do ip netns del "$NS-h$i" 2>/dev/null || true; done
   ip netns del "$NS-sw" 2>/dev/null || true
+  ip netns del "$NS-dl" 2>/dev/null || true
 }
 trap cleanup EXIT
 
@@ -48,10 +52,34 @@ ip -n "$NS-sw" link set br0 up
 BURST_MS=${BURST_MS:-4} QUEUE_MS=${QUEUE_MS:-20}
 BURST=$(( RATE * 1000 / 8 * BURST_MS / 1000 ))
 [ "$BURST" -lt 65536 ] && BURST=65536
+# Delay: netem on the shaped links when the kernel has it, else a delay line between each
+# host and the switch.
+NETEM=0 DELAYLINE=""
+if [ "$RTT" != 0 ]; then
+  ip netns add "$NS-dl"
+  if ip netns exec "$NS-dl" tc qdisc add dev lo root netem delay 1ms 2>/dev/null; then
+    NETEM=1
+  else
+    DELAYLINE=$PWD/target/delayline
+    cc -O2 -Wall -Wextra -o "$DELAYLINE" bench/delayline.c
+  fi
+fi
+DL_PAIRS=()
 for i in $(seq 0 $((HOSTS - 1))); do
   h="$NS-h$i"
   ip netns add "$h"
-  ip link add "h$i-$$" mtu "$MTU" type veth peer name "s$i-$$" mtu "$MTU"
+  if [ -n "$DELAYLINE" ]; then
+    # host eth0 <-> a$i [delay line] b$i <-> s$i on the bridge
+    ip link add "h$i-$$" mtu "$MTU" type veth peer name "a$i-$$" mtu "$MTU"
+    ip link add "b$i-$$" mtu "$MTU" type veth peer name "s$i-$$" mtu "$MTU"
+    ip link set "a$i-$$" netns "$NS-dl"
+    ip link set "b$i-$$" netns "$NS-dl"
+    ip -n "$NS-dl" link set "a$i-$$" up
+    ip -n "$NS-dl" link set "b$i-$$" up
+    DL_PAIRS+=("a$i-$$" "b$i-$$")
+  else
+    ip link add "h$i-$$" mtu "$MTU" type veth peer name "s$i-$$" mtu "$MTU"
+  fi
   ip link set "h$i-$$" netns "$h"
   ip link set "s$i-$$" netns "$NS-sw"
   ip -n "$h" link set lo up
@@ -61,9 +89,30 @@ for i in $(seq 0 $((HOSTS - 1))); do
   ip -n "$NS-sw" link set "s$i-$$" master br0
   ip -n "$NS-sw" link set "s$i-$$" up
   # Upload (host -> switch) and download (switch -> host) each shaped to RATE.
-  ip netns exec "$h" tc qdisc add dev eth0 root tbf rate "${RATE}mbit" burst "$BURST" latency "${QUEUE_MS}ms"
-  ip netns exec "$NS-sw" tc qdisc add dev "s$i-$$" root tbf rate "${RATE}mbit" burst "$BURST" latency "${QUEUE_MS}ms"
+  ip netns exec "$h" tc qdisc add dev eth0 root handle 1: tbf rate "${RATE}mbit" burst "$BURST" latency "${QUEUE_MS}ms"
+  ip netns exec "$NS-sw" tc qdisc add dev "s$i-$$" root handle 1: tbf rate "${RATE}mbit" burst "$BURST" latency "${QUEUE_MS}ms"
+  if [ "$NETEM" = 1 ]; then
+    # RTT/4 on each shaped hop: any two hosts are two hops apart each way.
+    ip netns exec "$h" tc qdisc add dev eth0 parent 1:1 handle 10: netem delay "$(awk -v r="$RTT" 'BEGIN{print r/4}')ms" limit 100000
+    ip netns exec "$NS-sw" tc qdisc add dev "s$i-$$" parent 1:1 handle 10: netem delay "$(awk -v r="$RTT" 'BEGIN{print r/4}')ms" limit 100000
+  fi
 done
+if [ -n "$DELAYLINE" ]; then
+  ip netns exec "$NS-dl" "$DELAYLINE" $((RTT * 1000 / 4)) "${DL_PAIRS[@]}" &
+  PIDS+=($!)
+  sleep 0.2
+fi
+# Measured round trip between two hosts: a TCP connect to a closed port is refused after
+# one round trip.
+MEASURED_RTT=$(ip netns exec "$NS-h0" python3 -c '
+import socket, sys, time
+best = None
+for _ in range(5):
+    s = socket.socket(); t = time.perf_counter()
+    try: s.connect((sys.argv[1], 9))
+    except OSError: pass
+    d = (time.perf_counter() - t) * 1000; best = d if best is None else min(best, d); s.close()
+print(f"{best:.1f} ms")' "$(ip_of 1)" 2>/dev/null || echo unknown)
 
 to_bytes() { numfmt --from=iec "$1"; }
 SIZE_LIST=""
@@ -88,7 +137,7 @@ run_peers() {
   rm -f "$out".*
 }
 
-echo "# shaped network: $PEERS peers, $RELAYS relays, ${RATE} Mbit/s per direction per host, MTU $MTU, MR_STREAMS=$STREAMS"
+echo "# shaped network: $PEERS peers, $RELAYS relays, ${RATE} Mbit/s per direction per host, MTU $MTU, RTT ${RTT} ms$([ -n "$DELAYLINE" ] && echo ' (delay line)') (measured $MEASURED_RTT), MR_STREAMS=$STREAMS"
 printf "%-12s %12s %10s %10s %8s\n" mode size time_s bound_s of_bound
 report() { # mode size seconds
   local bound

@@ -21,7 +21,9 @@ use crate::algo::{Collective, OpDesc};
 use crate::buffer::{OpMemory, RawBuf};
 use crate::config::Config;
 use crate::error::{Error, ErrorKind, Result};
-use crate::net::engine::{Completion, Engine, PendingOp, RelayRates, SharedMemoryOp};
+use crate::net::engine::{
+    Completion, Engine, PendingOp, RelayLink, RelayLinks, RelayRates, SharedMemoryOp,
+};
 use crate::types::{DType, Element, ReduceOp};
 use crate::validator::peer::{JobVerify, Recorded};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -49,6 +51,8 @@ pub struct Comm {
     verify: Option<Arc<JobVerify>>,
     /// Relay throughput measured by the progress thread, indexed like `config.relays`.
     relay_rates: RelayRates,
+    /// Each relay link's last throughput and round trip, for sizing relay windows.
+    relay_links: RelayLinks,
     /// Declared after `engine`: dropping the engine finishes the rate exchange that writes
     /// into this before its buffer is freed.
     relay_weights: Mutex<RelayWeights>,
@@ -173,7 +177,15 @@ impl Comm {
             Vec::new()
         };
         let relay_rates: RelayRates = Arc::new(Mutex::new(vec![0; config.relays.len()]));
-        let engine = Engine::start(mesh, &config, broken.clone(), relay_rates.clone())?;
+        let relay_links: RelayLinks =
+            Arc::new(Mutex::new(vec![RelayLink::default(); config.relays.len()]));
+        let engine = Engine::start(
+            mesh,
+            &config,
+            broken.clone(),
+            relay_rates.clone(),
+            relay_links.clone(),
+        )?;
         let mut comm = Comm {
             rank,
             size,
@@ -185,6 +197,7 @@ impl Comm {
             relays: Vec::new(),
             verify: None,
             relay_rates,
+            relay_links,
             relay_weights: Mutex::new(RelayWeights::default()),
             shm: false,
         };
@@ -396,6 +409,17 @@ impl Comm {
         let schedule: Box<dyn crate::algo::Schedule> = if shm {
             Box::new(SharedMemoryOp(desc))
         } else {
+            let window = if relays.is_empty() {
+                crate::algo::relay::DEFAULT_WINDOW
+            } else {
+                let links = self.relay_links.lock().unwrap_or_else(|e| e.into_inner());
+                let used: Vec<(u64, u32)> = relays
+                    .iter()
+                    .filter_map(|&r| links.get(r))
+                    .map(|l| (l.rate, l.min_rtt_us))
+                    .collect();
+                crate::algo::relay::relay_window(&used, self.config.relay_chunk_bytes)
+            };
             crate::algo::plan::build_with_relays(
                 &desc,
                 self.rank,
@@ -403,6 +427,7 @@ impl Comm {
                 &self.config,
                 relays,
                 weights,
+                window,
                 &mut mem,
             )?
         };

@@ -56,7 +56,7 @@ pub fn build(
     config: &Config,
     mem: &mut OpMemory,
 ) -> Result<Box<dyn Schedule>> {
-    build_with_relays(desc, rank, size, config, &[], &[], mem)
+    build_with_relays(desc, rank, size, config, &[], &[], DEFAULT_WINDOW, mem)
 }
 
 /// Whether `desc` goes through `relays` (the relay indices every rank is connected to):
@@ -73,7 +73,9 @@ pub fn uses_relays(desc: &OpDesc, config: &Config, relays: &[usize]) -> bool {
 }
 
 /// As [`build`], through `relays` when [`uses_relays`] says so, their segments sized by
-/// `weights` (one per relay, as for [`crate::algo::relay::segment_ranges`]; empty: equal).
+/// `weights` (one per relay, as for [`crate::algo::relay::segment_ranges`]; empty: equal), at
+/// most `window` chunks in flight per lane.
+#[allow(clippy::too_many_arguments)]
 pub fn build_with_relays(
     desc: &OpDesc,
     rank: usize,
@@ -81,6 +83,7 @@ pub fn build_with_relays(
     config: &Config,
     relays: &[usize],
     weights: &[u64],
+    window: usize,
     mem: &mut OpMemory,
 ) -> Result<Box<dyn Schedule>> {
     if uses_relays(desc, config, relays) {
@@ -91,7 +94,7 @@ pub fn build_with_relays(
             relays,
             weights,
             config.relay_chunk_bytes,
-            DEFAULT_WINDOW,
+            window,
         )));
     }
     let chunk = config.chunk_bytes;

@@ -55,8 +55,34 @@ use crate::wire::FrameHeader;
 use std::collections::{BTreeMap, VecDeque};
 use std::ops::Range;
 
-/// Chunks in flight per lane.
+/// Fewest chunks in flight per lane (and all of them until links are measured).
 pub const DEFAULT_WINDOW: usize = 4;
+/// Most bytes a peer may keep in flight per lane: the window it announces to relays is
+/// this many bytes of chunks (at least [`DEFAULT_WINDOW`] chunks), and bounds relay memory.
+pub const MAX_WINDOW_BYTES: usize = 4 << 20;
+
+/// The window a peer announces to relays (the most it will ever use) for `chunk_bytes`.
+pub fn max_window(chunk_bytes: usize) -> usize {
+    (MAX_WINDOW_BYTES / chunk_bytes.max(1)).clamp(DEFAULT_WINDOW, crate::relay::MAX_WINDOW)
+}
+
+/// Chunks in flight per lane for one relay op. Relays answer a chunk only when every peer's
+/// copy arrived, so a window larger than the link needs lets the peers' streams drift apart
+/// (on a shaped 200 Mbit/s network, 64 chunks of 64 KiB reached 81–88% of the bound where 4
+/// reached 94%); one smaller than the bandwidth-delay product starves long links (4 chunks of
+/// 64 KiB reached 74% at 40 ms round trip). So: [`DEFAULT_WINDOW`] chunks, plus three times
+/// the bandwidth-delay product of the slowest-to-fill relay link — `rate` the bytes per second
+/// it delivered on the last op, `min_rtt_us` the kernel's minimum round trip — capped at
+/// [`max_window`]. Each rank sizes its own window; ranks need not agree.
+pub fn relay_window(links: &[(u64, u32)], chunk_bytes: usize) -> usize {
+    let bdp = links
+        .iter()
+        .map(|&(rate, rtt_us)| u128::from(rate) * u128::from(rtt_us) / 1_000_000)
+        .max()
+        .unwrap_or(0);
+    let extra = (3 * bdp).div_ceil(chunk_bytes.max(1) as u128);
+    (DEFAULT_WINDOW as u128 + extra).min(max_window(chunk_bytes) as u128) as usize
+}
 
 /// Largest input backup kept for the next op (see [`SPARE_BACKUP`]).
 pub const MAX_SPARE_BACKUP: usize = 256 << 20;

@@ -173,6 +173,9 @@ fn main() {
     }
     let comm = Comm::init_env().unwrap_or_else(|e| die(e));
     let ok = run_table(&comm, &args);
+    // Frames of the last op may still be queued on the progress thread: say goodbye properly
+    // before the process ends.
+    let ok = comm.destroy().is_ok() && ok;
     std::process::exit(if ok { 0 } else { 2 });
 }
 

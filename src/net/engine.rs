@@ -57,6 +57,21 @@ pub fn relay_stall(timeout: Duration) -> Duration {
 /// thread after each op, read by the communicator.
 pub type RelayRates = Arc<Mutex<Vec<u64>>>;
 
+/// What the progress thread last saw of each relay's link (indexed as [`Endpoint::Relay`]),
+/// for sizing relay windows: the last op's throughput sample and the kernel's minimum
+/// round-trip time over that relay's TCP streams.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RelayLink {
+    /// Bytes per second that arrived from the relay during the last op that used it.
+    pub rate: u64,
+    /// Smallest round trip the kernel measured on any stream to the relay (`TCP_INFO`
+    /// `tcpi_min_rtt`), in microseconds; 0 when unknown.
+    pub min_rtt_us: u32,
+}
+
+/// Shared view of [`RelayLink`]s: written by the progress thread, read by the communicator.
+pub type RelayLinks = Arc<Mutex<Vec<RelayLink>>>;
+
 /// Where an op's result is delivered; callers block on it or poll it.
 #[derive(Default)]
 pub struct Completion {
@@ -153,6 +168,7 @@ impl Engine {
         config: &Config,
         broken: Arc<AtomicBool>,
         rates: RelayRates,
+        links: RelayLinks,
     ) -> Result<Engine> {
         let poll = Poll::new().map_err(|e| Error::io("cannot create event loop", e))?;
         let waker = Arc::new(
@@ -195,6 +211,7 @@ impl Engine {
             relay_heard: HashMap::new(),
             relay_bytes: HashMap::new(),
             rates,
+            links,
             shutting_down: false,
             scratch: vec![0u8; 64 << 10],
             shm: None,
@@ -274,6 +291,27 @@ fn rank_gone(conns: &[Conn], by_endpoint: &HashMap<Endpoint, Vec<usize>>, r: usi
         let n = unsafe { libc::poll(&mut fd, 1, 0) };
         n > 0 && fd.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0
     })
+}
+
+/// The kernel's minimum round-trip time on `stream` in microseconds (`TCP_INFO`).
+fn tcp_min_rtt_us(stream: &TcpStream) -> Option<u32> {
+    use std::os::unix::io::AsRawFd;
+    // SAFETY: tcp_info is plain old data, so all-zero is a valid value.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: valid fd, and `info`/`len` describe a writable buffer of `len` bytes.
+    let rc = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    // Kernels older than the field leave it out (short `len`) or report 0.
+    let have = std::mem::offset_of!(libc::tcp_info, tcpi_min_rtt) + 4 <= len as usize;
+    (rc == 0 && have && info.tcpi_min_rtt > 0).then_some(info.tcpi_min_rtt)
 }
 
 fn tune_socket(s: &std::net::TcpStream) -> std::io::Result<()> {
@@ -395,6 +433,7 @@ struct Loop {
     /// Bytes (headers and payloads) that arrived from each relay during the current op.
     relay_bytes: HashMap<usize, u64>,
     rates: RelayRates,
+    links: RelayLinks,
     shutting_down: bool,
     /// Sink for payloads of frames we discard.
     scratch: Vec<u8>,
@@ -977,6 +1016,28 @@ impl Loop {
             };
         }
         log::trace!("rank {}: relay rates {:?} B/s", self.rank, *rates);
+        drop(rates);
+        let mut links = self.links.lock().unwrap_or_else(|e| e.into_inner());
+        for (&r, &n) in &self.relay_bytes {
+            let (Some(link), Some(heard)) = (links.get_mut(r), self.relay_heard.get(&r)) else {
+                continue;
+            };
+            let nanos = heard.saturating_duration_since(started).as_nanos();
+            if nanos == 0 || self.dead_relays.contains(&r) {
+                continue;
+            }
+            link.rate = (u128::from(n) * 1_000_000_000 / nanos).min(u128::from(u64::MAX)) as u64;
+            link.min_rtt_us = self
+                .by_endpoint
+                .get(&Endpoint::Relay(r))
+                .into_iter()
+                .flatten()
+                .filter(|&&i| !self.conns[i].closed)
+                .filter_map(|&i| tcp_min_rtt_us(&self.conns[i].stream))
+                .min()
+                .unwrap_or(0);
+        }
+        log::trace!("rank {}: relay links {:?}", self.rank, *links);
     }
 
     /// The current op failed here: tell every peer (so nobody waits for us), end it.

@@ -1,7 +1,7 @@
 //! Peer side of the relay protocol: connect `MR_STREAMS` authenticated streams to each relay of
 //! `MR_RELAYS` and hand them to the engine as [`Endpoint::Relay`] connections.
 
-use crate::algo::relay::DEFAULT_WINDOW;
+use crate::algo::relay::max_window;
 use crate::algo::Endpoint;
 use crate::config::Config;
 use crate::error::{Error, ErrorKind, Result};
@@ -73,7 +73,7 @@ fn connect_relay(
             stream,
             streams: config.streams,
             chunk_bytes: config.relay_chunk_bytes,
-            window: DEFAULT_WINDOW,
+            window: max_window(config.relay_chunk_bytes),
         }
         .encode();
         FrameIo {

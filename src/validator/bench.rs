@@ -100,7 +100,7 @@ fn bench_relay(state: &Arc<State>, id: &str) -> crate::Result<()> {
             job,
             peers: bots,
             relays: 1,
-            relay_memory: (bots * crate::algo::relay::DEFAULT_WINDOW * chunk * 4) as u64,
+            relay_memory: (bots * crate::algo::relay::max_window(chunk) * chunk * 4) as u64,
             max_message_bytes: cfg.bytes as u64,
         },
         id,

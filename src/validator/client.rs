@@ -88,7 +88,7 @@ pub fn share_assignment(mesh: &mut Mesh, config: &Config) -> Result<Option<Assig
                 stream: 0,
                 streams: config.streams,
                 chunk_bytes: config.relay_chunk_bytes,
-                window: crate::algo::relay::DEFAULT_WINDOW,
+                window: crate::algo::relay::max_window(config.relay_chunk_bytes),
             }
             .budget() as u64,
             max_message_bytes: 0,
