@@ -814,6 +814,30 @@ mod tests {
     use crate::types::{DType, ReduceOp};
     use std::collections::HashMap;
 
+    #[test]
+    fn windows_cover_the_bandwidth_delay_product() {
+        let chunk = 64 << 10;
+        assert_eq!(max_window(chunk), 64);
+        assert_eq!(max_window(1 << 20), DEFAULT_WINDOW);
+        assert_eq!(max_window(1), crate::relay::MAX_WINDOW);
+        // Nothing measured yet, or no delay: the minimum.
+        assert_eq!(relay_window(&[], chunk), DEFAULT_WINDOW);
+        assert_eq!(relay_window(&[(25_000_000, 0)], chunk), DEFAULT_WINDOW);
+        // 6.25 MB/s at 40 ms: 250 kB in flight, three times that in 64 KiB chunks, plus 4.
+        assert_eq!(relay_window(&[(6_250_000, 40_000)], chunk), 4 + 12);
+        // The slowest-to-fill link decides.
+        assert_eq!(
+            relay_window(&[(6_250_000, 40_000), (1_000_000, 1_000)], chunk),
+            16
+        );
+        // Capped at what peers announce to relays.
+        assert_eq!(relay_window(&[(125_000_000, 40_000)], chunk), 64);
+        assert_eq!(
+            relay_window(&[(125_000_000, 40_000)], 1 << 20),
+            DEFAULT_WINDOW
+        );
+    }
+
     fn desc(coll: Collective, count: usize, root: usize) -> OpDesc {
         OpDesc {
             coll,
