@@ -53,6 +53,19 @@ pub enum Collective {
 }
 
 impl Collective {
+    pub const ALL: [Collective; 5] = [
+        Collective::AllReduce,
+        Collective::Broadcast,
+        Collective::AllGather,
+        Collective::ReduceScatter,
+        Collective::Barrier,
+    ];
+
+    /// The collective a wire or shared-memory code names, if any.
+    pub fn from_raw(v: u64) -> Option<Collective> {
+        Collective::ALL.into_iter().find(|c| *c as u64 == v)
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Collective::AllReduce => "allreduce",
@@ -135,15 +148,7 @@ impl OpDesc {
             return Ok(());
         }
         let theirs = (|| {
-            let coll = [
-                Collective::AllReduce,
-                Collective::Broadcast,
-                Collective::AllGather,
-                Collective::ReduceScatter,
-                Collective::Barrier,
-            ]
-            .into_iter()
-            .find(|c| *c as u8 == h.coll)?;
+            let coll = Collective::from_raw(u64::from(h.coll))?;
             Some(OpDesc {
                 coll,
                 seq: h.seq,

@@ -1000,8 +1000,9 @@ impl Loop {
             return;
         }
         let mut rates = self.rates.lock().unwrap_or_else(|e| e.into_inner());
+        let mut links = self.links.lock().unwrap_or_else(|e| e.into_inner());
         for (&r, &n) in &self.relay_bytes {
-            let (Some(rate), Some(heard)) = (rates.get_mut(r), self.relay_heard.get(&r)) else {
+            let Some(heard) = self.relay_heard.get(&r) else {
                 continue;
             };
             let nanos = heard.saturating_duration_since(started).as_nanos();
@@ -1009,35 +1010,32 @@ impl Loop {
                 continue;
             }
             let sample = (u128::from(n) * 1_000_000_000 / nanos).min(u128::from(u64::MAX)) as u64;
-            *rate = if *rate == 0 {
-                sample
-            } else {
-                ((u128::from(*rate) * 3 + u128::from(sample)) / 4) as u64
-            };
-        }
-        log::trace!("rank {}: relay rates {:?} B/s", self.rank, *rates);
-        drop(rates);
-        let mut links = self.links.lock().unwrap_or_else(|e| e.into_inner());
-        for (&r, &n) in &self.relay_bytes {
-            let (Some(link), Some(heard)) = (links.get_mut(r), self.relay_heard.get(&r)) else {
-                continue;
-            };
-            let nanos = heard.saturating_duration_since(started).as_nanos();
-            if nanos == 0 || self.dead_relays.contains(&r) {
-                continue;
+            if let Some(rate) = rates.get_mut(r) {
+                *rate = if *rate == 0 {
+                    sample
+                } else {
+                    ((u128::from(*rate) * 3 + u128::from(sample)) / 4) as u64
+                };
             }
-            link.rate = (u128::from(n) * 1_000_000_000 / nanos).min(u128::from(u64::MAX)) as u64;
-            link.min_rtt_us = self
-                .by_endpoint
-                .get(&Endpoint::Relay(r))
-                .into_iter()
-                .flatten()
-                .filter(|&&i| !self.conns[i].closed)
-                .filter_map(|&i| tcp_min_rtt_us(&self.conns[i].stream))
-                .min()
-                .unwrap_or(0);
+            if let Some(link) = links.get_mut(r) {
+                link.rate = sample;
+                link.min_rtt_us = self
+                    .by_endpoint
+                    .get(&Endpoint::Relay(r))
+                    .into_iter()
+                    .flatten()
+                    .filter(|&&i| !self.conns[i].closed)
+                    .filter_map(|&i| tcp_min_rtt_us(&self.conns[i].stream))
+                    .min()
+                    .unwrap_or(0);
+            }
         }
-        log::trace!("rank {}: relay links {:?}", self.rank, *links);
+        log::trace!(
+            "rank {}: relay rates {:?} B/s, links {:?}",
+            self.rank,
+            *rates,
+            *links
+        );
     }
 
     /// The current op failed here: tell every peer (so nobody waits for us), end it.

@@ -584,18 +584,9 @@ fn desc_words(d: &OpDesc) -> [u64; 6] {
 }
 
 fn describe(w: &[u64], root: usize) -> String {
-    let coll = [
-        Collective::AllReduce,
-        Collective::Broadcast,
-        Collective::AllGather,
-        Collective::ReduceScatter,
-        Collective::Barrier,
-    ]
-    .into_iter()
-    .find(|c| *c as u64 == w[0]);
     let d = (|| {
         Some(OpDesc {
-            coll: coll?,
+            coll: Collective::from_raw(w[0])?,
             seq: w[1],
             dtype: DType::from_raw(u32::try_from(w[2]).ok()?).ok()?,
             op: ReduceOp::from_raw(u32::try_from(w[3]).ok()?).ok()?,
