@@ -57,7 +57,7 @@ pub struct Comm {
     /// into this before its buffer is freed.
     relay_weights: Mutex<RelayWeights>,
     /// Every rank mapped the job's shared-memory segment (all on one host): all-reduce,
-    /// broadcast, all-gather and barrier go through it unless they use relays.
+    /// broadcast, all-gather, reduce-scatter and barrier go through it unless they use relays.
     shm: bool,
 }
 
@@ -310,7 +310,7 @@ impl Comm {
         &self.config
     }
 
-    /// Whether all-reduce, broadcast, all-gather and barrier run through a shared-memory
+    /// Whether all-reduce, broadcast, all-gather, reduce-scatter and barrier run through a shared-memory
     /// segment (every rank on this host; see [`crate::net::shm`]) when they do not use relays.
     pub fn uses_shared_memory(&self) -> bool {
         self.shm

@@ -1,7 +1,7 @@
 //! Shared-memory collectives for jobs whose ranks all run on one host.
 //!
 //! When every rank of a communicator can map the same file under `/dev/shm`, all-reduce,
-//! broadcast, all-gather and barrier skip TCP: ranks copy their data into the segment once and
+//! broadcast, all-gather, reduce-scatter and barrier skip TCP: ranks copy their data into the segment once and
 //! read each other's data straight out of it. On a busy host this removes the kernel's two
 //! copies per hop and the socket overhead, which is where a loopback ring spends its time.
 //!
@@ -27,11 +27,14 @@
 //!
 //! 1. waits until every rank has finished chunk `g - SLOTS` (`gathered`), so the slots it is
 //!    about to overwrite are no longer read;
-//! 2. copies its contribution into its staging slot and publishes `staged = g + 1`;
+//! 2. copies its contribution into its staging slot (reduce-scatter: piece k of every block,
+//!    side by side) and publishes `staged = g + 1`;
 //! 3. waits for every rank's `staged` (on the first chunk it then compares every rank's op
 //!    descriptor with its own: mismatched calls are reported, never summed);
 //! 4. all-reduce only: reduces its slice of the chunk over every rank's staging slot **in rank
-//!    order** into the result slot, publishes `reduced`, and waits for every rank's `reduced`;
+//!    order** into the result slot, publishes `reduced`, and waits for every rank's `reduced`
+//!    (reduce-scatter: reduces its own block's piece over every rank's slot, in rank order,
+//!    straight into its output);
 //! 5. copies the result (all-reduce), the root's data (broadcast) or every rank's data
 //!    (all-gather) into its own buffer and publishes `gathered`.
 //!
@@ -83,7 +86,11 @@ pub fn slot_bytes(chunk_bytes: usize) -> usize {
 pub fn carries(coll: Collective) -> bool {
     matches!(
         coll,
-        Collective::AllReduce | Collective::Broadcast | Collective::AllGather | Collective::Barrier
+        Collective::AllReduce
+            | Collective::Broadcast
+            | Collective::AllGather
+            | Collective::ReduceScatter
+            | Collective::Barrier
     )
 }
 
@@ -143,6 +150,17 @@ pub struct Segment {
     unlink: Option<PathBuf>,
 }
 
+/// Reduce-scatter stages one piece per rank in a slot: at least 8 bytes each.
+fn check_fits(size: usize, chunk: usize) -> Result<()> {
+    if size.saturating_mul(8) > chunk {
+        return Err(Error::invalid(format!(
+            "{size} ranks need shared-memory slots of at least {} bytes, not {chunk}",
+            size * 8
+        )));
+    }
+    Ok(())
+}
+
 fn total_bytes(size: usize, chunk: usize) -> Option<usize> {
     let data = (PAGE + CTRL * size).next_multiple_of(PAGE);
     chunk
@@ -154,6 +172,7 @@ fn total_bytes(size: usize, chunk: usize) -> Option<usize> {
 impl Segment {
     /// Rank 0: create the segment file at `path` for `size` ranks and `chunk`-byte slots.
     pub fn create(path: &Path, size: usize, chunk: usize, tag: &[u8; 32]) -> Result<Segment> {
+        check_fits(size, chunk)?;
         let total = total_bytes(size, chunk)
             .ok_or_else(|| Error::invalid(format!("shared segment for {size} ranks overflows")))?;
         let file = std::fs::OpenOptions::new()
@@ -210,6 +229,7 @@ impl Segment {
         chunk: usize,
         tag: &[u8; 32],
     ) -> Result<Segment> {
+        check_fits(size, chunk)?;
         let total = total_bytes(size, chunk)
             .ok_or_else(|| Error::invalid(format!("shared segment for {size} ranks overflows")))?;
         let file = std::fs::OpenOptions::new()
@@ -399,14 +419,19 @@ impl Segment {
     pub fn run(&mut self, d: &OpDesc, mem: &mut OpMemory, w: &mut Watch) -> Result<()> {
         debug_assert!(carries(d.coll));
         let elem = d.dtype.size();
-        let per_chunk = (self.chunk / elem).max(1);
+        let (me, n) = (self.rank, self.size);
+        // Elements per chunk of the caller's buffer (reduce-scatter: of each rank's block; a
+        // staging slot holds one such piece per block).
+        let per_chunk = match d.coll {
+            Collective::ReduceScatter => (self.chunk / elem / n).max(1),
+            _ => (self.chunk / elem).max(1),
+        };
         let count = if d.coll == Collective::Barrier {
             0
         } else {
             d.count
         };
         let chunks = count.div_ceil(per_chunk).max(1);
-        let (me, n) = (self.rank, self.size);
         let first = self.done;
         for k in 0..chunks {
             let g = first.wrapping_add(k as u32);
@@ -450,6 +475,21 @@ impl Segment {
                 // contents (chunk g - SLOTS) per the wait above.
                 unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), self.staging(me, s), len) };
             }
+            if d.coll == Collective::ReduceScatter {
+                // Piece k of every block b, side by side: block b at b * per_chunk elements.
+                let input = mem.input.as_slice();
+                for b in 0..n {
+                    let src = &input[b * count * elem + lo..][..len];
+                    // SAFETY: as above; n pieces of at most per_chunk elements fit the slot.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(
+                            src.as_ptr(),
+                            self.staging(me, s).add(b * per_chunk * elem),
+                            len,
+                        )
+                    };
+                }
+            }
             self.publish(Counter::Staged, g.wrapping_add(1));
             if d.coll == Collective::Broadcast && k > 0 {
                 if me != d.root {
@@ -466,9 +506,15 @@ impl Segment {
                 let elems = len / elem;
                 let a = elems * me / n * elem;
                 let b = elems * (me + 1) / n * elem;
-                self.reduce_slice(d.dtype, d.op, s, a, b);
+                let out = self.result(s).wrapping_add(a);
+                self.reduce_parts(d.dtype, d.op, s, a, b - a, out);
                 self.publish(Counter::Reduced, g.wrapping_add(1));
                 self.wait_all(w, Counter::Reduced, g.wrapping_add(1), &what)?;
+            }
+            if d.coll == Collective::ReduceScatter {
+                // Our block's piece from every rank, straight into our output.
+                let out = mem.user.as_mut_slice()[lo..lo + len].as_mut_ptr();
+                self.reduce_parts(d.dtype, d.op, s, me * per_chunk * elem, len, out);
             }
             // Gather.
             match d.coll {
@@ -509,20 +555,31 @@ impl Segment {
         Ok(())
     }
 
-    /// result[s][a..b] = x_0 op x_1 op … op x_{n-1} over every rank's staging slot `s`.
-    fn reduce_slice(&mut self, dtype: DType, op: ReduceOp, s: usize, a: usize, b: usize) {
-        if a == b {
+    /// `out[..len] = x_0 op x_1 op … op x_{n-1}`, where x_r is bytes `at..at + len` of rank r's
+    /// staging slot `s`, combined in rank order. `out` is this rank's slice of a result slot
+    /// (all-reduce) or its own output buffer (reduce-scatter).
+    fn reduce_parts(
+        &mut self,
+        dtype: DType,
+        op: ReduceOp,
+        s: usize,
+        at: usize,
+        len: usize,
+        out: *mut u8,
+    ) {
+        if len == 0 {
             return;
         }
         let n = self.size;
-        let len = b - a;
         let mut acc_store = std::mem::take(&mut self.acc);
         // SAFETY (for the slices below): every rank published `staged` for this chunk, so
-        // their staging slots hold it and stay unchanged until they see our `gathered`; bytes
-        // a..b of result slot `s` are written only by this rank (its slice), and read by others
-        // only after we publish `reduced`.
-        let part = |r: usize| unsafe { std::slice::from_raw_parts(self.staging(r, s).add(a), len) };
-        let out = unsafe { std::slice::from_raw_parts_mut(self.result(s).add(a), len) };
+        // their staging slots hold it and stay unchanged until they see our `gathered`. `out`
+        // is valid for `len` bytes that only this rank writes now: its slice of the result
+        // slot (read by others only after we publish `reduced`) or its own output buffer; it
+        // never overlaps a staging slot.
+        let part =
+            |r: usize| unsafe { std::slice::from_raw_parts(self.staging(r, s).add(at), len) };
+        let out = unsafe { std::slice::from_raw_parts_mut(out, len) };
         if dtype.accumulator() == dtype {
             out.copy_from_slice(part(0));
             for r in 1..n {
