@@ -204,6 +204,64 @@ void checkSameDtype(const char* collective, const at::Tensor& expected, const at
       torchDtypeName(t.scalar_type()));
 }
 
+// The one list of per-rank tensors of allgather (outputs) and reduce_scatter (inputs): `size`
+// tensors of `reference`'s dtype and element count. `role` names the list's tensors, `other`
+// the reference ("output"/"input").
+const std::vector<at::Tensor>& checkPerRankList(
+    const char* collective,
+    const std::vector<std::vector<at::Tensor>>& lists,
+    const at::Tensor& reference,
+    int size,
+    const char* role,
+    const char* other) {
+  TORCH_CHECK(
+      lists.size() == 1,
+      "mapreduce ",
+      collective,
+      ": expected one list of ",
+      role,
+      " tensors, got ",
+      lists.size());
+  const std::vector<at::Tensor>& list = lists[0];
+  TORCH_CHECK(
+      static_cast<int>(list.size()) == size,
+      "mapreduce ",
+      collective,
+      ": expected ",
+      size,
+      " ",
+      role,
+      " tensors (one per rank), got ",
+      list.size());
+  const int64_t n = reference.numel();
+  for (const auto& t : list) {
+    checkTensor(collective, t);
+    checkSameDtype(collective, reference, t);
+    TORCH_CHECK(
+        t.numel() == n,
+        "mapreduce ",
+        collective,
+        ": every ",
+        role,
+        " tensor must have as many elements as the ",
+        other,
+        " (",
+        n,
+        "), got ",
+        t.numel());
+  }
+  return list;
+}
+
+// What to run once the library wrote `recv`: copy it into `output` unless they are the same
+// tensor; either way keep `send` and `recv` (which may be one tensor) alive until then.
+std::function<void()> finishInto(const at::Tensor& output, const at::Tensor& send, const at::Tensor& recv) {
+  if (recv.is_same(output)) {
+    return [send, recv] {};
+  }
+  return [output, send, recv] { output.copy_(recv.view(output.sizes())); };
+}
+
 std::string describe(const char* collective, const at::Tensor& t, const char* op = nullptr) {
   std::string d = c10::str(collective, " of ", t.numel(), " x ", torchDtypeName(t.scalar_type()));
   if (op != nullptr) {
@@ -578,12 +636,7 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupMapReduce::allreduce(
   const mr_op op = toLibraryOp(kName, opts.reduceOp, tensor);
 
   at::Tensor buffer = tensor.contiguous();
-  std::function<void()> finish;
-  if (buffer.is_same(tensor)) {
-    finish = [buffer] {};
-  } else {
-    finish = [tensor, buffer] { tensor.copy_(buffer); };
-  }
+  std::function<void()> finish = finishInto(tensor, buffer, buffer);
   void* data = buffer.data_ptr();
   const size_t count = static_cast<size_t>(buffer.numel());
   return enqueue(
@@ -614,11 +667,9 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupMapReduce::broadcast(
   const int root = static_cast<int>(opts.rootRank);
 
   at::Tensor buffer = tensor.contiguous();
-  std::function<void()> finish;
-  if (buffer.is_same(tensor) || root == rank_) {
-    finish = [buffer] {};
-  } else {
-    finish = [tensor, buffer] { tensor.copy_(buffer); };
+  std::function<void()> finish = finishInto(tensor, buffer, buffer);
+  if (root == rank_) {
+    finish = [buffer] {}; // the root's tensor is only read
   }
   void* data = buffer.data_ptr();
   const size_t count = static_cast<size_t>(buffer.numel());
@@ -641,28 +692,9 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupMapReduce::allgather(
   at::NoGradGuard noGrad;
   const at::Tensor& input = checkSingleTensor(kName, inputTensors);
   const mr_dtype dtype = checkTensor(kName, input);
-  TORCH_CHECK(
-      outputTensors.size() == 1,
-      "mapreduce allgather: expected one list of output tensors, got ",
-      outputTensors.size());
-  const std::vector<at::Tensor>& outputs = outputTensors[0];
-  TORCH_CHECK(
-      static_cast<int>(outputs.size()) == size_,
-      "mapreduce allgather: expected ",
-      size_,
-      " output tensors (one per rank), got ",
-      outputs.size());
+  const std::vector<at::Tensor>& outputs =
+      checkPerRankList(kName, outputTensors, input, size_, "output", "input");
   const int64_t n = input.numel();
-  for (const auto& out : outputs) {
-    checkTensor(kName, out);
-    checkSameDtype(kName, input, out);
-    TORCH_CHECK(
-        out.numel() == n,
-        "mapreduce allgather: every output tensor must have as many elements as the input (",
-        n,
-        "), got ",
-        out.numel());
-  }
 
   at::Tensor send = input.contiguous();
   at::Tensor gathered = flatBuffer(input, n * size_);
@@ -711,12 +743,7 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupMapReduce::_allgather_base(
     // In-place use (input is this rank's slice of the output): the library gets disjoint buffers.
     send = send.clone();
   }
-  std::function<void()> finish;
-  if (recv.is_same(output)) {
-    finish = [send, recv] {};
-  } else {
-    finish = [output, send, recv] { output.copy_(recv.view(output.sizes())); };
-  }
+  std::function<void()> finish = finishInto(output, send, recv);
   const void* sendData = send.data_ptr();
   void* recvData = recv.data_ptr();
   const size_t count = static_cast<size_t>(n);
@@ -740,40 +767,16 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupMapReduce::reduce_scatter(
   const at::Tensor& output = checkSingleTensor(kName, outputTensors);
   const mr_dtype dtype = checkTensor(kName, output);
   const mr_op op = toLibraryOp(kName, opts.reduceOp, output);
-  TORCH_CHECK(
-      inputTensors.size() == 1,
-      "mapreduce reduce_scatter: expected one list of input tensors, got ",
-      inputTensors.size());
-  const std::vector<at::Tensor>& inputs = inputTensors[0];
-  TORCH_CHECK(
-      static_cast<int>(inputs.size()) == size_,
-      "mapreduce reduce_scatter: expected ",
-      size_,
-      " input tensors (one per rank), got ",
-      inputs.size());
+  const std::vector<at::Tensor>& inputs =
+      checkPerRankList(kName, inputTensors, output, size_, "input", "output");
   const int64_t n = output.numel();
-  for (const auto& in : inputs) {
-    checkTensor(kName, in);
-    checkSameDtype(kName, output, in);
-    TORCH_CHECK(
-        in.numel() == n,
-        "mapreduce reduce_scatter: every input tensor must have as many elements as the output (",
-        n,
-        "), got ",
-        in.numel());
-  }
 
   at::Tensor send = flatBuffer(output, n * size_);
   for (size_t i = 0; i < inputs.size(); ++i) {
     send.narrow(0, static_cast<int64_t>(i) * n, n).view(inputs[i].sizes()).copy_(inputs[i]);
   }
   at::Tensor recv = output.is_contiguous() ? output : flatBuffer(output, n);
-  std::function<void()> finish;
-  if (recv.is_same(output)) {
-    finish = [send, recv] {};
-  } else {
-    finish = [output, send, recv] { output.copy_(recv.view(output.sizes())); };
-  }
+  std::function<void()> finish = finishInto(output, send, recv);
   const void* sendData = send.data_ptr();
   void* recvData = recv.data_ptr();
   const size_t count = static_cast<size_t>(n);
@@ -814,12 +817,7 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupMapReduce::_reduce_scatter_base(
   if (send.is_alias_of(recv)) {
     send = send.clone();
   }
-  std::function<void()> finish;
-  if (recv.is_same(output)) {
-    finish = [send, recv] {};
-  } else {
-    finish = [output, send, recv] { output.copy_(recv.view(output.sizes())); };
-  }
+  std::function<void()> finish = finishInto(output, send, recv);
   const void* sendData = send.data_ptr();
   void* recvData = recv.data_ptr();
   const size_t count = static_cast<size_t>(n);

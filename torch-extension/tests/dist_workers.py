@@ -279,6 +279,27 @@ def matrix_cases(world):
         )
         backend = dist.group.WORLD._get_backend(torch.device("cpu"))
         check_raises(lambda: backend.allreduce([torch.zeros(4, device="meta")]), "allreduce", "torch.float32", "CPU")
+        # Per-rank tensor lists: one list, one tensor per rank, one dtype, equal sizes.
+        check_raises(
+            lambda: backend.allgather([[torch.zeros(4)] * (world + 1)], [torch.zeros(4)]),
+            "allgather",
+            f"expected {world} output tensors (one per rank), got {world + 1}",
+        )
+        check_raises(
+            lambda: backend.allgather([[torch.zeros(5)] * world], [torch.zeros(4)]),
+            "allgather",
+            "every output tensor must have as many elements as the input (4), got 5",
+        )
+        check_raises(
+            lambda: backend.reduce_scatter([torch.zeros(4)], [[torch.zeros(4, dtype=torch.float64)] * world]),
+            "reduce_scatter",
+            "one dtype",
+        )
+        check_raises(
+            lambda: backend.reduce_scatter([torch.zeros(4)], [[torch.zeros(4)] * world] * 2),
+            "reduce_scatter",
+            "expected one list of input tensors, got 2",
+        )
         # Rejected calls never reach the library: the communicator is still in step.
         t = values(rank, N, torch.float32)
         dist.all_reduce(t)
