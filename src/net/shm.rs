@@ -150,31 +150,27 @@ pub struct Segment {
     unlink: Option<PathBuf>,
 }
 
-/// Reduce-scatter stages one piece per rank in a slot: at least 8 bytes each.
-fn check_fits(size: usize, chunk: usize) -> Result<()> {
+/// Bytes of a segment for `size` ranks and `chunk`-byte slots. Reduce-scatter stages one
+/// piece per rank in a slot, so a slot holds at least 8 bytes per rank.
+fn total_bytes(size: usize, chunk: usize) -> Result<usize> {
     if size.saturating_mul(8) > chunk {
         return Err(Error::invalid(format!(
             "{size} ranks need shared-memory slots of at least {} bytes, not {chunk}",
             size * 8
         )));
     }
-    Ok(())
-}
-
-fn total_bytes(size: usize, chunk: usize) -> Option<usize> {
     let data = (PAGE + CTRL * size).next_multiple_of(PAGE);
     chunk
-        .checked_mul(SLOTS as usize)?
-        .checked_mul(size + 1)?
-        .checked_add(data)
+        .checked_mul(SLOTS as usize)
+        .and_then(|b| b.checked_mul(size + 1))
+        .and_then(|b| b.checked_add(data))
+        .ok_or_else(|| Error::invalid(format!("shared segment for {size} ranks overflows")))
 }
 
 impl Segment {
     /// Rank 0: create the segment file at `path` for `size` ranks and `chunk`-byte slots.
     pub fn create(path: &Path, size: usize, chunk: usize, tag: &[u8; 32]) -> Result<Segment> {
-        check_fits(size, chunk)?;
-        let total = total_bytes(size, chunk)
-            .ok_or_else(|| Error::invalid(format!("shared segment for {size} ranks overflows")))?;
+        let total = total_bytes(size, chunk)?;
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -183,13 +179,21 @@ impl Segment {
             .custom_flags(libc::O_NOFOLLOW)
             .open(path)
             .map_err(|e| Error::io(format!("creating {}", path.display()), e))?;
-        let map = match map(&file, path, total) {
-            Ok(m) => m,
-            Err(e) => {
-                let _ = std::fs::remove_file(path);
-                return Err(e);
-            }
+        // Reserve the space (which also sizes the file), so a full /dev/shm fails here rather
+        // than with SIGBUS on first touch.
+        // SAFETY: fd is an open, writable file we own for the duration of the call.
+        let rc = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, total as libc::off_t) };
+        let mapped = if rc == 0 {
+            map(&file, path, total)
+        } else {
+            Err(Error::io(
+                format!("reserving {total} bytes for {}", path.display()),
+                std::io::Error::from_raw_os_error(rc),
+            ))
         };
+        let map = mapped.inspect_err(|_| {
+            let _ = std::fs::remove_file(path);
+        })?;
         let seg = Segment {
             map,
             rank: 0,
@@ -199,14 +203,6 @@ impl Segment {
             acc: Vec::new(),
             unlink: Some(path.to_path_buf()),
         };
-        // SAFETY: fd is an open, writable file we own for the duration of the call.
-        let rc = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, total as libc::off_t) };
-        if rc != 0 {
-            return Err(Error::io(
-                format!("reserving {total} bytes for {}", path.display()),
-                std::io::Error::from_raw_os_error(rc),
-            ));
-        }
         // SAFETY: the mapping is PAGE-aligned and at least PAGE bytes long; no other process
         // opens the file before rank 0 announces it, so nothing else accesses the header now.
         unsafe {
@@ -229,9 +225,7 @@ impl Segment {
         chunk: usize,
         tag: &[u8; 32],
     ) -> Result<Segment> {
-        check_fits(size, chunk)?;
-        let total = total_bytes(size, chunk)
-            .ok_or_else(|| Error::invalid(format!("shared segment for {size} ranks overflows")))?;
+        let total = total_bytes(size, chunk)?;
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -616,9 +610,8 @@ impl Drop for Segment {
     }
 }
 
+/// Map the first `total` bytes of `file` (already that long), shared.
 fn map(file: &File, path: &Path, total: usize) -> Result<memmap2::MmapRaw> {
-    file.set_len(total as u64)
-        .map_err(|e| Error::io(format!("sizing {} to {total} bytes", path.display()), e))?;
     memmap2::MmapOptions::new()
         .len(total)
         .map_raw(file)
@@ -710,6 +703,10 @@ mod tests {
     #[test]
     fn layout_fits() {
         let t = total_bytes(8, slot_bytes(1 << 20)).unwrap();
+        assert!(
+            total_bytes(1024, 4096).is_err(),
+            "slots too small for reduce-scatter"
+        );
         assert_eq!(t, 2 * PAGE + 9 * 2 * (1 << 20));
         assert_eq!(slot_bytes(100), 4096);
         assert_eq!(slot_bytes(5000), 5056);
