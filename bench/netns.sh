@@ -13,6 +13,8 @@
 #                       [-d RTT_MS]              (round-trip delay between any two hosts)
 # Delay uses netem when the kernel has it, else bench/delayline.c (a user-space delay line
 # between each host and the switch, built here with cc): RTT_MS/4 per hop and direction.
+# (The netem branch has not run on the development machine, whose kernel lacks netem; the
+# measured RTT printed in the header shows which delay took effect.)
 # tbf counts every packet's headers, so at MTU 1500 TCP payload can reach at most
 # 1448/1514 = 95.6% of RATE (TCP timestamps on); at MTU 9000, 99.3%.
 set -euo pipefail
