@@ -21,9 +21,7 @@ use crate::algo::{Collective, OpDesc};
 use crate::buffer::{OpMemory, RawBuf};
 use crate::config::Config;
 use crate::error::{Error, ErrorKind, Result};
-use crate::net::engine::{
-    Completion, Engine, PendingOp, RelayLink, RelayLinks, RelayRates, SharedMemoryOp,
-};
+use crate::net::engine::{Completion, Engine, PendingOp, RelayLink, RelayLinks, RelayRates, Work};
 use crate::types::{DType, Element, ReduceOp};
 use crate::validator::peer::{JobVerify, Recorded};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -406,8 +404,8 @@ impl Comm {
         let shm = self.shm
             && crate::net::shm::carries(desc.coll)
             && !crate::algo::plan::uses_relays(&desc, &self.config, relays);
-        let schedule: Box<dyn crate::algo::Schedule> = if shm {
-            Box::new(SharedMemoryOp(desc))
+        let work = if shm {
+            Work::SharedMemory(desc)
         } else {
             let window = if relays.is_empty() {
                 crate::algo::relay::DEFAULT_WINDOW
@@ -420,7 +418,7 @@ impl Comm {
                     .collect();
                 crate::algo::relay::relay_window(&used, self.config.relay_chunk_bytes)
             };
-            crate::algo::plan::build_with_relays(
+            Work::Schedule(crate::algo::plan::build_with_relays(
                 &desc,
                 self.rank,
                 self.size,
@@ -429,15 +427,14 @@ impl Comm {
                 weights,
                 window,
                 &mut mem,
-            )?
+            )?)
         };
         let done = Arc::new(Completion::default());
         before(*seq);
         self.engine.submit(PendingOp {
-            schedule,
+            work,
             mem,
             done: done.clone(),
-            shm,
         })?;
         *seq += 1;
         Ok(Request::new(done))

@@ -106,44 +106,33 @@ impl Completion {
 
 /// An op handed to the engine.
 pub struct PendingOp {
-    pub schedule: Box<dyn Schedule>,
+    pub work: Work,
     pub mem: OpMemory,
     pub done: Arc<Completion>,
-    /// Run through the shared-memory segment ([`shm`]); `schedule` is then a
-    /// [`SharedMemoryOp`] that only describes the op.
-    pub shm: bool,
 }
 
-/// The schedule of an op the engine runs through the shared-memory segment: no frames, only
-/// the op's description (the engine never drives it).
-pub struct SharedMemoryOp(pub OpDesc);
+/// How the engine carries out an op.
+pub enum Work {
+    /// Frames over the connections, as the schedule directs.
+    Schedule(Box<dyn Schedule>),
+    /// Through the shared-memory segment ([`shm`]).
+    SharedMemory(OpDesc),
+}
 
-impl Schedule for SharedMemoryOp {
-    fn desc(&self) -> &OpDesc {
-        &self.0
+impl PendingOp {
+    pub fn desc(&self) -> &OpDesc {
+        match &self.work {
+            Work::Schedule(s) => s.desc(),
+            Work::SharedMemory(d) => d,
+        }
     }
-    fn poll_transmit(&mut self, _mem: &mut OpMemory) -> Option<Transmit> {
-        None
-    }
-    fn handle_sent(&mut self, _t: &Transmit) {}
-    fn handle_frame(
-        &mut self,
-        _mem: &mut OpMemory,
-        from: Endpoint,
-        _header: &FrameHeader,
-        _payload: &[u8],
-    ) -> Result<()> {
-        Err(Error::internal(format!(
-            "{from} sent a frame for {}, which runs over shared memory",
-            self.0
-        )))
-    }
-    fn is_complete(&self) -> bool {
-        false
-    }
-    fn waiting_for(&self) -> String {
-        "shared memory".to_string()
-    }
+}
+
+/// An op the engine drives with frames.
+struct NetOp {
+    schedule: Box<dyn Schedule>,
+    mem: OpMemory,
+    done: Arc<Completion>,
 }
 
 enum Command {
@@ -404,7 +393,7 @@ impl Conn {
 }
 
 struct Active {
-    op: PendingOp,
+    op: NetOp,
     started: Instant,
     last_progress: Instant,
 }
@@ -547,20 +536,28 @@ impl Loop {
                 let Some(op) = self.pending.pop_front() else {
                     return;
                 };
-                let seq = op.schedule.desc().seq;
+                let seq = op.desc().seq;
                 if let Some(err) = self.remote_failures.remove(&seq) {
                     self.last_seq = seq;
                     op.done.complete(Err(err));
                     continue;
                 }
-                log::debug!("rank {}: starting {}", self.rank, op.schedule.desc());
-                if op.shm {
-                    self.run_shm(op);
-                    continue;
-                }
+                log::debug!("rank {}: starting {}", self.rank, op.desc());
+                let PendingOp { work, mem, done } = op;
+                let schedule = match work {
+                    Work::Schedule(s) => s,
+                    Work::SharedMemory(desc) => {
+                        self.run_shm(&desc, mem, &done);
+                        continue;
+                    }
+                };
                 let now = Instant::now();
                 self.current = Some(Active {
-                    op,
+                    op: NetOp {
+                        schedule,
+                        mem,
+                        done,
+                    },
                     started: now,
                     last_progress: now,
                 });
@@ -652,8 +649,7 @@ impl Loop {
     /// Run `op` through the shared-memory segment, blocking this thread until it ends. Frames
     /// that arrive meanwhile wait in the sockets. A failure breaks the communicator: the
     /// segment's counters no longer agree between ranks.
-    fn run_shm(&mut self, mut op: PendingOp) {
-        let desc = *op.schedule.desc();
+    fn run_shm(&mut self, desc: &OpDesc, mut mem: OpMemory, done: &Completion) {
         let result = match self.shm.as_mut() {
             None => Err(Error::internal(format!(
                 "{desc} was routed to shared memory, but no segment is attached"
@@ -667,15 +663,15 @@ impl Loop {
                     timeout: self.timeout,
                     gone: &mut gone,
                 };
-                seg.run(&desc, &mut op.mem, &mut watch)
+                seg.run(desc, &mut mem, &mut watch)
             }
         };
         self.last_seq = desc.seq;
         match result {
-            Ok(()) => op.done.complete(Ok(())),
+            Ok(()) => done.complete(Ok(())),
             Err(e) => {
                 log::warn!("rank {}: {desc} failed: {e}", self.rank);
-                op.done.complete(Err(e.clone()));
+                done.complete(Err(e.clone()));
                 self.set_fatal(e);
             }
         }
@@ -1071,7 +1067,7 @@ impl Loop {
     /// Before an op's memory goes back to the caller: drop its unsent frames, copy the rest of
     /// any half-written one and discard the rest of any half-read one, so the byte streams
     /// stay well-formed and the caller's memory is never touched again.
-    fn release(&mut self, op: &PendingOp) {
+    fn release(&mut self, op: &NetOp) {
         for c in &mut self.conns {
             // A payload half-read into the op's memory: read the rest into nowhere.
             if let ReadState::Payload { sink, .. } = &mut c.read {
