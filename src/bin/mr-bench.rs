@@ -601,6 +601,13 @@ fn print_kernels() {
     for (name, gbps) in mapreduce::reduce::measure_throughput(bytes, 20) {
         println!("  {name:<24} {gbps:>8.2}");
     }
+    println!(
+        "# wire-format kernels on {} MiB of float32 (GB/s, bytes counted as float32)",
+        bytes >> 20
+    );
+    for (name, gbps) in mapreduce::compress::measure_throughput(bytes, 20) {
+        println!("  {name:<24} {gbps:>8.2}");
+    }
 }
 
 /// The demo: 256 MiB broadcast and all-reduce through relays, through shared memory and
