@@ -93,6 +93,30 @@ typedef enum {
 } mr_op;
 
 /**
+ * Wire format of float data (`mr_allreduce_compressed`): exact, or fewer bytes per element
+ * within a documented error bound. Only float32 and float64 data compress.
+ */
+typedef enum {
+  /**
+   * Exact: the data's own bytes.
+   */
+  MR_COMPRESS_NONE = 0,
+  /**
+   * bfloat16 on the wire (2 bytes per element), rounded to nearest even.
+   */
+  MR_COMPRESS_BF16 = 1,
+  /**
+   * IEEE half precision on the wire (2 bytes per element), rounded to nearest even.
+   */
+  MR_COMPRESS_FP16 = 2,
+  /**
+   * 8-bit codes in blocks of 256 elements with a per-block midpoint and step
+   * (1.03 bytes per element); off by at most half a step per encoding.
+   */
+  MR_COMPRESS_INT8 = 3,
+} mr_compress;
+
+/**
  * Opaque communicator handle: this process's membership in one job.
  */
 typedef struct mr_comm mr_comm;
@@ -227,6 +251,32 @@ mr_result mr_iallreduce(mr_comm *comm,
                         mr_dtype t,
                         mr_op op,
                         mr_request **req);
+
+/**
+ * `mr_allreduce` with float data travelling in wire format `z` (the same on every rank):
+ * afterwards `buf` holds the same bits on every rank, within the format's error bound of the
+ * exact result (see README). Only float32 and float64 data compress; other types are an
+ * error unless `z` is `MR_COMPRESS_NONE`. Ops that run over shared memory or through relays
+ * stay exact. Blocks until done.
+ */
+mr_result mr_allreduce_compressed(mr_comm *comm,
+                                  void *buf,
+                                  size_t count,
+                                  mr_dtype t,
+                                  mr_op op,
+                                  mr_compress z);
+
+/**
+ * Start `mr_allreduce_compressed` and return at once; finish with `mr_wait` as for
+ * `mr_iallreduce`.
+ */
+mr_result mr_iallreduce_compressed(mr_comm *comm,
+                                   void *buf,
+                                   size_t count,
+                                   mr_dtype t,
+                                   mr_op op,
+                                   mr_compress z,
+                                   mr_request **req);
 
 /**
  * Start `mr_broadcast` and return at once; finish with `mr_wait` as for `mr_iallreduce`.

@@ -19,6 +19,7 @@
 use crate::algo::relay::weights_from_rates;
 use crate::algo::{Collective, OpDesc};
 use crate::buffer::{OpMemory, RawBuf};
+use crate::compress::Compression;
 use crate::config::Config;
 use crate::error::{Error, ErrorKind, Result};
 use crate::net::engine::{Completion, Engine, PendingOp, RelayLink, RelayLinks, RelayRates, Work};
@@ -57,6 +58,8 @@ pub struct Comm {
     /// Every rank mapped the job's shared-memory segment (all on one host): all-reduce,
     /// broadcast, all-gather, reduce-scatter and barrier go through it unless they use relays.
     shm: bool,
+    /// A compressed all-reduce through relays was asked for and logged once.
+    warned_relay_compression: AtomicBool,
 }
 
 /// Relay ops between two exchanges of measured relay rates (see the module docs).
@@ -198,6 +201,7 @@ impl Comm {
             relay_links,
             relay_weights: Mutex::new(RelayWeights::default()),
             shm: false,
+            warned_relay_compression: AtomicBool::new(false),
         };
         if size > 1 {
             comm.shm = comm.attach_shared_memory(id, &job)?;
@@ -348,7 +352,16 @@ impl Comm {
         root: usize,
         mem: OpMemory,
     ) -> Result<Request> {
-        self.submit_with(coll, dtype, op, count, root, mem, &mut |_| {})
+        self.submit_with(
+            coll,
+            dtype,
+            op,
+            count,
+            root,
+            Compression::None,
+            mem,
+            &mut |_| {},
+        )
     }
 
     /// As [`Comm::submit`]; `before(seq)` runs just before the op is handed to the engine.
@@ -360,6 +373,7 @@ impl Comm {
         op: ReduceOp,
         count: usize,
         root: usize,
+        compress: Compression,
         mem: OpMemory,
         before: &mut dyn FnMut(u64),
     ) -> Result<Request> {
@@ -377,6 +391,7 @@ impl Comm {
             op,
             count,
             root,
+            compress,
         };
         let weights = if crate::algo::plan::uses_relays(&desc, &self.config, &self.relays) {
             let w = self.weights_for_relay_op(&mut seq)?;
@@ -494,6 +509,7 @@ impl Comm {
             op: ReduceOp::Sum,
             count: sums.len(),
             root: 0,
+            compress: crate::compress::Compression::None,
         };
         // SAFETY: the caller keeps `sums` (whose heap block does not move with the Vec) and
         // reads it only after the request completed; the engine outlives it (field order).
@@ -536,6 +552,7 @@ impl Comm {
             op,
             count,
             0,
+            Compression::None,
             mem,
             &mut |seq| {
                 if v.wants(seq) {
@@ -624,11 +641,88 @@ impl Comm {
         let bytes = byte_len(count, dtype)?;
         check_ptr("allreduce", buf, bytes)?;
         // SAFETY: forwarded from this function's contract.
+        unsafe { self.iallreduce_with(buf, count, dtype, op, self.config.compress, "MR_COMPRESS") }
+    }
+
+    /// As [`Comm::iallreduce_raw`], with float data travelling in wire format `z` (see
+    /// [`crate::compress`]): every rank ends with the same bits, within the format's error
+    /// bound of the exact result. `z` must be the same on every rank. Only float32 and
+    /// float64 compress; ops through relays or shared memory run exactly.
+    ///
+    /// # Safety
+    /// As for [`Comm::iallreduce_raw`].
+    pub unsafe fn iallreduce_compressed_raw(
+        &self,
+        buf: *mut u8,
+        count: usize,
+        dtype: DType,
+        op: ReduceOp,
+        z: Compression,
+    ) -> Result<Request> {
+        if !z.applies_to(dtype) {
+            return Err(Error::invalid(format!(
+                "allreduce: {z} compression applies to float32 and float64 data, not {dtype}"
+            )));
+        }
+        // SAFETY: forwarded from this function's contract.
+        unsafe { self.iallreduce_with(buf, count, dtype, op, z, "the compression argument") }
+    }
+
+    /// # Safety
+    /// As for [`Comm::iallreduce_raw`].
+    unsafe fn iallreduce_with(
+        &self,
+        buf: *mut u8,
+        count: usize,
+        dtype: DType,
+        op: ReduceOp,
+        z: Compression,
+        asked_by: &str,
+    ) -> Result<Request> {
+        let bytes = byte_len(count, dtype)?;
+        check_ptr("allreduce", buf, bytes)?;
+        // SAFETY: forwarded from this function's contract.
         let mem = OpMemory::new(unsafe { RawBuf::new(buf, bytes) });
         if let Some(v) = self.verify.as_ref().filter(|_| self.relayed(bytes)) {
             return self.iallreduce_verified(v, buf, count, dtype, op, mem);
         }
-        self.submit(Collective::AllReduce, dtype, op, count, 0, mem)
+        let z = self.wire_format(z, dtype, bytes, asked_by);
+        self.submit_with(
+            Collective::AllReduce,
+            dtype,
+            op,
+            count,
+            0,
+            z,
+            mem,
+            &mut |_| {},
+        )
+    }
+
+    /// The wire format an all-reduce of `bytes` actually uses when `z` is asked for: exact
+    /// for integer and 16-bit data, on shared memory (nothing crosses a wire) and through
+    /// relays (which sum exact data). Depends only on what every rank has alike.
+    fn wire_format(
+        &self,
+        z: Compression,
+        dtype: DType,
+        bytes: usize,
+        asked_by: &str,
+    ) -> Compression {
+        if z == Compression::None || !z.applies_to(dtype) || self.shm {
+            return Compression::None;
+        }
+        if self.relayed(bytes) {
+            if !self.warned_relay_compression.swap(true, Ordering::Relaxed) {
+                log::warn!(
+                    "rank {}: {z} compression ({asked_by}) is not supported through relays yet; \
+                     relay all-reduces stay exact",
+                    self.rank
+                );
+            }
+            return Compression::None;
+        }
+        z
     }
 
     /// Start a broadcast of `count` elements from `root`'s `buf` into every rank's `buf`.
@@ -731,6 +825,21 @@ impl Comm {
         // SAFETY: the exclusive borrow lasts until wait() returns.
         unsafe {
             self.iallreduce_raw(buf.as_mut_ptr().cast(), buf.len(), T::DTYPE, op)?
+                .wait()
+        }
+    }
+
+    /// [`Comm::allreduce`] with float data travelling in wire format `z`; see
+    /// [`Comm::iallreduce_compressed_raw`].
+    pub fn allreduce_compressed<T: Element>(
+        &self,
+        buf: &mut [T],
+        op: ReduceOp,
+        z: Compression,
+    ) -> Result<()> {
+        // SAFETY: the exclusive borrow lasts until wait() returns.
+        unsafe {
+            self.iallreduce_compressed_raw(buf.as_mut_ptr().cast(), buf.len(), T::DTYPE, op, z)?
                 .wait()
         }
     }

@@ -405,13 +405,17 @@ mod int8 {
         decode_add, decode_add_avx2, decode_add_generic: (src: &[u8], acc: &mut [f32]);
     }
 
-    /// The portable builds, for tests that compare them with the dispatched ones.
     #[cfg(test)]
-    pub(super) fn portable() -> (
+    type Kernels = (
         fn(&[f32], &mut [u8]),
         fn(&[u8], &mut [f32]),
         fn(&[u8], &mut [f32]),
-    ) {
+    );
+
+    /// The portable builds (encode, decode, decode-and-add), for tests that compare them with
+    /// the dispatched ones.
+    #[cfg(test)]
+    pub(super) fn portable() -> Kernels {
         (
             |s, d| encode_generic(s, d),
             |s, d| decode_generic(s, d),

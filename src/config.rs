@@ -58,6 +58,8 @@ pub struct Config {
     /// Use a shared-memory segment when every rank runs on this host (`MR_SHM_DISABLE=1`
     /// turns it off).
     pub shm: bool,
+    /// Wire format of float all-reduces over the ring (`MR_COMPRESS`).
+    pub compress: crate::compress::Compression,
 }
 
 impl Default for Config {
@@ -76,6 +78,7 @@ impl Default for Config {
             ifname: None,
             verify: false,
             shm: true,
+            compress: crate::compress::Compression::None,
         }
     }
 }
@@ -164,6 +167,10 @@ impl Config {
         c.ifname = var("MR_IFNAME");
         c.verify = matches!(var("MR_VERIFY").as_deref(), Some("1") | Some("true"));
         c.shm = !matches!(var("MR_SHM_DISABLE").as_deref(), Some("1") | Some("true"));
+        if let Some(v) = var("MR_COMPRESS") {
+            c.compress =
+                crate::compress::Compression::parse(&v).map_err(|e| e.context("MR_COMPRESS"))?;
+        }
         c.validate()?;
         Ok(c)
     }

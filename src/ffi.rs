@@ -94,6 +94,24 @@ pub enum mr_op {
     MR_PROD = 4,
 }
 
+/// Wire format of float data (`mr_allreduce_compressed`): exact, or fewer bytes per element
+/// within a documented error bound. Only float32 and float64 data compress.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum mr_compress {
+    /// Exact: the data's own bytes.
+    MR_COMPRESS_NONE = 0,
+    /// bfloat16 on the wire (2 bytes per element), rounded to nearest even.
+    MR_COMPRESS_BF16 = 1,
+    /// IEEE half precision on the wire (2 bytes per element), rounded to nearest even.
+    MR_COMPRESS_FP16 = 2,
+    /// 8-bit codes in blocks of 256 elements with a per-block midpoint and step
+    /// (1.03 bytes per element); off by at most half a step per encoding.
+    MR_COMPRESS_INT8 = 3,
+}
+
+/// An `mr_compress` as received from C: any 32-bit value, validated before use.
+pub type mr_compress_arg = u32;
 /// An `mr_dtype` as received from C: any 32-bit value, validated before use.
 pub type mr_dtype_arg = u32;
 /// An `mr_op` as received from C: any 32-bit value, validated before use.
@@ -104,8 +122,9 @@ pub type mr_result_arg = u32;
 /// Compile-time checks that the C and Rust views of the ABI cannot drift.
 /// cbindgen:ignore
 mod abi_checks {
-    use super::{mr_dtype, mr_op, mr_result, mr_unique_id};
+    use super::{mr_compress, mr_dtype, mr_op, mr_result, mr_unique_id};
     use crate::comm::{Comm, Request, UniqueId};
+    use crate::compress::Compression;
     use crate::error::ErrorKind;
     use crate::types::{DType, ReduceOp};
 
@@ -134,6 +153,11 @@ mod abi_checks {
         assert!(ReduceOp::Max as u32 == mr_op::MR_MAX as u32);
         assert!(ReduceOp::Min as u32 == mr_op::MR_MIN as u32);
         assert!(ReduceOp::Prod as u32 == mr_op::MR_PROD as u32);
+
+        assert!(Compression::None as u32 == mr_compress::MR_COMPRESS_NONE as u32);
+        assert!(Compression::Bf16 as u32 == mr_compress::MR_COMPRESS_BF16 as u32);
+        assert!(Compression::Fp16 as u32 == mr_compress::MR_COMPRESS_FP16 as u32);
+        assert!(Compression::Int8 as u32 == mr_compress::MR_COMPRESS_INT8 as u32);
 
         // The C struct and the Rust id must be the same 256 bytes.
         assert!(std::mem::size_of::<mr_unique_id>() == std::mem::size_of::<UniqueId>());
@@ -382,6 +406,13 @@ fn dtype(raw: mr_dtype_arg) -> Result<DType> {
 
 fn op(raw: mr_op_arg) -> Result<ReduceOp> {
     ReduceOp::from_raw(raw).map_err(|e| e.context("mr_op"))
+}
+
+fn compression(raw: mr_compress_arg) -> Result<crate::compress::Compression> {
+    u8::try_from(raw)
+        .ok()
+        .and_then(crate::compress::Compression::from_u8)
+        .ok_or_else(|| Error::invalid(format!("mr_compress: {raw} is not a compression")))
 }
 
 fn non_negative(what: &str, v: c_int) -> Result<usize> {
@@ -698,6 +729,59 @@ pub unsafe extern "C" fn mr_iallreduce(
         // SAFETY: by the C contract buf holds count elements of t and stays untouched by
         // anything else until mr_wait returns.
         let request = unsafe { c.iallreduce_raw(buf.cast(), count, t, reduce) }?;
+        // SAFETY: req checked non-NULL above; valid for one write by the C contract.
+        unsafe { give_request(req, request) };
+        Ok(())
+    })
+}
+
+/// `mr_allreduce` with float data travelling in wire format `z` (the same on every rank):
+/// afterwards `buf` holds the same bits on every rank, within the format's error bound of the
+/// exact result (see README). Only float32 and float64 data compress; other types are an
+/// error unless `z` is `MR_COMPRESS_NONE`. Ops that run over shared memory or through relays
+/// stay exact. Blocks until done.
+#[no_mangle]
+pub unsafe extern "C" fn mr_allreduce_compressed(
+    comm: *mut mr_comm,
+    buf: *mut c_void,
+    count: usize,
+    t: mr_dtype_arg,
+    op: mr_op_arg,
+    z: mr_compress_arg,
+) -> mr_result {
+    ffi_boundary!("mr_allreduce_compressed", {
+        let (t, reduce, z) = (dtype(t)?, self::op(op)?, compression(z)?);
+        buffer("buf", buf, count)?;
+        // SAFETY: the C contract makes a non-NULL handle a live one.
+        let c = unsafe { comm_ref(comm) }?;
+        // SAFETY: by the C contract buf holds count elements of t, and nothing else touches
+        // it while this call blocks.
+        let request = unsafe { c.iallreduce_compressed_raw(buf.cast(), count, t, reduce, z) }?;
+        request.wait()
+    })
+}
+
+/// Start `mr_allreduce_compressed` and return at once; finish with `mr_wait` as for
+/// `mr_iallreduce`.
+#[no_mangle]
+pub unsafe extern "C" fn mr_iallreduce_compressed(
+    comm: *mut mr_comm,
+    buf: *mut c_void,
+    count: usize,
+    t: mr_dtype_arg,
+    op: mr_op_arg,
+    z: mr_compress_arg,
+    req: *mut *mut mr_request,
+) -> mr_result {
+    ffi_boundary!("mr_iallreduce_compressed", {
+        let (t, reduce, z) = (dtype(t)?, self::op(op)?, compression(z)?);
+        buffer("buf", buf, count)?;
+        non_null("req (output)", req)?;
+        // SAFETY: the C contract makes a non-NULL handle a live one.
+        let c = unsafe { comm_ref(comm) }?;
+        // SAFETY: by the C contract buf holds count elements of t and stays untouched by
+        // anything else until mr_wait returns.
+        let request = unsafe { c.iallreduce_compressed_raw(buf.cast(), count, t, reduce, z) }?;
         // SAFETY: req checked non-NULL above; valid for one write by the C contract.
         unsafe { give_request(req, request) };
         Ok(())

@@ -415,3 +415,40 @@ fn last_error_is_per_thread() {
     );
     assert_eq!(last_error(), "mr_barrier: comm is NULL");
 }
+
+#[test]
+fn compressed_allreduce_checks_its_arguments() {
+    let buf = some_buf();
+    let mut req: *mut mr_request = null_mut();
+    let int8 = mr_compress::MR_COMPRESS_INT8 as u32;
+    // SAFETY: every call fails on an argument check before using any pointer.
+    unsafe {
+        for bad in [4u32, 16, u32::MAX] {
+            assert_invalid(
+                mr_allreduce_compressed(null_mut(), buf, 4, F32, SUM, bad),
+                &format!("mr_allreduce_compressed: mr_compress: {bad} is not a compression"),
+            );
+            assert_eq!(
+                mr_iallreduce_compressed(null_mut(), buf, 4, F32, SUM, bad, &mut req),
+                INVALID
+            );
+        }
+        assert_invalid(
+            mr_allreduce_compressed(null_mut(), buf, 4, F32, SUM, int8),
+            "mr_allreduce_compressed: comm is NULL",
+        );
+        assert_invalid(
+            mr_iallreduce_compressed(null_mut(), null_mut(), 8, F32, SUM, int8, &mut req),
+            "mr_iallreduce_compressed: buf is NULL but count is 8",
+        );
+        assert_invalid(
+            mr_iallreduce_compressed(null_mut(), buf, 1, F32, SUM, int8, null_mut()),
+            "mr_iallreduce_compressed: req (output) is NULL",
+        );
+        assert_eq!(
+            mr_allreduce_compressed(null_mut(), buf, 4, 99, SUM, int8),
+            INVALID
+        );
+    }
+    assert!(req.is_null());
+}

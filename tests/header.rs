@@ -63,6 +63,8 @@ const CONTRACT: &[&str] = &[
     "mr_result mr_ibarrier(mr_comm *comm, mr_request **req)",
     "mr_result mr_wait(mr_request *req)",
     "mr_result mr_test(mr_request *req, int *done)",
+    "mr_result mr_allreduce_compressed(mr_comm *comm, void *buf, size_t count, mr_dtype t, mr_op op, mr_compress z)",
+    "mr_result mr_iallreduce_compressed(mr_comm *comm, void *buf, size_t count, mr_dtype t, mr_op op, mr_compress z, mr_request **req)",
 ];
 
 #[test]

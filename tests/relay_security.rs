@@ -124,6 +124,7 @@ fn malformed_frames_close_only_their_connection() {
         op: ReduceOp::Sum,
         count: 1 << 20,
         root: 0,
+        compress: mapreduce::compress::Compression::None,
     };
     for len in [4096 + 4, 1u64 << 40] {
         let mut s = authenticated(&relay, 4096);

@@ -14,6 +14,7 @@
 //! `None`, then check `is_complete`. Frames may arrive in any order (data can spread across
 //! several TCP streams); every schedule accepts them so.
 
+pub mod compressed;
 pub mod plan;
 pub mod relay;
 pub mod ring;
@@ -21,6 +22,7 @@ pub mod ring;
 pub mod sim;
 
 use crate::buffer::{OpMemory, Region};
+use crate::compress::Compression;
 use crate::error::{Error, Result};
 use crate::types::{DType, ReduceOp};
 use crate::wire::FrameHeader;
@@ -91,20 +93,29 @@ pub struct OpDesc {
     pub count: usize,
     /// Broadcast root.
     pub root: usize,
+    /// Wire format of the op's float data ([`Compression::None`] for every op but a
+    /// compressed float all-reduce). Travels in the high nibble of [`FrameHeader::redop`].
+    pub compress: Compression,
 }
 
 impl std::fmt::Display for OpDesc {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self.coll {
-            Collective::AllReduce | Collective::ReduceScatter => write!(
-                f,
-                "{}(seq {}, {} x {}, {})",
-                self.coll.name(),
-                self.seq,
-                self.count,
-                self.dtype,
-                self.op
-            ),
+            Collective::AllReduce | Collective::ReduceScatter => {
+                write!(
+                    f,
+                    "{}(seq {}, {} x {}, {}",
+                    self.coll.name(),
+                    self.seq,
+                    self.count,
+                    self.dtype,
+                    self.op
+                )?;
+                if self.compress != Compression::None {
+                    write!(f, ", {} on the wire", self.compress)?;
+                }
+                f.write_str(")")
+            }
             Collective::Broadcast => write!(
                 f,
                 "broadcast(seq {}, {} x {}, root {})",
@@ -123,13 +134,39 @@ impl std::fmt::Display for OpDesc {
 }
 
 impl OpDesc {
+    /// A descriptor with no compression.
+    pub fn new(
+        coll: Collective,
+        seq: u64,
+        dtype: DType,
+        op: ReduceOp,
+        count: usize,
+        root: usize,
+    ) -> OpDesc {
+        OpDesc {
+            coll,
+            seq,
+            dtype,
+            op,
+            count,
+            root,
+            compress: Compression::None,
+        }
+    }
+
+    /// The `redop` byte of this op's frames: the reduction in the low nibble, the wire
+    /// format in the high one.
+    pub fn redop_byte(&self) -> u8 {
+        self.op as u8 | (self.compress as u8) << 4
+    }
+
     /// A data frame header for this op.
     pub fn header(&self, step: u32, offset: usize, len: usize) -> FrameHeader {
         FrameHeader {
             kind: crate::wire::FrameKind::Data as u8,
             coll: self.coll as u8,
             dtype: self.dtype as u8,
-            redop: self.op as u8,
+            redop: self.redop_byte(),
             aux: step,
             seq: self.seq,
             count: self.count as u64,
@@ -142,7 +179,7 @@ impl OpDesc {
     pub fn check_matches(&self, from: Endpoint, h: &FrameHeader) -> Result<()> {
         let same = h.coll == self.coll as u8
             && h.dtype == self.dtype as u8
-            && (h.redop == self.op as u8)
+            && h.redop == self.redop_byte()
             && h.count == self.count as u64;
         if same {
             return Ok(());
@@ -153,9 +190,10 @@ impl OpDesc {
                 coll,
                 seq: h.seq,
                 dtype: DType::from_raw(h.dtype as u32).ok()?,
-                op: ReduceOp::from_raw(h.redop as u32).ok()?,
+                op: ReduceOp::from_raw(u32::from(h.redop & 0x0f)).ok()?,
                 count: h.count as usize,
                 root: self.root,
+                compress: Compression::from_u8(h.redop >> 4)?,
             })
         })();
         Err(Error::invalid(match theirs {

@@ -6,10 +6,12 @@
 //! * a **segment** is the unit of pipelining: at most `chunk_bytes` of one block, in whole
 //!   elements ([`segments`]). Each segment travels as one data frame.
 
+use crate::algo::compressed::CompressedRing;
 use crate::algo::relay::{RelaySchedule, DEFAULT_WINDOW};
 use crate::algo::ring::{Broadcast, RecursiveDoubling, RingGather, RingReduce};
 use crate::algo::{Collective, OpDesc, Schedule};
 use crate::buffer::{OpMemory, Scratch};
+use crate::compress::Compression;
 use crate::config::{Algo, Config};
 use crate::error::Result;
 use std::ops::Range;
@@ -102,7 +104,9 @@ pub fn build_with_relays(
     Ok(match desc.coll {
         Collective::AllReduce => {
             let bytes = desc.count * desc.dtype.size();
-            if size > 1 && bytes < config.small_bytes {
+            if desc.compress != Compression::None && size > 1 && bytes >= config.small_bytes {
+                Box::new(CompressedRing::new(*desc, rank, size, chunk, mem)?)
+            } else if size > 1 && bytes < config.small_bytes {
                 mem.acc = Some(Scratch::zeroed(desc.count * acc_size)?);
                 Box::new(RecursiveDoubling::new(*desc, rank, size))
             } else {

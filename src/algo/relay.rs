@@ -846,6 +846,7 @@ mod tests {
             op: ReduceOp::Sum,
             count,
             root,
+            compress: crate::compress::Compression::None,
         }
     }
 

@@ -28,33 +28,33 @@ use std::ops::Range;
 
 /// Byte counters shared by every schedule: a schedule is complete when both sides balance.
 #[derive(Debug, Default)]
-struct Tally {
+pub(crate) struct Tally {
     queue: VecDeque<Transmit>,
-    send_expected: usize,
+    pub(crate) send_expected: usize,
     handed_out: usize,
     sent: usize,
-    recv_expected: usize,
-    received: usize,
+    pub(crate) recv_expected: usize,
+    pub(crate) received: usize,
 }
 
 impl Tally {
-    fn push(&mut self, t: Transmit) {
+    pub(crate) fn push(&mut self, t: Transmit) {
         self.queue.push_back(t);
     }
-    fn pop(&mut self) -> Option<Transmit> {
+    pub(crate) fn pop(&mut self) -> Option<Transmit> {
         let t = self.queue.pop_front()?;
         self.handed_out += 1;
         Some(t)
     }
-    fn sent(&mut self, t: &Transmit) {
+    pub(crate) fn sent(&mut self, t: &Transmit) {
         self.sent += t.region.len();
     }
-    fn complete(&self) -> bool {
+    pub(crate) fn complete(&self) -> bool {
         self.queue.is_empty()
             && self.sent == self.send_expected
             && self.received == self.recv_expected
     }
-    fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         format!(
             "received {} of {} bytes, sent {} of {} bytes",
             self.received, self.recv_expected, self.sent, self.send_expected
@@ -62,13 +62,13 @@ impl Tally {
     }
 }
 
-fn modn(x: isize, n: usize) -> usize {
+pub(crate) fn modn(x: isize, n: usize) -> usize {
     x.rem_euclid(n as isize) as usize
 }
 
 /// Checks every ring frame passes: the op matches ours, it comes from our ring predecessor,
 /// and its step is one of the op's `steps`. Returns the step.
-fn check_ring_frame(
+pub(crate) fn check_ring_frame(
     desc: &OpDesc,
     from: Endpoint,
     prev: Endpoint,

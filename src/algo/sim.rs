@@ -222,6 +222,7 @@ mod tests {
             op,
             count,
             root,
+            compress: crate::compress::Compression::None,
         }
     }
 

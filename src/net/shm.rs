@@ -642,6 +642,7 @@ fn describe(w: &[u64], root: usize) -> String {
             op: ReduceOp::from_raw(u32::try_from(w[3]).ok()?).ok()?,
             count: usize::try_from(w[4]).ok()?,
             root: usize::try_from(w[5]).unwrap_or(root),
+            compress: crate::compress::Compression::None,
         })
     })();
     match d {

@@ -341,6 +341,7 @@ mod tests {
             op,
             count,
             root: 0,
+            compress: crate::compress::Compression::None,
         }
     }
 

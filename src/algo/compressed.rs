@@ -1,0 +1,579 @@
+//! Ring all-reduce with float data compressed on the wire (`MR_COMPRESS`,
+//! `mr_allreduce_compressed`).
+//!
+//! The same ring as [`crate::algo::ring::RingReduce`] — reduce-scatter, then all-gather, each
+//! block moving as pipelined segments — but every frame carries its data in a
+//! [`Compression`] format instead of the caller's dtype:
+//!
+//! * partial sums are kept in f32 (an f32 view of the caller's buffer, or an f32 scratch copy
+//!   for float64 data and misaligned buffers); a rank decodes what it receives, combines it
+//!   with its own contribution in f32, and encodes the new partial for the next rank;
+//! * the rank that completes a block encodes the result once, and every rank — that one
+//!   included — decodes those same bytes, so all ranks end with identical bits;
+//! * blocks and segments are cut on multiples of [`INT8_BLOCK`] elements, so each segment is
+//!   a whole number of int8 blocks and a segment's wire bytes start where the encoded length
+//!   of the elements before it ends.
+//!
+//! Error: an element is encoded n times on its way (once per reduce-scatter hop, n − 1, and
+//! once as a final result), so it is off by at most the sum of n one-encoding bounds
+//! ([`Compression::error_bound`]), each for the block of partial sums it was in at that hop.
+//!
+//! Frame offsets and lengths are in wire bytes: `offset` is where the segment starts in the
+//! encoded image of the whole buffer. The format travels in the high nibble of `redop`
+//! ([`OpDesc::redop_byte`]), so ranks that asked for different formats get a mismatch error.
+
+use crate::algo::plan::block;
+use crate::algo::ring::{check_ring_frame, modn, Tally};
+use crate::algo::{Endpoint, OpDesc, Schedule, Transmit};
+use crate::buffer::{OpMemory, Region, Scratch};
+use crate::compress::{Compression, INT8_BLOCK};
+use crate::error::{Error, Result};
+use crate::reduce;
+use crate::types::{DType, ReduceOp};
+use crate::wire::FrameHeader;
+use std::ops::Range;
+
+/// One segment: its elements in the caller's buffer and its bytes in the wire image.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Seg {
+    elems: Range<usize>,
+    wire: Range<usize>,
+}
+
+/// Compressed ring all-reduce of float32 or float64 data.
+pub struct CompressedRing {
+    desc: OpDesc,
+    rank: usize,
+    n: usize,
+    z: Compression,
+    /// Segments of each block, in order.
+    segs: Vec<Vec<Seg>>,
+    /// Scratch offset of the wire image that reduce-scatter frames are encoded into.
+    rs_base: usize,
+    /// Scratch offset of the wire image holding final (all-gather) data.
+    ag_base: usize,
+    /// Scratch offset of the f32 partial sums, when they cannot live in the caller's buffer.
+    acc_base: Option<usize>,
+    /// Decoded frame, for reductions other than a sum.
+    stage: Vec<f32>,
+    started: bool,
+    tally: Tally,
+}
+
+impl CompressedRing {
+    /// Plan the op and allocate its scratch into `mem.acc`. `chunk` bounds a segment's
+    /// float32 bytes (at least one int8 block).
+    pub fn new(
+        desc: OpDesc,
+        rank: usize,
+        n: usize,
+        chunk: usize,
+        mem: &mut OpMemory,
+    ) -> Result<CompressedRing> {
+        let z = desc.compress;
+        if !matches!(desc.dtype, DType::F32 | DType::F64) || z == Compression::None {
+            return Err(Error::internal(format!(
+                "{desc}: the compressed ring needs float data and a compression"
+            )));
+        }
+        let count = desc.count;
+        let units = count.div_ceil(INT8_BLOCK);
+        let seg_elems = (chunk / 4 / INT8_BLOCK).max(1) * INT8_BLOCK;
+        let segs: Vec<Vec<Seg>> = (0..n)
+            .map(|b| {
+                let u = block(units, n, b);
+                let (lo, hi) = (
+                    (u.start * INT8_BLOCK).min(count),
+                    (u.end * INT8_BLOCK).min(count),
+                );
+                (lo..hi)
+                    .step_by(seg_elems)
+                    .map(|s| {
+                        let e = s..(s + seg_elems).min(hi);
+                        Seg {
+                            wire: z.encoded_len(e.start)..z.encoded_len(e.end),
+                            elems: e,
+                        }
+                    })
+                    .collect()
+            })
+            .collect();
+        let wire_len = z.encoded_len(count).next_multiple_of(8);
+        let in_user = desc.dtype == DType::F32
+            && bytemuck::try_cast_slice::<u8, f32>(mem.user.as_slice()).is_ok();
+        let acc_base = (!in_user).then_some(2 * wire_len);
+        let scratch = 2 * wire_len + if in_user { 0 } else { count * 4 };
+        mem.acc = Some(Scratch::zeroed(scratch)?);
+        let mut s = CompressedRing {
+            desc,
+            rank,
+            n,
+            z,
+            segs,
+            rs_base: 0,
+            ag_base: wire_len,
+            acc_base,
+            stage: Vec::new(),
+            started: false,
+            tally: Tally::default(),
+        };
+        if n > 1 {
+            let wire = |b: usize| s.segs[b].iter().map(|g| g.wire.len()).sum::<usize>();
+            let (mut send, mut recv) = (0, 0);
+            for step in 0..n - 1 {
+                send += wire(s.rs_send_block(step)) + wire(s.ag_send_block(step));
+                recv += wire(s.rs_recv_block(step)) + wire(s.ag_recv_block(step));
+            }
+            s.tally.send_expected = send;
+            s.tally.recv_expected = recv;
+        }
+        Ok(s)
+    }
+
+    fn rs_send_block(&self, step: usize) -> usize {
+        modn(self.rank as isize - step as isize - 1, self.n)
+    }
+    fn rs_recv_block(&self, step: usize) -> usize {
+        modn(self.rank as isize - step as isize - 2, self.n)
+    }
+    fn ag_send_block(&self, step: usize) -> usize {
+        modn(self.rank as isize - step as isize, self.n)
+    }
+    fn ag_recv_block(&self, step: usize) -> usize {
+        modn(self.rank as isize - step as isize - 1, self.n)
+    }
+    fn next(&self) -> Endpoint {
+        Endpoint::Rank((self.rank + 1) % self.n)
+    }
+    fn prev(&self) -> Endpoint {
+        Endpoint::Rank((self.rank + self.n - 1) % self.n)
+    }
+
+    /// The f32 partial sums of `elems` and the scratch, borrowed together.
+    fn split<'a>(
+        &self,
+        mem: &'a mut OpMemory,
+        elems: &Range<usize>,
+    ) -> (&'a mut [f32], &'a mut [u8]) {
+        let scratch = mem
+            .acc
+            .as_mut()
+            .expect("compressed ops have scratch")
+            .as_mut_slice();
+        match self.acc_base {
+            None => {
+                let user: &mut [f32] = bytemuck::cast_slice_mut(mem.user.as_mut_slice());
+                (&mut user[elems.clone()], scratch)
+            }
+            Some(base) => {
+                let (wire, acc) = scratch.split_at_mut(base);
+                let acc: &mut [f32] = bytemuck::cast_slice_mut(&mut acc[..self.desc.count * 4]);
+                (&mut acc[elems.clone()], wire)
+            }
+        }
+    }
+
+    /// Write decoded f32 results of `elems` into the caller's buffer, when the partial sums
+    /// do not live there.
+    fn store(&self, mem: &mut OpMemory, elems: &Range<usize>) {
+        let Some(base) = self.acc_base else { return };
+        let scratch = mem
+            .acc
+            .as_ref()
+            .expect("compressed ops have scratch")
+            .as_slice();
+        let acc: &[f32] = bytemuck::cast_slice(&scratch[base..base + self.desc.count * 4]);
+        let vals = &acc[elems.clone()];
+        let size = self.desc.dtype.size();
+        let user = &mut mem.user.as_mut_slice()[elems.start * size..elems.end * size];
+        match self.desc.dtype {
+            DType::F64 => {
+                for (d, v) in user.chunks_exact_mut(8).zip(vals) {
+                    d.copy_from_slice(&f64::from(*v).to_le_bytes());
+                }
+            }
+            _ => user.copy_from_slice(bytemuck::cast_slice(vals)),
+        }
+    }
+
+    /// Queue this rank's own contribution to the first reduce-scatter block.
+    fn start(&mut self, mem: &mut OpMemory) {
+        self.started = true;
+        if self.n == 1 {
+            return;
+        }
+        if let Some(base) = self.acc_base {
+            let count = self.desc.count;
+            let user = mem.user.as_slice();
+            let scratch = mem
+                .acc
+                .as_mut()
+                .expect("compressed ops have scratch")
+                .as_mut_slice();
+            let acc = &mut scratch[base..base + count * 4];
+            match self.desc.dtype {
+                DType::F64 => {
+                    for (a, u) in acc.chunks_exact_mut(4).zip(user.chunks_exact(8)) {
+                        let v = f64::from_le_bytes(u.try_into().unwrap()) as f32;
+                        a.copy_from_slice(&v.to_le_bytes());
+                    }
+                }
+                _ => acc.copy_from_slice(&user[..count * 4]),
+            }
+        }
+        let b = self.rs_send_block(0);
+        for seg in self.segs[b].clone() {
+            let (acc, scratch) = self.split(mem, &seg.elems);
+            let at = self.rs_base + seg.wire.start;
+            self.z.encode(acc, &mut scratch[at..at + seg.wire.len()]);
+            self.push(0, &seg, self.rs_base);
+        }
+    }
+
+    fn push(&mut self, step: usize, seg: &Seg, base: usize) {
+        let header = self
+            .desc
+            .header(step as u32, seg.wire.start, seg.wire.len());
+        self.tally.push(Transmit {
+            to: self.next(),
+            header,
+            region: Region::Acc {
+                offset: base + seg.wire.start,
+                len: seg.wire.len(),
+            },
+        });
+    }
+
+    /// The segment of block `b` a frame names, checked against the plan.
+    fn seg_for(&self, from: Endpoint, h: &FrameHeader, b: usize) -> Result<Seg> {
+        let segs = &self.segs[b];
+        let found = segs
+            .binary_search_by_key(&h.offset, |g| g.wire.start as u64)
+            .ok()
+            .map(|i| segs[i].clone())
+            .filter(|g| g.wire.len() as u64 == h.len);
+        found.ok_or_else(|| {
+            Error::remote(format!(
+                "{}: {from} sent {} wire bytes at offset {} for step {}, which is no segment of \
+                 block {b} (mismatched counts, chunking or compression across ranks?)",
+                self.desc, h.len, h.offset, h.aux
+            ))
+        })
+    }
+
+    fn check_frame(&self, from: Endpoint, h: &FrameHeader) -> Result<usize> {
+        check_ring_frame(&self.desc, from, self.prev(), h, 2 * (self.n - 1))
+    }
+
+    /// A reduce-scatter frame: combine, then pass the partial on or finish the block.
+    fn on_partial(&mut self, mem: &mut OpMemory, seg: Seg, step: usize, payload: &[u8]) {
+        let (z, op, n) = (self.z, self.desc.op, self.n);
+        let mut stage = std::mem::take(&mut self.stage);
+        {
+            let (acc, scratch) = self.split(mem, &seg.elems);
+            match op {
+                ReduceOp::Sum | ReduceOp::Avg => z.decode_add(payload, acc),
+                _ => {
+                    stage.resize(acc.len(), 0.0);
+                    z.decode(payload, &mut stage);
+                    reduce::reduce(
+                        DType::F32,
+                        op,
+                        bytemuck::cast_slice_mut(acc),
+                        bytemuck::cast_slice(&stage),
+                    );
+                }
+            }
+            if step + 2 < n {
+                let at = self.rs_base + seg.wire.start;
+                z.encode(acc, &mut scratch[at..at + seg.wire.len()]);
+            } else {
+                // Our block is final: average, encode once, and keep what everyone decodes.
+                if op == ReduceOp::Avg {
+                    reduce::divide(DType::F32, bytemuck::cast_slice_mut(acc), n);
+                }
+                let at = self.ag_base + seg.wire.start;
+                let wire = &mut scratch[at..at + seg.wire.len()];
+                z.encode(acc, wire);
+                z.decode(wire, acc);
+            }
+        }
+        self.stage = stage;
+        if step + 2 < n {
+            self.push(step + 1, &seg, self.rs_base);
+        } else {
+            self.store(mem, &seg.elems);
+            self.push(n - 1, &seg, self.ag_base);
+        }
+    }
+
+    /// An all-gather frame's bytes are in the final wire image: decode and pass them on.
+    fn on_final(&mut self, mem: &mut OpMemory, seg: Seg, step: usize) {
+        {
+            let (acc, scratch) = self.split(mem, &seg.elems);
+            let at = self.ag_base + seg.wire.start;
+            self.z.decode(&scratch[at..at + seg.wire.len()], acc);
+        }
+        self.store(mem, &seg.elems);
+        self.tally.received += seg.wire.len();
+        let t = step - (self.n - 1);
+        if t + 2 < self.n {
+            self.push(self.n + t, &seg, self.ag_base);
+        }
+    }
+}
+
+impl Schedule for CompressedRing {
+    fn desc(&self) -> &OpDesc {
+        &self.desc
+    }
+
+    fn poll_transmit(&mut self, mem: &mut OpMemory) -> Option<Transmit> {
+        if !self.started {
+            self.start(mem);
+        }
+        self.tally.pop()
+    }
+
+    fn handle_sent(&mut self, t: &Transmit) {
+        self.tally.sent(t);
+    }
+
+    fn handle_frame(
+        &mut self,
+        mem: &mut OpMemory,
+        from: Endpoint,
+        h: &FrameHeader,
+        payload: &[u8],
+    ) -> Result<()> {
+        let step = self.check_frame(from, h)?;
+        if !self.started {
+            // Our own contribution goes out before partials that depend on it.
+            self.start(mem);
+        }
+        if step < self.n - 1 {
+            let seg = self.seg_for(from, h, self.rs_recv_block(step))?;
+            self.tally.received += payload.len();
+            self.on_partial(mem, seg, step, payload);
+        } else {
+            let seg = self.seg_for(from, h, self.ag_recv_block(step - (self.n - 1)))?;
+            let scratch = mem
+                .acc
+                .as_mut()
+                .expect("compressed ops have scratch")
+                .as_mut_slice();
+            let at = self.ag_base + seg.wire.start;
+            scratch[at..at + seg.wire.len()].copy_from_slice(payload);
+            self.on_final(mem, seg, step);
+        }
+        Ok(())
+    }
+
+    fn recv_in_place(&mut self, from: Endpoint, h: &FrameHeader) -> Result<Option<Region>> {
+        let step = self.check_frame(from, h)?;
+        if step < self.n - 1 || !self.started {
+            return Ok(None);
+        }
+        let seg = self.seg_for(from, h, self.ag_recv_block(step - (self.n - 1)))?;
+        Ok(Some(Region::Acc {
+            offset: self.ag_base + seg.wire.start,
+            len: seg.wire.len(),
+        }))
+    }
+
+    fn handle_frame_in_place(
+        &mut self,
+        mem: &mut OpMemory,
+        from: Endpoint,
+        h: &FrameHeader,
+    ) -> Result<()> {
+        let step = self.check_frame(from, h)?;
+        let seg = self.seg_for(from, h, self.ag_recv_block(step - (self.n - 1)))?;
+        self.on_final(mem, seg, step);
+        Ok(())
+    }
+
+    fn is_complete(&self) -> bool {
+        self.started && self.tally.complete()
+    }
+
+    fn waiting_for(&self) -> String {
+        format!(
+            "{} of {} wire data (compressed ring: from {}, to {})",
+            self.tally.describe(),
+            self.z,
+            self.prev(),
+            self.next()
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::algo::sim::Sim;
+    use crate::algo::Collective;
+    use crate::config::Config;
+
+    #[allow(clippy::too_many_arguments)]
+    fn run(
+        n: usize,
+        count: usize,
+        dtype: DType,
+        op: ReduceOp,
+        z: Compression,
+        chunk: usize,
+        seed: u64,
+        data: &dyn Fn(usize, usize) -> f64,
+    ) -> Vec<Vec<f64>> {
+        let mut d = OpDesc::new(Collective::AllReduce, 1, dtype, op, count, 0);
+        d.compress = z;
+        let config = Config {
+            chunk_bytes: chunk,
+            small_bytes: 0,
+            ..Config::default()
+        };
+        let user: Vec<Vec<u8>> = (0..n)
+            .map(|r| {
+                (0..count)
+                    .flat_map(|i| match dtype {
+                        DType::F64 => data(r, i).to_le_bytes().to_vec(),
+                        _ => (data(r, i) as f32).to_le_bytes().to_vec(),
+                    })
+                    .collect()
+            })
+            .collect();
+        let mut sim = Sim::new(d, &config, user, vec![Vec::new(); n], seed);
+        sim.drive_bounded(1_000_000)
+            .unwrap_or_else(|e| panic!("{d} n={n}: {e}"));
+        sim.ranks
+            .iter()
+            .map(|k| {
+                assert!(k.error.is_none(), "{:?}", k.error);
+                match dtype {
+                    DType::F64 => k
+                        .user
+                        .chunks_exact(8)
+                        .map(|b| f64::from_le_bytes(b.try_into().unwrap()))
+                        .collect(),
+                    _ => k
+                        .user
+                        .chunks_exact(4)
+                        .map(|b| f64::from(f32::from_le_bytes(b.try_into().unwrap())))
+                        .collect(),
+                }
+            })
+            .collect()
+    }
+
+    fn smooth(r: usize, i: usize) -> f64 {
+        ((i as f64 * 0.37 + r as f64).sin() * 10.0 + r as f64).round() / 4.0
+    }
+
+    /// Bitwise identical on every rank, and within `n` encodings' bound of the exact sum.
+    #[test]
+    fn identical_everywhere_and_within_bound() {
+        for n in 1usize..=5 {
+            for count in [0, 1, n.saturating_sub(1), 255, 256, 257, 1000, 3 * 256 + 17] {
+                for z in [Compression::Bf16, Compression::Fp16, Compression::Int8] {
+                    for dtype in [DType::F32, DType::F64] {
+                        let out = run(
+                            n,
+                            count,
+                            dtype,
+                            ReduceOp::Sum,
+                            z,
+                            1024,
+                            3 + n as u64,
+                            &smooth,
+                        );
+                        for (r, o) in out.iter().enumerate() {
+                            assert_eq!(
+                                o.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                                out[0].iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                                "{z} {dtype} n={n} count={count}: rank {r} differs from rank 0"
+                            );
+                        }
+                        // Bound: n encodings, each at most half a step of a block whose values
+                        // are partial sums bounded by n * 3.5 in magnitude.
+                        let mag = n as f64 * 3.5;
+                        let per = match z {
+                            Compression::Int8 => 2.0 * mag / 255.0 / 2.0 * 1.0001,
+                            Compression::Bf16 => mag / 256.0,
+                            _ => mag / 2048.0,
+                        };
+                        for (i, v) in out[0].iter().enumerate() {
+                            let exact: f64 = (0..n).map(|r| smooth(r, i)).sum();
+                            let bound = if n == 1 { 0.0 } else { per * n as f64 };
+                            assert!(
+                                (v - exact).abs() <= bound,
+                                "{z} {dtype} n={n} count={count} element {i}: {v} vs {exact} (bound {bound})"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn other_reductions_and_average() {
+        let ints = |r: usize, i: usize| ((r * 7 + i * 3) % 11) as f64 - 3.0;
+        for n in [2, 3, 4] {
+            for op in [ReduceOp::Max, ReduceOp::Min, ReduceOp::Avg, ReduceOp::Prod] {
+                // Small integers survive bf16 and fp16 exactly, and int8 blocks of them
+                // exactly too while their range is at most 255 steps of 1.
+                for z in [Compression::Bf16, Compression::Fp16] {
+                    let out = run(n, 600, DType::F32, op, z, 512, 9, &ints);
+                    for i in 0..600 {
+                        let vals: Vec<f64> = (0..n).map(|r| ints(r, i)).collect();
+                        let want = match op {
+                            ReduceOp::Max => vals.iter().cloned().fold(f64::MIN, f64::max),
+                            ReduceOp::Min => vals.iter().cloned().fold(f64::MAX, f64::min),
+                            ReduceOp::Prod => vals.iter().product(),
+                            _ => vals.iter().sum::<f64>() / n as f64,
+                        };
+                        // Max and min of small integers are exact in both formats; sums and
+                        // products may round at each of the n encodings.
+                        let tol = match op {
+                            ReduceOp::Max | ReduceOp::Min => 0.0,
+                            _ => want.abs() * n as f64 / 256.0,
+                        };
+                        for o in &out {
+                            assert!(
+                                (o[i] - want).abs() <= tol,
+                                "{z} {op:?} n={n}: {} vs {want}",
+                                o[i]
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn non_finite_values_stay_non_finite() {
+        let data = |r: usize, i: usize| if r == 1 && i == 5 { f64::NAN } else { i as f64 };
+        for z in [Compression::Bf16, Compression::Fp16, Compression::Int8] {
+            let out = run(3, 700, DType::F32, ReduceOp::Sum, z, 1024, 1, &data);
+            for o in &out {
+                assert!(o[5].is_nan(), "{z}");
+                assert!(o[600].is_finite(), "{z}");
+            }
+        }
+    }
+
+    #[test]
+    fn mismatched_compression_is_named() {
+        let mut a = OpDesc::new(Collective::AllReduce, 4, DType::F32, ReduceOp::Sum, 10, 0);
+        let mut b = a;
+        a.compress = Compression::Int8;
+        b.compress = Compression::Bf16;
+        let err = a
+            .check_matches(Endpoint::Rank(1), &b.header(0, 0, 8))
+            .unwrap_err();
+        assert!(err.message.contains("bf16 on the wire"), "{}", err.message);
+        assert!(err.message.contains("int8 on the wire"), "{}", err.message);
+    }
+}
