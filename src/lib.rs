@@ -22,6 +22,7 @@ pub mod config;
 pub mod error;
 pub mod ffi;
 pub mod net;
+pub mod pace;
 pub mod reduce;
 pub mod relay;
 pub mod types;
