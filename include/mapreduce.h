@@ -191,6 +191,22 @@ mr_result mr_comm_rank(const mr_comm *comm, int *rank);
 mr_result mr_comm_size(const mr_comm *comm, int *size);
 
 /**
+ * This rank's position among the ranks on its host (0-based). Ranks are on one host when
+ * they share the kernel's boot id and network namespace, or have equal `MR_HOST_ID` values.
+ */
+mr_result mr_comm_local_rank(const mr_comm *comm, int *local_rank);
+
+/**
+ * The number of ranks on this rank's host.
+ */
+mr_result mr_comm_local_size(const mr_comm *comm, int *local_size);
+
+/**
+ * The number of hosts the communicator's ranks run on.
+ */
+mr_result mr_comm_host_count(const mr_comm *comm, int *hosts);
+
+/**
  * Finish pending operations, leave the job gracefully and free the communicator. The handle
  * is invalid afterwards, also when this returns an error. NULL is accepted and does nothing.
  * Must not run while another thread still uses the handle.

@@ -22,6 +22,7 @@ use crate::buffer::{OpMemory, RawBuf};
 use crate::compress::Compression;
 use crate::config::Config;
 use crate::error::{Error, ErrorKind, Result};
+use crate::layout::Layout;
 use crate::net::engine::{Completion, Engine, PendingOp, RelayLink, RelayLinks, RelayRates, Work};
 use crate::types::{DType, Element, ReduceOp};
 use crate::validator::peer::{JobVerify, Recorded};
@@ -60,6 +61,8 @@ pub struct Comm {
     shm: bool,
     /// A compressed all-reduce through relays was asked for and logged once.
     warned_relay_compression: AtomicBool,
+    /// Which ranks share a host.
+    layout: Layout,
 }
 
 /// Relay ops between two exchanges of measured relay rates (see the module docs).
@@ -202,9 +205,14 @@ impl Comm {
             relay_weights: Mutex::new(RelayWeights::default()),
             shm: false,
             warned_relay_compression: AtomicBool::new(false),
+            layout: Layout::single(size, rank),
         };
         if size > 1 {
-            comm.shm = comm.attach_shared_memory(id, &job)?;
+            comm.layout = comm.agree_on_layout()?;
+            // Shared memory serves a job on one host; jobs across hosts stay on TCP.
+            if comm.layout.hosts() == 1 {
+                comm.shm = comm.attach_shared_memory(id, &job)?;
+            }
         }
         if use_relays {
             // Every rank must cut buffers the same way: use the relays all of them reached.
@@ -244,6 +252,20 @@ impl Comm {
         }
         log::info!("rank {rank}/{size}: communicator ready");
         Ok(comm)
+    }
+
+    /// Learn which ranks share a host: every rank contributes its host key (see
+    /// [`crate::layout`]) to one all-gather, so every rank computes the same layout.
+    fn agree_on_layout(&self) -> Result<Layout> {
+        let key = crate::layout::host_key(self.config.host_id.as_deref())? as i64;
+        let mut keys = vec![0i64; self.size];
+        self.allgather(&[key], &mut keys)?;
+        let keys: Vec<u64> = keys.iter().map(|&k| k as u64).collect();
+        let layout = Layout::from_keys(&keys, self.rank);
+        if self.rank == 0 {
+            log::info!("layout: {layout}");
+        }
+        Ok(layout)
     }
 
     /// Agree with every rank on a shared-memory segment (see [`crate::net::shm`]): rank 0
@@ -310,6 +332,26 @@ impl Comm {
 
     pub fn config(&self) -> &Config {
         &self.config
+    }
+
+    /// Which ranks share a host (see [`crate::layout`]).
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    /// This rank's position among the ranks on its host.
+    pub fn local_rank(&self) -> usize {
+        self.layout.local_rank()
+    }
+
+    /// Number of ranks on this rank's host.
+    pub fn local_size(&self) -> usize {
+        self.layout.local_size()
+    }
+
+    /// Number of hosts the job runs on.
+    pub fn host_count(&self) -> usize {
+        self.layout.hosts()
     }
 
     /// Whether all-reduce, broadcast, all-gather, reduce-scatter and barrier run through a shared-memory

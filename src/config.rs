@@ -60,6 +60,11 @@ pub struct Config {
     pub shm: bool,
     /// Wire format of float all-reduces over the ring (`MR_COMPRESS`).
     pub compress: crate::compress::Compression,
+    /// Ranks with equal values count as one host (`MR_HOST_ID`); `None`: the kernel's boot id
+    /// and network namespace decide.
+    pub host_id: Option<String>,
+    /// Collectives may use the host level of the layout (`MR_HIERARCHY`, default on).
+    pub hierarchy: bool,
 }
 
 impl Default for Config {
@@ -79,6 +84,8 @@ impl Default for Config {
             verify: false,
             shm: true,
             compress: crate::compress::Compression::None,
+            host_id: None,
+            hierarchy: true,
         }
     }
 }
@@ -167,6 +174,8 @@ impl Config {
         c.ifname = var("MR_IFNAME");
         c.verify = matches!(var("MR_VERIFY").as_deref(), Some("1") | Some("true"));
         c.shm = !matches!(var("MR_SHM_DISABLE").as_deref(), Some("1") | Some("true"));
+        c.host_id = var("MR_HOST_ID").filter(|v| !v.trim().is_empty());
+        c.hierarchy = !matches!(var("MR_HIERARCHY").as_deref().map(str::trim), Some("0"));
         if let Some(v) = var("MR_COMPRESS") {
             c.compress =
                 crate::compress::Compression::parse(&v).map_err(|e| e.context("MR_COMPRESS"))?;

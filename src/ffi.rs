@@ -575,6 +575,58 @@ pub unsafe extern "C" fn mr_comm_size(comm: *const mr_comm, size: *mut c_int) ->
     })
 }
 
+/// This rank's position among the ranks on its host (0-based). Ranks are on one host when
+/// they share the kernel's boot id and network namespace, or have equal `MR_HOST_ID` values.
+#[no_mangle]
+pub unsafe extern "C" fn mr_comm_local_rank(
+    comm: *const mr_comm,
+    local_rank: *mut c_int,
+) -> mr_result {
+    ffi_boundary!("mr_comm_local_rank", {
+        non_null("local_rank (output)", local_rank)?;
+        // SAFETY: the C contract makes a non-NULL handle a live one.
+        let c = unsafe { comm_ref(comm) }?;
+        let value = c_int::try_from(c.local_rank())
+            .map_err(|_| Error::internal("local rank exceeds int"))?;
+        // SAFETY: non-NULL and, by the C contract, valid for writing one int.
+        unsafe { local_rank.write(value) };
+        Ok(())
+    })
+}
+
+/// The number of ranks on this rank's host.
+#[no_mangle]
+pub unsafe extern "C" fn mr_comm_local_size(
+    comm: *const mr_comm,
+    local_size: *mut c_int,
+) -> mr_result {
+    ffi_boundary!("mr_comm_local_size", {
+        non_null("local_size (output)", local_size)?;
+        // SAFETY: the C contract makes a non-NULL handle a live one.
+        let c = unsafe { comm_ref(comm) }?;
+        let value = c_int::try_from(c.local_size())
+            .map_err(|_| Error::internal("local size exceeds int"))?;
+        // SAFETY: non-NULL and, by the C contract, valid for writing one int.
+        unsafe { local_size.write(value) };
+        Ok(())
+    })
+}
+
+/// The number of hosts the communicator's ranks run on.
+#[no_mangle]
+pub unsafe extern "C" fn mr_comm_host_count(comm: *const mr_comm, hosts: *mut c_int) -> mr_result {
+    ffi_boundary!("mr_comm_host_count", {
+        non_null("hosts (output)", hosts)?;
+        // SAFETY: the C contract makes a non-NULL handle a live one.
+        let c = unsafe { comm_ref(comm) }?;
+        let value = c_int::try_from(c.host_count())
+            .map_err(|_| Error::internal("host count exceeds int"))?;
+        // SAFETY: non-NULL and, by the C contract, valid for writing one int.
+        unsafe { hosts.write(value) };
+        Ok(())
+    })
+}
+
 /// Finish pending operations, leave the job gracefully and free the communicator. The handle
 /// is invalid afterwards, also when this returns an error. NULL is accepted and does nothing.
 /// Must not run while another thread still uses the handle.

@@ -452,3 +452,24 @@ fn compressed_allreduce_checks_its_arguments() {
     }
     assert!(req.is_null());
 }
+
+#[test]
+fn layout_queries_check_their_arguments() {
+    let mut v: c_int = -7;
+    // SAFETY: every call fails on the NULL handle before writing.
+    unsafe {
+        assert_invalid(
+            mr_comm_local_rank(null(), &mut v),
+            "mr_comm_local_rank: comm is NULL",
+        );
+        assert_invalid(
+            mr_comm_local_size(null(), &mut v),
+            "mr_comm_local_size: comm is NULL",
+        );
+        assert_invalid(
+            mr_comm_host_count(null(), &mut v),
+            "mr_comm_host_count: comm is NULL",
+        );
+    }
+    assert_eq!(v, -7);
+}

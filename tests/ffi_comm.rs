@@ -347,3 +347,26 @@ fn a_failed_request_reports_through_test_and_wait() {
         let _ = unsafe { mr_comm_destroy(h.ptr()) };
     }
 }
+
+#[test]
+fn layout_of_a_one_host_job_through_the_c_abi() {
+    let handles = local_job(3);
+    for (rank, h) in handles.iter().enumerate() {
+        let (mut local_rank, mut local_size, mut hosts) = (-1, -1, -1);
+        // SAFETY: live handle, valid outputs.
+        unsafe {
+            ok(mr_comm_local_rank(h.ptr(), &mut local_rank));
+            ok(mr_comm_local_size(h.ptr(), &mut local_size));
+            ok(mr_comm_host_count(h.ptr(), &mut hosts));
+        }
+        assert_eq!((local_rank, local_size, hosts), (rank as c_int, 3, 1));
+        // SAFETY: live handle; a NULL output is rejected before anything is written.
+        let r = unsafe { mr_comm_local_rank(h.ptr(), null_mut()) };
+        assert_eq!(r, mr_result::MR_ERR_INVALID_ARGUMENT);
+        assert_eq!(
+            last_error(),
+            "mr_comm_local_rank: local_rank (output) is NULL"
+        );
+    }
+    destroy(handles);
+}
