@@ -22,6 +22,7 @@ use crate::buffer::{OpMemory, RawBuf};
 use crate::compress::Compression;
 use crate::config::Config;
 use crate::error::{Error, ErrorKind, Result};
+use crate::hier::{HierOp, Hierarchy, Ptr};
 use crate::layout::Layout;
 use crate::net::engine::{Completion, Engine, PendingOp, RelayLink, RelayLinks, RelayRates, Work};
 use crate::types::{DType, Element, ReduceOp};
@@ -63,6 +64,9 @@ pub struct Comm {
     warned_relay_compression: AtomicBool,
     /// Which ranks share a host.
     layout: Layout,
+    /// Host and inter-host communicators, when the layout is hierarchical (see
+    /// [`crate::hier`]); every collective then runs through them.
+    hier: Option<Hierarchy>,
 }
 
 /// Relay ops between two exchanges of measured relay rates (see the module docs).
@@ -89,6 +93,11 @@ pub struct Request {
 type AfterOp = Box<dyn FnOnce() + Send>;
 
 impl Request {
+    /// A request completed by whoever holds `done` (the hierarchy's worker).
+    pub(crate) fn from_completion(done: Arc<Completion>) -> Request {
+        Request::new(done)
+    }
+
     fn new(done: Arc<Completion>) -> Request {
         Request {
             done,
@@ -206,12 +215,16 @@ impl Comm {
             shm: false,
             warned_relay_compression: AtomicBool::new(false),
             layout: Layout::single(size, rank),
+            hier: None,
         };
         if size > 1 {
             comm.layout = comm.agree_on_layout()?;
             // Shared memory serves a job on one host; jobs across hosts stay on TCP.
             if comm.layout.hosts() == 1 {
                 comm.shm = comm.attach_shared_memory(id, &job)?;
+            }
+            if comm.layout.is_hierarchical() && comm.config.hierarchy {
+                comm.hier = Some(Hierarchy::start(&comm)?);
             }
         }
         if use_relays {
@@ -354,6 +367,12 @@ impl Comm {
         self.layout.hosts()
     }
 
+    /// Whether collectives run in two levels, inside each host and between hosts (see
+    /// [`crate::hier`]): the layout is hierarchical and `MR_HIERARCHY` is not `0`.
+    pub fn uses_hierarchy(&self) -> bool {
+        self.hier.is_some()
+    }
+
     /// Whether all-reduce, broadcast, all-gather, reduce-scatter and barrier run through a shared-memory
     /// segment (every rank on this host; see [`crate::net::shm`]) when they do not use relays.
     pub fn uses_shared_memory(&self) -> bool {
@@ -382,6 +401,9 @@ impl Comm {
     pub fn abort(&self) {
         self.aborted.store(true, Ordering::SeqCst);
         self.broken.store(true, Ordering::SeqCst);
+        if let Some(h) = &self.hier {
+            h.abort();
+        }
         self.engine.abort();
     }
 
@@ -723,6 +745,20 @@ impl Comm {
     ) -> Result<Request> {
         let bytes = byte_len(count, dtype)?;
         check_ptr("allreduce", buf, bytes)?;
+        if let Some(h) = &self.hier {
+            let compress = if z.applies_to(dtype) {
+                z
+            } else {
+                Compression::None
+            };
+            return h.submit(HierOp::AllReduce {
+                buf: Ptr(buf),
+                count,
+                dtype,
+                op,
+                compress,
+            });
+        }
         // SAFETY: forwarded from this function's contract.
         let mem = OpMemory::new(unsafe { RawBuf::new(buf, bytes) });
         if let Some(v) = self.verify.as_ref().filter(|_| self.relayed(bytes)) {
@@ -786,6 +822,14 @@ impl Comm {
                 self.size
             )));
         }
+        if let Some(h) = &self.hier {
+            return h.submit(HierOp::Broadcast {
+                buf: Ptr(buf),
+                count,
+                dtype,
+                root,
+            });
+        }
         // SAFETY: forwarded from this function's contract.
         let mem = OpMemory::new(unsafe { RawBuf::new(buf, bytes) });
         self.submit(
@@ -818,6 +862,14 @@ impl Comm {
         })?;
         check_ptr("allgather send", send, bytes)?;
         check_ptr("allgather recv", recv, total)?;
+        if let Some(h) = &self.hier {
+            return h.submit(HierOp::AllGather {
+                send: Ptr(send as *mut u8),
+                recv: Ptr(recv),
+                count,
+                dtype,
+            });
+        }
         let mut mem = OpMemory::new(unsafe { RawBuf::new(recv, total) });
         // SAFETY: forwarded from this function's contract; the input is only read.
         mem.input = unsafe { RawBuf::new(send as *mut u8, bytes) };
@@ -845,6 +897,15 @@ impl Comm {
         })?;
         check_ptr("reduce_scatter send", send, total)?;
         check_ptr("reduce_scatter recv", recv, bytes)?;
+        if let Some(h) = &self.hier {
+            return h.submit(HierOp::ReduceScatter {
+                send: Ptr(send as *mut u8),
+                recv: Ptr(recv),
+                count: recv_count,
+                dtype,
+                op,
+            });
+        }
         let mut mem = OpMemory::new(unsafe { RawBuf::new(recv, bytes) });
         // SAFETY: forwarded from this function's contract; the input is only read.
         mem.input = unsafe { RawBuf::new(send as *mut u8, total) };
@@ -853,6 +914,9 @@ impl Comm {
 
     /// Start a barrier: completes once every rank has entered it.
     pub fn ibarrier(&self) -> Result<Request> {
+        if let Some(h) = &self.hier {
+            return h.submit(HierOp::Barrier);
+        }
         self.submit(
             Collective::Barrier,
             DType::U8,
@@ -947,8 +1011,9 @@ impl Comm {
     }
 
     /// Finish pending ops, say goodbye to the peers and stop the progress thread.
-    pub fn destroy(self) -> Result<()> {
-        let r = self.engine.shutdown();
+    pub fn destroy(mut self) -> Result<()> {
+        let hier = self.hier.take().map(Hierarchy::shutdown).unwrap_or(Ok(()));
+        let r = self.engine.shutdown().and(hier);
         // Dropping the verifier delivers queued reports to the validator.
         drop(self.verify);
         r

@@ -21,6 +21,7 @@ pub mod compress;
 pub mod config;
 pub mod error;
 pub mod ffi;
+pub mod hier;
 pub mod layout;
 pub mod net;
 pub mod pace;

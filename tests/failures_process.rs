@@ -198,6 +198,49 @@ fn killed_rank_fails_survivors_promptly() {
     kill_mid_allreduce(2, "ring");
 }
 
+/// As [`kill_mid_allreduce`] on a job laid out over emulated hosts (`MR_HOST_ID`), whose
+/// collectives run in two levels: ranks 0 and 1 share host a, ranks 2 and 3 are alone.
+fn kill_mid_hierarchical_allreduce(victim: usize) {
+    let hosts = ["a", "a", "b", "c"];
+    let env = vec![("MR_TIMEOUT_MS", "60000".to_string())];
+    let mut job = Job::new("allreduce_loop", &env, Duration::from_secs(45));
+    for (rank, host) in hosts.iter().enumerate() {
+        job.spawn(RankSpec {
+            rank,
+            size: hosts.len(),
+            env: vec![("MR_HOST_ID".to_string(), host.to_string())],
+        });
+    }
+    let started = job.wait_line(|r, l| r == victim && l == "STARTED");
+    assert!(started.is_some(), "victim never started");
+    std::thread::sleep(Duration::from_millis(400));
+    job.kill(victim);
+    for o in job.finish() {
+        if o.rank == victim {
+            assert!(o.killed && o.code.is_none(), "{}", o.story());
+            continue;
+        }
+        let msg = assert_kind(&o, "allreduce", &["Remote", "Timeout", "Aborted"]);
+        assert!(o.done(), "survivor finished its scenario\n{}", o.story());
+        eprintln!("rank {}: {msg}", o.rank);
+    }
+}
+
+#[test]
+fn killed_rank_with_a_host_partner_fails_a_hierarchical_job_promptly() {
+    kill_mid_hierarchical_allreduce(1);
+}
+
+#[test]
+fn killed_host_leader_fails_a_hierarchical_job_promptly() {
+    kill_mid_hierarchical_allreduce(0);
+}
+
+#[test]
+fn killed_rank_alone_on_its_host_fails_a_hierarchical_job_promptly() {
+    kill_mid_hierarchical_allreduce(3);
+}
+
 #[test]
 fn killed_rank_zero_fails_survivors_promptly() {
     kill_mid_allreduce(0, "ring");

@@ -1,0 +1,511 @@
+//! Hierarchical collectives for jobs with several ranks on some of several hosts.
+//!
+//! A job whose [`Layout`] spans more than one host with more than one rank on some host runs
+//! its collectives in two levels, like NCCL's and Horovod's hierarchical all-reduce:
+//!
+//! * a **local** communicator per host (its ranks in local-rank order), which goes through the
+//!   host's shared-memory segment — or TCP among the host's ranks when that host's `/dev/shm`
+//!   cannot be used (each local communicator decides for itself and logs why);
+//! * a **leaders** communicator of one rank per host (local rank 0, ranks in host order), which
+//!   carries the inter-host traffic over the ring or through the relays, with the job's
+//!   `MR_ALGO`, relays, compression and verification.
+//!
+//! So a host's link carries each byte once per collective whatever its number of ranks: in
+//! relay mode D up and D down, on the ring 2(H−1)/H · D each way.
+//!
+//! **Summation order** (all-reduce): inside each host in local-rank order (shared memory
+//! reduces slices over all ranks' data in rank order), then across hosts in the inter-host
+//! path's order (a relay sums hosts in host order; the ring in its chain order). The leader
+//! then broadcasts the bytes it holds, so every rank ends with identical bits. `AVG` sums at
+//! both levels and the leader divides by the world size once, before broadcasting.
+//!
+//! Both sub-communicators are created at init over the parent's authenticated links: each
+//! host's leader mints the local id, rank 0 the leaders' id, and one all-gather hands them out.
+//! Ops run one after another on a worker thread, in the order they were started; each phase is
+//! bounded by `MR_TIMEOUT_MS` in its communicator, and a failure in any phase aborts both
+//! sub-communicators, so every rank of the job errors promptly instead of waiting out the
+//! timeout.
+
+use crate::comm::{Comm, Request, UniqueId};
+use crate::config::{Algo, Config};
+use crate::error::{Error, ErrorKind, Result};
+use crate::layout::Layout;
+use crate::net::engine::Completion;
+use crate::reduce;
+use crate::types::{DType, ReduceOp};
+use crossbeam_channel::{Receiver, Sender};
+use std::sync::Arc;
+
+/// A collective as started by the caller; pointers stay valid until its completion fires (the
+/// same contract as the flat raw entry points).
+pub(crate) enum HierOp {
+    AllReduce {
+        buf: Ptr,
+        count: usize,
+        dtype: DType,
+        op: ReduceOp,
+        compress: crate::compress::Compression,
+    },
+    Broadcast {
+        buf: Ptr,
+        count: usize,
+        dtype: DType,
+        root: usize,
+    },
+    AllGather {
+        send: Ptr,
+        recv: Ptr,
+        count: usize,
+        dtype: DType,
+    },
+    ReduceScatter {
+        send: Ptr,
+        recv: Ptr,
+        count: usize,
+        dtype: DType,
+        op: ReduceOp,
+    },
+    Barrier,
+}
+
+/// A caller's buffer address handed to the worker thread.
+#[derive(Clone, Copy)]
+pub(crate) struct Ptr(pub *mut u8);
+
+// SAFETY: the raw entry points' contract gives the op exclusive use of the memory until its
+// completion fires, and only the worker thread touches it meanwhile.
+unsafe impl Send for Ptr {}
+
+struct Job {
+    op: HierOp,
+    done: Arc<Completion>,
+}
+
+/// The two levels and the worker that runs ops through them.
+pub(crate) struct Hierarchy {
+    tx: Option<Sender<Job>>,
+    worker: Option<std::thread::JoinHandle<()>>,
+    levels: Arc<Levels>,
+}
+
+struct Levels {
+    layout: Layout,
+    world: usize,
+    local: Option<Comm>,
+    leaders: Option<Comm>,
+}
+
+impl Hierarchy {
+    /// Create the local and leaders communicators for `parent`, whose layout is
+    /// hierarchical. Every rank of the parent must call this.
+    pub(crate) fn start(parent: &Comm) -> Result<Hierarchy> {
+        let layout = parent.layout().clone();
+        let (rank, size) = (parent.rank(), parent.size());
+        let leader = layout.local_rank() == 0;
+        let base = parent.config().clone();
+        // Inside a host: shared memory (TCP among the host's ranks if it cannot be had),
+        // never relays.
+        let local_cfg = Config {
+            algo: Algo::Auto,
+            relays: Vec::new(),
+            validator: None,
+            hierarchy: false,
+            compress: crate::compress::Compression::None,
+            ..base.clone()
+        };
+        // Between hosts: the job's path, never shared memory.
+        let leaders_cfg = Config {
+            shm: false,
+            hierarchy: false,
+            ..base
+        };
+        // Hand out the ids: each leader of a multi-rank host mints its host's, rank 0 (the
+        // leader of host 0) the leaders'; one all-gather of 2 x 256 bytes per rank.
+        let mut mine = [0u8; 512];
+        if leader && layout.local_size() > 1 {
+            mine[..256].copy_from_slice(UniqueId::new(&local_cfg)?.as_bytes());
+        }
+        if rank == 0 {
+            mine[256..].copy_from_slice(UniqueId::new(&leaders_cfg)?.as_bytes());
+        }
+        let mut all = vec![0u8; 512 * size];
+        parent
+            .allgather(&mine, &mut all)
+            .map_err(|e| e.context("handing out the hierarchy's ids"))?;
+        let id_at = |r: usize, half: usize| {
+            let mut id = [0u8; 256];
+            id.copy_from_slice(&all[512 * r + 256 * half..][..256]);
+            UniqueId(id)
+        };
+        let local = if layout.local_size() > 1 {
+            let host_leader = layout.ranks_on(layout.host())[0];
+            let c = Comm::init(
+                layout.local_size(),
+                &id_at(host_leader, 0),
+                layout.local_rank(),
+                local_cfg,
+            )
+            .map_err(|e| e.context(format!("host {} communicator", layout.host())))?;
+            Some(c)
+        } else {
+            None
+        };
+        let leaders = if leader {
+            let c = Comm::init(layout.hosts(), &id_at(0, 1), layout.host(), leaders_cfg)
+                .map_err(|e| e.context("communicator between hosts"))?;
+            Some(c)
+        } else {
+            None
+        };
+        if rank == 0 {
+            log::info!(
+                "hierarchical collectives: {layout}; inside hosts: {}; between hosts: {}",
+                match &local {
+                    Some(c) if c.uses_shared_memory() => "shared memory",
+                    Some(_) => "TCP",
+                    None => "nothing to do",
+                },
+                if leaders.as_ref().is_some_and(|c| !c.relays().is_empty()) {
+                    "relays"
+                } else {
+                    "ring"
+                }
+            );
+        }
+        let levels = Arc::new(Levels {
+            layout,
+            world: size,
+            local,
+            leaders,
+        });
+        let (tx, rx) = crossbeam_channel::unbounded::<Job>();
+        let worker_levels = levels.clone();
+        let worker = std::thread::Builder::new()
+            .name(format!("mr-hier-{rank}"))
+            .spawn(move || run(&worker_levels, rx))
+            .map_err(|e| Error::io("cannot start the hierarchy thread", e))?;
+        Ok(Hierarchy {
+            tx: Some(tx),
+            worker: Some(worker),
+            levels,
+        })
+    }
+
+    /// Queue `op`; it runs after every op started before it.
+    pub(crate) fn submit(&self, op: HierOp) -> Result<Request> {
+        let done = Arc::new(Completion::default());
+        self.tx
+            .as_ref()
+            .expect("running")
+            .send(Job {
+                op,
+                done: done.clone(),
+            })
+            .map_err(|_| Error::new(ErrorKind::Aborted, "the hierarchy thread has stopped"))?;
+        Ok(Request::from_completion(done))
+    }
+
+    /// End every pending and future op with an error; callable from any thread.
+    pub(crate) fn abort(&self) {
+        self.levels.abort();
+    }
+
+    /// Finish queued ops and leave both levels gracefully.
+    pub(crate) fn shutdown(mut self) -> Result<()> {
+        drop(self.tx.take());
+        if let Some(w) = self.worker.take() {
+            let _ = w.join();
+        }
+        let levels = Arc::try_unwrap(std::mem::replace(
+            &mut self.levels,
+            Arc::new(Levels {
+                layout: Layout::single(1, 0),
+                world: 1,
+                local: None,
+                leaders: None,
+            }),
+        ))
+        .map_err(|_| Error::internal("hierarchy levels still shared at shutdown"))?;
+        let mut first = Ok(());
+        for c in [levels.leaders, levels.local].into_iter().flatten() {
+            let r = c.destroy();
+            if first.is_ok() {
+                first = r;
+            }
+        }
+        first
+    }
+}
+
+impl Drop for Hierarchy {
+    /// Without [`Hierarchy::shutdown`] (the communicator was dropped, not destroyed): end
+    /// whatever is still running rather than wait for it.
+    fn drop(&mut self) {
+        if self.tx.is_some() {
+            self.levels.abort();
+        }
+        drop(self.tx.take());
+        if let Some(w) = self.worker.take() {
+            let _ = w.join();
+        }
+    }
+}
+
+impl Levels {
+    fn abort(&self) {
+        for c in [&self.local, &self.leaders].into_iter().flatten() {
+            c.abort();
+        }
+    }
+}
+
+fn run(levels: &Levels, rx: Receiver<Job>) {
+    for job in rx {
+        let r = run_op(levels, &job.op);
+        if r.is_err() {
+            // The other ranks may be waiting on us in either level: break both so they learn
+            // at once instead of after their timeout.
+            levels.abort();
+        }
+        job.done.complete(r);
+    }
+}
+
+/// Whole-buffer byte view of a caller's pointer.
+///
+/// # Safety
+/// `p` must be valid for `len` bytes and used by nothing else while the slice lives.
+unsafe fn bytes<'a>(p: Ptr, len: usize) -> &'a mut [u8] {
+    if len == 0 {
+        return &mut [];
+    }
+    // SAFETY: this function's contract.
+    unsafe { std::slice::from_raw_parts_mut(p.0, len) }
+}
+
+fn run_op(lv: &Levels, op: &HierOp) -> Result<()> {
+    match *op {
+        HierOp::AllReduce {
+            buf,
+            count,
+            dtype,
+            op,
+            compress,
+        } => {
+            // SAFETY: the op's contract (see `HierOp`).
+            let data = unsafe { bytes(buf, count * dtype.size()) };
+            allreduce(lv, data, count, dtype, op, compress)
+        }
+        HierOp::Broadcast {
+            buf,
+            count,
+            dtype,
+            root,
+        } => {
+            // SAFETY: the op's contract.
+            let data = unsafe { bytes(buf, count * dtype.size()) };
+            broadcast(lv, data, count, dtype, root)
+        }
+        HierOp::AllGather {
+            send,
+            recv,
+            count,
+            dtype,
+        } => {
+            let b = count * dtype.size();
+            // SAFETY: the op's contract; send and recv do not overlap (checked by the caller
+            // unless send is the rank's own block of recv, which we copy out first).
+            let input = unsafe { bytes(send, b) }.to_vec();
+            // SAFETY: as above.
+            let out = unsafe { bytes(recv, b * lv.world) };
+            allgather(lv, &input, out)
+        }
+        HierOp::ReduceScatter {
+            send,
+            recv,
+            count,
+            dtype,
+            op,
+        } => {
+            let b = count * dtype.size();
+            // The whole input, reduced hierarchically, then this rank's block: every rank gets
+            // the same bits as the all-reduce would give it.
+            // SAFETY: the op's contract.
+            let mut all = unsafe { bytes(send, b * lv.world) }.to_vec();
+            allreduce(
+                lv,
+                &mut all,
+                count * lv.world,
+                dtype,
+                op,
+                crate::compress::Compression::None,
+            )?;
+            let me = lv.layout_rank();
+            // SAFETY: the op's contract.
+            unsafe { bytes(recv, b) }.copy_from_slice(&all[me * b..(me + 1) * b]);
+            Ok(())
+        }
+        HierOp::Barrier => {
+            if let Some(l) = &lv.local {
+                l.barrier()?;
+            }
+            if let Some(l) = &lv.leaders {
+                l.barrier()?;
+            }
+            if let Some(l) = &lv.local {
+                l.barrier()?;
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Context for errors of the leaders' communicator, whose rank k is the leader of host k.
+const BETWEEN: &str = "between hosts (there, rank k is the leader of host k)";
+
+impl Levels {
+    /// Context for errors of this host's communicator, whose ranks are local ranks.
+    fn inside(&self) -> String {
+        let h = self.layout.host();
+        format!(
+            "inside host {h} (ranks {:?}; there, rank k is local rank k)",
+            self.layout.ranks_on(h)
+        )
+    }
+
+    fn layout_rank(&self) -> usize {
+        self.layout.ranks_on(self.layout.host())[self.layout.local_rank()]
+    }
+}
+
+/// Sum (or reduce) inside the host, across hosts between leaders, then hand the leader's bytes
+/// to the host.
+fn allreduce(
+    lv: &Levels,
+    data: &mut [u8],
+    count: usize,
+    dtype: DType,
+    op: ReduceOp,
+    compress: crate::compress::Compression,
+) -> Result<()> {
+    let level_op = if op == ReduceOp::Avg {
+        ReduceOp::Sum
+    } else {
+        op
+    };
+    if let Some(l) = &lv.local {
+        // SAFETY: `data` is borrowed for the whole call and the request is waited for.
+        unsafe { l.iallreduce_raw(data.as_mut_ptr(), count, dtype, level_op)? }
+            .wait()
+            .map_err(|e| e.context(lv.inside()))?;
+    }
+    if let Some(l) = &lv.leaders {
+        // SAFETY: as above.
+        unsafe {
+            l.iallreduce_compressed_raw(data.as_mut_ptr(), count, dtype, level_op, compress)?
+        }
+        .wait()
+        .map_err(|e| e.context(BETWEEN))?;
+        if op == ReduceOp::Avg {
+            reduce::divide(dtype, data, lv.world);
+        }
+    }
+    if let Some(l) = &lv.local {
+        // SAFETY: as above.
+        unsafe { l.ibroadcast_raw(data.as_mut_ptr(), count, dtype, 0)? }
+            .wait()
+            .map_err(|e| e.context(lv.inside()))?;
+    }
+    Ok(())
+}
+
+/// Root's host first (local broadcast from the root), then between leaders, then inside the
+/// other hosts from their leader.
+fn broadcast(lv: &Levels, data: &mut [u8], count: usize, dtype: DType, root: usize) -> Result<()> {
+    let root_host = lv.layout.host_of(root);
+    let root_local = lv
+        .layout
+        .ranks_on(root_host)
+        .iter()
+        .position(|&r| r == root)
+        .expect("the root is on its host");
+    let mine = lv.layout.host() == root_host;
+    if mine {
+        if let Some(l) = &lv.local {
+            // SAFETY: `data` is borrowed for the whole call and the request is waited for.
+            unsafe { l.ibroadcast_raw(data.as_mut_ptr(), count, dtype, root_local)? }
+                .wait()
+                .map_err(|e| e.context(lv.inside()))?;
+        }
+    }
+    if let Some(l) = &lv.leaders {
+        // SAFETY: as above.
+        unsafe { l.ibroadcast_raw(data.as_mut_ptr(), count, dtype, root_host)? }
+            .wait()
+            .map_err(|e| e.context(BETWEEN))?;
+    }
+    if !mine {
+        if let Some(l) = &lv.local {
+            // SAFETY: as above.
+            unsafe { l.ibroadcast_raw(data.as_mut_ptr(), count, dtype, 0)? }
+                .wait()
+                .map_err(|e| e.context(lv.inside()))?;
+        }
+    }
+    Ok(())
+}
+
+/// Gather inside the host, exchange host blocks (padded to the largest host) between leaders,
+/// hand everything to the host, and put each rank's block at its global position.
+fn allgather(lv: &Levels, input: &[u8], out: &mut [u8]) -> Result<()> {
+    let b = input.len();
+    let lay = &lv.layout;
+    let widest = (0..lay.hosts())
+        .map(|h| lay.ranks_on(h).len())
+        .max()
+        .unwrap_or(1);
+    let per_host = widest * b;
+    let mut everything = vec![0u8; per_host * lay.hosts()];
+    let mut host_block = vec![0u8; per_host];
+    match &lv.local {
+        Some(l) => l
+            .allgather(input, &mut host_block[..lay.local_size() * b])
+            .map_err(|e| e.context(lv.inside()))?,
+        None => host_block[..b].copy_from_slice(input),
+    }
+    if let Some(l) = &lv.leaders {
+        l.allgather(&host_block, &mut everything)
+            .map_err(|e| e.context(BETWEEN))?;
+    }
+    if let Some(l) = &lv.local {
+        l.broadcast(&mut everything, 0)
+            .map_err(|e| e.context(lv.inside()))?;
+    }
+    for h in 0..lay.hosts() {
+        for (i, &r) in lay.ranks_on(h).iter().enumerate() {
+            out[r * b..(r + 1) * b].copy_from_slice(&everything[h * per_host + i * b..][..b]);
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ptr_is_send() {
+        fn send<T: Send>() {}
+        send::<Ptr>();
+        send::<Job>();
+    }
+
+    #[test]
+    fn aborted_levels_report() {
+        // Completions fire once: a second completion is ignored.
+        let c = Completion::default();
+        c.complete(Err(Error::new(ErrorKind::Aborted, "x")));
+        c.complete(Ok(()));
+        assert!(c.wait().is_err());
+    }
+}
