@@ -127,9 +127,9 @@ fn every_collective_on_every_layout() {
                 let mut recv = vec![0i32; count];
                 comm.reduce_scatter(&send, &mut recv, ReduceOp::Sum)
                     .unwrap();
-                for i in 0..count {
+                for (i, got) in recv.iter().enumerate() {
                     let want: i64 = (0..n).map(|q| value(q, r * count + i)).sum();
-                    assert_eq!(i64::from(recv[i]), want, "{hosts:?} reduce_scatter");
+                    assert_eq!(i64::from(*got), want, "{hosts:?} reduce_scatter");
                 }
                 comm.barrier().unwrap();
             }
