@@ -41,7 +41,7 @@ HEADER := include/mapreduce.h
 NATIVE_STATIC_LIBS := -lgcc_s -lutil -lrt -lpthread -lm -ldl -lc
 
 BUILD := build
-C_EXAMPLES := allreduce broadcast
+C_EXAMPLES := allreduce broadcast survive_kills
 C_EXAMPLE_BINS := $(addprefix $(BUILD)/c-examples/,$(C_EXAMPLES))
 C_STD := -std=c11
 C_WARNINGS := -Wall -Wextra -Wpedantic -Werror
@@ -53,7 +53,7 @@ C_LINK := -L$(RELEASE_DIR) -Wl,-rpath,$(abspath $(RELEASE_DIR)) -lmapreduce
 TEST_ENV := MR_TIMEOUT_MS=60000
 EXAMPLE_RANKS ?= 4
 
-.PHONY: build lib c-examples test check-header cargo-test c-test c-test-valgrind \
+.PHONY: build lib c-examples test check-header cargo-test c-test c-test-kills c-test-valgrind \
 	check-install torch-install test-torch demo bench bench-torch header install venv lint \
 	clean distclean
 
@@ -115,6 +115,17 @@ c-test: c-examples
 	$(TEST_ENV) $(BUILD)/c-examples/broadcast 5
 	$(TEST_ENV) $(RELAY_RUN) 2 $(BUILD)/c-examples/allreduce $(EXAMPLE_RANKS)
 	$(TEST_ENV) $(RELAY_RUN) 3 $(BUILD)/c-examples/broadcast 3
+	$(MAKE) --no-print-directory c-test-kills
+
+# A C host with the default SIGPIPE disposition through a relay and a peer SIGKILLed mid-run,
+# several times each (the moment of the kill is random): nobody dies of SIGPIPE, the relay
+# job completes through the surviving relays, the peer job's survivors get an error code.
+KILL_TRIALS ?= 6
+c-test-kills: c-examples
+	for i in $$(seq $(KILL_TRIALS)); do \
+		$(TEST_ENV) MR_LOG=error $(RELAY_RUN) 3 $(BUILD)/c-examples/survive_kills relay 4; \
+		$(TEST_ENV) MR_LOG=off $(BUILD)/c-examples/survive_kills peer 4; \
+	done
 
 # One small job under memcheck: invalid reads/writes anywhere across the C boundary fail it.
 # Forked ranks stay under valgrind; leaks are not counted (thread-locals and the progress

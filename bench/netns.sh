@@ -159,7 +159,9 @@ if want relay && [ "$RELAYS" -gt 0 ] && [ -x "$RELAYD" ]; then
   RELAY_LIST=""
   for j in $(seq 0 $((RELAYS - 1))); do
     h=$((PEERS + j)); addr="$(ip_of $h):7500"
-    ip netns exec "$NS-h$h" "$RELAYD" --listen "$addr" --token "$TOKEN" 2>/dev/null &
+    # Each relay gets only its own token, derived from the job secret and its address.
+    relay_token=$("$RELAYD" token --job-token "$TOKEN" --relay "$addr")
+    ip netns exec "$NS-h$h" "$RELAYD" --listen "$addr" --token "$relay_token" 2>/dev/null &
     PIDS+=($!)
     RELAY_LIST="$RELAY_LIST${RELAY_LIST:+,}$addr"
   done

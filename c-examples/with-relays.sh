@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Run a command in relay mode: start RELAYS mr-relayd daemons on loopback, point the job at
 # them (MR_RELAYS, MR_TOKEN, MR_ALGO=relay), run the command, stop the relays. The relays'
-# logs are shown when the command fails.
+# logs are shown when the command fails. The job secret (MR_TOKEN) stays with the job: each
+# relay gets only its own token (`mr-relayd token`). RELAY_PIDS lists the relays' process
+# ids, for commands that test fail-over.
 #
 #   usage: c-examples/with-relays.sh RELAYS COMMAND [ARGS...]
 #   env:   MR_RELAYD (default target/release/mr-relayd)
@@ -45,7 +47,8 @@ free_port() {
 addrs=()
 for i in $(seq "$relays"); do
     port=$(free_port)
-    MR_LOG=${MR_LOG:-info} "$relayd" --listen "127.0.0.1:$port" --token "$token" \
+    relay_token=$("$relayd" token --job-token "$token" --relay "127.0.0.1:$port")
+    MR_LOG=${MR_LOG:-info} "$relayd" --listen "127.0.0.1:$port" --token "$relay_token" \
         </dev/null 2>"$logs/relay-$i.log" &
     pids+=($!)
     addrs+=("127.0.0.1:$port")
@@ -63,4 +66,4 @@ for i in $(seq "$relays"); do
     done
 done
 
-MR_RELAYS=$(IFS=,; echo "${addrs[*]}") MR_TOKEN=$token MR_ALGO=relay "$@"
+RELAY_PIDS="${pids[*]}" MR_RELAYS=$(IFS=,; echo "${addrs[*]}") MR_TOKEN=$token MR_ALGO=relay "$@"

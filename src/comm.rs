@@ -181,7 +181,7 @@ impl Comm {
         };
         if let Some(a) = &assignment {
             config.relays = a.relays.iter().map(|r| r.addr.clone()).collect();
-            config.token = Some(crate::config::parse_hex("job token", &a.token)?);
+            config.granted_token = Some(crate::config::parse_hex("job token", &a.token)?);
         }
         let use_relays = !config.relays.is_empty() && config.algo != crate::config::Algo::Ring;
         let connected = if use_relays {
@@ -253,7 +253,7 @@ impl Comm {
                 )?),
                 // Static relays: the secret comes from the unique id, which relays never see.
                 None if comm.config.verify => Some(JobVerify::for_static_relays(
-                    blake3::derive_key("mapreduce verify secret v1", id.as_bytes()),
+                    crate::net::bootstrap::sample_secret(id),
                     size,
                 )),
                 None => None,

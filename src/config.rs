@@ -36,8 +36,12 @@ pub struct Config {
     pub relays: Vec<String>,
     /// Validator that assigns relays (`MR_VALIDATOR`).
     pub validator: Option<String>,
-    /// Job secret for static relays (`MR_TOKEN`, hex).
+    /// The job's secret (`MR_TOKEN`, hex). Jobs joined from the environment authenticate the
+    /// bootstrap and rank links with it; every job derives its static relays' tokens from it
+    /// ([`crate::wire::relay_token`]). Never sent to a relay.
     pub token: Option<Vec<u8>>,
+    /// A token a validator issued for the relays it assigned (used as is, for each of them).
+    pub granted_token: Option<Vec<u8>>,
     /// How long any op may wait for a remote before failing (`MR_TIMEOUT_MS`).
     pub timeout: Duration,
     /// Pipeline chunk size in bytes (`MR_CHUNK_BYTES`).
@@ -74,6 +78,7 @@ impl Default for Config {
             relays: Vec::new(),
             validator: None,
             token: None,
+            granted_token: None,
             timeout: DEFAULT_TIMEOUT,
             chunk_bytes: DEFAULT_CHUNK_BYTES,
             relay_chunk_bytes: DEFAULT_RELAY_CHUNK_BYTES,

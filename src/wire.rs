@@ -14,6 +14,20 @@
 //!    own body, or `Reject` with a reason.
 //!
 //! The secret itself never crosses the wire.
+//!
+//! After the handshake every frame in both directions carries a [`TAG_LEN`]-byte trailer right
+//! after its payload: a keyed-blake3 tag ([`FrameTag`]) over an implicit frame counter, the
+//! header and the payload. Each direction of each connection has its own key
+//! ([`SessionKeys`]), derived from the handshake key and both nonces, and its own counter
+//! (0 for the first frame after the handshake, +1 per frame), so a flipped bit, a replayed,
+//! dropped or reordered frame, or a frame reflected back to its sender fails its tag. The
+//! handshake frames themselves (`Challenge`, `Hello`, `Welcome`, `Reject`) carry no tag: their
+//! MACs authenticate them. `len` in the header counts the payload only.
+//!
+//! Secrets: the job secret (bootstrap, rank↔rank links, `MR_VERIFY` sample positions) never
+//! leaves the ranks. A static relay knows only its [`relay_token`], derived one-way from the
+//! job secret and the relay's address as the job names it (`MR_RELAYS`), so a relay's token
+//! opens neither the bootstrap nor another relay.
 
 use crate::error::{Error, ErrorKind, Result};
 
@@ -178,6 +192,105 @@ pub fn mac(key: &[u8; 32], role: &[u8], first: &[u8], second: &[u8], body: &[u8]
         h.update(part);
     }
     *h.finalize().as_bytes()
+}
+
+/// Length of the integrity tag that follows every frame's payload after the handshake.
+pub const TAG_LEN: usize = 16;
+
+/// The token a static relay at `relay` (its address exactly as written in `MR_RELAYS`) holds
+/// for jobs whose secret is `job_secret`. One-way: the token reveals neither the job secret
+/// nor any other relay's token.
+pub fn relay_token(job_secret: &[u8], relay: &str) -> [u8; 32] {
+    let mut h = blake3::Hasher::new_derive_key("mapreduce 2026 relay token v1");
+    h.update(&(job_secret.len() as u64).to_le_bytes());
+    h.update(job_secret);
+    h.update(relay.as_bytes());
+    *h.finalize().as_bytes()
+}
+
+/// The two per-direction frame keys of one connection.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SessionKeys {
+    /// Tags frames this side sends.
+    pub send: [u8; 32],
+    /// Checks frames this side receives.
+    pub recv: [u8; 32],
+}
+
+impl SessionKeys {
+    /// Keys for the side that accepted (`acceptor`) or connected, from the handshake key and
+    /// the acceptor's (`ns`) and connector's (`nc`) nonces. Both sides derive the same pair,
+    /// mirrored.
+    pub fn derive(
+        key: &[u8; 32],
+        ns: &[u8; NONCE_LEN],
+        nc: &[u8; NONCE_LEN],
+        acceptor: bool,
+    ) -> Self {
+        let to_connector = mac(key, b"frames acceptor to connector", ns, nc, &[]);
+        let to_acceptor = mac(key, b"frames connector to acceptor", ns, nc, &[]);
+        if acceptor {
+            SessionKeys {
+                send: to_connector,
+                recv: to_acceptor,
+            }
+        } else {
+            SessionKeys {
+                send: to_acceptor,
+                recv: to_connector,
+            }
+        }
+    }
+}
+
+/// One direction of a tagged connection: its key and the counter of the next frame.
+#[derive(Clone)]
+pub struct TagStream {
+    key: [u8; 32],
+    next: u64,
+}
+
+impl TagStream {
+    pub fn new(key: [u8; 32]) -> TagStream {
+        TagStream { key, next: 0 }
+    }
+
+    /// Start the tag of the next frame in this direction, whose header is `header`.
+    pub fn begin(&mut self, header: &[u8; HEADER_LEN]) -> FrameTag {
+        let mut h = blake3::Hasher::new_keyed(&self.key);
+        h.update(&self.next.to_le_bytes());
+        h.update(header);
+        self.next += 1;
+        FrameTag(h)
+    }
+
+    /// The whole tag of the next frame (header and payload at hand).
+    pub fn tag(&mut self, header: &[u8; HEADER_LEN], payload: &[u8]) -> [u8; TAG_LEN] {
+        let mut t = self.begin(header);
+        t.update(payload);
+        t.finish()
+    }
+}
+
+/// The running tag of one frame: fed the payload as it moves, finished after its last byte.
+#[derive(Clone)]
+pub struct FrameTag(blake3::Hasher);
+
+impl FrameTag {
+    pub fn update(&mut self, bytes: &[u8]) {
+        self.0.update(bytes);
+    }
+
+    pub fn finish(&self) -> [u8; TAG_LEN] {
+        self.0.finalize().as_bytes()[..TAG_LEN]
+            .try_into()
+            .expect("blake3 output is 32 bytes")
+    }
+
+    /// Whether `tag` (as received) matches, in constant time.
+    pub fn verify(&self, tag: &[u8]) -> bool {
+        mac_eq(&self.finish(), tag)
+    }
 }
 
 /// Constant-time comparison of two MACs.
@@ -352,6 +465,87 @@ mod tests {
         let mut tampered = enc.clone();
         *tampered.last_mut().unwrap() ^= 1;
         assert!(!Hello::decode(&tampered).unwrap().verify(&key, &ns));
+    }
+
+    fn session_pair() -> (SessionKeys, SessionKeys) {
+        let key = mac_key(b"job secret");
+        let (ns, nc) = (nonce(), nonce());
+        (
+            SessionKeys::derive(&key, &ns, &nc, true),
+            SessionKeys::derive(&key, &ns, &nc, false),
+        )
+    }
+
+    #[test]
+    fn session_keys_mirror_and_depend_on_both_nonces_and_key() {
+        let key = mac_key(b"job secret");
+        let (ns, nc) = (nonce(), nonce());
+        let a = SessionKeys::derive(&key, &ns, &nc, true);
+        let c = SessionKeys::derive(&key, &ns, &nc, false);
+        assert_eq!(a.send, c.recv);
+        assert_eq!(a.recv, c.send);
+        assert_ne!(a.send, a.recv, "each direction has its own key");
+        assert_ne!(SessionKeys::derive(&key, &nonce(), &nc, true), a);
+        assert_ne!(SessionKeys::derive(&key, &ns, &nonce(), true), a);
+        assert_ne!(SessionKeys::derive(&mac_key(b"other"), &ns, &nc, true), a);
+    }
+
+    #[test]
+    fn tags_catch_tampering_replay_reorder_and_reflection() {
+        let (acceptor, connector) = session_pair();
+        let mut tx = TagStream::new(connector.send);
+        let h0 = FrameHeader::new(FrameKind::Data, 4).encode();
+        let h1 = FrameHeader {
+            seq: 2,
+            ..FrameHeader::new(FrameKind::Data, 4)
+        }
+        .encode();
+        let t0 = tx.tag(&h0, b"abcd");
+        let t1 = tx.tag(&h1, b"efgh");
+        let check = |rx: &mut TagStream, h: &[u8; HEADER_LEN], p: &[u8], t: &[u8]| {
+            let mut f = rx.begin(h);
+            // Fed in pieces, as bytes arrive.
+            for piece in p.chunks(3) {
+                f.update(piece);
+            }
+            f.verify(t)
+        };
+        // In order: both check.
+        let mut rx = TagStream::new(acceptor.recv);
+        assert!(check(&mut rx, &h0, b"abcd", &t0));
+        assert!(check(&mut rx, &h1, b"efgh", &t1));
+        // Tampered payload, tampered header, tampered tag.
+        let mut rx = TagStream::new(acceptor.recv);
+        assert!(!check(&mut rx, &h0, b"abce", &t0));
+        let mut rx = TagStream::new(acceptor.recv);
+        let mut bad = h0;
+        bad[24] ^= 1;
+        assert!(!check(&mut rx, &bad, b"abcd", &t0));
+        let mut rx = TagStream::new(acceptor.recv);
+        let mut bad_tag = t0;
+        bad_tag[0] ^= 0x80;
+        assert!(!check(&mut rx, &h0, b"abcd", &bad_tag));
+        // Replay: frame 0 again in place of frame 1.
+        let mut rx = TagStream::new(acceptor.recv);
+        assert!(check(&mut rx, &h0, b"abcd", &t0));
+        assert!(!check(&mut rx, &h0, b"abcd", &t0));
+        // Reorder / drop: frame 1 first.
+        let mut rx = TagStream::new(acceptor.recv);
+        assert!(!check(&mut rx, &h1, b"efgh", &t1));
+        // Wrong direction: a frame reflected back to its sender.
+        let mut reflected = TagStream::new(connector.recv);
+        assert!(!check(&mut reflected, &h0, b"abcd", &t0));
+    }
+
+    #[test]
+    fn relay_tokens_are_per_relay_and_not_the_secret() {
+        let s = b"job secret of thirty-two bytes!!";
+        let a = relay_token(s, "10.0.0.1:7000");
+        let b = relay_token(s, "10.0.0.2:7000");
+        assert_ne!(a, b);
+        assert_ne!(&a[..], &s[..]);
+        assert_eq!(a, relay_token(s, "10.0.0.1:7000"));
+        assert_ne!(a, relay_token(b"another job secret", "10.0.0.1:7000"));
     }
 
     #[test]

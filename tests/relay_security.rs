@@ -57,7 +57,8 @@ fn closed_by_relay(s: &mut TcpStream) -> bool {
 
 fn authenticated(relay: &RelayProc, chunk_bytes: usize) -> TcpStream {
     let mut s = TcpStream::connect(&relay.addr).unwrap();
-    let key = wire::mac_key(&mapreduce::config::parse_hex("t", TOKEN).unwrap());
+    let token = relay_util::relay_token(TOKEN, &relay.addr);
+    let key = wire::mac_key(&mapreduce::config::parse_hex("t", &token).unwrap());
     let body = JobHello {
         job: [9; 16],
         rank: 0,

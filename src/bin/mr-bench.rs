@@ -212,15 +212,19 @@ fn free_port() -> u16 {
         .unwrap_or_else(|e| die(e))
 }
 
-fn start_relays(r: usize, token: &str) -> (Relays, String) {
+/// Start `r` relays on loopback for jobs whose secret is `secret` (hex): each relay gets only
+/// its own token, derived from the secret and its address.
+fn start_relays(r: usize, secret: &str) -> (Relays, String) {
+    let secret = mapreduce::config::parse_hex("job secret", secret).unwrap_or_else(|e| die(e));
     let exe = std::env::current_exe().unwrap_or_else(|e| die(e));
     let relayd = exe.with_file_name("mr-relayd");
     let mut children = Vec::new();
     let mut addrs = Vec::new();
     for _ in 0..r {
         let addr = format!("127.0.0.1:{}", free_port());
+        let token = mapreduce::config::to_hex(&mapreduce::wire::relay_token(&secret, &addr));
         let child = Command::new(&relayd)
-            .args(["--listen", &addr, "--token", token])
+            .args(["--listen", &addr, "--token", &token])
             .env(
                 "MR_LOG",
                 std::env::var("MR_LOG").unwrap_or_else(|_| "warn".into()),

@@ -1,6 +1,10 @@
 //! `mr-relayd`: a relay daemon. Receives segments from the peers of any number of jobs, sums
 //! them in rank order and sends the sums back; forwards broadcast chunks. Runs in the
 //! foreground, logs to stderr (`MR_LOG`, default `info` here), stops cleanly on SIGINT/SIGTERM.
+//!
+//! `mr-relayd token --job-token-file F --relay HOST:PORT` prints the token of the static relay
+//! that jobs name `HOST:PORT` in `MR_RELAYS`: run it where the job's secret is kept and give
+//! the relay only the printed token (`--token`/`--token-file`).
 
 use clap::Parser;
 use mapreduce::relay::registration::{load_or_create_key, JobGrants, Registration};
@@ -10,11 +14,18 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 #[derive(Parser, Debug)]
-#[command(name = "mr-relayd", version, about = "mapreduce relay daemon")]
+#[command(
+    name = "mr-relayd",
+    version,
+    about = "mapreduce relay daemon",
+    args_conflicts_with_subcommands = true
+)]
 struct Args {
+    #[command(subcommand)]
+    command: Option<Command>,
     /// Address to listen on (port 0 picks a free port; the log names it).
     #[arg(long)]
-    listen: SocketAddr,
+    listen: Option<SocketAddr>,
     /// Validator to register with: it assigns jobs (with their own tokens) to this relay.
     #[arg(long)]
     validator: Option<String>,
@@ -30,15 +41,37 @@ struct Args {
     /// Most memory, in bytes, that admitted jobs may reserve together.
     #[arg(long, default_value_t = 2 << 30)]
     max_memory: usize,
-    /// Job token (hex) that peers must prove knowledge of.
+    /// This relay's token (hex) that peers must prove knowledge of (`mr-relayd token` derives
+    /// it from the job secret; the relay never needs the secret itself).
     #[arg(long, conflicts_with = "token_file")]
     token: Option<String>,
-    /// File holding the job token (hex).
+    /// File holding this relay's token (hex).
     #[arg(long)]
     token_file: Option<std::path::PathBuf>,
     /// Seconds between status lines.
     #[arg(long, default_value_t = 10)]
     status_secs: u64,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum Command {
+    /// Print the token of a static relay, derived one-way from the job secret (`MR_TOKEN`)
+    /// and the relay's address exactly as the job writes it in `MR_RELAYS`.
+    Token {
+        /// The job secret (hex), as in `MR_TOKEN`.
+        #[arg(
+            long,
+            conflicts_with = "job_token_file",
+            required_unless_present = "job_token_file"
+        )]
+        job_token: Option<String>,
+        /// File holding the job secret (hex).
+        #[arg(long)]
+        job_token_file: Option<std::path::PathBuf>,
+        /// The relay's address as written in `MR_RELAYS` (e.g. `relay1.example.org:7000`).
+        #[arg(long)]
+        relay: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -54,7 +87,37 @@ fn main() -> ExitCode {
     }
 }
 
+fn read_hex(hex: Option<&String>, file: Option<&std::path::PathBuf>) -> mapreduce::Result<String> {
+    match (hex, file) {
+        (Some(t), _) => Ok(t.clone()),
+        (None, Some(f)) => std::fs::read_to_string(f).map_err(|e| {
+            mapreduce::Error::io(format!("cannot read token file {}", f.display()), e)
+        }),
+        (None, None) => Ok(String::new()),
+    }
+}
+
 fn run(args: Args) -> mapreduce::Result<()> {
+    if let Some(Command::Token {
+        job_token,
+        job_token_file,
+        relay,
+    }) = &args.command
+    {
+        let secret = mapreduce::config::parse_hex(
+            "job token",
+            &read_hex(job_token.as_ref(), job_token_file.as_ref())?,
+        )?;
+        if secret.is_empty() {
+            return Err(mapreduce::Error::invalid("the job token is empty"));
+        }
+        let token = mapreduce::wire::relay_token(&secret, relay.trim());
+        println!("{}", mapreduce::config::to_hex(&token));
+        return Ok(());
+    }
+    let listen = args
+        .listen
+        .ok_or_else(|| mapreduce::Error::invalid("--listen ADDR is required to run a relay"))?;
     let hex =
         match (&args.token, &args.token_file) {
             (Some(t), _) => t.clone(),
@@ -74,7 +137,7 @@ fn run(args: Args) -> mapreduce::Result<()> {
     let grants = args.validator.as_ref().map(|_| JobGrants::default());
     let mut relay = Relay::bind(
         RelayConfig {
-            listen: args.listen,
+            listen,
             token,
             grants: grants.clone(),
             max_memory: args.max_memory,

@@ -15,9 +15,9 @@
 use crate::algo::Endpoint;
 use crate::config::{self, Config};
 use crate::error::{Error, ErrorKind, Result};
-use crate::wire::{self, BodyReader, BodyWriter, FrameHeader, FrameKind, Hello};
+use crate::wire::{self, BodyReader, BodyWriter, FrameHeader, FrameKind, Hello, SessionKeys};
 use std::collections::HashMap;
-use std::io::{Read, Write};
+use std::io::Read;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -206,22 +206,45 @@ pub fn from_env(config: &Config) -> Result<(usize, usize, UniqueId)> {
         }
     };
     let addr = config::resolve(&addr_text)?;
-    let secret = config
-        .token
-        .clone()
-        .unwrap_or_else(|| ENV_DEFAULT_SECRET.to_vec());
-    let job = blake3::hash(&[&secret[..], addr.to_string().as_bytes()].concat()).as_bytes()[..16]
+    let secret = config.token.as_deref().unwrap_or(ENV_DEFAULT_SECRET);
+    Ok((
+        rank,
+        size,
+        env_unique_id(rank, secret, addr, config.timeout)?,
+    ))
+}
+
+/// The id of a job joined from the environment: rank 0's bootstrap address `addr` and the job
+/// secret (`MR_TOKEN`), from which the job id follows. On rank 0 this opens the listener.
+pub fn env_unique_id(
+    rank: usize,
+    secret: &[u8],
+    addr: SocketAddr,
+    timeout: Duration,
+) -> Result<UniqueId> {
+    let job = blake3::hash(&[secret, addr.to_string().as_bytes()].concat()).as_bytes()[..16]
         .try_into()
         .unwrap();
-    let info = IdInfo { addr, secret, job };
+    let info = IdInfo {
+        addr,
+        secret: secret.to_vec(),
+        job,
+    };
     if rank == 0 {
-        let listener = bind_with_retry(addr, config.timeout)?;
+        let listener = bind_with_retry(addr, timeout)?;
         BOOTSTRAP_LISTENERS
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .push((job, listener));
     }
-    Ok((rank, size, info.encode()))
+    Ok(info.encode())
+}
+
+/// The secret `MR_VERIFY` draws sample positions from in jobs with static relays: derived from
+/// the whole unique id, whose job secret only the ranks hold (relays get tokens derived
+/// one-way from it, see [`wire::relay_token`]).
+pub fn sample_secret(id: &UniqueId) -> [u8; 32] {
+    blake3::derive_key("mapreduce verify secret v1", id.as_bytes())
 }
 
 fn bind_with_retry(addr: SocketAddr, timeout: Duration) -> Result<TcpListener> {
@@ -248,6 +271,8 @@ pub struct Mesh {
     pub size: usize,
     pub job: [u8; 16],
     pub conns: Vec<(Endpoint, TcpStream)>,
+    /// Frame keys of each connection, in the order of `conns`.
+    pub keys: Vec<SessionKeys>,
 }
 
 /// How many streams connect ranks `a` and `b`: `streams` between ring neighbours (they carry
@@ -284,8 +309,7 @@ impl FrameIo<'_> {
             .map_err(|e| Error::io(&self.what, e))?;
         let mut buf = header.encode().to_vec();
         buf.extend_from_slice(payload);
-        self.stream
-            .write_all(&buf)
+        crate::net::conn::send_all(self.stream, &buf)
             .map_err(|e| Error::io(format!("{}: send", self.what), e))
     }
 
@@ -360,6 +384,16 @@ impl FrameIo<'_> {
     /// Connector side of the handshake: answer the challenge with `body`, check the acceptor's
     /// proof, return its Welcome body.
     pub fn client_handshake(&mut self, key: &[u8; 32], body: &[u8]) -> Result<Vec<u8>> {
+        self.client_handshake_keys(key, body).map(|(body, _)| body)
+    }
+
+    /// As [`Self::client_handshake`], also returning the connection's frame keys: every frame
+    /// after the handshake carries a tag (see [`crate::wire`]).
+    pub fn client_handshake_keys(
+        &mut self,
+        key: &[u8; 32],
+        body: &[u8],
+    ) -> Result<(Vec<u8>, SessionKeys)> {
         let (_, ns) = self.expect(FrameKind::Challenge)?;
         let ns: [u8; wire::NONCE_LEN] = ns
             .try_into()
@@ -378,7 +412,8 @@ impl FrameIo<'_> {
                 self.what
             )));
         }
-        Ok(wbody.to_vec())
+        let keys = SessionKeys::derive(key, &ns, &hello.nonce, false);
+        Ok((wbody.to_vec(), keys))
     }
 
     /// Acceptor side: challenge, check the Hello's proof; returns (hello body, challenge,
@@ -473,6 +508,7 @@ pub fn rendezvous(size: usize, id: &UniqueId, rank: usize, config: &Config) -> R
             size,
             job: info.job,
             conns: Vec::new(),
+            keys: Vec::new(),
         });
     }
     let (listener, addrs) = if rank == 0 {
@@ -491,12 +527,15 @@ pub fn rendezvous(size: usize, id: &UniqueId, rank: usize, config: &Config) -> R
     } else {
         join_rank0(size, rank, &key, &info, config, deadline)?
     };
-    let conns = connect_mesh(size, rank, &listener, &addrs, &key, &info, config, deadline)?;
+    let (conns, keys) = connect_mesh(size, rank, &listener, &addrs, &key, &info, config, deadline)?
+        .into_iter()
+        .unzip();
     Ok(Mesh {
         rank,
         size,
         job: info.job,
         conns,
+        keys,
     })
 }
 
@@ -708,7 +747,7 @@ fn connect_mesh(
     info: &IdInfo,
     config: &Config,
     deadline: Instant,
-) -> Result<Vec<(Endpoint, TcpStream)>> {
+) -> Result<Vec<((Endpoint, TcpStream), SessionKeys)>> {
     let mut conns = Vec::new();
     // Connect to every lower rank; they accept in turn, so this cannot deadlock.
     for (peer, &addr) in addrs.iter().enumerate().take(rank) {
@@ -720,13 +759,13 @@ fn connect_mesh(
                 .u32(rank as u32)
                 .u32(stream_index as u32)
                 .finish();
-            FrameIo {
+            let (_, keys) = FrameIo {
                 stream: &mut s,
                 deadline,
                 what,
             }
-            .client_handshake(key, &body)?;
-            conns.push((Endpoint::Rank(peer), s));
+            .client_handshake_keys(key, &body)?;
+            conns.push(((Endpoint::Rank(peer), s), keys));
         }
     }
     let expected: usize = (rank + 1..size)
@@ -768,7 +807,10 @@ fn connect_mesh(
         }
         io.welcome(key, &ns, &nc, &[])?;
         seen.insert((peer, idx), ());
-        conns.push((Endpoint::Rank(peer), s));
+        conns.push((
+            (Endpoint::Rank(peer), s),
+            SessionKeys::derive(key, &ns, &nc, true),
+        ));
     }
     Ok(conns)
 }

@@ -28,21 +28,19 @@ use crate::buffer::{OpMemory, Region};
 use crate::config::Config;
 use crate::error::{Error, ErrorKind, Result};
 use crate::net::bootstrap::Mesh;
+use crate::net::conn::{self, FrameIn, FrameOut};
 use crate::net::shm::{self, Segment};
-use crate::wire::{FrameHeader, FrameKind, HEADER_LEN};
+use crate::wire::{FrameHeader, FrameKind, SessionKeys, TagStream, HEADER_LEN, TAG_LEN};
 use crossbeam_channel::{Receiver, Sender};
 use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token, Waker};
 use std::collections::{BTreeSet, HashMap, VecDeque};
-use std::io::{IoSlice, Read, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 const WAKER: Token = Token(usize::MAX);
-/// Kernel socket buffer size requested for data connections.
-const SOCKET_BUFFER: usize = 4 << 20;
 /// Longest silence of a relay the op waits on before it is dropped as stalled.
 const RELAY_STALL: Duration = Duration::from_secs(5);
 
@@ -165,20 +163,20 @@ impl Engine {
         );
         let mut conns = Vec::with_capacity(mesh.conns.len());
         let mut by_endpoint: HashMap<Endpoint, Vec<usize>> = HashMap::new();
-        for (i, (ep, s)) in mesh.conns.into_iter().enumerate() {
-            tune_socket(&s).map_err(|e| Error::io(format!("configuring connection to {ep}"), e))?;
+        if mesh.keys.len() != mesh.conns.len() {
+            return Err(Error::internal("a connection without frame keys"));
+        }
+        for (i, ((ep, s), keys)) in mesh.conns.into_iter().zip(mesh.keys).enumerate() {
+            conn::tune(&s).map_err(|e| Error::io(format!("configuring connection to {ep}"), e))?;
             s.set_nonblocking(true)
                 .map_err(|e| Error::io("set_nonblocking", e))?;
             let mut stream = TcpStream::from_std(s);
+            // WRITABLE is watched only while a connection has bytes queued.
             poll.registry()
-                .register(
-                    &mut stream,
-                    Token(i),
-                    Interest::READABLE | Interest::WRITABLE,
-                )
+                .register(&mut stream, Token(i), Interest::READABLE)
                 .map_err(|e| Error::io("registering connection", e))?;
             by_endpoint.entry(ep).or_default().push(i);
-            conns.push(Conn::new(ep, stream));
+            conns.push(Conn::new(ep, stream, keys));
         }
         let (tx, rx) = crossbeam_channel::unbounded();
         let abort = Arc::new(AtomicBool::new(false));
@@ -303,31 +301,27 @@ fn tcp_min_rtt_us(stream: &TcpStream) -> Option<u32> {
     (rc == 0 && have && info.tcpi_min_rtt > 0).then_some(info.tcpi_min_rtt)
 }
 
-fn tune_socket(s: &std::net::TcpStream) -> std::io::Result<()> {
-    s.set_nodelay(true)?;
-    let sock = socket2::SockRef::from(s);
-    sock.set_send_buffer_size(SOCKET_BUFFER)?;
-    sock.set_recv_buffer_size(SOCKET_BUFFER)?;
-    Ok(())
+/// Bytes a tagged frame with `payload` bytes puts on the wire.
+fn wire_len(payload: usize) -> usize {
+    HEADER_LEN + payload + TAG_LEN
 }
 
 /// A frame queued on a connection.
 struct OutFrame {
-    header: [u8; HEADER_LEN],
+    frame: FrameOut,
     /// Data frames: the transmit (payload read from the current op's memory).
     transmit: Option<Transmit>,
     /// Control frames, or the unsent rest of a data frame whose op ended mid-write.
     owned: Vec<u8>,
-    written: usize,
 }
 
 impl OutFrame {
     fn total(&self) -> usize {
-        HEADER_LEN
-            + self
-                .transmit
+        self.frame.total(
+            self.transmit
                 .as_ref()
-                .map_or(self.owned.len(), |t| t.region.len())
+                .map_or(self.owned.len(), |t| t.region.len()),
+        )
     }
 }
 
@@ -349,10 +343,10 @@ enum ReadState {
         got: usize,
     },
     /// A header for an op that has not started here: wait before reading the payload.
-    Parked(FrameHeader),
+    Parked(FrameIn),
+    /// Payload and tag: the frame is acted on only once its tag checked.
     Payload {
-        header: FrameHeader,
-        got: usize,
+        frame: FrameIn,
         sink: Sink,
     },
 }
@@ -368,11 +362,19 @@ struct Conn {
     /// The peer said goodbye: it destroyed its communicator on purpose.
     goodbye: bool,
     closed: bool,
+    /// Tags of the frames this side sends and checks of those it receives.
+    tx: TagStream,
+    rx: TagStream,
+    /// Whether WRITABLE is registered (only while `queue` is not empty).
+    writable: bool,
 }
 
 impl Conn {
-    fn new(endpoint: Endpoint, stream: TcpStream) -> Conn {
+    fn new(endpoint: Endpoint, stream: TcpStream, keys: SessionKeys) -> Conn {
         Conn {
+            tx: TagStream::new(keys.send),
+            rx: TagStream::new(keys.recv),
+            writable: false,
             endpoint,
             stream,
             read: ReadState::Header {
@@ -695,12 +697,11 @@ impl Loop {
                 })
             })?;
         let c = &mut self.conns[i];
-        c.queued_bytes += HEADER_LEN + t.region.len();
+        c.queued_bytes += wire_len(t.region.len());
         c.queue.push_back(OutFrame {
-            header: t.header.encode(),
+            frame: FrameOut::new(&t.header, true),
             transmit: Some(t),
             owned: Vec::new(),
-            written: 0,
         });
         self.flush(i);
         Ok(())
@@ -711,12 +712,11 @@ impl Loop {
         if c.closed {
             return;
         }
-        c.queued_bytes += HEADER_LEN + payload.len();
+        c.queued_bytes += wire_len(payload.len());
         c.queue.push_back(OutFrame {
-            header: header.encode(),
+            frame: FrameOut::new(&header, true),
             transmit: None,
             owned: payload,
-            written: 0,
         });
         self.flush(i);
     }
@@ -742,23 +742,10 @@ impl Loop {
                     }
                     (None, _) => &f.owned,
                 };
-                let res = if f.written < HEADER_LEN {
-                    let bufs = [IoSlice::new(&f.header[f.written..]), IoSlice::new(payload)];
-                    c.stream.write_vectored(&bufs)
-                } else {
-                    c.stream.write(&payload[f.written - HEADER_LEN..])
-                };
-                match res {
-                    Ok(0) => {
-                        break Err(Error::remote(format!(
-                            "connection to {} closed while sending",
-                            c.endpoint
-                        )))
-                    }
+                match f.frame.write(&c.stream, payload, &mut c.tx) {
                     Ok(n) => {
-                        f.written += n;
                         c.queued_bytes -= n;
-                        if f.written == total {
+                        if f.frame.written == total {
                             let f = c.queue.pop_front().expect("front frame");
                             if let Some(t) = f.transmit {
                                 sent.push(t);
@@ -766,11 +753,26 @@ impl Loop {
                         }
                     }
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break Ok(()),
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                     Err(e) => break Err(Error::io(format!("sending to {}", c.endpoint), e)),
                 }
             }
         };
+        let c = &mut self.conns[i];
+        if !c.closed {
+            if let Err(e) = conn::watch_writable(
+                self.poll.registry(),
+                &mut c.stream,
+                Token(i),
+                !c.queue.is_empty(),
+                &mut c.writable,
+            ) {
+                log::warn!(
+                    "rank {}: cannot watch {} for writing: {e}",
+                    self.rank,
+                    c.endpoint
+                );
+            }
+        }
         if !sent.is_empty() {
             if let Some(a) = self.current.as_mut() {
                 a.last_progress = Instant::now();
@@ -833,44 +835,42 @@ impl Loop {
                 }
                 let h = FrameHeader::decode(&buf)
                     .map_err(|e| ReadEvent::Closed(e.context(format!("from {ep}"))))?;
-                self.route_header(i, h)
+                let frame = FrameIn::new(h, &buf, Some(&mut self.conns[i].rx));
+                self.route_header(i, frame)
             }
-            ReadState::Parked(h) => self.route_header(i, h),
-            ReadState::Payload {
-                header,
-                mut got,
-                sink,
-            } => {
-                let len = header.len as usize;
-                if got < len {
+            ReadState::Parked(frame) => self.route_header(i, frame),
+            ReadState::Payload { mut frame, sink } => {
+                if !frame.is_whole() {
+                    let (len, got) = (frame.payload_len(), frame.got);
                     let res = match &sink {
                         Sink::Buffer => {
                             let c = &mut self.conns[i];
                             let buf = &mut payload_view(&mut c.payload, len)[got..];
-                            read_some(&mut c.stream, buf, ep)
+                            frame.read(&mut c.stream, buf)
                         }
                         Sink::Direct(region) => match self.current.as_mut() {
                             Some(a) => {
                                 let buf = &mut a.op.mem.bytes_mut(region)[got..];
-                                read_some(&mut self.conns[i].stream, buf, ep)
+                                frame.read(&mut self.conns[i].stream, buf)
                             }
-                            None => Err(ReadEvent::Closed(Error::internal(
-                                "in-place frame without an op",
-                            ))),
+                            None => {
+                                return Err(ReadEvent::Closed(Error::internal(
+                                    "in-place frame without an op",
+                                )))
+                            }
                         },
                         Sink::Discard => {
                             let want = (len - got).min(self.scratch.len());
-                            read_some(&mut self.conns[i].stream, &mut self.scratch[..want], ep)
+                            frame.read(&mut self.conns[i].stream, &mut self.scratch[..want])
                         }
                     };
                     let n = match res {
                         Ok(n) => n,
                         Err(e) => {
-                            self.conns[i].read = ReadState::Payload { header, got, sink };
-                            return Err(e);
+                            self.conns[i].read = ReadState::Payload { frame, sink };
+                            return Err(read_error(e, ep));
                         }
                     };
-                    got += n;
                     if let Some(a) = self.current.as_mut() {
                         a.last_progress = Instant::now();
                         if let Endpoint::Relay(r) = ep {
@@ -879,17 +879,35 @@ impl Loop {
                         }
                     }
                 }
-                if got < len {
-                    self.conns[i].read = ReadState::Payload { header, got, sink };
+                if !frame.is_whole() {
+                    self.conns[i].read = ReadState::Payload { frame, sink };
                     return Ok(true);
                 }
+                let h = frame.header;
+                if !frame.verify() {
+                    // Whatever this frame wrote in place is never reported: the link fails
+                    // (a rank: the op fails; a relay: its chunks are redone elsewhere).
+                    return Err(ReadEvent::Closed(Error::remote(format!(
+                        "a {:?} frame from {ep} failed its integrity check (op seq {}, offset \
+                         {}, {} bytes): corrupted or forged in transit",
+                        h.kind(),
+                        h.seq,
+                        h.offset,
+                        h.len
+                    ))));
+                }
+                if h.kind() == FrameKind::Goodbye {
+                    self.conns[i].goodbye = true;
+                    return Err(ReadEvent::Closed(Error::remote(format!(
+                        "{ep} has left the job (destroyed its communicator)"
+                    ))));
+                }
                 match sink {
-                    Sink::Buffer => self.deliver(i, &header),
+                    Sink::Buffer => self.deliver(i, &h),
                     Sink::Direct(_) => {
                         if let Some(a) = self.current.as_mut() {
                             if let Err(e) =
-                                a.op.schedule
-                                    .handle_frame_in_place(&mut a.op.mem, ep, &header)
+                                a.op.schedule.handle_frame_in_place(&mut a.op.mem, ep, &h)
                             {
                                 self.fail_current(e);
                             }
@@ -903,15 +921,16 @@ impl Loop {
     }
 
     /// Decide what to do with a frame whose header has arrived.
-    fn route_header(&mut self, i: usize, h: FrameHeader) -> std::result::Result<bool, ReadEvent> {
+    fn route_header(&mut self, i: usize, frame: FrameIn) -> std::result::Result<bool, ReadEvent> {
         let ep = self.conns[i].endpoint;
+        let h = frame.header;
         let current_seq = self.current.as_ref().map(|a| a.op.schedule.desc().seq);
         match h.kind() {
             FrameKind::Data | FrameKind::OpError => {
                 let sink = if h.kind() == FrameKind::OpError {
                     if Some(h.seq) != current_seq && h.seq > self.last_seq {
                         // A failure report for an op not started here: read it when it starts.
-                        self.conns[i].read = ReadState::Parked(h);
+                        self.conns[i].read = ReadState::Parked(frame);
                         return Ok(false);
                     }
                     Sink::Buffer
@@ -934,21 +953,19 @@ impl Loop {
                         self.rank,
                         h.seq
                     );
-                    self.conns[i].read = ReadState::Parked(h);
+                    self.conns[i].read = ReadState::Parked(frame);
                     return Ok(false);
                 };
-                self.conns[i].read = ReadState::Payload {
-                    header: h,
-                    got: 0,
-                    sink,
-                };
+                self.conns[i].read = ReadState::Payload { frame, sink };
                 Ok(true)
             }
             FrameKind::Goodbye => {
-                self.conns[i].goodbye = true;
-                Err(ReadEvent::Closed(Error::remote(format!(
-                    "{ep} has left the job (destroyed its communicator)"
-                ))))
+                // Acted on once its tag checked.
+                self.conns[i].read = ReadState::Payload {
+                    frame,
+                    sink: Sink::Buffer,
+                };
+                Ok(true)
             }
             other => Err(ReadEvent::Closed(Error::remote(format!(
                 "unexpected {other:?} frame from {ep}"
@@ -1079,11 +1096,11 @@ impl Loop {
             for mut f in c.queue.drain(..) {
                 match f.transmit.take() {
                     None => keep.push_back(f),
-                    Some(t) if f.written > 0 => {
+                    Some(t) if f.frame.written > 0 => {
                         f.owned = op.mem.bytes(&t.region).to_vec();
                         keep.push_back(f);
                     }
-                    Some(t) => c.queued_bytes -= HEADER_LEN + t.region.len(),
+                    Some(t) => c.queued_bytes -= wire_len(t.region.len()),
                 }
             }
             c.queue = keep;
@@ -1266,22 +1283,20 @@ fn read_some(
     buf: &mut [u8],
     ep: Endpoint,
 ) -> std::result::Result<usize, ReadEvent> {
-    loop {
-        match stream.read(buf) {
-            Ok(0) => {
-                return Err(ReadEvent::Closed(Error::remote(format!(
-                    "connection closed by {ep} (process exited or failed?)"
-                ))))
-            }
-            Ok(n) => return Ok(n),
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Err(ReadEvent::Idle),
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => {
-                return Err(ReadEvent::Closed(Error::io(
-                    format!("receiving from {ep}"),
-                    e,
-                )))
-            }
-        }
+    match conn::recv(stream, &mut [std::io::IoSliceMut::new(buf)]) {
+        Ok(0) => Err(read_error(std::io::ErrorKind::UnexpectedEof.into(), ep)),
+        Ok(n) => Ok(n),
+        Err(e) => Err(read_error(e, ep)),
+    }
+}
+
+/// What a failed read from `ep` means for the loop.
+fn read_error(e: std::io::Error, ep: Endpoint) -> ReadEvent {
+    match e.kind() {
+        std::io::ErrorKind::WouldBlock => ReadEvent::Idle,
+        std::io::ErrorKind::UnexpectedEof => ReadEvent::Closed(Error::remote(format!(
+            "connection closed by {ep} (process exited or failed?)"
+        ))),
+        _ => ReadEvent::Closed(Error::io(format!("receiving from {ep}"), e)),
     }
 }

@@ -4,5 +4,6 @@
 //! Nothing here knows collective semantics; that lives in [`crate::algo`].
 
 pub mod bootstrap;
+pub mod conn;
 pub mod engine;
 pub mod shm;

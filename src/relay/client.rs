@@ -7,23 +7,32 @@ use crate::config::Config;
 use crate::error::{Error, ErrorKind, Result};
 use crate::net::bootstrap::{FrameIo, Mesh};
 use crate::relay::JobHello;
-use crate::wire;
+use crate::wire::{self, SessionKeys};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 /// How long to keep retrying a refused connection to a relay before skipping it.
 const CONNECT_RETRY: Duration = Duration::from_secs(1);
 
+/// The key peers prove to relay `name` (as written in `MR_RELAYS`): the validator's token for
+/// assigned relays, else the relay's own token derived from the job secret.
+pub fn relay_key(config: &Config, name: &str) -> Result<[u8; 32]> {
+    if let Some(t) = &config.granted_token {
+        return Ok(wire::mac_key(t));
+    }
+    let secret = config.token.as_ref().ok_or_else(|| {
+        Error::invalid("relays are configured (MR_RELAYS) but no job secret (MR_TOKEN) is set")
+    })?;
+    Ok(wire::mac_key(&wire::relay_token(secret, name)))
+}
+
 /// Connect to every relay in `config.relays`, appending the streams to `mesh.conns`. Returns,
 /// per relay, whether it is connected. An unreachable relay is skipped with a warning; a
 /// relay that refuses the job token fails the whole call with [`ErrorKind::Auth`].
 pub fn attach(mesh: &mut Mesh, config: &Config) -> Result<Vec<bool>> {
-    let token = config.token.as_ref().ok_or_else(|| {
-        Error::invalid("relays are configured (MR_RELAYS) but no job token (MR_TOKEN) is set")
-    })?;
-    let key = wire::mac_key(token);
     let mut connected = Vec::with_capacity(config.relays.len());
     for (i, name) in config.relays.iter().enumerate() {
+        let key = relay_key(config, name)?;
         let addr = match crate::config::resolve(name) {
             Ok(a) => a,
             Err(e) => {
@@ -39,8 +48,10 @@ pub fn attach(mesh: &mut Mesh, config: &Config) -> Result<Vec<bool>> {
                     mesh.rank,
                     streams.len()
                 );
-                mesh.conns
-                    .extend(streams.into_iter().map(|s| (Endpoint::Relay(i), s)));
+                for (s, keys) in streams {
+                    mesh.conns.push((Endpoint::Relay(i), s));
+                    mesh.keys.push(keys);
+                }
                 connected.push(true);
             }
             Err(e) if e.kind == ErrorKind::Auth => {
@@ -60,7 +71,7 @@ fn connect_relay(
     config: &Config,
     key: &[u8; 32],
     addr: SocketAddr,
-) -> Result<Vec<TcpStream>> {
+) -> Result<Vec<(TcpStream, SessionKeys)>> {
     let deadline = Instant::now() + config.timeout.min(Duration::from_secs(10));
     let mut streams = Vec::with_capacity(config.streams);
     for stream in 0..config.streams {
@@ -76,13 +87,13 @@ fn connect_relay(
             window: max_window(config.relay_chunk_bytes),
         }
         .encode();
-        FrameIo {
+        let (_, keys) = FrameIo {
             stream: &mut s,
             deadline,
             what,
         }
-        .client_handshake(key, &body)?;
-        streams.push(s);
+        .client_handshake_keys(key, &body)?;
+        streams.push((s, keys));
     }
     Ok(streams)
 }

@@ -9,14 +9,17 @@
 use crate::algo::Collective;
 use crate::buffer::Scratch;
 use crate::error::{Error, ErrorKind, Result};
+use crate::net::conn::{self, FrameIn, FrameOut};
 use crate::relay::sums::{check_data_header, Fault, Sums};
 use crate::relay::JobHello;
-use crate::wire::{self, FrameHeader, FrameKind, Hello, HEADER_LEN, MAX_CONTROL_PAYLOAD};
+use crate::wire::{
+    self, FrameHeader, FrameKind, Hello, SessionKeys, TagStream, HEADER_LEN, MAX_CONTROL_PAYLOAD,
+};
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token};
 use std::cell::Cell;
 use std::collections::{HashMap, VecDeque};
-use std::io::{IoSlice, Read, Write};
+use std::io::{IoSliceMut, Read};
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicI32, Ordering};
@@ -27,7 +30,6 @@ const SIGNALS: Token = Token(1);
 const FIRST_CONN: usize = 2;
 /// A connection must authenticate within this time.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-const SOCKET_BUFFER: usize = 4 << 20;
 
 /// How a relay runs.
 #[derive(Clone, Debug)]
@@ -69,9 +71,8 @@ struct Fanout {
 }
 
 struct OutFrame {
-    header: [u8; HEADER_LEN],
+    frame: FrameOut,
     payload: Payload,
-    written: usize,
     fanout: Option<Rc<Fanout>>,
 }
 
@@ -95,10 +96,11 @@ enum ReadState {
         buf: [u8; HEADER_LEN],
         got: usize,
     },
+    /// Payload, then (after the handshake) tag: acted on only once the tag checked. Boxed:
+    /// the running tag is large, and idle connections (in `Header`) should stay small.
     Payload {
-        header: FrameHeader,
+        frame: Box<FrameIn>,
         buf: Scratch,
-        got: usize,
     },
 }
 
@@ -109,6 +111,12 @@ struct Conn {
     read: ReadState,
     out: VecDeque<OutFrame>,
     out_bytes: usize,
+    /// Frame tags, from the Welcome on (before it, frames carry none).
+    tagged: bool,
+    tx: TagStream,
+    rx: Option<TagStream>,
+    /// Whether WRITABLE is registered (only while `out` is not empty).
+    writable: bool,
 }
 
 struct Job {
@@ -365,17 +373,14 @@ impl Relay {
         loop {
             match self.listener.accept() {
                 Ok((mut stream, peer)) => {
-                    let _ = stream.set_nodelay(true);
-                    let sock = socket2::SockRef::from(&stream);
-                    let _ = sock.set_send_buffer_size(SOCKET_BUFFER);
-                    let _ = sock.set_recv_buffer_size(SOCKET_BUFFER);
+                    let _ = conn::tune(&stream);
                     let id = self.next_id;
                     self.next_id += 1;
-                    if let Err(e) = self.poll.registry().register(
-                        &mut stream,
-                        Token(id),
-                        Interest::READABLE | Interest::WRITABLE,
-                    ) {
+                    if let Err(e) =
+                        self.poll
+                            .registry()
+                            .register(&mut stream, Token(id), Interest::READABLE)
+                    {
                         log::warn!("cannot register connection from {peer}: {e}");
                         continue;
                     }
@@ -396,6 +401,10 @@ impl Relay {
                             },
                             out: VecDeque::new(),
                             out_bytes: 0,
+                            tagged: false,
+                            tx: TagStream::new([0; 32]),
+                            rx: None,
+                            writable: false,
                         },
                     );
                     self.send_control(
@@ -482,11 +491,11 @@ impl Relay {
         let Some(c) = self.conns.get_mut(&id) else {
             return;
         };
-        c.out_bytes += HEADER_LEN + payload.bytes().len();
+        let frame = FrameOut::new(&header, c.tagged);
+        c.out_bytes += frame.total(payload.bytes().len());
         c.out.push_back(OutFrame {
-            header: header.encode(),
+            frame,
             payload,
-            written: 0,
             fanout,
         });
         self.flush(id);
@@ -505,22 +514,12 @@ impl Relay {
                     break Ok(());
                 };
                 let payload = f.payload.bytes();
-                let total = HEADER_LEN + payload.len();
-                let res = if f.written < HEADER_LEN {
-                    c.stream.write_vectored(&[
-                        IoSlice::new(&f.header[f.written..]),
-                        IoSlice::new(payload),
-                    ])
-                } else {
-                    c.stream.write(&payload[f.written - HEADER_LEN..])
-                };
-                match res {
-                    Ok(0) => break Err(std::io::ErrorKind::WriteZero.into()),
+                let total = f.frame.total(payload.len());
+                match f.frame.write(&c.stream, payload, &mut c.tx) {
                     Ok(n) => {
-                        f.written += n;
                         c.out_bytes -= n;
                         self.stats.bytes_out += n as u64;
-                        if f.written == total {
+                        if f.frame.written == total {
                             let f = c.out.pop_front().expect("front frame");
                             if let Payload::Shared(p) = f.payload {
                                 // The last copy written: the buffer can take another frame.
@@ -535,11 +534,22 @@ impl Relay {
                         }
                     }
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break Ok(()),
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                     Err(e) => break Err(e),
                 }
             }
         };
+        if let Some(c) = self.conns.get_mut(&id) {
+            let queued = !c.out.is_empty();
+            if let Err(e) = conn::watch_writable(
+                self.poll.registry(),
+                &mut c.stream,
+                Token(id),
+                queued,
+                &mut c.writable,
+            ) {
+                log::warn!("cannot watch connection from {} for writing: {e}", c.peer);
+            }
+        }
         if !spent.is_empty() {
             if let Some(State::Ready { job, .. }) = self.conns.get(&id).map(|c| &c.state) {
                 if let Some(j) = self.jobs.get_mut(job) {
@@ -571,35 +581,51 @@ impl Relay {
                     _ => return,
                 }
             }
-            let (buf, got) = match &mut c.read {
-                ReadState::Header { buf, got } => (&mut buf[..], got),
-                ReadState::Payload { buf, got, .. } => (buf.as_mut_slice(), got),
+            let mid = match &c.read {
+                ReadState::Header { got, .. } => *got > 0,
+                ReadState::Payload { .. } => true,
             };
-            if *got < buf.len() {
-                match c.stream.read(&mut buf[*got..]) {
-                    Ok(0) => {
-                        let mid = *got > 0 || matches!(c.read, ReadState::Payload { .. });
-                        let reason = if mid {
-                            "connection closed in the middle of a frame"
-                        } else {
-                            "connection closed by the peer"
-                        };
-                        self.close(id, reason, mid);
-                        return;
-                    }
-                    Ok(n) => {
-                        *got += n;
-                        self.stats.bytes_in += n as u64;
-                    }
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                    Err(e) => {
-                        self.close(id, &format!("receive failed: {e}"), true);
-                        return;
+            // Ok(true): the header, or the whole frame with its tag, is in.
+            let step: std::io::Result<bool> = match &mut c.read {
+                ReadState::Header { buf, got } => {
+                    match conn::recv(&mut c.stream, &mut [IoSliceMut::new(&mut buf[*got..])]) {
+                        Ok(0) => Err(std::io::ErrorKind::UnexpectedEof.into()),
+                        Ok(n) => {
+                            *got += n;
+                            self.stats.bytes_in += n as u64;
+                            Ok(*got == HEADER_LEN)
+                        }
+                        Err(e) => Err(e),
                     }
                 }
-                if *got < buf.len() {
-                    continue;
+                ReadState::Payload { frame, buf } if !frame.is_whole() => {
+                    let at = frame.got;
+                    match frame.read(&mut c.stream, &mut buf.as_mut_slice()[at..]) {
+                        Ok(n) => {
+                            self.stats.bytes_in += n as u64;
+                            Ok(frame.is_whole())
+                        }
+                        Err(e) => Err(e),
+                    }
+                }
+                ReadState::Payload { .. } => Ok(true),
+            };
+            match step {
+                Ok(false) => continue,
+                Ok(true) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                    let reason = if mid {
+                        "connection closed in the middle of a frame"
+                    } else {
+                        "connection closed by the peer"
+                    };
+                    self.close(id, reason, mid);
+                    return;
+                }
+                Err(e) => {
+                    self.close(id, &format!("receive failed: {e}"), true);
+                    return;
                 }
             }
             let state = std::mem::replace(
@@ -611,7 +637,18 @@ impl Relay {
             );
             let res = match state {
                 ReadState::Header { buf, .. } => self.on_header(id, &buf),
-                ReadState::Payload { header, buf, .. } => self.on_frame(id, header, buf),
+                ReadState::Payload { frame, .. } if !frame.verify() => {
+                    let h = frame.header;
+                    Err(Error::remote(format!(
+                        "a {:?} frame (op seq {}, offset {}, {} bytes) failed its integrity \
+                         check: corrupted or forged in transit",
+                        h.kind(),
+                        h.seq,
+                        h.offset,
+                        h.len
+                    )))
+                }
+                ReadState::Payload { frame, buf } => self.on_frame(id, frame.header, buf),
             };
             if let Err(e) = res {
                 self.close(id, &e.message, true);
@@ -621,8 +658,8 @@ impl Relay {
     }
 
     /// A header arrived: check it and size its payload, or handle an empty frame.
-    fn on_header(&mut self, id: usize, buf: &[u8; HEADER_LEN]) -> Result<()> {
-        let h = FrameHeader::decode(buf)?;
+    fn on_header(&mut self, id: usize, raw: &[u8; HEADER_LEN]) -> Result<()> {
+        let h = FrameHeader::decode(raw)?;
         let c = self.conns.get_mut(&id).expect("connection");
         let mut data_of = None;
         let limit = match (&c.state, h.kind()) {
@@ -636,11 +673,7 @@ impl Relay {
                 data_of = Some(*job);
                 h.len as usize
             }
-            (State::Ready { .. }, FrameKind::OpError) => MAX_CONTROL_PAYLOAD,
-            (State::Ready { .. }, FrameKind::Goodbye) => {
-                self.close(id, "peer said goodbye", false);
-                return Ok(());
-            }
+            (State::Ready { .. }, FrameKind::OpError | FrameKind::Goodbye) => MAX_CONTROL_PAYLOAD,
             (_, k) => return Err(Error::remote(format!("unexpected {k:?} frame"))),
         };
         if h.len as usize > limit {
@@ -655,14 +688,11 @@ impl Relay {
             Some(j) => j.sums.pool.take(h.len as usize)?,
             None => Scratch::zeroed(h.len as usize)?,
         };
-        if h.len == 0 {
-            return self.on_frame(id, h, buf);
-        }
+        // Even an empty frame has its tag to read before it is acted on.
         let c = self.conns.get_mut(&id).expect("connection");
         c.read = ReadState::Payload {
-            header: h,
+            frame: Box::new(FrameIn::new(h, raw, c.rx.as_mut())),
             buf,
-            got: 0,
         };
         Ok(())
     }
@@ -676,6 +706,10 @@ impl Relay {
                     if let Some(j) = self.jobs.get_mut(&job) {
                         j.sums.drop_seq(h.seq);
                     }
+                    Ok(())
+                }
+                FrameKind::Goodbye => {
+                    self.close(id, "peer said goodbye", false);
                     Ok(())
                 }
                 _ => self.on_data(job, rank, id, h, payload),
@@ -795,9 +829,15 @@ impl Relay {
             job: jh.job,
             rank: jh.rank,
         };
-        let mut p = wire::welcome_mac(&key, &nonce, &hello.nonce, &[]).to_vec();
-        p.extend_from_slice(&[]);
+        let p = wire::welcome_mac(&key, &nonce, &hello.nonce, &[]).to_vec();
         self.send_control(id, FrameHeader::new(FrameKind::Welcome, p.len()), p);
+        // Every later frame, both ways, carries a tag under this connection's keys.
+        let keys = SessionKeys::derive(&key, &nonce, &hello.nonce, true);
+        if let Some(c) = self.conns.get_mut(&id) {
+            c.tagged = true;
+            c.tx = TagStream::new(keys.send);
+            c.rx = Some(TagStream::new(keys.recv));
+        }
         Ok(())
     }
 

@@ -106,7 +106,7 @@ fn bench_relay(state: &Arc<State>, id: &str) -> crate::Result<()> {
         id,
     )?;
     config.relays = a.relays.iter().map(|r| r.addr.clone()).collect();
-    config.token = Some(crate::config::parse_hex("token", &a.token)?);
+    config.granted_token = Some(crate::config::parse_hex("token", &a.token)?);
     let handles: Vec<_> = (0..bots)
         .map(|r| {
             let config = config.clone();

@@ -10,7 +10,21 @@ use std::process::{Child, Command};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+/// The job secret of the relay tests' jobs (`MR_TOKEN`); relays get tokens derived from it.
 pub const TOKEN: &str = "00112233445566778899aabbccddeeff";
+
+/// The token of the relay at `addr` for jobs with secret `secret` (hex), as `mr-relayd token`
+/// prints it.
+pub fn relay_token(secret: &str, addr: &str) -> String {
+    let secret = mapreduce::config::parse_hex("secret", secret).unwrap();
+    mapreduce::config::to_hex(&mapreduce::wire::relay_token(&secret, addr))
+}
+
+/// A loopback address with a port that was free a moment ago.
+pub fn free_addr() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().to_string()
+}
 
 /// A running relay daemon; killed on drop.
 pub struct RelayProc {
@@ -28,19 +42,32 @@ impl RelayProc {
         RelayProc::start_with_env(token, extra, &[])
     }
 
-    /// As [`RelayProc::start_with`], with extra environment variables (test faults).
-    pub fn start_with_env(token: &str, extra: &[&str], env: &[(&str, &str)]) -> RelayProc {
+    /// As [`RelayProc::start_with`], with extra environment variables (test faults). The
+    /// relay listens on a fresh loopback port and holds only its own token for jobs whose
+    /// secret is `secret`.
+    pub fn start_with_env(secret: &str, extra: &[&str], env: &[(&str, &str)]) -> RelayProc {
+        let listen = free_addr();
+        RelayProc::spawn(secret, &listen, &listen, extra, env)
+    }
+
+    /// A relay listening on `listen` whose token is bound to `name`, the address the job
+    /// writes in `MR_RELAYS` (a proxy's, say).
+    pub fn start_named(secret: &str, listen: &str, name: &str) -> RelayProc {
+        RelayProc::spawn(secret, listen, name, &[], &[])
+    }
+
+    fn spawn(
+        secret: &str,
+        listen: &str,
+        name: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> RelayProc {
+        let token = relay_token(secret, name);
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_mr-relayd"));
-        cmd.args([
-            "--listen",
-            "127.0.0.1:0",
-            "--token",
-            token,
-            "--status-secs",
-            "1",
-        ])
-        .args(extra)
-        .envs(env.iter().copied());
+        cmd.args(["--listen", listen, "--token", &token, "--status-secs", "1"])
+            .args(extra)
+            .envs(env.iter().copied());
         let (child, addr, log) = daemon::spawn_logged(cmd);
         RelayProc { child, addr, log }
     }

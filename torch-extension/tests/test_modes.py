@@ -38,9 +38,16 @@ def relays():
     if binary is None:
         pytest.skip("mr-relayd is not built (cargo build --release)")
     addrs = [f"127.0.0.1:{free_port()}" for _ in range(2)]
-    procs = [
-        subprocess.Popen([binary, "--listen", a, "--token", TOKEN], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # The job keeps its secret (TOKEN, the ranks' MR_TOKEN); each relay gets only its own token.
+    tokens = [
+        subprocess.run(
+            [binary, "token", "--job-token", TOKEN, "--relay", a], check=True, capture_output=True, text=True
+        ).stdout.strip()
         for a in addrs
+    ]
+    procs = [
+        subprocess.Popen([binary, "--listen", a, "--token", t], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        for a, t in zip(addrs, tokens)
     ]
     try:
         # Wait until both relays accept connections.
