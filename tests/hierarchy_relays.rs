@@ -1,0 +1,137 @@
+//! Hierarchical collectives through real `mr-relayd` relays: the hosts' leaders carry the
+//! inter-host traffic through the relays (one contribution per host), results are exact and
+//! identical on every rank, and a relay killed in the middle of an op is replaced.
+
+mod relay_util;
+
+use mapreduce::{Comm, Config, ReduceOp, UniqueId};
+use relay_util::{relay_config, RelayProc, TOKEN};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Run `f` on every rank of a job laid out as `hosts`, with `cfg` plus each rank's host id.
+fn run<T: Send + 'static>(
+    hosts: &[&str],
+    cfg: Config,
+    f: impl Fn(&Comm) -> T + Send + Sync + Clone + 'static,
+) -> Vec<T> {
+    let n = hosts.len();
+    let id = UniqueId::new(&cfg).unwrap();
+    let out = Arc::new(Mutex::new((0..n).map(|_| None).collect::<Vec<Option<T>>>()));
+    let joins: Vec<_> = hosts
+        .iter()
+        .enumerate()
+        .map(|(r, h)| {
+            let cfg = Config {
+                host_id: Some(h.to_string()),
+                ..cfg.clone()
+            };
+            let (f, out) = (f.clone(), out.clone());
+            std::thread::spawn(move || {
+                let comm = Comm::init(n, &id, r, cfg).unwrap();
+                assert!(comm.uses_hierarchy());
+                let v = f(&comm);
+                comm.destroy().unwrap();
+                out.lock().unwrap()[r] = Some(v);
+            })
+        })
+        .collect();
+    for j in joins {
+        j.join().unwrap();
+    }
+    let mut out = out.lock().unwrap();
+    out.iter_mut().map(|v| v.take().unwrap()).collect()
+}
+
+fn value(r: usize, i: usize) -> i64 {
+    ((r * 7 + i * 3) % 11) as i64 - 3
+}
+
+#[test]
+fn leaders_go_through_the_relays() {
+    for (hosts, relays) in [
+        (&["a", "a", "b", "b"][..], 2),
+        (&["a", "a", "b", "c"][..], 3),
+        (&["a", "a", "b", "b", "c", "c"][..], 2),
+    ] {
+        let procs: Vec<RelayProc> = (0..relays).map(|_| RelayProc::start(TOKEN)).collect();
+        let n = hosts.len();
+        let h = hosts
+            .iter()
+            .collect::<std::collections::BTreeSet<_>>()
+            .len();
+        let out = run(hosts, relay_config(&procs, TOKEN), move |comm| {
+            let r = comm.rank();
+            for count in [1usize, n - 1, 100_003, 1 << 20] {
+                let mut a: Vec<i32> = (0..count).map(|i| value(r, i) as i32).collect();
+                comm.allreduce(&mut a, ReduceOp::Sum).unwrap();
+                for (i, x) in a.iter().enumerate() {
+                    assert_eq!(i64::from(*x), (0..n).map(|q| value(q, i)).sum::<i64>());
+                }
+                for root in [0, n - 1] {
+                    let mut b: Vec<f32> = if r == root {
+                        (0..count).map(|i| i as f32).collect()
+                    } else {
+                        vec![0.0; count]
+                    };
+                    comm.broadcast(&mut b, root).unwrap();
+                    assert!(b.iter().enumerate().all(|(i, x)| *x == i as f32));
+                }
+            }
+            let mut x: Vec<f32> = (0..300_001)
+                .map(|i| ((i as f32 * 0.3 + r as f32).sin() * 1e4).fract())
+                .collect();
+            comm.allreduce(&mut x, ReduceOp::Sum).unwrap();
+            x.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+        });
+        for o in &out {
+            assert_eq!(o, &out[0], "{hosts:?}: identical bits on every rank");
+        }
+        // Each relay saw a job of one peer per host, and data arrived for it.
+        for p in &procs {
+            assert!(
+                p.wait_log(&format!("new, {h} peers")),
+                "{hosts:?}: the relay never saw the leaders' job: {:?}",
+                p.log.lock().unwrap()
+            );
+        }
+    }
+}
+
+#[test]
+fn killed_relay_mid_hierarchical_allreduce_is_replaced() {
+    let mut procs: Vec<RelayProc> = (0..2).map(|_| RelayProc::start(TOKEN)).collect();
+    let cfg = Config {
+        timeout: Duration::from_secs(60),
+        ..relay_config(&procs, TOKEN)
+    };
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let tx = Arc::new(Mutex::new(tx));
+    let victim = procs.remove(1);
+    let killer = std::thread::spawn(move || {
+        rx.recv().unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        let mut v = victim;
+        let _ = v.child.kill();
+        let _ = v.child.wait();
+    });
+    let n = 4;
+    let out = run(&["a", "a", "b", "b"], cfg, move |comm| {
+        let r = comm.rank();
+        let count = 32 << 20;
+        let mut x: Vec<f32> = (0..count).map(|i| ((i % 1000) * (r + 1)) as f32).collect();
+        if r == 0 {
+            let _ = tx.lock().unwrap().send(());
+        }
+        comm.allreduce(&mut x, ReduceOp::Sum).unwrap();
+        let tri = (n * (n + 1) / 2) as f32;
+        x.iter()
+            .enumerate()
+            .all(|(i, v)| *v == (i % 1000) as f32 * tri)
+    });
+    killer.join().unwrap();
+    assert!(
+        out.iter().all(|ok| *ok),
+        "exact result on every rank after the kill"
+    );
+}
