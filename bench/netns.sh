@@ -11,6 +11,10 @@
 #                       [-m "ring relay gloo"]   (the modes to run; default all three)
 #                       [-M MTU]                 (link MTU, default 1500)
 #                       [-d RTT_MS]              (round-trip delay between any two hosts)
+#                       [-l RANKS_PER_HOST]      (ranks sharing each peer host's namespace and link)
+# With -l L > 1 every peer host runs L ranks (one job of PEERS x L ranks); the modes
+# ring-flat and relay-flat run the same job with MR_HIERARCHY=0 for comparison. Bounds are
+# per host link: relay D / rate, ring 2(H-1)/H * D / rate with H = PEERS hosts.
 # Delay uses netem when the kernel has it, else bench/delayline.c (a user-space delay line
 # between each host and the switch, built here with cc): RTT_MS/4 per hop and direction.
 # (The netem branch has not run on the development machine, whose kernel lacks netem; the
@@ -20,13 +24,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PEERS=4 RELAYS=4 RATE=1000 SIZES="64M 256M" ITERS=3 STREAMS=${MR_STREAMS:-2} MODES="ring relay gloo" MTU=1500 RTT=0
-while getopts "p:r:R:s:n:S:m:M:d:" o; do
+PEERS=4 RELAYS=4 RATE=1000 SIZES="64M 256M" ITERS=3 STREAMS=${MR_STREAMS:-2} MODES="ring relay gloo" MTU=1500 RTT=0 LOCAL=1
+while getopts "p:r:R:s:n:S:m:M:d:l:" o; do
   case $o in
     p) PEERS=$OPTARG ;; r) RELAYS=$OPTARG ;; R) RATE=$OPTARG ;; s) SIZES=$OPTARG ;;
-    n) ITERS=$OPTARG ;; S) STREAMS=$OPTARG ;; m) MODES=$OPTARG ;; M) MTU=$OPTARG ;; d) RTT=$OPTARG ;; *) exit 2 ;;
+    n) ITERS=$OPTARG ;; S) STREAMS=$OPTARG ;; m) MODES=$OPTARG ;; M) MTU=$OPTARG ;; d) RTT=$OPTARG ;;
+    l) LOCAL=$OPTARG ;; *) exit 2 ;;
   esac
 done
+WORLD=$((PEERS * LOCAL))
 BENCH=$PWD/target/release/mr-bench
 RELAYD=$PWD/target/release/mr-relayd
 [ -x "$BENCH" ] || { echo "build first: make build" >&2; exit 1; }
@@ -120,17 +126,21 @@ to_bytes() { numfmt --from=iec "$1"; }
 SIZE_LIST=""
 for s in $SIZES; do SIZE_LIST="$SIZE_LIST $(to_bytes "$s")"; done
 
-# run_peers ALGO EXTRA_ENV...: runs mr-bench on every peer host, prints rank 0's rows.
+# run_peers ALGO EXTRA_ENV...: runs mr-bench on every peer host (LOCAL ranks on each, ranks
+# numbered host by host), prints rank 0's rows.
 run_peers() {
   local algo=$1; shift
-  local port=$((20000 + RANDOM % 20000)) out pids=()
+  local port=$((20000 + RANDOM % 20000)) out pids=() rank
   out=$(mktemp)
-  for r in $(seq 0 $((PEERS - 1))); do
-    ip netns exec "$NS-h$r" env MR_RANK="$r" MR_WORLD_SIZE="$PEERS" MR_BOOTSTRAP="$(ip_of 0):$port" \
+  for h in $(seq 0 $((PEERS - 1))); do
+    for l in $(seq 0 $((LOCAL - 1))); do
+    rank=$((h * LOCAL + l))
+    ip netns exec "$NS-h$h" env MR_RANK="$rank" MR_WORLD_SIZE="$WORLD" MR_BOOTSTRAP="$(ip_of 0):$port" \
       MR_ALGO="$algo" MR_STREAMS="$STREAMS" MR_TIMEOUT_MS=120000 "$@" \
       timeout 900 "$BENCH" -b "$(echo $SIZE_LIST | awk '{print $1}')" -e "$(echo $SIZE_LIST | awk '{print $NF}')" \
-      -f 4 -w 1 -n "$ITERS" >"$out.$r" 2>&1 &
+      -f 4 -w 1 -n "$ITERS" >"$out.$rank" 2>&1 &
     pids+=($!)
+    done
   done
   local ok=0
   for p in "${pids[@]}"; do wait "$p" || ok=1; done
@@ -139,11 +149,11 @@ run_peers() {
   rm -f "$out".*
 }
 
-echo "# shaped network: $PEERS peers, $RELAYS relays, ${RATE} Mbit/s per direction per host, MTU $MTU, RTT ${RTT} ms$([ -n "$DELAYLINE" ] && echo ' (delay line)') (measured $MEASURED_RTT), MR_STREAMS=$STREAMS"
+echo "# shaped network: $PEERS peer hosts x $LOCAL rank(s), $RELAYS relays, ${RATE} Mbit/s per direction per host, MTU $MTU, RTT ${RTT} ms$([ -n "$DELAYLINE" ] && echo ' (delay line)') (measured $MEASURED_RTT), MR_STREAMS=$STREAMS"
 printf "%-12s %12s %10s %10s %8s\n" mode size time_s bound_s of_bound
 report() { # mode size seconds
   local bound
-  if [ "$1" = relay ]; then bound=$(awk -v d="$2" -v r="$RATE" 'BEGIN{print d*8/(r*1e6)}')
+  if [ "${1%-flat}" = relay ]; then bound=$(awk -v d="$2" -v r="$RATE" 'BEGIN{print d*8/(r*1e6)}')
   else bound=$(awk -v d="$2" -v r="$RATE" -v p="$PEERS" 'BEGIN{print 2*(p-1)/p*d*8/(r*1e6)}'); fi
   awk -v m="$1" -v s="$2" -v t="$3" -v b="$bound" 'BEGIN{printf "%-12s %12d %10.3f %10.3f %7.1f%%\n", m, s, t, b, 100*b/t}'
 }
@@ -153,8 +163,11 @@ want() { case " $MODES " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 if want ring; then
   run_peers ring | while read -r algo size secs; do report ring "$size" "$secs"; done
 fi
+if want ring-flat && [ "$LOCAL" -gt 1 ]; then
+  run_peers ring MR_HIERARCHY=0 | while read -r algo size secs; do report ring-flat "$size" "$secs"; done
+fi
 
-if want relay && [ "$RELAYS" -gt 0 ] && [ -x "$RELAYD" ]; then
+if { want relay || want relay-flat; } && [ "$RELAYS" -gt 0 ] && [ -x "$RELAYD" ]; then
   TOKEN=$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')
   RELAY_LIST=""
   for j in $(seq 0 $((RELAYS - 1))); do
@@ -166,15 +179,23 @@ if want relay && [ "$RELAYS" -gt 0 ] && [ -x "$RELAYD" ]; then
     RELAY_LIST="$RELAY_LIST${RELAY_LIST:+,}$addr"
   done
   sleep 1
-  run_peers relay MR_RELAYS="$RELAY_LIST" MR_TOKEN="$TOKEN" | while read -r algo size secs; do report relay "$size" "$secs"; done
+  if want relay; then
+    run_peers relay MR_RELAYS="$RELAY_LIST" MR_TOKEN="$TOKEN" | while read -r algo size secs; do report relay "$size" "$secs"; done
+  fi
+  if want relay-flat && [ "$LOCAL" -gt 1 ]; then
+    run_peers relay MR_RELAYS="$RELAY_LIST" MR_TOKEN="$TOKEN" MR_HIERARCHY=0 | while read -r algo size secs; do report relay-flat "$size" "$secs"; done
+  fi
 fi
 
 if want gloo && [ -x .venv/bin/python ] && .venv/bin/python -c 'import torch' 2>/dev/null; then
   port=$((20000 + RANDOM % 20000)) pids=() out=$(mktemp)
-  for r in $(seq 0 $((PEERS - 1))); do
-    ip netns exec "$NS-h$r" env MASTER_ADDR="$(ip_of 0)" MASTER_PORT="$port" RANK="$r" WORLD_SIZE="$PEERS" \
+  for h in $(seq 0 $((PEERS - 1))); do
+    for l in $(seq 0 $((LOCAL - 1))); do
+    r=$((h * LOCAL + l))
+    ip netns exec "$NS-h$h" env MASTER_ADDR="$(ip_of 0)" MASTER_PORT="$port" RANK="$r" WORLD_SIZE="$WORLD" \
       GLOO_SOCKET_IFNAME=eth0 timeout 900 .venv/bin/python bench/gloo_rank.py "$(echo $SIZE_LIST | tr ' ' ',')" "$ITERS" >"$out.$r" 2>&1 &
     pids+=($!)
+    done
   done
   for p in "${pids[@]}"; do wait "$p" || true; done
   awk '/^gloo allreduce/ {print $3, $4}' "$out.0" | while read -r size secs; do report gloo-ring "$size" "$secs"; done
