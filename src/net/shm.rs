@@ -427,9 +427,29 @@ impl Segment {
         };
         let chunks = count.div_ceil(per_chunk).max(1);
         let first = self.done;
+        // A broadcast stages only the root's data, so it may use every rank's staging slots
+        // as one deep ring: the root runs up to n x SLOTS chunks ahead of its slowest reader
+        // instead of SLOTS (with more ranks than cores, readers are often descheduled and a
+        // shallow ring stalls the root). Slots of every rank are reused, so the op starts once
+        // every earlier chunk is gathered everywhere, and ends once its own are.
+        let deep = d.coll == Collective::Broadcast && n > 1;
+        let ring = if deep { n as u32 * SLOTS } else { SLOTS };
+        if deep {
+            self.wait_all(w, Counter::Gathered, first, &|| {
+                format!("{d} over shared memory, waiting for earlier ops to drain")
+            })?;
+        }
         for k in 0..chunks {
             let g = first.wrapping_add(k as u32);
             let s = (g % SLOTS) as usize;
+            // Where this chunk's data is staged: our slot `s`, or (deep broadcast) slot
+            // `g mod n*SLOTS` of the whole staging area.
+            let slot = if deep {
+                let i = (g % ring) as usize;
+                (i / SLOTS as usize, i % SLOTS as usize)
+            } else {
+                (me, s)
+            };
             let lo = k * per_chunk * elem;
             let len = (count * elem).saturating_sub(lo).min(per_chunk * elem);
             let what = || {
@@ -446,10 +466,11 @@ impl Segment {
                     _ => true,
                 };
             if writes {
+                let depth = if deep && me == d.root { ring } else { SLOTS };
                 self.wait_all(
                     w,
                     Counter::Gathered,
-                    g.wrapping_add(1).wrapping_sub(SLOTS),
+                    g.wrapping_add(1).wrapping_sub(depth),
                     &what,
                 )?;
             }
@@ -464,10 +485,13 @@ impl Segment {
                 _ => None,
             };
             if let Some(src) = src {
-                // SAFETY: our staging slot `s` holds `chunk >= len` bytes; no rank reads it
+                // SAFETY: staging slot `slot` holds `chunk >= len` bytes; no rank reads it
                 // until we publish `staged` below, and every rank finished reading its previous
-                // contents (chunk g - SLOTS) per the wait above.
-                unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), self.staging(me, s), len) };
+                // contents (chunk g - SLOTS, or g - n*SLOTS for a deep broadcast, whose earlier
+                // ops all drained) per the waits above.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(src.as_ptr(), self.staging(slot.0, slot.1), len)
+                };
             }
             if d.coll == Collective::ReduceScatter {
                 // Piece k of every block b, side by side: block b at b * per_chunk elements.
@@ -524,7 +548,7 @@ impl Segment {
                     // slot before we publish `gathered`.
                     unsafe {
                         std::ptr::copy_nonoverlapping(
-                            self.staging(d.root, s),
+                            self.staging(slot.0, slot.1),
                             dst.as_mut_ptr(),
                             len,
                         )
@@ -546,6 +570,12 @@ impl Segment {
             self.publish(Counter::Gathered, g.wrapping_add(1));
         }
         self.done = first.wrapping_add(chunks as u32);
+        if deep {
+            // The next op writes slots by the shallow rule: nobody may still be reading ours.
+            self.wait_all(w, Counter::Gathered, self.done, &|| {
+                format!("{d} over shared memory, waiting for every rank to finish")
+            })?;
+        }
         Ok(())
     }
 
