@@ -69,6 +69,9 @@ pub struct Config {
     pub host_id: Option<String>,
     /// Collectives may use the host level of the layout (`MR_HIERARCHY`, default on).
     pub hierarchy: bool,
+    /// Most bytes per second this rank sends, over all its connections (`MR_MAX_RATE`, e.g.
+    /// `125M` or `1gbit`); `None`: no cap.
+    pub max_rate: Option<u64>,
 }
 
 impl Default for Config {
@@ -91,6 +94,7 @@ impl Default for Config {
             compress: crate::compress::Compression::None,
             host_id: None,
             hierarchy: true,
+            max_rate: None,
         }
     }
 }
@@ -181,6 +185,13 @@ impl Config {
         c.shm = !matches!(var("MR_SHM_DISABLE").as_deref(), Some("1") | Some("true"));
         c.host_id = var("MR_HOST_ID").filter(|v| !v.trim().is_empty());
         c.hierarchy = !matches!(var("MR_HIERARCHY").as_deref().map(str::trim), Some("0"));
+        if let Some(v) = var("MR_MAX_RATE") {
+            c.max_rate = Some(crate::pace::parse_rate(&v).ok_or_else(|| {
+                Error::invalid(format!(
+                    "MR_MAX_RATE={v:?}: expected bytes per second, e.g. 125000000, 125M or 1gbit"
+                ))
+            })?);
+        }
         if let Some(v) = var("MR_COMPRESS") {
             c.compress =
                 crate::compress::Compression::parse(&v).map_err(|e| e.context("MR_COMPRESS"))?;

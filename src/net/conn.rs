@@ -112,6 +112,18 @@ impl FrameOut {
         payload: &[u8],
         tx: &mut TagStream,
     ) -> io::Result<usize> {
+        self.write_at_most(fd, payload, tx, usize::MAX)
+    }
+
+    /// As [`FrameOut::write`], putting at most `max` bytes (at least one) on the wire: what a
+    /// rate cap allows right now.
+    pub fn write_at_most(
+        &mut self,
+        fd: &impl AsRawFd,
+        payload: &[u8],
+        tx: &mut TagStream,
+        max: usize,
+    ) -> io::Result<usize> {
         if self.written == 0 && self.tagged {
             self.tag = tx.tag(&self.header, payload);
         }
@@ -122,6 +134,12 @@ impl FrameOut {
             let k = skip.min(part.len());
             *part = &part[k..];
             skip -= k;
+        }
+        let mut room = max.max(1);
+        for part in [&mut h, &mut p, &mut t] {
+            let k = room.min(part.len());
+            *part = &part[..k];
+            room -= k;
         }
         let n = send_vectored(fd, &[IoSlice::new(h), IoSlice::new(p), IoSlice::new(t)])?;
         if n == 0 && h.len() + p.len() + t.len() > 0 {

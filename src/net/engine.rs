@@ -201,6 +201,15 @@ impl Engine {
             links,
             shutting_down: false,
             scratch: vec![0u8; 64 << 10],
+            pacer: config.max_rate.map(|rate| {
+                crate::pace::TokenBucket::new(
+                    rate,
+                    crate::pace::TokenBucket::default_burst(rate),
+                    Instant::now(),
+                )
+            }),
+            pace_waiting: Vec::new(),
+            pace_wake: None,
             shm: None,
         };
         let thread = std::thread::Builder::new()
@@ -426,6 +435,11 @@ struct Loop {
     rates: RelayRates,
     links: RelayLinks,
     shutting_down: bool,
+    /// Rate cap on everything this rank sends (`MR_MAX_RATE`), shared by all connections.
+    pacer: Option<crate::pace::TokenBucket>,
+    /// Connections with frames queued that wait for the cap, and when to try them again.
+    pace_waiting: Vec<usize>,
+    pace_wake: Option<Instant>,
     /// Sink for payloads of frames we discard.
     scratch: Vec<u8>,
     /// Shared-memory segment, when every rank runs on this host.
@@ -449,6 +463,14 @@ impl Loop {
                     + Duration::from_millis(1))
                 .min(Duration::from_millis(250))
             });
+            // Connections held back by the rate cap are retried when it allows again.
+            let timeout = match (timeout, self.pace_wake) {
+                (t, Some(w)) => {
+                    let until = w.saturating_duration_since(Instant::now());
+                    Some(t.map_or(until, |t| t.min(until)))
+                }
+                (t, None) => t,
+            };
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() == std::io::ErrorKind::Interrupted {
                     continue;
@@ -462,6 +484,12 @@ impl Loop {
                 return;
             }
             self.drain_commands();
+            if self.pace_wake.is_some_and(|w| w <= Instant::now()) {
+                self.pace_wake = None;
+                for i in std::mem::take(&mut self.pace_waiting) {
+                    self.flush(i);
+                }
+            }
             for ev in events.iter() {
                 let i = ev.token().0;
                 if i == WAKER.0 || i >= self.conns.len() {
@@ -742,8 +770,29 @@ impl Loop {
                     }
                     (None, _) => &f.owned,
                 };
-                match f.frame.write(&c.stream, payload, &mut c.tx) {
+                let max = match self.pacer.as_mut() {
+                    None => usize::MAX,
+                    Some(p) => {
+                        let now = Instant::now();
+                        let left = total - f.frame.written;
+                        match p.available(now, left) {
+                            0 => {
+                                let at = p.ready_at(now, left.min(crate::pace::MIN_BURST as usize));
+                                self.pace_wake = Some(self.pace_wake.map_or(at, |w| w.min(at)));
+                                if !self.pace_waiting.contains(&i) {
+                                    self.pace_waiting.push(i);
+                                }
+                                break Ok(());
+                            }
+                            n => n,
+                        }
+                    }
+                };
+                match f.frame.write_at_most(&c.stream, payload, &mut c.tx, max) {
                     Ok(n) => {
+                        if let Some(p) = self.pacer.as_mut() {
+                            p.consume(n);
+                        }
                         c.queued_bytes -= n;
                         if f.frame.written == total {
                             let f = c.queue.pop_front().expect("front frame");
