@@ -30,6 +30,36 @@ impl RelayProc {
 
     /// As [`RelayProc::start_with`], with extra environment variables (test faults).
     pub fn start_with_env(token: &str, extra: &[&str], env: &[(&str, &str)]) -> RelayProc {
+        RelayProc::start_cmd(token, extra, env, |_| {})
+    }
+
+    /// As [`RelayProc::start_with`], with the relay limited to `nofile` open descriptors.
+    pub fn start_with_nofile(token: &str, extra: &[&str], nofile: u64) -> RelayProc {
+        RelayProc::start_cmd(token, extra, &[], |cmd| {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: the closure runs in the child between fork and exec and only calls
+            // setrlimit, which is async-signal-safe.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let lim = libc::rlimit {
+                        rlim_cur: nofile,
+                        rlim_max: nofile,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        })
+    }
+
+    fn start_cmd(
+        token: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+        adjust: impl FnOnce(&mut Command),
+    ) -> RelayProc {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_mr-relayd"));
         cmd.args([
             "--listen",
@@ -41,6 +71,7 @@ impl RelayProc {
         ])
         .args(extra)
         .envs(env.iter().copied());
+        adjust(&mut cmd);
         let (child, addr, log) = daemon::spawn_logged(cmd);
         RelayProc { child, addr, log }
     }
@@ -55,6 +86,23 @@ impl RelayProc {
             std::thread::sleep(Duration::from_millis(20));
         }
         false
+    }
+
+    /// The relay's resident memory (VmRSS), in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    }
+
+    /// Log lines containing `needle`.
+    pub fn count_log(&self, needle: &str) -> usize {
+        self.log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains(needle))
+            .count()
     }
 
     pub fn is_running(&mut self) -> bool {
@@ -96,4 +144,44 @@ where
         })
         .collect();
     handles.into_iter().map(|h| h.join().unwrap()).collect()
+}
+
+/// Authenticate to the relay at `addr` with the test token, announcing `hello`.
+pub fn hello_to(
+    addr: &str,
+    hello: &mapreduce::relay::JobHello,
+) -> mapreduce::Result<std::net::TcpStream> {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    let key = mapreduce::wire::mac_key(&mapreduce::config::parse_hex("t", TOKEN).unwrap());
+    mapreduce::net::bootstrap::FrameIo {
+        stream: &mut s,
+        deadline: Instant::now() + Duration::from_secs(5),
+        what: "test".into(),
+    }
+    .client_handshake(&key, &hello.encode())?;
+    Ok(s)
+}
+
+/// Read until the relay closes the connection (EOF or reset); false if it is still open
+/// after `wait`.
+pub fn closed_within(s: &mut std::net::TcpStream, wait: Duration) -> bool {
+    use std::io::Read;
+    s.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let deadline = Instant::now() + wait;
+    let mut buf = [0u8; 4096];
+    while Instant::now() < deadline {
+        match s.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::TimedOut =>
+            {
+                continue
+            }
+            Err(_) => return true,
+        }
+    }
+    false
 }
