@@ -132,6 +132,8 @@ fn stalled_hellos_do_not_hold_memory() {
         "relay RSS {during} KiB with stalled hellos"
     );
     assert!(after < 16 << 10, "relay RSS {after} KiB after they closed");
+    // A thousand stalled hellos are more than may wait at once: the oldest made way.
+    assert!(relay.wait_log("evicted: too many unauthenticated connections"));
     job_uses_relay(&relay);
 }
 

@@ -671,6 +671,10 @@ impl Relay {
         let Some(c) = self.conns.get_mut(&id) else {
             return;
         };
+        if c.out.is_empty() {
+            // A backlog's deadline counts from when it began.
+            c.last_write = self.now;
+        }
         c.out_bytes += HEADER_LEN + payload.bytes().len();
         c.out.push_back(OutFrame {
             header: header.encode(),
