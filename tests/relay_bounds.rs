@@ -174,3 +174,49 @@ fn accept_recovers_after_running_out_of_descriptors() {
     assert!(relay.wait_log("evicted: out of file descriptors"));
     drop(idle);
 }
+
+#[test]
+fn out_of_descriptors_with_nobody_to_evict_a_newcomer_hears_at_once() {
+    // Authenticated connections of one job take every descriptor the relay has.
+    let relay = RelayProc::start_with_nofile(TOKEN, &[], 48);
+    let member = |rank| JobHello {
+        world: 64,
+        rank,
+        ..hello(7, 64 << 10, 4)
+    };
+    let mut members = Vec::new();
+    let refused = loop {
+        let rank = members.len();
+        assert!(rank < 64, "the relay never ran out of descriptors");
+        let started = Instant::now();
+        match hello_to(&relay.addr, &member(rank)) {
+            Ok(s) => members.push(s),
+            Err(e) => break (e, started.elapsed()),
+        }
+    };
+    // Shed on the spare descriptor: closed at once, not left waiting for a timeout.
+    let (e, took) = refused;
+    assert_ne!(e.kind, mapreduce::ErrorKind::Timeout, "{e}");
+    assert!(took < Duration::from_secs(3), "refusal took {took:?}");
+    assert!(
+        members.len() >= 30,
+        "only {} connections fit",
+        members.len()
+    );
+    assert!(relay.wait_log("out of file descriptors"));
+    // Room again: the next one is accepted and joins.
+    let last = members.len() - 1;
+    drop(members.pop());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let rejoined = loop {
+        // The relay may not have seen the close yet.
+        match hello_to(&relay.addr, &member(last)) {
+            Err(e) if Instant::now() < deadline => {
+                eprintln!("not yet: {e}");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            r => break r,
+        }
+    };
+    assert!(rejoined.is_ok(), "{:?}", rejoined.err());
+}
