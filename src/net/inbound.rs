@@ -218,3 +218,67 @@ impl Inbound {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::net::bootstrap::FrameIo;
+
+    #[test]
+    fn a_real_client_gets_through_strangers_that_stay() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let key = wire::mac_key(b"job secret");
+        // Strangers first: silent, garbage, a wrong key.
+        let silent = TcpStream::connect(addr).unwrap();
+        let mut garbage = TcpStream::connect(addr).unwrap();
+        garbage.write_all(&[0xff; 64]).unwrap();
+        let wrong = std::thread::spawn(move || {
+            let mut s = TcpStream::connect(addr).unwrap();
+            FrameIo {
+                stream: &mut s,
+                deadline: Instant::now() + Duration::from_secs(10),
+                what: "wrong key".into(),
+            }
+            .client_handshake(&wire::mac_key(b"another secret"), b"who")
+            .unwrap_err()
+        });
+        let real = std::thread::spawn(move || {
+            let mut s = TcpStream::connect(addr).unwrap();
+            FrameIo {
+                stream: &mut s,
+                deadline: Instant::now() + Duration::from_secs(10),
+                what: "real".into(),
+            }
+            .client_handshake(&key, b"rank 1")
+        });
+        let mut inbound = Inbound::new(key, "test");
+        let started = Instant::now();
+        let deadline = started + Duration::from_secs(10);
+        let mut got = Vec::new();
+        // Until the real client is through and the wrong one has been answered.
+        while (got.is_empty() || !wrong.is_finished()) && Instant::now() < deadline {
+            got.extend(inbound.poll(&listener, deadline));
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert!(
+            started.elapsed() < HANDSHAKE_DEADLINE,
+            "{:?}",
+            started.elapsed()
+        );
+        assert_eq!(got.len(), 1);
+        let mut a = got.pop().unwrap();
+        assert_eq!(a.body, b"rank 1");
+        FrameIo {
+            stream: &mut a.stream,
+            deadline,
+            what: "test".into(),
+        }
+        .welcome(&key, &a.ns, &a.nc, b"")
+        .unwrap();
+        real.join().unwrap().unwrap();
+        assert_eq!(wrong.join().unwrap().kind, crate::error::ErrorKind::Auth);
+        drop((silent, garbage));
+    }
+}
