@@ -29,6 +29,7 @@ use crate::types::{DType, Element, ReduceOp};
 use crate::validator::peer::{JobVerify, Recorded};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 pub use crate::net::bootstrap::UniqueId;
 
@@ -286,23 +287,37 @@ impl Comm {
     /// one-byte all-reduces on every rank whatever the outcome, so ranks that disagree about
     /// `MR_SHM_DISABLE` still make the same calls.
     fn attach_shared_memory(&self, id: &UniqueId, job: &[u8; 16]) -> Result<bool> {
-        use crate::net::shm::{segment_path, slot_bytes, Segment};
+        use crate::net::shm::{remove_stale, segment_path, slot_bytes, Segment, RUN_LEN};
         let wanted = self.config.shm && self.config.algo != crate::config::Algo::Ring;
         let tag = blake3::derive_key("mapreduce shm segment v1", id.as_bytes());
-        let path = segment_path(job);
         let chunk = slot_bytes(self.config.chunk_bytes);
         let mut seg = None;
+        // Rank 0 names the segment with a fresh run part, so a file a crashed run left under
+        // the same job id (jobs from the environment reuse it) never stands in the way.
+        let mut run = [0u8; RUN_LEN];
         if self.rank == 0 && wanted {
-            match Segment::create(&path, self.size, chunk, &tag) {
+            remove_stale(job, 2 * self.config.timeout + Duration::from_secs(60));
+            getrandom::getrandom(&mut run)
+                .map_err(|e| Error::internal(format!("OS random source: {e}")))?;
+            match Segment::create(&segment_path(job, &run), self.size, chunk, &tag) {
                 Ok(s) => seg = Some(s),
                 Err(e) => log::info!("rank 0: no shared-memory segment: {e}"),
             }
+            crash_for_test("MR_TEST_KILL_AFTER_SHM_CREATE");
         }
-        // Rank 0 created the file before its contribution, so after this every rank may open it.
-        let mut flag = [u8::from(wanted && (self.rank != 0 || seg.is_some()))];
-        self.allreduce(&mut flag, ReduceOp::Min)?;
+        // One all-reduce (max) tells every rank whether some rank cannot take part (first
+        // byte) and the run part of rank 0's name (the others contribute zeros). Rank 0
+        // created the file before its contribution, so after this every rank may open it.
+        let mut word = [0u8; 1 + RUN_LEN];
+        word[0] = u8::from(!(wanted && (self.rank != 0 || seg.is_some())));
+        if self.rank == 0 {
+            word[1..].copy_from_slice(&run);
+        }
+        self.allreduce(&mut word, ReduceOp::Max)?;
+        let run: [u8; RUN_LEN] = word[1..].try_into().expect("run part");
+        let flag = [u8::from(word[0] == 0)];
         if flag[0] == 1 && self.rank != 0 {
-            match Segment::open(&path, self.rank, self.size, chunk, &tag) {
+            match Segment::open(&segment_path(job, &run), self.rank, self.size, chunk, &tag) {
                 Ok(s) => seg = Some(s),
                 Err(e) => log::info!(
                     "rank {}: cannot use rank 0's shared-memory segment (not on one host?): {e}",
@@ -1024,4 +1039,14 @@ impl Comm {
 pub fn init_logging() {
     let _ = env_logger::Builder::from_env(env_logger::Env::new().filter_or("MR_LOG", "warn"))
         .try_init();
+}
+
+/// Test hook (builds with debug assertions only): SIGKILL this process when the variable
+/// `name` is set, to leave behind what a crash at this point leaves.
+fn crash_for_test(name: &str) {
+    if cfg!(debug_assertions) && std::env::var_os(name).is_some() {
+        log::warn!("{name} is set: killing this process");
+        // SAFETY: raise(2) has no memory-safety preconditions.
+        unsafe { libc::raise(libc::SIGKILL) };
+    }
 }

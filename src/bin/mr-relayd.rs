@@ -7,6 +7,7 @@
 //! the relay only the printed token (`--token`/`--token-file`).
 
 use clap::Parser;
+use mapreduce::relay::limits::Limits;
 use mapreduce::relay::registration::{load_or_create_key, JobGrants, Registration};
 use mapreduce::relay::server::{Relay, RelayConfig};
 use std::net::SocketAddr;
@@ -51,6 +52,25 @@ struct Args {
     /// Seconds between status lines.
     #[arg(long, default_value_t = 10)]
     status_secs: u64,
+    /// Most memory, in bytes, one job may reserve (default: half of --max-memory).
+    #[arg(long)]
+    max_job_memory: Option<usize>,
+    /// Most connections waiting to authenticate; a new one beyond it evicts the oldest.
+    #[arg(long, default_value_t = 256)]
+    max_unauthenticated: usize,
+    /// Seconds a new connection has to authenticate.
+    #[arg(long, default_value_t = 10)]
+    handshake_timeout_secs: u64,
+    /// Seconds a connection may pause in the middle of a frame.
+    #[arg(long, default_value_t = 20)]
+    frame_timeout_secs: u64,
+    /// Seconds a job may go without a data frame (and a peer without reading what it was
+    /// sent) before its connections are closed and its memory reservation released.
+    #[arg(long, default_value_t = 300)]
+    idle_timeout_secs: u64,
+    /// Seconds between summary lines for refused connections beyond the first few.
+    #[arg(long, default_value_t = 10)]
+    reject_log_secs: u64,
 }
 
 #[derive(clap::Subcommand, Debug)]
@@ -135,6 +155,15 @@ fn run(args: Args) -> mapreduce::Result<()> {
         return Err(mapreduce::Error::invalid("the job token is empty"));
     }
     let grants = args.validator.as_ref().map(|_| JobGrants::default());
+    let secs = |s: u64| Duration::from_secs(s.max(1));
+    let limits = Limits {
+        max_unauthenticated: args.max_unauthenticated.max(1),
+        max_job_memory: args.max_job_memory.unwrap_or(args.max_memory / 2),
+        handshake_timeout: secs(args.handshake_timeout_secs),
+        frame_timeout: secs(args.frame_timeout_secs),
+        idle_timeout: secs(args.idle_timeout_secs),
+        reject_log_interval: secs(args.reject_log_secs),
+    };
     let mut relay = Relay::bind(
         RelayConfig {
             listen,
@@ -142,6 +171,7 @@ fn run(args: Args) -> mapreduce::Result<()> {
             grants: grants.clone(),
             max_memory: args.max_memory,
             status_interval: Duration::from_secs(args.status_secs.max(1)),
+            limits,
         },
         true,
     )?;

@@ -15,6 +15,7 @@
 use crate::algo::Endpoint;
 use crate::config::{self, Config};
 use crate::error::{Error, ErrorKind, Result};
+use crate::net::inbound::{Authenticated, Inbound};
 use crate::wire::{self, BodyReader, BodyWriter, FrameHeader, FrameKind, Hello, SessionKeys};
 use std::collections::HashMap;
 use std::io::Read;
@@ -23,6 +24,10 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 const ID_MAGIC: &str = "mr1";
+/// How often rank 0 and the data listeners look for new connections and handshake progress.
+const ACCEPT_POLL: Duration = Duration::from_millis(2);
+/// How long an answer (welcome, reject) to an authenticated connection may take to send.
+const ANSWER_DEADLINE: Duration = Duration::from_secs(1);
 /// Default secret for jobs started from the environment without `MR_TOKEN`: it keeps jobs
 /// from accidentally talking to each other, not attackers out.
 const ENV_DEFAULT_SECRET: &[u8] = b"mapreduce-env-bootstrap";
@@ -471,31 +476,6 @@ fn connect_with_retry(addr: SocketAddr, deadline: Instant, what: &str) -> Result
     }
 }
 
-/// Accept one connection before `deadline`.
-fn accept_until(listener: &TcpListener, deadline: Instant, what: &str) -> Result<TcpStream> {
-    listener
-        .set_nonblocking(true)
-        .map_err(|e| Error::io(what, e))?;
-    loop {
-        match listener.accept() {
-            Ok((s, _)) => {
-                s.set_nonblocking(false).map_err(|e| Error::io(what, e))?;
-                return Ok(s);
-            }
-            Err(e)
-                if e.kind() == std::io::ErrorKind::WouldBlock
-                    || e.kind() == std::io::ErrorKind::Interrupted =>
-            {
-                if Instant::now() >= deadline {
-                    return Err(Error::timeout(format!("{what}: timed out")));
-                }
-                std::thread::sleep(Duration::from_millis(2));
-            }
-            Err(e) => return Err(Error::io(format!("{what}: accept"), e)),
-        }
-    }
-}
-
 /// Join the job: rendezvous through rank 0, then build the authenticated mesh.
 pub fn rendezvous(size: usize, id: &UniqueId, rank: usize, config: &Config) -> Result<Mesh> {
     let info = IdInfo::decode(id)?;
@@ -557,10 +537,13 @@ fn gather_ranks(
     deadline: Instant,
 ) -> Result<Vec<SocketAddr>> {
     let mut joined: HashMap<usize, (TcpStream, SocketAddr)> = HashMap::new();
+    let mut inbound = Inbound::new(*key, "rank 0: bootstrap");
+    boot.set_nonblocking(true)
+        .map_err(|e| Error::io("bootstrap listener", e))?;
+    let mut ready = Vec::new();
     while joined.len() < size - 1 {
-        let mut stream = match accept_until(boot, deadline, "bootstrap") {
-            Ok(s) => s,
-            Err(e) if e.kind == ErrorKind::Timeout => {
+        if ready.is_empty() {
+            if Instant::now() >= deadline {
                 let missing: Vec<String> = (1..size)
                     .filter(|r| !joined.contains_key(r))
                     .map(|r| r.to_string())
@@ -580,26 +563,23 @@ fn gather_ranks(
                 }
                 return Err(Error::timeout(msg));
             }
-            Err(e) => return Err(e),
-        };
-        let peer = stream
-            .peer_addr()
-            .map(|a| a.to_string())
-            .unwrap_or_default();
+            ready = inbound.poll(boot, deadline);
+            if ready.is_empty() {
+                std::thread::sleep(ACCEPT_POLL);
+            }
+            continue;
+        }
+        let Authenticated {
+            mut stream,
+            peer,
+            body,
+            ns,
+            nc,
+        } = ready.remove(0);
         let mut io = FrameIo {
             stream: &mut stream,
-            deadline: Instant::now()
-                + Duration::from_secs(5).min(
-                    deadline.saturating_duration_since(Instant::now()) + Duration::from_millis(100),
-                ),
+            deadline: Instant::now() + ANSWER_DEADLINE,
             what: format!("bootstrap connection from {peer}"),
-        };
-        let (body, ns, nc) = match io.server_handshake(key) {
-            Ok(x) => x,
-            Err(e) => {
-                log::warn!("{e}");
-                continue;
-            }
         };
         let parsed = (|| {
             let mut r = BodyReader::new(&body, "bootstrap hello");
@@ -657,7 +637,10 @@ fn gather_ranks(
             }
             continue;
         }
-        io.welcome(key, &ns, &nc, &[])?;
+        if let Err(e) = io.welcome(key, &ns, &nc, &[]) {
+            log::warn!("bootstrap: rank {r} left during its handshake: {e}");
+            continue;
+        }
         joined.insert(r, (stream, addr));
     }
     let mut addrs = vec![my_addr; size];
@@ -772,24 +755,38 @@ fn connect_mesh(
         .map(|p| streams_between(rank, p, size, config.streams))
         .sum();
     let mut seen: HashMap<(usize, usize), ()> = HashMap::new();
+    let what = format!("rank {rank}: data listener");
+    let mut inbound = Inbound::new(*key, what.clone());
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| Error::io(&what, e))?;
+    let mut ready = Vec::new();
     while seen.len() < expected {
-        let mut s = accept_until(
-            listener,
-            deadline,
-            &format!("rank {rank}: waiting for connections from higher ranks"),
-        )
-        .map_err(|e| e.context(format!("{} of {expected} connections arrived", seen.len())))?;
+        if ready.is_empty() {
+            if Instant::now() >= deadline {
+                return Err(Error::timeout(format!(
+                    "rank {rank}: waiting for connections from higher ranks: timed out \
+                     ({} of {expected} connections arrived)",
+                    seen.len()
+                )));
+            }
+            ready = inbound.poll(listener, deadline);
+            if ready.is_empty() {
+                std::thread::sleep(ACCEPT_POLL);
+            }
+            continue;
+        }
+        let Authenticated {
+            stream: mut s,
+            body,
+            ns,
+            nc,
+            ..
+        } = ready.remove(0);
         let mut io = FrameIo {
             stream: &mut s,
-            deadline,
+            deadline: Instant::now() + ANSWER_DEADLINE,
             what: format!("rank {rank}: incoming connection"),
-        };
-        let (body, ns, nc) = match io.server_handshake(key) {
-            Ok(x) => x,
-            Err(e) => {
-                log::warn!("{e}");
-                continue;
-            }
         };
         let mut r = BodyReader::new(&body, "mesh hello");
         let (job, peer, idx) = (r.bytes()?.to_vec(), r.u32()? as usize, r.u32()? as usize);

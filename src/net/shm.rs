@@ -7,8 +7,9 @@
 //!
 //! # Set-up
 //! [`crate::comm::Comm::init`] agrees on the segment over TCP: rank 0 creates
-//! `/dev/shm/mapreduce-<job id>` (mode 0600, space reserved with `posix_fallocate`, a header
-//! carrying a tag derived from the job secret); after an all-reduce the others open it and
+//! `/dev/shm/mapreduce-<job id>-<run>` (mode 0600, space reserved with `posix_fallocate`, a
+//! header carrying a tag derived from the job secret; `<run>` is random per run and reaches the
+//! other ranks in the first all-reduce); after that all-reduce the others open it and
 //! check owner, size and tag; a second all-reduce (minimum of "attached") decides for all
 //! ranks at once, and rank 0 unlinks the file, so nothing is left behind even if the job
 //! crashes later. Any failure on any rank (another host, no `/dev/shm`, too little space)
@@ -72,9 +73,52 @@ const SPINS: u32 = 256;
 /// Longest sleep between checks for abort, a lost rank or the timeout.
 const POLL: Duration = Duration::from_millis(20);
 
-/// Where the segment of job `job` lives.
-pub fn segment_path(job: &[u8; 16]) -> PathBuf {
-    PathBuf::from(format!("/dev/shm/mapreduce-{}", crate::config::to_hex(job)))
+/// Random bytes in a segment's name that set one run of a job apart from the others.
+pub const RUN_LEN: usize = 8;
+
+/// Where the segment of run `run` of job `job` lives. Jobs started from the environment reuse
+/// their job id, so the run part keeps a file left by a crashed run from blocking the next.
+pub fn segment_path(job: &[u8; 16], run: &[u8; RUN_LEN]) -> PathBuf {
+    PathBuf::from(format!(
+        "/dev/shm/mapreduce-{}-{}",
+        crate::config::to_hex(job),
+        crate::config::to_hex(run)
+    ))
+}
+
+/// Remove segment files of job `job` that crashed runs left behind: ours, and older than
+/// `age` (a live run's file exists only for the two all-reduces of its set-up, each bounded
+/// by the op timeout). Returns how many were removed.
+pub fn remove_stale(job: &[u8; 16], age: Duration) -> usize {
+    let prefix = format!("mapreduce-{}", crate::config::to_hex(job));
+    let Ok(dir) = std::fs::read_dir("/dev/shm") else {
+        return 0;
+    };
+    // SAFETY: geteuid has no preconditions.
+    let uid = unsafe { libc::geteuid() };
+    let mut removed = 0;
+    for entry in dir.flatten() {
+        let name = entry.file_name();
+        if !name.to_string_lossy().starts_with(&prefix) {
+            continue;
+        }
+        let Ok(meta) = entry.metadata() else { continue };
+        let old = meta
+            .modified()
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|a| a > age);
+        if meta.is_file() && meta.uid() == uid && old {
+            match std::fs::remove_file(entry.path()) {
+                Ok(()) => {
+                    log::info!("removed {}, left by a crashed run", entry.path().display());
+                    removed += 1;
+                }
+                Err(e) => log::info!("cannot remove {}: {e}", entry.path().display()),
+            }
+        }
+    }
+    removed
 }
 
 /// Staging slot size for a configured pipeline chunk: at least 4 KiB, a multiple of 64 bytes.
@@ -720,6 +764,35 @@ fn futex_wake(word: &AtomicU32) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stale_segments_of_the_job_are_removed_fresh_ones_kept() {
+        if !Path::new("/dev/shm").is_dir() {
+            return;
+        }
+        let mut job = [0u8; 16];
+        getrandom::getrandom(&mut job).unwrap();
+        let stale = segment_path(&job, &[1; RUN_LEN]);
+        let fresh = segment_path(&job, &[2; RUN_LEN]);
+        let other = segment_path(&[0xee; 16], &job[..RUN_LEN].try_into().unwrap());
+        for p in [&stale, &fresh, &other] {
+            std::fs::File::create(p).unwrap();
+        }
+        let old = std::time::SystemTime::now() - Duration::from_secs(3600);
+        for p in [&stale, &other] {
+            std::fs::File::options()
+                .write(true)
+                .open(p)
+                .unwrap()
+                .set_modified(old)
+                .unwrap();
+        }
+        assert_eq!(remove_stale(&job, Duration::from_secs(600)), 1);
+        assert!(!stale.exists() && fresh.exists() && other.exists());
+        for p in [&fresh, &other] {
+            std::fs::remove_file(p).unwrap();
+        }
+    }
 
     #[test]
     fn wrapping_order() {

@@ -16,7 +16,9 @@
 //! A peer keeps at most `window` chunks per relay unanswered, so a relay holds at most
 //! `world × window` chunks per job: memory is bounded independently of the tensor size.
 
+pub mod admission;
 pub mod client;
+pub mod limits;
 pub mod registration;
 pub mod server;
 pub mod sums;

@@ -1,15 +1,24 @@
 //! The relay daemon's event loop: one mio `Poll` serving many jobs, isolated by job id.
 //!
-//! Each connection goes through `AwaitHello` (challenge sent, proof expected within
-//! [`HANDSHAKE_TIMEOUT`]) to `Ready` (a member of one job as one rank's stream). Every frame
-//! header is checked before its payload is read: handshake frames against the control limit,
+//! Each connection goes through `AwaitHello` (challenge sent, proof expected within the
+//! handshake timeout) to `Ready` (a member of one job as one rank's stream). Every frame
+//! header is checked before its payload is read: a `Hello` against [`MAX_HELLO_BYTES`],
 //! data frames against the job's announced chunk size and the op's element count. A frame that
-//! fails a check closes only its own connection, with the reason logged.
+//! fails a check closes only its own connection, with the reason logged (rate-limited).
+//!
+//! What strangers can hold is bounded by [`Limits`]: at most `max_unauthenticated`
+//! connections are waiting to authenticate (a new one evicts the oldest), every connection has
+//! a deadline that progress resets, a job lives while data arrives and its reservation ends
+//! with it. When the process runs out of descriptors, the loop evicts a waiting connection or
+//! accepts and closes the newcomer with a spare descriptor, and retries accepting on a timer,
+//! so queued connections are never stranded.
 
 use crate::algo::Collective;
 use crate::buffer::Scratch;
 use crate::error::{Error, ErrorKind, Result};
 use crate::net::conn::{self, FrameIn, FrameOut};
+use crate::relay::admission::{self, Admission, KnownJob, Reservations};
+use crate::relay::limits::{self, Activity, Limits, RejectLog, MAX_HELLO_BYTES};
 use crate::relay::sums::{check_data_header, Fault, Sums};
 use crate::relay::JobHello;
 use crate::wire::{
@@ -19,6 +28,7 @@ use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token};
 use std::cell::Cell;
 use std::collections::{HashMap, VecDeque};
+use std::fs::File;
 use std::io::{IoSliceMut, Read};
 use std::net::SocketAddr;
 use std::rc::Rc;
@@ -28,8 +38,10 @@ use std::time::{Duration, Instant};
 const LISTENER: Token = Token(0);
 const SIGNALS: Token = Token(1);
 const FIRST_CONN: usize = 2;
-/// A connection must authenticate within this time.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How soon to try `accept` again after it failed for want of descriptors or memory.
+const ACCEPT_RETRY: Duration = Duration::from_millis(100);
+/// How long a refused connection may take to receive its reason before it is closed.
+const REFUSAL_FLUSH: Duration = Duration::from_secs(2);
 
 /// How a relay runs.
 #[derive(Clone, Debug)]
@@ -44,6 +56,8 @@ pub struct RelayConfig {
     pub max_memory: usize,
     /// How often to log a status line.
     pub status_interval: Duration,
+    /// Connection caps and deadlines.
+    pub limits: Limits,
 }
 
 /// Payload of a queued frame.
@@ -79,7 +93,6 @@ struct OutFrame {
 enum State {
     AwaitHello {
         nonce: [u8; 32],
-        since: Instant,
     },
     Ready {
         job: [u8; 16],
@@ -117,6 +130,26 @@ struct Conn {
     rx: Option<TagStream>,
     /// Whether WRITABLE is registered (only while `out` is not empty).
     writable: bool,
+    accepted: Instant,
+    /// When bytes last arrived / left (progress resets the connection's deadlines).
+    last_read: Instant,
+    last_write: Instant,
+}
+
+impl Conn {
+    fn activity(&self) -> Activity {
+        Activity {
+            authenticated: matches!(self.state, State::Ready { .. }),
+            accepted: self.accepted,
+            mid_frame: match &self.read {
+                ReadState::Header { got, .. } => *got > 0,
+                ReadState::Payload { .. } => true,
+            },
+            last_read: self.last_read,
+            backlog: !self.out.is_empty(),
+            last_write: self.last_write,
+        }
+    }
 }
 
 struct Job {
@@ -126,6 +159,8 @@ struct Job {
     sums: Sums,
     budget: usize,
     bytes_in: u64,
+    /// When the job was admitted or its last data frame arrived.
+    last_data: Instant,
 }
 
 #[derive(Default)]
@@ -150,6 +185,17 @@ pub struct Relay {
     signal_fd: Option<i32>,
     stop: bool,
     test_faults: TestFaults,
+    /// The loop's clock, read once per wake-up.
+    now: Instant,
+    /// Connections not authenticated yet (waiting or being refused), and their ids in
+    /// accept order (ids of connections that moved on are skipped lazily).
+    unauthenticated: usize,
+    unauthenticated_order: VecDeque<usize>,
+    /// Held open so that, out of descriptors, the relay can still accept and close.
+    spare_fd: Option<File>,
+    /// When to try `accept` again after it failed.
+    accept_retry: Option<Instant>,
+    rejects: RejectLog,
 }
 
 /// Misbehaviour for testing verification (debug builds only): `MR_RELAY_TEST_CORRUPT=f`
@@ -265,6 +311,8 @@ impl Relay {
             None
         };
         let key = wire::mac_key(&config.token);
+        let now = Instant::now();
+        let rejects = RejectLog::new(config.limits.reject_log_interval, now);
         Ok(Relay {
             poll,
             listener,
@@ -278,6 +326,12 @@ impl Relay {
             signal_fd,
             stop: false,
             test_faults: TestFaults::from_env(),
+            now,
+            unauthenticated: 0,
+            unauthenticated_order: VecDeque::new(),
+            spare_fd: File::open("/dev/null").ok(),
+            accept_retry: None,
+            rejects,
         })
     }
 
@@ -292,14 +346,18 @@ impl Relay {
         let mut events = Events::with_capacity(256);
         let mut last_status = Instant::now();
         while !self.stop {
-            if let Err(e) = self
-                .poll
-                .poll(&mut events, Some(Duration::from_millis(500)))
-            {
+            let wake = self.poll_timeout();
+            let res = self.poll.poll(&mut events, Some(wake));
+            self.now = Instant::now();
+            if let Err(e) = res {
                 if e.kind() == std::io::ErrorKind::Interrupted {
                     continue;
                 }
                 return Err(Error::io("event loop poll failed", e));
+            }
+            if self.accept_retry.is_some_and(|t| self.now >= t) {
+                self.accept_retry = None;
+                self.accept();
             }
             for ev in events.iter() {
                 match ev.token() {
@@ -319,6 +377,9 @@ impl Relay {
                 }
             }
             self.sweep();
+            if let Some(s) = self.rejects.poll_summary(self.now) {
+                log::warn!("{s}");
+            }
             if last_status.elapsed() >= self.config.status_interval {
                 self.log_status(last_status.elapsed());
                 last_status = Instant::now();
@@ -369,81 +430,207 @@ impl Relay {
         log::info!("relay stopped");
     }
 
+    /// How long the loop may sleep: until the next retry, deadline or summary, at most 500 ms.
+    fn poll_timeout(&self) -> Duration {
+        let mut wake = self.now + Duration::from_millis(500);
+        if let Some(t) = self.accept_retry {
+            wake = wake.min(t);
+        }
+        if let Some(t) = self.rejects.next_summary() {
+            wake = wake.min(t);
+        }
+        wake.saturating_duration_since(self.now)
+    }
+
+    /// Accept every queued connection.
     fn accept(&mut self) {
         loop {
             match self.listener.accept() {
-                Ok((mut stream, peer)) => {
-                    let _ = conn::tune(&stream);
-                    let id = self.next_id;
-                    self.next_id += 1;
-                    if let Err(e) =
-                        self.poll
-                            .registry()
-                            .register(&mut stream, Token(id), Interest::READABLE)
-                    {
-                        log::warn!("cannot register connection from {peer}: {e}");
-                        continue;
-                    }
-                    let nonce = wire::nonce();
-                    log::debug!("connection {id} from {peer}");
-                    self.conns.insert(
-                        id,
-                        Conn {
-                            stream,
-                            peer,
-                            state: State::AwaitHello {
-                                nonce,
-                                since: Instant::now(),
-                            },
-                            read: ReadState::Header {
-                                buf: [0; HEADER_LEN],
-                                got: 0,
-                            },
-                            out: VecDeque::new(),
-                            out_bytes: 0,
-                            tagged: false,
-                            tx: TagStream::new([0; 32]),
-                            rx: None,
-                            writable: false,
-                        },
-                    );
-                    self.send_control(
-                        id,
-                        FrameHeader::new(FrameKind::Challenge, nonce.len()),
-                        nonce.to_vec(),
-                    );
-                }
+                Ok((stream, peer)) => self.admit_connection(stream, peer),
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
+                    // Out of descriptors. The listener will not report the queued connections
+                    // again, so make room and keep going, and try again soon in any case.
+                    self.accept_retry = Some(self.now + ACCEPT_RETRY);
+                    if self.evict_oldest_unauthenticated("evicted: out of file descriptors") {
+                        continue;
+                    }
+                    if !self.shed_one() {
+                        return;
+                    }
+                }
                 Err(e) => {
-                    log::warn!("accept failed: {e}");
+                    if self.rejects.record(self.now, "accept failed") {
+                        log::warn!("accept failed: {e}");
+                    }
+                    self.accept_retry = Some(self.now + ACCEPT_RETRY);
                     return;
                 }
             }
         }
     }
 
-    /// Close connections that did not authenticate in time, or whose refusal was delivered.
-    fn sweep(&mut self) {
-        let now = Instant::now();
-        let stale: Vec<(usize, &'static str)> = self
-            .conns
-            .iter()
-            .filter_map(|(&id, c)| match c.state {
-                State::AwaitHello { since, .. } if now - since > HANDSHAKE_TIMEOUT => {
-                    Some((id, "no authentication within the handshake timeout"))
-                }
-                State::Closing { since }
-                    if c.out.is_empty() || now - since > Duration::from_secs(2) =>
+    /// Out of descriptors with nobody to evict: accept the next queued connection on the
+    /// spare descriptor and close it at once, so its client hears no instead of waiting.
+    /// Returns whether one was shed (the queue may hold more).
+    fn shed_one(&mut self) -> bool {
+        let Some(spare) = self.spare_fd.take() else {
+            self.spare_fd = File::open("/dev/null").ok();
+            return false;
+        };
+        drop(spare);
+        let shed = match self.listener.accept() {
+            Ok((stream, peer)) => {
+                drop(stream);
+                if self
+                    .rejects
+                    .record(self.now, "shed: out of file descriptors")
                 {
-                    Some((id, "refused"))
+                    log::warn!("closed connection from {peer}: out of file descriptors");
                 }
-                _ => None,
-            })
-            .collect();
-        for (id, why) in stale {
-            self.close(id, why, why != "refused");
+                true
+            }
+            Err(_) => false,
+        };
+        self.spare_fd = File::open("/dev/null").ok();
+        shed
+    }
+
+    /// Close the connection that has waited longest to authenticate; false if there is none.
+    fn evict_oldest_unauthenticated(&mut self, reason: &'static str) -> bool {
+        while let Some(id) = self.unauthenticated_order.pop_front() {
+            if self
+                .conns
+                .get(&id)
+                .is_some_and(|c| !matches!(c.state, State::Ready { .. }))
+            {
+                self.close_rejected(id, reason);
+                return true;
+            }
         }
+        false
+    }
+
+    /// Register an accepted connection and challenge it.
+    fn admit_connection(&mut self, mut stream: TcpStream, peer: SocketAddr) {
+        if self.unauthenticated >= self.config.limits.max_unauthenticated {
+            self.evict_oldest_unauthenticated("evicted: too many unauthenticated connections");
+        }
+        let _ = conn::tune(&stream);
+        let id = self.next_id;
+        self.next_id += 1;
+        // WRITABLE is watched only while frames wait (see `flush`).
+        if let Err(e) = self
+            .poll
+            .registry()
+            .register(&mut stream, Token(id), Interest::READABLE)
+        {
+            if self.rejects.record(self.now, "cannot register") {
+                log::warn!("cannot register connection from {peer}: {e}");
+            }
+            return;
+        }
+        let nonce = wire::nonce();
+        log::debug!("connection {id} from {peer}");
+        self.conns.insert(
+            id,
+            Conn {
+                stream,
+                peer,
+                state: State::AwaitHello { nonce },
+                read: ReadState::Header {
+                    buf: [0; HEADER_LEN],
+                    got: 0,
+                },
+                out: VecDeque::new(),
+                out_bytes: 0,
+                tagged: false,
+                tx: TagStream::new([0; 32]),
+                rx: None,
+                writable: false,
+                accepted: self.now,
+                last_read: self.now,
+                last_write: self.now,
+            },
+        );
+        self.unauthenticated += 1;
+        self.unauthenticated_order.push_back(id);
+        self.send_control(
+            id,
+            FrameHeader::new(FrameKind::Challenge, nonce.len()),
+            nonce.to_vec(),
+        );
+    }
+
+    /// Close connections past their deadline or whose refusal was delivered, end idle jobs,
+    /// and give back the memory of tables that shrank.
+    fn sweep(&mut self) {
+        let now = self.now;
+        let limits = &self.config.limits;
+        let mut refused = Vec::new();
+        let mut expired = Vec::new();
+        for (&id, c) in &self.conns {
+            if let State::Closing { since } = c.state {
+                if c.out.is_empty() || now.saturating_duration_since(since) > REFUSAL_FLUSH {
+                    refused.push(id);
+                }
+                continue;
+            }
+            if let Some((at, why)) = limits::connection_deadline(&c.activity(), limits) {
+                if now >= at {
+                    expired.push((id, why));
+                }
+            }
+        }
+        let idle_jobs: Vec<[u8; 16]> = self
+            .jobs
+            .iter()
+            .filter(|(_, j)| limits::job_expired(j.last_data, now, limits))
+            .map(|(k, _)| *k)
+            .collect();
+        for id in refused {
+            self.close(id, "refused", false);
+        }
+        for (id, why) in expired {
+            self.close_rejected(id, why);
+        }
+        for job in idle_jobs {
+            self.end_job(&job, "no data within the idle timeout");
+        }
+        if self.conns.capacity() > 64 && self.conns.len() < self.conns.capacity() / 4 {
+            self.conns.shrink_to_fit();
+        }
+        if self.unauthenticated_order.len() > 2 * self.unauthenticated + 64 {
+            let conns = &self.conns;
+            self.unauthenticated_order.retain(|id| {
+                conns
+                    .get(id)
+                    .is_some_and(|c| !matches!(c.state, State::Ready { .. }))
+            });
+            self.unauthenticated_order.shrink_to_fit();
+        }
+    }
+
+    /// Close every connection of `job` (which ends it and releases its reservation).
+    fn end_job(&mut self, job: &[u8; 16], reason: &'static str) {
+        let Some(j) = self.jobs.get(job) else {
+            return;
+        };
+        log::info!(
+            "job {}: closing its {} connections: {reason}",
+            crate::config::to_hex(&job[..4]),
+            j.members.iter().map(Vec::len).sum::<usize>()
+        );
+        let ids: Vec<usize> = j.members.iter().flatten().copied().collect();
+        for id in ids {
+            self.close(id, reason, false);
+        }
+    }
+
+    /// Close connection `id` for `reason`, logged through the rejection rate limit.
+    fn close_rejected(&mut self, id: usize, reason: &'static str) {
+        self.close(id, reason, true);
     }
 
     /// Remove connection `id`; `warn` logs the reason as a warning.
@@ -453,10 +640,13 @@ impl Relay {
         };
         let _ = self.poll.registry().deregister(&mut c.stream);
         let _ = c.stream.shutdown(std::net::Shutdown::Both);
-        if warn {
+        if warn && self.rejects.record(self.now, reject_class(reason)) {
             log::warn!("closed connection from {}: {reason}", c.peer);
         } else {
             log::debug!("closed connection from {}: {reason}", c.peer);
+        }
+        if !matches!(c.state, State::Ready { .. }) {
+            self.unauthenticated -= 1;
         }
         if let State::Ready { job, rank } = c.state {
             let Some(j) = self.jobs.get_mut(&job) else {
@@ -492,6 +682,10 @@ impl Relay {
             return;
         };
         let frame = FrameOut::new(&header, c.tagged);
+        if c.out.is_empty() {
+            // A backlog's deadline counts from when it began.
+            c.last_write = self.now;
+        }
         c.out_bytes += frame.total(payload.bytes().len());
         c.out.push_back(OutFrame {
             frame,
@@ -518,6 +712,7 @@ impl Relay {
                 match f.frame.write(&c.stream, payload, &mut c.tx) {
                     Ok(n) => {
                         c.out_bytes -= n;
+                        c.last_write = self.now;
                         self.stats.bytes_out += n as u64;
                         if f.frame.written == total {
                             let f = c.out.pop_front().expect("front frame");
@@ -592,6 +787,7 @@ impl Relay {
                         Ok(0) => Err(std::io::ErrorKind::UnexpectedEof.into()),
                         Ok(n) => {
                             *got += n;
+                            c.last_read = self.now;
                             self.stats.bytes_in += n as u64;
                             Ok(*got == HEADER_LEN)
                         }
@@ -602,6 +798,7 @@ impl Relay {
                     let at = frame.got;
                     match frame.read(&mut c.stream, &mut buf.as_mut_slice()[at..]) {
                         Ok(n) => {
+                            c.last_read = self.now;
                             self.stats.bytes_in += n as u64;
                             Ok(frame.is_whole())
                         }
@@ -663,7 +860,7 @@ impl Relay {
         let c = self.conns.get_mut(&id).expect("connection");
         let mut data_of = None;
         let limit = match (&c.state, h.kind()) {
-            (State::AwaitHello { .. }, FrameKind::Hello) => MAX_CONTROL_PAYLOAD,
+            (State::AwaitHello { .. }, FrameKind::Hello) => MAX_HELLO_BYTES,
             (State::AwaitHello { .. }, k) => {
                 return Err(Error::remote(format!("expected a Hello frame, got {k:?}")))
             }
@@ -720,10 +917,12 @@ impl Relay {
 
     fn refuse(&mut self, id: usize, kind: ErrorKind, reason: &str) {
         let c = self.conns.get_mut(&id).expect("connection");
-        log::warn!("rejected connection from {}: {reason}", c.peer);
-        c.state = State::Closing {
-            since: Instant::now(),
-        };
+        if self.rejects.record(self.now, "refused") {
+            log::warn!("rejected connection from {}: {reason}", c.peer);
+        } else {
+            log::debug!("rejected connection from {}: {reason}", c.peer);
+        }
+        c.state = State::Closing { since: self.now };
         let mut h = FrameHeader::new(FrameKind::Reject, reason.len());
         h.aux = kind as u32;
         self.send_control(id, h, reason.as_bytes().to_vec());
@@ -763,58 +962,42 @@ impl Relay {
             }
         };
         let tag = crate::config::to_hex(&jh.job[..4]);
-        if let Some(j) = self.jobs.get(&jh.job) {
-            let same = JobHello {
-                rank: jh.rank,
-                stream: jh.stream,
-                ..j.hello.clone()
-            };
-            if same != jh {
-                let msg = format!(
-                    "job {tag}: rank {} announced world {}, {} streams, {}-byte chunks, window {}, \
-                     but the job has world {}, {} streams, {}-byte chunks, window {}",
-                    jh.rank, jh.world, jh.streams, jh.chunk_bytes, jh.window,
-                    j.hello.world, j.hello.streams, j.hello.chunk_bytes, j.hello.window
-                );
-                self.refuse(id, ErrorKind::InvalidArgument, &msg);
+        let known = self.jobs.get(&jh.job).map(|j| KnownJob {
+            hello: &j.hello,
+            rank_streams: j.members[jh.rank].len(),
+        });
+        let books = Reservations {
+            reserved: self.reserved,
+            max_memory: self.config.max_memory,
+            max_job_memory: self.config.limits.max_job_memory,
+        };
+        match admission::decide(&jh, known, books) {
+            Admission::Join => {}
+            Admission::Refuse { kind, reason } => {
+                self.refuse(id, kind, &reason);
                 return Ok(());
             }
-            if j.members[jh.rank].len() >= jh.streams {
-                let msg = format!(
-                    "job {tag}: rank {} connected more than {} streams",
-                    jh.rank, jh.streams
+            Admission::NewJob { budget } => {
+                self.reserved += budget;
+                log::info!(
+                    "job {tag}: new, {} peers, {} streams each, {}-byte chunks, window {}",
+                    jh.world,
+                    jh.streams,
+                    jh.chunk_bytes,
+                    jh.window
                 );
-                self.refuse(id, ErrorKind::InvalidArgument, &msg);
-                return Ok(());
-            }
-        } else {
-            let budget = jh.budget();
-            if self.reserved.saturating_add(budget) > self.config.max_memory {
-                let msg = format!(
-                    "relay is full: job {tag} needs up to {budget} bytes, {} of {} bytes are reserved",
-                    self.reserved, self.config.max_memory
+                self.jobs.insert(
+                    jh.job,
+                    Job {
+                        hello: jh.clone(),
+                        members: vec![Vec::new(); jh.world],
+                        sums: Sums::new(jh.world, budget / 4 * 3, budget),
+                        budget,
+                        bytes_in: 0,
+                        last_data: self.now,
+                    },
                 );
-                self.refuse(id, ErrorKind::Remote, &msg);
-                return Ok(());
             }
-            self.reserved += budget;
-            log::info!(
-                "job {tag}: new, {} peers, {} streams each, {}-byte chunks, window {}",
-                jh.world,
-                jh.streams,
-                jh.chunk_bytes,
-                jh.window
-            );
-            self.jobs.insert(
-                jh.job,
-                Job {
-                    hello: jh.clone(),
-                    members: vec![Vec::new(); jh.world],
-                    sums: Sums::new(jh.world, budget / 4 * 3, budget),
-                    budget,
-                    bytes_in: 0,
-                },
-            );
         }
         let j = self.jobs.get_mut(&jh.job).expect("job");
         j.members[jh.rank].push(id);
@@ -829,6 +1012,7 @@ impl Relay {
             job: jh.job,
             rank: jh.rank,
         };
+        self.unauthenticated -= 1;
         let p = wire::welcome_mac(&key, &nonce, &hello.nonce, &[]).to_vec();
         self.send_control(id, FrameHeader::new(FrameKind::Welcome, p.len()), p);
         // Every later frame, both ways, carries a tag under this connection's keys.
@@ -861,6 +1045,7 @@ impl Relay {
             return Err(Error::internal("connection of a job that ended"));
         };
         j.bytes_in += payload.len() as u64;
+        j.last_data = self.now;
         if !self.test_faults.delay.is_zero() {
             std::thread::sleep(self.test_faults.delay);
         }
@@ -935,4 +1120,23 @@ impl Relay {
             },
         }
     }
+}
+
+/// The class a close reason is counted under in the rejection summary.
+fn reject_class(reason: &str) -> &'static str {
+    const CLASSES: [&str; 8] = [
+        "no authentication within the handshake timeout",
+        "stalled in the middle of a frame",
+        "not reading the frames sent to it",
+        "evicted: too many unauthenticated connections",
+        "evicted: out of file descriptors",
+        "connection closed in the middle of a frame",
+        "send failed",
+        "receive failed",
+    ];
+    CLASSES
+        .iter()
+        .find(|c| reason.starts_with(*c))
+        .copied()
+        .unwrap_or("malformed or unexpected frames")
 }

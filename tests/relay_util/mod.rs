@@ -47,13 +47,35 @@ impl RelayProc {
     /// secret is `secret`.
     pub fn start_with_env(secret: &str, extra: &[&str], env: &[(&str, &str)]) -> RelayProc {
         let listen = free_addr();
-        RelayProc::spawn(secret, &listen, &listen, extra, env)
+        RelayProc::spawn(secret, &listen, &listen, extra, env, |_| {})
+    }
+
+    /// As [`RelayProc::start_with`], with the relay limited to `nofile` open descriptors.
+    pub fn start_with_nofile(secret: &str, extra: &[&str], nofile: u64) -> RelayProc {
+        let listen = free_addr();
+        RelayProc::spawn(secret, &listen, &listen, extra, &[], |cmd| {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: the closure runs in the child between fork and exec and only calls
+            // setrlimit, which is async-signal-safe.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let lim = libc::rlimit {
+                        rlim_cur: nofile,
+                        rlim_max: nofile,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        })
     }
 
     /// A relay listening on `listen` whose token is bound to `name`, the address the job
     /// writes in `MR_RELAYS` (a proxy's, say).
     pub fn start_named(secret: &str, listen: &str, name: &str) -> RelayProc {
-        RelayProc::spawn(secret, listen, name, &[], &[])
+        RelayProc::spawn(secret, listen, name, &[], &[], |_| {})
     }
 
     fn spawn(
@@ -62,12 +84,14 @@ impl RelayProc {
         name: &str,
         extra: &[&str],
         env: &[(&str, &str)],
+        adjust: impl FnOnce(&mut Command),
     ) -> RelayProc {
         let token = relay_token(secret, name);
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_mr-relayd"));
         cmd.args(["--listen", listen, "--token", &token, "--status-secs", "1"])
             .args(extra)
             .envs(env.iter().copied());
+        adjust(&mut cmd);
         let (child, addr, log) = daemon::spawn_logged(cmd);
         RelayProc { child, addr, log }
     }
@@ -82,6 +106,23 @@ impl RelayProc {
             std::thread::sleep(Duration::from_millis(20));
         }
         false
+    }
+
+    /// The relay's resident memory (VmRSS), in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    }
+
+    /// Log lines containing `needle`.
+    pub fn count_log(&self, needle: &str) -> usize {
+        self.log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains(needle))
+            .count()
     }
 
     pub fn is_running(&mut self) -> bool {
@@ -123,4 +164,46 @@ where
         })
         .collect();
     handles.into_iter().map(|h| h.join().unwrap()).collect()
+}
+
+/// Authenticate to the relay at `addr` with the test token, announcing `hello`.
+pub fn hello_to(
+    addr: &str,
+    hello: &mapreduce::relay::JobHello,
+) -> mapreduce::Result<std::net::TcpStream> {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    // The relay holds its own token, derived from the job secret and its address.
+    let secret = mapreduce::config::parse_hex("t", TOKEN).unwrap();
+    let key = mapreduce::wire::mac_key(&mapreduce::wire::relay_token(&secret, addr));
+    mapreduce::net::bootstrap::FrameIo {
+        stream: &mut s,
+        deadline: Instant::now() + Duration::from_secs(5),
+        what: "test".into(),
+    }
+    .client_handshake(&key, &hello.encode())?;
+    Ok(s)
+}
+
+/// Read until the relay closes the connection (EOF or reset); false if it is still open
+/// after `wait`.
+pub fn closed_within(s: &mut std::net::TcpStream, wait: Duration) -> bool {
+    use std::io::Read;
+    s.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let deadline = Instant::now() + wait;
+    let mut buf = [0u8; 4096];
+    while Instant::now() < deadline {
+        match s.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::TimedOut =>
+            {
+                continue
+            }
+            Err(_) => return true,
+        }
+    }
+    false
 }

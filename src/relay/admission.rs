@@ -1,0 +1,195 @@
+//! Whether a relay takes an authenticated peer into a job: a pure decision over what the peer
+//! announced, the job as the relay knows it, and the memory already reserved. Never does I/O,
+//! never changes the relay's books; the server applies the answer.
+//!
+//! A new job reserves its worst case ([`JobHello::budget`]) for as long as it lives; it is
+//! refused when that exceeds the per-job cap (so one announcement cannot take the whole relay)
+//! or what is left under the relay's total.
+
+use crate::error::ErrorKind;
+use crate::relay::JobHello;
+
+/// What the relay knows about a job the peer names.
+#[derive(Clone, Copy, Debug)]
+pub struct KnownJob<'a> {
+    /// What the job's first peer announced.
+    pub hello: &'a JobHello,
+    /// Connections the announcing rank already has in the job.
+    pub rank_streams: usize,
+}
+
+/// The relay's memory books.
+#[derive(Clone, Copy, Debug)]
+pub struct Reservations {
+    /// Bytes reserved by the jobs that are running.
+    pub reserved: usize,
+    /// Most bytes all jobs together may reserve.
+    pub max_memory: usize,
+    /// Most bytes one job may reserve.
+    pub max_job_memory: usize,
+}
+
+/// The answer to one peer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Admission {
+    /// Another stream of a job that is running.
+    Join,
+    /// A new job, reserving `budget` bytes.
+    NewJob { budget: usize },
+    /// Refused: the reason goes to the peer (and the log), `kind` is its error kind.
+    Refuse { kind: ErrorKind, reason: String },
+}
+
+/// Decide on `hello`, from a peer that proved the job's token.
+pub fn decide(hello: &JobHello, known: Option<KnownJob<'_>>, books: Reservations) -> Admission {
+    let tag = crate::config::to_hex(&hello.job[..4]);
+    if let Some(k) = known {
+        let j = k.hello;
+        let same = JobHello {
+            rank: hello.rank,
+            stream: hello.stream,
+            ..j.clone()
+        };
+        if same != *hello {
+            return Admission::Refuse {
+                kind: ErrorKind::InvalidArgument,
+                reason: format!(
+                    "job {tag}: rank {} announced world {}, {} streams, {}-byte chunks, window {}, \
+                     but the job has world {}, {} streams, {}-byte chunks, window {}",
+                    hello.rank,
+                    hello.world,
+                    hello.streams,
+                    hello.chunk_bytes,
+                    hello.window,
+                    j.world,
+                    j.streams,
+                    j.chunk_bytes,
+                    j.window
+                ),
+            };
+        }
+        if k.rank_streams >= hello.streams {
+            return Admission::Refuse {
+                kind: ErrorKind::InvalidArgument,
+                reason: format!(
+                    "job {tag}: rank {} connected more than {} streams",
+                    hello.rank, hello.streams
+                ),
+            };
+        }
+        return Admission::Join;
+    }
+    let budget = hello.budget();
+    if budget > books.max_job_memory {
+        return Admission::Refuse {
+            kind: ErrorKind::InvalidArgument,
+            reason: format!(
+                "job {tag} needs up to {budget} bytes ({} peers × window {} × {}-byte chunks), \
+                 over this relay's limit of {} bytes per job",
+                hello.world, hello.window, hello.chunk_bytes, books.max_job_memory
+            ),
+        };
+    }
+    if books.reserved.saturating_add(budget) > books.max_memory {
+        return Admission::Refuse {
+            kind: ErrorKind::Remote,
+            reason: format!(
+                "relay is full: job {tag} needs up to {budget} bytes, {} of {} bytes are reserved",
+                books.reserved, books.max_memory
+            ),
+        };
+    }
+    Admission::NewJob { budget }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hello(chunk_bytes: usize, window: usize) -> JobHello {
+        JobHello {
+            job: [3; 16],
+            rank: 0,
+            world: 2,
+            stream: 0,
+            streams: 2,
+            chunk_bytes,
+            window,
+        }
+    }
+
+    const GIB: usize = 1 << 30;
+
+    fn books(reserved: usize) -> Reservations {
+        Reservations {
+            reserved,
+            max_memory: 2 * GIB,
+            max_job_memory: GIB / 2,
+        }
+    }
+
+    #[test]
+    fn one_announcement_cannot_take_the_relay() {
+        // 2 peers × 64 chunks of 4 MiB: the whole 2 GiB.
+        let h = hello(4 << 20, 64);
+        assert_eq!(h.budget(), 2 * GIB);
+        match decide(&h, None, books(0)) {
+            Admission::Refuse { kind, reason } => {
+                assert_eq!(kind, ErrorKind::InvalidArgument);
+                assert!(
+                    reason.contains("limit of 536870912 bytes per job"),
+                    "{reason}"
+                );
+            }
+            a => panic!("admitted: {a:?}"),
+        }
+    }
+
+    #[test]
+    fn new_jobs_fit_under_the_total() {
+        let h = hello(64 << 10, 64);
+        let budget = h.budget();
+        assert_eq!(decide(&h, None, books(0)), Admission::NewJob { budget });
+        assert_eq!(
+            decide(&h, None, books(2 * GIB - budget)),
+            Admission::NewJob { budget }
+        );
+        match decide(&h, None, books(2 * GIB - budget + 1)) {
+            Admission::Refuse { kind, reason } => {
+                assert_eq!(kind, ErrorKind::Remote);
+                assert!(reason.starts_with("relay is full"), "{reason}");
+            }
+            a => panic!("admitted: {a:?}"),
+        }
+    }
+
+    #[test]
+    fn known_jobs_take_matching_streams_only() {
+        let first = hello(64 << 10, 8);
+        let second = JobHello {
+            rank: 1,
+            stream: 1,
+            ..first.clone()
+        };
+        let known = |rank_streams| {
+            Some(KnownJob {
+                hello: &first,
+                rank_streams,
+            })
+        };
+        // Joining needs no new reservation, even on a full relay.
+        assert_eq!(decide(&second, known(1), books(2 * GIB)), Admission::Join);
+        assert!(matches!(
+            decide(&second, known(2), books(0)),
+            Admission::Refuse { reason, .. } if reason.contains("more than 2 streams")
+        ));
+        let other = JobHello {
+            window: 9,
+            ..second
+        };
+        assert!(matches!(
+            decide(&other, known(0), books(0)),
+            Admission::Refuse { reason, .. } if reason.contains("window 9")
+        ));
+    }
+}
