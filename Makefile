@@ -123,7 +123,7 @@ c-test: c-examples
 KILL_TRIALS ?= 6
 c-test-kills: c-examples
 	for i in $$(seq $(KILL_TRIALS)); do \
-		$(TEST_ENV) MR_LOG=error $(RELAY_RUN) 3 $(BUILD)/c-examples/survive_kills relay 4; \
+		$(TEST_ENV) $(RELAY_RUN) 3 $(BUILD)/c-examples/survive_kills relay 4; \
 		$(TEST_ENV) MR_LOG=off $(BUILD)/c-examples/survive_kills peer 4; \
 	done
 

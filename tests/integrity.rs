@@ -21,22 +21,20 @@ const HANDSHAKE_DOWN: u64 = 2 * (HEADER_LEN as u64 + 32);
 const FLIP_AT: u64 = HANDSHAKE_DOWN + 20_000;
 
 /// A TCP proxy in front of `target` that flips one byte (at `FLIP_AT` of the target→client
-/// direction) in the connections `pick` selects, by accept order.
+/// direction, or of the client→target one with `upstream`) in the connections `pick`
+/// selects, by accept order.
 struct FlipProxy {
     addr: String,
     flips: Arc<AtomicUsize>,
 }
 
 impl FlipProxy {
-    fn start(target: String, pick: impl Fn(usize) -> bool + Send + 'static) -> FlipProxy {
-        FlipProxy::start_counting(target, pick, Arc::new(AtomicUsize::new(0)))
-    }
-
-    /// As [`FlipProxy::start`], counting flips in `flips`.
-    fn start_counting(
+    /// Start the proxy; flips are counted in `flips`.
+    fn start(
         target: String,
         pick: impl Fn(usize) -> bool + Send + 'static,
         flips: Arc<AtomicUsize>,
+        upstream: bool,
     ) -> FlipProxy {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap().to_string();
@@ -48,13 +46,14 @@ impl FlipProxy {
                     continue;
                 };
                 let flip = pick(k).then_some(FLIP_AT);
+                let (up, down) = if upstream { (flip, None) } else { (None, flip) };
                 pump(
                     client.try_clone().unwrap(),
                     server.try_clone().unwrap(),
-                    None,
-                    None,
+                    up,
+                    Some(counter.clone()),
                 );
-                pump(server, client, flip, Some(counter.clone()));
+                pump(server, client, down, Some(counter.clone()));
             }
         });
         FlipProxy { addr, flips }
@@ -135,9 +134,19 @@ fn run_allreduce(world: usize, cfg: Config, ids: Vec<UniqueId>) -> Vec<Outcome> 
 /// proxy's address, so that is what relay 0's token is bound to); relay 1 is direct. Returns
 /// each rank's outcome and how many bytes the proxy flipped.
 fn relay_job(pick: impl Fn(usize) -> bool + Send + 'static, verify: bool) -> (Vec<Outcome>, usize) {
+    relay_job_flipping(pick, verify, false)
+}
+
+/// As [`relay_job`]; `upstream` flips the peers' uploads to relay 0 instead of its results.
+fn relay_job_flipping(
+    pick: impl Fn(usize) -> bool + Send + 'static,
+    verify: bool,
+    upstream: bool,
+) -> (Vec<Outcome>, usize) {
     let world = 3;
     let listen = relay_util::free_addr();
-    let proxy = FlipProxy::start(listen.clone(), pick);
+    let counter = Arc::new(AtomicUsize::new(0));
+    let proxy = FlipProxy::start(listen.clone(), pick, counter, upstream);
     let relay_a = RelayProc::start_named(TOKEN, &listen, &proxy.addr);
     let relay_b = RelayProc::start(TOKEN);
     let cfg = Config {
@@ -205,6 +214,15 @@ fn flip_in_every_ranks_copy_of_a_relay_result() {
     }
 }
 
+#[test]
+fn flip_in_a_ranks_upload_to_a_relay() {
+    // The relay sees the bad tag and closes that rank's stream; the rank drops the relay, the
+    // others learn of it from that rank, and every rank redoes its chunks elsewhere.
+    let (out, flips) = relay_job_flipping(|k| k == 1, false, true);
+    assert_no_silent_corruption("upload to a relay", &out, flips);
+    assert_all_correct("upload to a relay", &out);
+}
+
 /// Rank 0's bootstrap connection to rank 1, with the address table rewritten so that rank 1
 /// reaches rank 0's data listener through a flipping proxy (what an on-path attacker can do).
 fn bootstrap_redirect(boot: String) -> (String, Arc<AtomicUsize>) {
@@ -235,8 +253,7 @@ fn bootstrap_redirect(boot: String) -> (String, Arc<AtomicUsize>) {
                 let mut r = BodyReader::new(&payload, "table");
                 let n = r.u32().unwrap() as usize;
                 let addrs: Vec<String> = (0..n).map(|_| r.string().unwrap()).collect();
-                let proxy =
-                    FlipProxy::start_counting(addrs[0].clone(), |k| k == 0, counter.clone());
+                let proxy = FlipProxy::start(addrs[0].clone(), |k| k == 0, counter.clone(), false);
                 let mut w = BodyWriter::default().u32(n as u32);
                 w = w.bytes(proxy.addr.as_bytes());
                 for a in &addrs[1..] {

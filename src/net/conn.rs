@@ -82,6 +82,9 @@ pub struct FrameOut {
     pub header: [u8; HEADER_LEN],
     /// Whether this frame carries a tag (every frame after the handshake does).
     tagged: bool,
+    /// Whether `tag` is computed: from then on the frame owns its place in the direction's
+    /// frame numbering and must go out whole, or the connection is done.
+    numbered: bool,
     tag: [u8; TAG_LEN],
     pub written: usize,
 }
@@ -91,9 +94,16 @@ impl FrameOut {
         FrameOut {
             header: header.encode(),
             tagged,
+            numbered: false,
             tag: [0; TAG_LEN],
             written: 0,
         }
+    }
+
+    /// Whether the frame has taken its frame number (its tag is computed): it can no longer
+    /// be dropped without breaking every later tag on the connection.
+    pub fn is_numbered(&self) -> bool {
+        self.numbered || self.written > 0
     }
 
     /// Bytes this frame puts on the wire with a payload of `payload_len` bytes.
@@ -124,8 +134,9 @@ impl FrameOut {
         tx: &mut TagStream,
         max: usize,
     ) -> io::Result<usize> {
-        if self.written == 0 && self.tagged {
+        if self.tagged && !self.numbered {
             self.tag = tx.tag(&self.header, payload);
+            self.numbered = true;
         }
         let tag: &[u8] = if self.tagged { &self.tag } else { &[] };
         let (mut h, mut p, mut t) = (&self.header[..], payload, tag);
@@ -338,6 +349,46 @@ mod tests {
         assert_eq!(wire.len(), HEADER_LEN + payload.len() + TAG_LEN);
         let (got, ok) = read_frame(&mut TagStream::new(peer.recv), &wire, 100);
         assert!(ok);
+        assert_eq!(got, payload);
+    }
+
+    #[test]
+    fn a_frame_retried_after_would_block_keeps_its_number() {
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        a.set_nonblocking(true).unwrap();
+        let keys = SessionKeys::derive(&[3; 32], &[4; 32], &[5; 32], false);
+        let peer = SessionKeys::derive(&[3; 32], &[4; 32], &[5; 32], true);
+        let mut tx = TagStream::new(keys.send);
+        // Fill the socket so the frame's first attempts would block.
+        let filler = vec![0u8; 1 << 16];
+        let mut stuffed = 0usize;
+        while let Ok(n) = send_vectored(&a, &[IoSlice::new(&filler)]) {
+            stuffed += n;
+        }
+        let payload = vec![5u8; 1000];
+        let h = FrameHeader::new(FrameKind::Data, payload.len());
+        let mut f = FrameOut::new(&h, true);
+        for _ in 0..3 {
+            let e = f.write(&a, &payload, &mut tx).unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::WouldBlock);
+        }
+        assert!(f.is_numbered());
+        let reader = std::thread::spawn(move || {
+            let mut all = Vec::new();
+            (&b).read_to_end(&mut all).unwrap();
+            all
+        });
+        while f.written < f.total(payload.len()) {
+            match f.write(&a, &payload, &mut tx) {
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => std::thread::yield_now(),
+                Err(e) => panic!("{e}"),
+            }
+        }
+        drop(a);
+        let all = reader.join().unwrap();
+        let (got, ok) = read_frame(&mut TagStream::new(peer.recv), &all[stuffed..], 4096);
+        assert!(ok, "the retried frame's tag must use frame number 0");
         assert_eq!(got, payload);
     }
 

@@ -1145,7 +1145,8 @@ impl Loop {
             for mut f in c.queue.drain(..) {
                 match f.transmit.take() {
                     None => keep.push_back(f),
-                    Some(t) if f.frame.written > 0 => {
+                    // Numbered (tag taken) or half-written: it must still go out whole.
+                    Some(t) if f.frame.is_numbered() => {
                         f.owned = op.mem.bytes(&t.region).to_vec();
                         keep.push_back(f);
                     }
