@@ -1,10 +1,11 @@
 //! `mr-validator`: registry of relays, job assignment, verification by sampling, benchmark
 //! bots and scores. Runs in the foreground and logs to stderr (`MR_LOG`, default `info`).
 //!
-//! `mr-validator --listen ADDR:PORT [--scores FILE] [--config validator.config.json]`
+//! `mr-validator --listen ADDR:PORT [--scores FILE] [--key-file FILE] [--config validator.config.json]`
 //! `mr-validator status --validator ADDR:PORT` prints the relay table.
 
 use clap::{Parser, Subcommand};
+use mapreduce::validator::identity::Identity;
 use mapreduce::validator::server::{Validator, ValidatorConfig};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -18,10 +19,14 @@ struct Args {
     /// Address to listen on (overrides the config file's `listen`; port 0 picks one).
     #[arg(long)]
     listen: Option<String>,
-    /// Scores file (JSON, rewritten atomically, reloaded on start); pinned relay keys are
-    /// kept next to it in FILE.keys.
+    /// Scores file (JSON, rewritten atomically, reloaded on start). Relay ids are their
+    /// public keys, so it pins them too.
     #[arg(long)]
     scores: Option<PathBuf>,
+    /// The validator's identity key (created with mode 0600 on first start). Default: the
+    /// scores file's path with `.key` appended; without either, a fresh key per run.
+    #[arg(long)]
+    key_file: Option<PathBuf>,
     /// validator.config.json.
     #[arg(long)]
     config: Option<PathBuf>,
@@ -59,7 +64,7 @@ fn main() -> ExitCode {
 fn status(addr: &str) -> mapreduce::Result<()> {
     let rows = mapreduce::validator::client::status(addr, Duration::from_secs(10))?;
     println!(
-        "{:<18} {:<22} {:>5} {:>10} {:>12} {:>6} {:>8} {:>8} {:>10} {:>8}",
+        "{:<64} {:<22} {:>5} {:>10} {:>12} {:>6} {:>8} {:>8} {:>10} {:>8}",
         "relay",
         "address",
         "up",
@@ -74,7 +79,7 @@ fn status(addr: &str) -> mapreduce::Result<()> {
     for r in rows {
         let s = &r.score;
         println!(
-            "{:<18} {:<22} {:>5} {:>10.1} {:>12} {:>6.2} {:>8.0} {:>8} {:>10.3} {:>8.4}{}",
+            "{:<64} {:<22} {:>5} {:>10.1} {:>12} {:>6.2} {:>8.0} {:>8} {:>10.3} {:>8.4}{}",
             s.id,
             s.addr,
             if r.available { "yes" } else { "no" },
@@ -104,7 +109,21 @@ fn serve(args: Args) -> mapreduce::Result<()> {
             mapreduce::Error::invalid("pass --listen ADDR:PORT or set listen in the config")
         })?;
     let listen = mapreduce::config::resolve(&listen)?;
-    let v = Validator::bind(listen, config, args.scores.clone())?;
+    let key_file = args.key_file.clone().or_else(|| {
+        args.scores.as_ref().map(|s| {
+            let mut p = s.as_os_str().to_owned();
+            p.push(".key");
+            PathBuf::from(p)
+        })
+    });
+    let identity = match &key_file {
+        Some(p) => Identity::load_or_create(p, "validator")?,
+        None => {
+            log::warn!("no --key-file or --scores: the validator's key changes every run");
+            Identity::generate()
+        }
+    };
+    let v = Validator::bind(listen, config, args.scores.clone(), identity)?;
     log::info!("listening on {}", v.local_addr()?);
     v.run()
 }

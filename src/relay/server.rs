@@ -695,15 +695,36 @@ impl Relay {
         self.send_control(id, h, reason.as_bytes().to_vec());
     }
 
+    /// Someone (the validator) asks the relay to prove its key at this address: answer with a
+    /// Welcome carrying the public key and signature, then close.
+    fn prove_address(&mut self, id: usize, asker: &[u8; 32], challenge: &[u8; 32]) {
+        let proof = self
+            .config
+            .grants
+            .as_ref()
+            .and_then(|g| g.prove(asker, challenge));
+        let Some(p) = proof else {
+            self.refuse(id, ErrorKind::Auth, "this relay has no identity to prove");
+            return;
+        };
+        let c = self.conns.get_mut(&id).expect("connection");
+        log::debug!("proved the relay's key to {}", c.peer);
+        c.state = State::Closing {
+            since: Instant::now(),
+        };
+        self.send_control(id, FrameHeader::new(FrameKind::Welcome, p.len()), p);
+    }
+
     fn on_hello(&mut self, id: usize, nonce: [u8; 32], payload: &[u8]) -> Result<()> {
         let hello = Hello::decode(payload)?;
+        if let Some(asker) = crate::relay::registration::proof_request(hello.body) {
+            self.prove_address(id, &asker, &nonce);
+            return Ok(());
+        }
         // A job granted by the validator has its own token; others use the static one.
         let granted = JobHello::decode(hello.body).ok().and_then(|jh| {
             let g = self.config.grants.as_ref()?;
-            g.lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .get(&jh.job)
-                .copied()
+            g.key(&jh.job)
         });
         let key = match granted {
             Some(k) => k,
