@@ -195,10 +195,14 @@ pub struct State {
     jobs: Mutex<HashMap<String, Job>>,
     scores: Option<PathBuf>,
     saved: Mutex<Saved>,
+    /// Failed writes of the scores file, logged at most once per interval.
+    save_errors: Mutex<RateLog>,
     /// Connections in the handshake: id → a handle to shut it down when evicted.
     handshakes: Mutex<VecDeque<(u64, TcpStream)>>,
     /// Connections being served.
     live: AtomicUsize,
+    /// Refused connections, logged at most once per interval.
+    refusals: Mutex<RateLog>,
 }
 
 impl State {
@@ -235,7 +239,11 @@ impl State {
                 saved.at = Some(Instant::now());
                 saved.digest = digest;
             }
-            Err(e) => log::warn!("{e}"),
+            Err(e) => self
+                .save_errors
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .warn(format_args!("{e}")),
         }
     }
 
@@ -523,6 +531,8 @@ impl Validator {
                 }),
                 handshakes: Mutex::new(VecDeque::new()),
                 live: AtomicUsize::new(0),
+                refusals: Mutex::new(RateLog::new(Duration::from_secs(5))),
+                save_errors: Mutex::new(RateLog::new(Duration::from_secs(30))),
             }),
         })
     }
@@ -626,7 +636,11 @@ fn serve(state: &Arc<State>, id: u64, stream: TcpStream, peer: SocketAddr) {
     let _ = stream.set_nodelay(true);
     if let Err(e) = serve_conn(state, id, stream, peer) {
         if e.kind == ErrorKind::Auth {
-            log::warn!("connection from {peer}: {e}");
+            state
+                .refusals
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .warn(format_args!("connection from {peer}: {e}"));
         } else {
             log::debug!("connection from {peer}: {e}");
         }
