@@ -74,6 +74,17 @@ fn dishonest_relays_are_detected_and_excluded() {
             b.score.evidence[0]
         );
         assert!(bad.has_log("test faults enabled"));
+        // Operators see why: the status table and the log name the evidence by its id.
+        let eid = b.score.evidence[0].split(':').next().unwrap().to_string();
+        assert_eq!(eid.len(), 12, "{}", b.score.evidence[0]);
+        assert!(v.has_log(&format!("evidence {eid}")));
+        let out = Command::new(env!("CARGO_BIN_EXE_mr-validator"))
+            .args(["status", "--validator", &v.addr])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains("EXCLUDED") && text.contains(&eid), "{text}");
+        assert!(text.contains(&format!("relay {bad_id} excluded")), "{text}");
         // The next job runs on the honest relay only and is right.
         let next = run_job(
             2,

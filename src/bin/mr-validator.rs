@@ -33,6 +33,9 @@ struct Args {
     /// Print the relay table of the validator at ADDR and exit.
     #[arg(long, value_name = "ADDR")]
     status: Option<String>,
+    /// With `--status`: print the table as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -41,6 +44,9 @@ enum Command {
     Status {
         #[arg(long)]
         validator: String,
+        /// Print the table as JSON (every field of every relay).
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -49,7 +55,8 @@ fn main() -> ExitCode {
         .try_init();
     let args = Args::parse();
     let result = match (&args.command, &args.status) {
-        (Some(Command::Status { validator }), _) | (None, Some(validator)) => status(validator),
+        (Some(Command::Status { validator, json }), _) => status(validator, *json),
+        (None, Some(validator)) => status(validator, args.json),
         (None, None) => serve(args),
     };
     match result {
@@ -61,37 +68,58 @@ fn main() -> ExitCode {
     }
 }
 
-fn status(addr: &str) -> mapreduce::Result<()> {
+fn status(addr: &str, json: bool) -> mapreduce::Result<()> {
     let rows = mapreduce::validator::client::status(addr, Duration::from_secs(10))?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&rows).expect("json"));
+        return Ok(());
+    }
     println!(
-        "{:<64} {:<22} {:>5} {:>10} {:>12} {:>6} {:>8} {:>8} {:>10} {:>8}",
-        "relay",
+        "{:<64} {:<22} {:>3} {:>6} {:>10} {:>12} {:>12} {:>5} {:>8} {:>6} {:>10} {:>7}",
+        "relay (public key)",
         "address",
         "up",
-        "MB/s",
+        "proven",
+        "bench MB/s",
         "capacity",
+        "benched",
         "avail",
-        "correct",
         "verified",
+        "failed",
         "score",
         "weight"
     );
-    for r in rows {
+    let mut excluded = Vec::new();
+    for r in &rows {
         let s = &r.score;
         println!(
-            "{:<64} {:<22} {:>5} {:>10.1} {:>12} {:>6.2} {:>8.0} {:>8} {:>10.3} {:>8.4}{}",
+            "{:<64} {:<22} {:>3} {:>6} {:>10.1} {:>12} {:>12} {:>5.2} {:>8} {:>6} {:>10.3} {:>7.4}{}",
             s.id,
             s.addr,
             if r.available { "yes" } else { "no" },
+            if s.addr_verified { "yes" } else { "no" },
             s.throughput_mbps,
             s.capacity,
+            s.bench_capacity,
             s.availability,
-            s.correctness,
             s.verified_ops,
+            s.failed_ops,
             s.score,
             s.weight,
             if s.excluded { "  EXCLUDED" } else { "" }
         );
+        if s.excluded {
+            excluded.push(s);
+        }
+    }
+    for s in excluded {
+        println!(
+            "\nrelay {} excluded (since unix time {}); evidence:",
+            s.id, s.excluded_at
+        );
+        for e in &s.evidence {
+            println!("  {e}");
+        }
     }
     Ok(())
 }

@@ -40,9 +40,13 @@ pub struct RelayScore {
     /// scores count is capped by it.
     #[serde(default)]
     pub bench_capacity: u64,
-    /// Why the relay was excluded.
+    /// Why the relay was excluded: `"<evidence id>: <evidence>"`, the id being the first 12
+    /// hex digits of the evidence's blake3 (as logged when the relay was excluded).
     #[serde(default)]
     pub evidence: Vec<String>,
+    /// Time of the first exclusion, seconds since the Unix epoch (0: never excluded).
+    #[serde(default)]
+    pub excluded_at: u64,
     /// Raw score after the IP split.
     pub score: f64,
     /// Normalised weight; the weights of all relays sum to 1.
@@ -364,19 +368,27 @@ impl Registry {
     }
 
     /// Relay `id` failed verification: exclude it for good, score zero, keep the evidence.
-    pub fn convict(&mut self, id: &str, evidence: &str) {
+    /// Returns the evidence id.
+    pub fn convict(&mut self, id: &str, evidence: &str) -> String {
+        let eid = evidence_id(evidence);
         if let Some(e) = self.relays.get_mut(id) {
             log::error!(
-                "relay {id} at {}: verification failed, excluded: {evidence}",
+                "relay {id} at {}: verification failed, excluded; evidence {eid}: {evidence}",
                 e.score.addr
             );
             e.score.correctness = 0.0;
+            if !e.score.excluded {
+                e.score.excluded_at = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs());
+            }
             e.score.excluded = true;
             e.score.failed_ops += 1;
             if e.score.evidence.len() < 16 {
-                e.score.evidence.push(evidence.to_string());
+                e.score.evidence.push(format!("{eid}: {evidence}"));
             }
         }
+        eid
     }
 
     /// Relay `id` passed a verified op. (Throughput reported by peers is not counted: only
@@ -435,6 +447,11 @@ impl Registry {
             };
         }
     }
+}
+
+/// The id of a piece of evidence: the first 12 hex digits of its blake3.
+pub fn evidence_id(evidence: &str) -> String {
+    blake3::hash(evidence.as_bytes()).to_hex()[..12].to_string()
 }
 
 /// A relay's id: its public key in hex (so an id cannot be claimed with another key).

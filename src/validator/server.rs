@@ -459,7 +459,10 @@ impl State {
             }
             Ok(faults) => {
                 for f in &faults {
-                    reg.convict(&ids[f.relay], &format!("job {job}: {}", f.evidence));
+                    reg.convict(
+                        &ids[f.relay],
+                        &format!("job {job} of client {client}: {}", f.evidence),
+                    );
                 }
                 reg.rescore();
                 // An exclusion is persisted before the lock is released, so nobody can see
