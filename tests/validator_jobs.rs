@@ -69,6 +69,11 @@ fn dishonest_relays_are_detected_and_excluded() {
         assert_eq!(b.score.correctness, 0.0);
         assert_eq!(b.score.weight, 0.0);
         assert!(!b.score.evidence.is_empty());
+        assert!(
+            b.score.evidence[0].contains("signed evidence"),
+            "{}",
+            b.score.evidence[0]
+        );
         eprintln!(
             "{hook}={fraction}: {wrong} of 10 ops had wrong results; evidence: {}",
             b.score.evidence[0]

@@ -10,6 +10,7 @@ use mapreduce::validator::client;
 use mapreduce::validator::identity::Identity;
 use mapreduce::validator::proto::{Intro, JobRequest, RelayMsg, ReportMsg};
 use mapreduce::validator::verify::OpRecord;
+
 use std::time::Duration;
 use validator_util::*;
 
@@ -157,6 +158,7 @@ fn an_unauthenticated_client_cannot_take_the_validator_over() {
                     // 1 GiB in 1 µs.
                     bytes: 1 << 30,
                     micros: 1,
+                    evidence: Vec::new(),
                 };
                 ch.send(&msg, Duration::from_secs(5)).unwrap();
             }
@@ -216,4 +218,130 @@ fn an_unauthenticated_client_cannot_take_the_validator_over() {
         asked.is_err(),
         "an unauthenticated client got a job token and verification secret"
     );
+}
+
+/// An admitted client fabricates reports against an honest relay: a receipt the relay never
+/// signed, chunk bytes that reduce to something else, and records claiming the relay sent
+/// different bytes to different ranks. The relay keeps its record; the client is flagged.
+#[test]
+fn fabricated_reports_from_an_admitted_client_count_against_the_client() {
+    use mapreduce::relay::receipts::{Entry, Kind, Receipt};
+    use mapreduce::validator::proto::{ChunkBytes, RelayEvidence};
+    let dir = tmpdir("fabricated");
+    let v = validator(&dir, "127.0.0.1:0", CONFIG);
+    let _r = relay(&v, &dir.join("r.key"), "127.0.0.1:0", &[]);
+    let before = wait_status(&v, "relay registered", |r| up(r) == 1);
+    let client = client_identity();
+    let a = client::request_as(
+        &v.addr,
+        &client,
+        &JobRequest {
+            job: to_hex(&mapreduce::wire::nonce()[..16]),
+            peers: 2,
+            relays: 1,
+            relay_memory: 0,
+            max_message_bytes: 0,
+        },
+        Duration::from_secs(10),
+    )
+    .expect("an admitted client's job");
+    let secret: [u8; 32] = mapreduce::config::parse_hex("s", &a.verify_secret)
+        .unwrap()
+        .try_into()
+        .unwrap();
+    let job: [u8; 16] = mapreduce::config::parse_hex("job", &a.job)
+        .unwrap()
+        .try_into()
+        .unwrap();
+    let mut ch = channel::connect(
+        &v.addr,
+        &Intro::Report { job: a.job.clone() },
+        Credential::Secret(&secret),
+        None,
+        Duration::from_secs(5),
+    )
+    .expect("report connection");
+    // A receipt "from the relay", signed by somebody else: inputs 1 and 1, result 3.
+    let forger = Identity::generate();
+    let one = 1f32.to_le_bytes();
+    let three = 3f32.to_le_bytes();
+    let digest = |b: &[u8]| *blake3::hash(b).as_bytes();
+    let entry = |kind, rank, b: &[u8]| Entry {
+        kind,
+        rank,
+        offset: 0,
+        len: 4,
+        digest: digest(b),
+    };
+    let receipt = Receipt {
+        job,
+        seq: 1,
+        entries: vec![
+            entry(Kind::Input, 0, &one),
+            entry(Kind::Input, 1, &one),
+            entry(Kind::Result, 0, &three),
+            entry(Kind::Result, 1, &three),
+        ],
+    };
+    let msg = receipt.message();
+    let mut raw = a.relays[0].id.clone();
+    raw.push_str(&to_hex(&forger.sign(&msg)));
+    raw.push_str(&to_hex(&msg));
+    for (seq, with_receipt) in [(1u64, true), (2, false)] {
+        for rank in 0..2 {
+            let evidence = if with_receipt {
+                vec![RelayEvidence {
+                    relay: 0,
+                    receipt: raw.clone(),
+                    chunks: vec![
+                        ChunkBytes {
+                            kind: 0,
+                            offset: 0,
+                            bytes: to_hex(&one),
+                        },
+                        ChunkBytes {
+                            kind: 1,
+                            offset: 0,
+                            bytes: to_hex(&three),
+                        },
+                    ],
+                }]
+            } else {
+                Vec::new()
+            };
+            // Without a receipt: records claiming different bytes per rank.
+            let digest = if rank == 0 { "aa" } else { "bb" };
+            let mut rec = record(rank, seq, 1, digest);
+            rec.count = 1;
+            let msg = ReportMsg::Op {
+                record: rec,
+                world: 2,
+                relay_index: vec![0],
+                bytes: 4,
+                micros: 1,
+                evidence,
+            };
+            ch.send(&msg, Duration::from_secs(5)).unwrap();
+        }
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let (rows, flagged) = loop {
+        let (rows, flagged) = client::status_full(&v.addr, Duration::from_secs(5)).unwrap();
+        if !flagged.is_empty() || std::time::Instant::now() > deadline {
+            break (rows, flagged);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let r = &rows[0];
+    assert!(!r.score.excluded, "the honest relay was excluded: {r:?}");
+    assert_eq!(r.score.correctness, 1.0);
+    assert_eq!(r.score.failed_ops, 0);
+    assert_eq!(r.score.verified_ops, before[0].score.verified_ops);
+    assert_eq!(flagged.len(), 1, "{flagged:?}");
+    assert_eq!(flagged[0].client, client.id());
+    assert!(
+        flagged[0].last_evidence.contains("did not sign"),
+        "{flagged:?}"
+    );
+    assert!(v.has_log(&format!("client {} flagged", client.id())));
 }

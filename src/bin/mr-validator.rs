@@ -69,9 +69,10 @@ fn main() -> ExitCode {
 }
 
 fn status(addr: &str, json: bool) -> mapreduce::Result<()> {
-    let rows = mapreduce::validator::client::status(addr, Duration::from_secs(10))?;
+    let (rows, flagged) = mapreduce::validator::client::status_full(addr, Duration::from_secs(10))?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&rows).expect("json"));
+        let all = serde_json::json!({"relays": rows, "flagged_clients": flagged});
+        println!("{}", serde_json::to_string_pretty(&all).expect("json"));
         return Ok(());
     }
     println!(
@@ -120,6 +121,12 @@ fn status(addr: &str, json: bool) -> mapreduce::Result<()> {
         for e in &s.evidence {
             println!("  {e}");
         }
+    }
+    for c in flagged {
+        println!(
+            "\nclient {} flagged: {} reports did not check out against the relays' signatures; last: {}",
+            c.client, c.reports, c.last_evidence
+        );
     }
     Ok(())
 }

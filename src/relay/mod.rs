@@ -17,6 +17,7 @@
 //! `world × window` chunks per job: memory is bounded independently of the tensor size.
 
 pub mod client;
+pub mod receipts;
 pub mod registration;
 pub mod server;
 pub mod sums;

@@ -6,6 +6,7 @@
 //! on either side heal.
 
 use crate::error::{Error, Result};
+use crate::relay::receipts::{Kind, Ledger, Receipt, MAX_LEDGERS};
 use crate::validator::channel::{self, ChannelWriter, Credential};
 use crate::validator::identity::Identity;
 use crate::validator::proto::{Intro, RelayMsg};
@@ -47,6 +48,15 @@ struct GrantTable {
 pub struct Grants {
     table: Mutex<GrantTable>,
     identity: Option<Arc<Identity>>,
+    /// Receipts of granted jobs (kept only by a relay with an identity to sign them).
+    ledgers: Mutex<Ledgers>,
+}
+
+/// Ledgers of recent jobs, least recently used dropped first.
+#[derive(Default)]
+struct Ledgers {
+    by_job: HashMap<[u8; 16], (Ledger, u64)>,
+    clock: u64,
 }
 
 impl std::fmt::Debug for Grants {
@@ -63,6 +73,7 @@ impl Grants {
         Arc::new(Grants {
             table: Mutex::new(GrantTable::default()),
             identity,
+            ledgers: Mutex::new(Ledgers::default()),
         })
     }
 
@@ -106,6 +117,61 @@ impl Grants {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Whether the relay keeps receipts (it has an identity to sign them with).
+    pub fn keeps_receipts(&self) -> bool {
+        self.identity.is_some()
+    }
+
+    /// Record a chunk of op `seq` of `job` (see [`Ledger::note_digest`]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn note(
+        &self,
+        job: &[u8; 16],
+        seq: u64,
+        kind: Kind,
+        rank: usize,
+        offset: u64,
+        len: usize,
+        digest: [u8; 32],
+    ) {
+        if !self.keeps_receipts() {
+            return;
+        }
+        let mut l = self.ledgers.lock().unwrap_or_else(|e| e.into_inner());
+        l.clock += 1;
+        let clock = l.clock;
+        if !l.by_job.contains_key(job) && l.by_job.len() >= MAX_LEDGERS {
+            if let Some(oldest) = l.by_job.iter().min_by_key(|(_, v)| v.1).map(|(k, _)| *k) {
+                l.by_job.remove(&oldest);
+            }
+        }
+        let (ledger, used) = l.by_job.entry(*job).or_default();
+        *used = clock;
+        ledger.note_digest(seq, kind, rank, offset, len, digest);
+    }
+
+    /// The signed receipt of op `seq` of `job` covering byte `positions`: public key (32),
+    /// signature (64), then [`Receipt::message`]. `None` without an identity.
+    pub fn signed_receipt(&self, job: &[u8; 16], seq: u64, positions: &[u64]) -> Option<Vec<u8>> {
+        let id = self.identity.as_ref()?;
+        let receipt = {
+            let l = self.ledgers.lock().unwrap_or_else(|e| e.into_inner());
+            match l.by_job.get(job) {
+                Some((ledger, _)) => ledger.receipt(*job, seq, positions),
+                None => Receipt {
+                    job: *job,
+                    seq,
+                    entries: Vec::new(),
+                },
+            }
+        };
+        let msg = receipt.message();
+        let mut p = id.public().to_vec();
+        p.extend_from_slice(&id.sign(&msg));
+        p.extend_from_slice(&msg);
+        Some(p)
     }
 
     /// Answer an address proof request: the relay's public key and its signature of

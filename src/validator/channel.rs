@@ -15,9 +15,10 @@
 //! 4. validator → connector: `Welcome` = sealed(the validator's signature of `T`), so the
 //!    connector knows whom it talks to (and can pin `V`).
 //!
-//! Every later message is one `Control` frame sealed with the sender's direction key and a
-//! per-direction sequence number as nonce: it is encrypted, authenticated, and cannot be
-//! replayed, reordered or moved to another connection. A frame that fails to open ends the
+//! Every later message is one or more `Control` frames (a leading byte says whether more of the
+//! message follows; at most [`MAX_MESSAGE`] bytes in all), each sealed with the sender's
+//! direction key and a per-direction sequence number as nonce: encrypted, authenticated, and
+//! impossible to replay, reorder, truncate or move to another connection. A frame that fails to open ends the
 //! connection. Secrets (job tokens, verification secrets) only ever travel inside sealed frames.
 //!
 //! Never does: send a secret in a frame that is not sealed, or accept a message that is not.
@@ -34,10 +35,12 @@ use serde::{de::DeserializeOwned, Serialize};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-/// Bytes the seal adds to a message.
+/// Bytes the seal adds to a frame.
 pub const TAG_LEN: usize = 16;
-/// Largest message that fits one sealed control frame, bytes.
-pub const MAX_MESSAGE: usize = crate::wire::MAX_CONTROL_PAYLOAD - TAG_LEN;
+/// Message bytes per sealed frame (one byte of each frame says whether more follow).
+const FRAGMENT: usize = crate::wire::MAX_CONTROL_PAYLOAD - TAG_LEN - 1;
+/// Largest message, bytes (reports with chunk evidence span several frames).
+pub const MAX_MESSAGE: usize = 16 << 20;
 
 /// What a connector proves.
 pub enum Credential<'a> {
@@ -163,13 +166,22 @@ impl ChannelWriter {
                 body.len()
             )));
         }
-        let sealed = self.seal.seal(&body);
-        FrameIo {
-            stream: &mut self.stream,
-            deadline: Instant::now() + timeout,
-            what: self.what.clone(),
+        let deadline = Instant::now() + timeout;
+        // JSON is never empty, so a message is at least one frame.
+        let parts: Vec<&[u8]> = body.chunks(FRAGMENT).collect();
+        for (i, part) in parts.iter().enumerate() {
+            let mut frame = Vec::with_capacity(part.len() + 1);
+            frame.push(u8::from(i + 1 < parts.len()));
+            frame.extend_from_slice(part);
+            let sealed = self.seal.seal(&frame);
+            FrameIo {
+                stream: &mut self.stream,
+                deadline,
+                what: self.what.clone(),
+            }
+            .send(FrameHeader::new(FrameKind::Control, sealed.len()), &sealed)?;
         }
-        .send(FrameHeader::new(FrameKind::Control, sealed.len()), &sealed)
+        Ok(())
     }
 
     /// Close both directions (wakes a reader blocked on the other half).
@@ -180,13 +192,30 @@ impl ChannelWriter {
 
 impl ChannelReader {
     pub fn recv<T: DeserializeOwned>(&mut self, timeout: Duration) -> Result<T> {
-        let (_, sealed) = FrameIo {
-            stream: &mut self.stream,
-            deadline: Instant::now() + timeout,
-            what: self.what.clone(),
+        let deadline = Instant::now() + timeout;
+        let mut body = Vec::new();
+        loop {
+            let (_, sealed) = FrameIo {
+                stream: &mut self.stream,
+                deadline,
+                what: self.what.clone(),
+            }
+            .expect(FrameKind::Control)?;
+            let frame = self.open.open(&sealed, &self.what)?;
+            let (&more, part) = frame
+                .split_first()
+                .ok_or_else(|| Error::remote(format!("{}: empty frame", self.what)))?;
+            if body.len() + part.len() > MAX_MESSAGE {
+                return Err(Error::remote(format!(
+                    "{}: a message over the {MAX_MESSAGE} byte limit",
+                    self.what
+                )));
+            }
+            body.extend_from_slice(part);
+            if more == 0 {
+                break;
+            }
         }
-        .expect(FrameKind::Control)?;
-        let body = self.open.open(&sealed, &self.what)?;
         crate::validator::proto::parse(&body, &self.what)
     }
 }

@@ -11,6 +11,7 @@ use crate::error::{Error, Result};
 use crate::net::bootstrap::{FrameIo, Mesh};
 use crate::validator::channel::{self, Channel, Credential};
 use crate::validator::identity::Identity;
+use crate::validator::peer::EvidenceTask;
 use crate::validator::proto::{
     Assignment, Intro, JobRequest, Refusal, ReportMsg, StatusPage, StatusQuery, STATUS_PAGE,
 };
@@ -78,6 +79,14 @@ pub fn request(addr: &str, req: &JobRequest, timeout: Duration) -> Result<Assign
 
 /// The relay table of `mr-validator status`, read page by page.
 pub fn status(addr: &str, timeout: Duration) -> Result<Vec<StatusRow>> {
+    Ok(status_full(addr, timeout)?.0)
+}
+
+/// The relay table and the flagged clients.
+pub fn status_full(
+    addr: &str,
+    timeout: Duration,
+) -> Result<(Vec<StatusRow>, Vec<crate::validator::server::FlaggedClient>)> {
     let mut ch: Channel = channel::connect(
         addr,
         &Intro::Status,
@@ -86,6 +95,7 @@ pub fn status(addr: &str, timeout: Duration) -> Result<Vec<StatusRow>> {
         timeout,
     )?;
     let mut rows = Vec::new();
+    let mut flagged = Vec::new();
     loop {
         ch.send(
             &StatusQuery {
@@ -97,8 +107,9 @@ pub fn status(addr: &str, timeout: Duration) -> Result<Vec<StatusRow>> {
         let page: StatusPage<StatusRow> = ch.recv(timeout)?;
         let got = page.rows.len();
         rows.extend(page.rows);
+        flagged.extend(page.flagged_clients);
         if got == 0 || rows.len() >= page.total {
-            return Ok(rows);
+            return Ok((rows, flagged));
         }
     }
 }
@@ -199,18 +210,21 @@ pub fn share_assignment(mesh: &mut Mesh, config: &Config) -> Result<Option<Assig
 
 /// Sends sampled-op records to the validator from a background thread, off the critical path.
 pub struct Reporter {
-    tx: Option<crossbeam_channel::Sender<ReportMsg>>,
+    tx: Option<crossbeam_channel::Sender<(ReportMsg, Option<EvidenceTask>)>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Reporter {
     pub fn start(validator: String, job: String, secret: [u8; 32], rank: usize) -> Reporter {
-        let (tx, rx) = crossbeam_channel::unbounded::<ReportMsg>();
+        let (tx, rx) = crossbeam_channel::unbounded::<(ReportMsg, Option<EvidenceTask>)>();
         let thread = std::thread::Builder::new()
             .name(format!("mr-report-{rank}"))
             .spawn(move || {
                 let mut conn: Option<Channel> = None;
-                for msg in rx {
+                for (mut msg, task) in rx {
+                    if let (ReportMsg::Op { evidence, .. }, Some(t)) = (&mut msg, task) {
+                        *evidence = t.gather();
+                    }
                     for attempt in 0..2 {
                         if conn.is_none() {
                             let pinned = pinned_validator_key().ok().flatten();
@@ -248,9 +262,10 @@ impl Reporter {
         }
     }
 
-    pub fn send(&self, msg: ReportMsg) {
+    /// Queue `msg`; with `task`, gather the relays' receipts into it first.
+    pub fn send(&self, msg: ReportMsg, task: Option<EvidenceTask>) {
         if let Some(tx) = &self.tx {
-            let _ = tx.send(msg);
+            let _ = tx.send((msg, task));
         }
     }
 }

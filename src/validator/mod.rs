@@ -7,6 +7,7 @@
 //! * [`probe`] — checking that a relay serves its advertised address;
 //! * [`registry`] — relays, pinned keys, liveness and scores (no I/O);
 //! * [`verify`] — sample positions and the bit-exact recomputation (no I/O);
+//! * [`evidence`] — judging a reported op on the relays' signed receipts (no I/O);
 //! * [`server`] — the daemon; [`bench`] — its benchmark bots;
 //! * [`client`], [`peer`] — the peers' side: asking for relays, recording and reporting samples.
 //!
@@ -15,6 +16,7 @@
 pub mod bench;
 pub mod channel;
 pub mod client;
+pub mod evidence;
 pub mod identity;
 pub mod peer;
 pub mod probe;

@@ -91,6 +91,9 @@ pub struct StatusPage<Row> {
     /// Rows in the whole table.
     pub total: usize,
     pub rows: Vec<Row>,
+    /// On the first page: the clients most often flagged for reports that did not check out.
+    #[serde(default)]
+    pub flagged_clients: Vec<crate::validator::server::FlaggedClient>,
 }
 
 /// Validator ↔ relay messages after registration.
@@ -127,10 +130,38 @@ pub enum ReportMsg {
         world: usize,
         /// The relays the op was cut across, as indices into the assignment's list.
         relay_index: Vec<usize>,
-        /// Bytes of the op and how long this rank saw it take, for throughput scores.
+        /// Bytes of the op and how long this rank saw it take (informational: throughput
+        /// scores come from the benchmark bots only).
         bytes: u64,
         micros: u64,
+        /// Per relay, its signed receipt and this rank's chunk bytes that it covers.
+        #[serde(default)]
+        evidence: Vec<RelayEvidence>,
     },
+}
+
+/// One relay's signed account of a reported op, and the reporting rank's chunks it covers.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RelayEvidence {
+    /// Position of the relay in the op's relay list (as `relay_index`).
+    pub relay: usize,
+    /// The relay's answer to the receipt request, hex: public key, signature, receipt
+    /// ([`crate::relay::receipts`]).
+    pub receipt: String,
+    /// This rank's input chunks it sent and result chunks it received, as covered by the
+    /// receipt.
+    pub chunks: Vec<ChunkBytes>,
+}
+
+/// The bytes of one chunk.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ChunkBytes {
+    /// 0: an input this rank sent; 1: a result this rank received.
+    pub kind: u32,
+    /// Byte offset in the op's buffer.
+    pub offset: u64,
+    /// The bytes, hex.
+    pub bytes: String,
 }
 
 /// Validator → any: an error reply.

@@ -10,8 +10,8 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::validator::channel::{self, Channel, ChannelWriter};
 use crate::validator::identity::Identity;
 use crate::validator::proto::{
-    self, AssignedRelay, Assignment, Intro, JobRequest, Refusal, RelayMsg, ReportMsg, StatusPage,
-    StatusQuery, STATUS_PAGE,
+    self, AssignedRelay, Assignment, Intro, JobRequest, Refusal, RelayEvidence, RelayMsg,
+    ReportMsg, StatusPage, StatusQuery, STATUS_PAGE,
 };
 use crate::validator::registry::{Limits, Offer, Registry};
 use crate::validator::verify::{self, OpRecord};
@@ -129,8 +129,8 @@ struct RelayLink {
     acked: Condvar,
 }
 
-/// Per rank: its record of one op.
-type OpReports = Vec<Option<OpRecord>>;
+/// Per rank: its record of one op, its evidence, and the relay ids it names.
+type OpReports = Vec<Option<(OpRecord, Vec<RelayEvidence>, Vec<String>)>>;
 
 /// A job the validator assigned.
 struct Job {
@@ -201,6 +201,8 @@ pub struct State {
     handshakes: Mutex<VecDeque<(u64, TcpStream)>>,
     /// Connections being served.
     live: AtomicUsize,
+    /// Clients whose reports did not check out.
+    flagged: Mutex<HashMap<String, FlaggedClient>>,
     /// Refused connections, logged at most once per interval.
     refusals: Mutex<RateLog>,
 }
@@ -415,6 +417,7 @@ impl State {
             record,
             world,
             relay_index,
+            evidence,
             ..
         } = msg;
         let mut jobs = self.jobs.lock().unwrap_or_else(|e| e.into_inner());
@@ -438,9 +441,10 @@ impl State {
         let seq = record.seq;
         let slot = j.pending.entry(seq).or_insert_with(|| vec![None; world]);
         let rank = record.rank;
-        slot[rank] = Some(record);
+        slot[rank] = Some((record, evidence, ids.clone()));
         if slot.iter().any(Option::is_none) {
-            if j.pending.len() > 1024 {
+            // Reports carry chunk bytes: keep few incomplete ops per job.
+            while j.pending.len() > MAX_PENDING_OPS {
                 let oldest = *j.pending.keys().min().expect("pending");
                 j.pending.remove(&oldest);
             }
@@ -448,36 +452,97 @@ impl State {
         }
         let done = j.pending.remove(&seq).expect("complete op");
         drop(jobs);
-        let records: Vec<OpRecord> = done.into_iter().map(|d| d.expect("complete")).collect();
+        let reports: Vec<(OpRecord, Vec<RelayEvidence>, Vec<String>)> =
+            done.into_iter().map(|d| d.expect("complete")).collect();
+        if reports.iter().any(|r| r.2 != ids) {
+            self.flag_client(
+                &client,
+                job,
+                &format!("op seq {seq}: ranks name different relays for one op"),
+            );
+            return Ok(());
+        }
+        let keys: Vec<[u8; 32]> = ids
+            .iter()
+            .map(|id| crate::validator::identity::parse_public("relay id", id))
+            .collect::<Result<_>>()?;
+        let job_id: [u8; 16] = crate::config::parse_hex("job id", job)?
+            .try_into()
+            .map_err(|_| Error::invalid("job id is not 16 bytes"))?;
+        let pairs: Vec<(OpRecord, Vec<RelayEvidence>)> =
+            reports.into_iter().map(|(r, e, _)| (r, e)).collect();
+        let verdict = crate::validator::evidence::judge(&job_id, &pairs, &keys);
+        for (rank, why) in &verdict.false_reports {
+            self.flag_client(&client, job, &format!("op seq {seq}, rank {rank}: {why}"));
+        }
+        for (k, why) in &verdict.unaccountable {
+            log::debug!("job {job}: op seq {seq}: relay {}: {why}", ids[*k]);
+        }
         let mut reg = self.registry.lock().unwrap_or_else(|e| e.into_inner());
-        match verify::check(&records) {
-            Ok(faults) if faults.is_empty() => {
-                for id in &ids {
-                    reg.credit(id);
-                }
-                log::debug!("job {job}: op seq {seq} verified");
+        for &k in &verdict.verified {
+            reg.credit(&ids[k]);
+        }
+        if !verdict.convicted.is_empty() {
+            for (k, e) in &verdict.convicted {
+                reg.convict(
+                    &ids[*k],
+                    &format!("job {job} of client {client}, signed evidence: {e}"),
+                );
             }
-            Ok(faults) => {
-                for f in &faults {
-                    reg.convict(
-                        &ids[f.relay],
-                        &format!("job {job} of client {client}: {}", f.evidence),
-                    );
-                }
-                reg.rescore();
-                // An exclusion is persisted before the lock is released, so nobody can see
-                // one that a crash right now would lose.
-                self.save_locked(&reg, true);
-                return Ok(());
-            }
-            Err(e) => {
-                log::warn!("job {job} of client {client}: op seq {seq}: inconsistent reports: {e}")
-            }
+            reg.rescore();
+            // An exclusion is persisted before the lock is released, so nobody can see one
+            // that a crash right now would lose.
+            self.save_locked(&reg, true);
+            return Ok(());
         }
         reg.rescore();
         self.save_locked(&reg, false);
         Ok(())
     }
+
+    /// A report of `client`'s job did not check out against the relays' own signatures.
+    fn flag_client(&self, client: &str, job: &str, why: &str) {
+        let evidence = format!("job {job}: {why}");
+        let eid = crate::validator::registry::evidence_id(&evidence);
+        log::warn!(
+            "client {client} flagged: a report does not check out; evidence {eid}: {evidence}"
+        );
+        let mut f = self.flagged.lock().unwrap_or_else(|e| e.into_inner());
+        if f.len() < MAX_FLAGGED || f.contains_key(client) {
+            let e = f.entry(client.to_string()).or_default();
+            e.reports += 1;
+            e.last_evidence = format!("{eid}: {evidence}");
+        }
+    }
+
+    /// Clients whose reports did not check out, with the count and the last evidence.
+    pub fn flagged_clients(&self) -> Vec<FlaggedClient> {
+        let f = self.flagged.lock().unwrap_or_else(|e| e.into_inner());
+        let mut v: Vec<FlaggedClient> = f
+            .iter()
+            .map(|(k, e)| FlaggedClient {
+                client: k.clone(),
+                ..e.clone()
+            })
+            .collect();
+        v.sort_by(|a, b| b.reports.cmp(&a.reports).then(a.client.cmp(&b.client)));
+        v
+    }
+}
+
+/// Incomplete reported ops kept per job.
+const MAX_PENDING_OPS: usize = 8;
+/// Flagged clients remembered.
+const MAX_FLAGGED: usize = 10_000;
+
+/// A client whose reports did not check out against the relays' signatures.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct FlaggedClient {
+    pub client: String,
+    /// Reports that did not check out.
+    pub reports: u64,
+    /// `"<evidence id>: <evidence>"` of the last one.
+    pub last_evidence: String,
 }
 
 /// The running validator.
@@ -535,6 +600,7 @@ impl Validator {
                 handshakes: Mutex::new(VecDeque::new()),
                 live: AtomicUsize::new(0),
                 refusals: Mutex::new(RateLog::new(Duration::from_secs(5))),
+                flagged: Mutex::new(HashMap::new()),
                 save_errors: Mutex::new(RateLog::new(Duration::from_secs(30))),
             }),
         })
@@ -754,6 +820,15 @@ fn serve_conn(state: &Arc<State>, conn: u64, stream: TcpStream, peer: SocketAddr
                 };
                 let rows = status_rows(state);
                 let page = StatusPage {
+                    flagged_clients: if q.offset == 0 {
+                        state
+                            .flagged_clients()
+                            .into_iter()
+                            .take(STATUS_PAGE)
+                            .collect()
+                    } else {
+                        Vec::new()
+                    },
                     total: rows.len(),
                     rows: rows
                         .into_iter()
