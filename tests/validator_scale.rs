@@ -103,7 +103,7 @@ fn relay_cpu_per_gb_with_and_without_receipts() {
     println!(
         "relay CPU per GB received ({ops} all-reduces of {} MiB on 2 ranks, {received_gb:.2} GB in): \
          without receipts {:.3} s/GB ({plain_wall:.1} s wall), with signed receipts {:.3} s/GB ({signed_wall:.1} s wall)",
-        count * 4 >> 20,
+        (count * 4) >> 20,
         plain_cpu / received_gb,
         signed_cpu / received_gb
     );
