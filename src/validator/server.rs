@@ -73,7 +73,8 @@ pub struct ValidatorConfig {
     pub bench: BenchConfig,
     /// Public keys (hex) of the clients admitted to request jobs (a job's rank 0 proves one).
     pub clients: Vec<String>,
-    /// Most connections served at once (relays, reports, requests).
+    /// Most connections served at once (relays, reports, requests): each registered relay
+    /// holds one, so this also bounds the relays connected at once.
     pub max_connections: usize,
     /// Most connections in the handshake at once; past it the oldest is dropped.
     pub max_handshakes: usize,
@@ -101,7 +102,7 @@ impl Default for ValidatorConfig {
             samples: verify::DEFAULT_SAMPLES,
             bench: BenchConfig::default(),
             clients: Vec::new(),
-            max_connections: 1024,
+            max_connections: 4096,
             max_handshakes: 256,
             job_ttl_secs: 24 * 3600,
             max_jobs: 100_000,
