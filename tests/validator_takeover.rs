@@ -228,7 +228,12 @@ fn fabricated_reports_from_an_admitted_client_count_against_the_client() {
     use mapreduce::relay::receipts::{Entry, Kind, Receipt};
     use mapreduce::validator::proto::{ChunkBytes, RelayEvidence};
     let dir = tmpdir("fabricated");
-    let v = validator(&dir, "127.0.0.1:0", CONFIG);
+    let v = validator(
+        &dir,
+        "127.0.0.1:0",
+        r#"{"heartbeat_timeout_ms": 1500, "default_relays": 1, "report_fraction": 1.0,
+            "samples": 8, "client_flag_limit": 2, "bench": {"interval_secs": 0}}"#,
+    );
     let _r = relay(&v, &dir.join("r.key"), "127.0.0.1:0", &[]);
     let before = wait_status(&v, "relay registered", |r| up(r) == 1);
     let client = client_identity();
@@ -344,4 +349,19 @@ fn fabricated_reports_from_an_admitted_client_count_against_the_client() {
         "{flagged:?}"
     );
     assert!(v.has_log(&format!("client {} flagged", client.id())));
+    // Flagged twice (both ranks' reports), the limit: no more jobs for this client.
+    let again = client::request_as(
+        &v.addr,
+        &client,
+        &JobRequest {
+            job: to_hex(&mapreduce::wire::nonce()[..16]),
+            peers: 2,
+            relays: 1,
+            relay_memory: 0,
+            max_message_bytes: 0,
+        },
+        Duration::from_secs(10),
+    )
+    .expect_err("a flagged client got another job");
+    assert!(again.message.contains("did not check out"), "{again}");
 }

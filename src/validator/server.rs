@@ -90,6 +90,9 @@ pub struct ValidatorConfig {
     pub stale_relay_secs: u64,
     /// Least seconds between two writes of the scores file.
     pub save_interval_secs: f64,
+    /// A client whose reports failed to check out against the relays' signatures this many
+    /// times gets no more jobs (0: never refused).
+    pub client_flag_limit: u64,
 }
 
 impl Default for ValidatorConfig {
@@ -110,6 +113,7 @@ impl Default for ValidatorConfig {
             enroll_per_minute: 10,
             stale_relay_secs: 600,
             save_interval_secs: 3.0,
+            client_flag_limit: 3,
         }
     }
 }
@@ -516,6 +520,15 @@ impl State {
         }
     }
 
+    /// How many of `client`'s reports did not check out.
+    pub fn flags_of(&self, client: &str) -> u64 {
+        self.flagged
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(client)
+            .map_or(0, |f| f.reports)
+    }
+
     /// Clients whose reports did not check out, with the count and the last evidence.
     pub fn flagged_clients(&self) -> Vec<FlaggedClient> {
         let f = self.flagged.lock().unwrap_or_else(|e| e.into_inner());
@@ -775,6 +788,17 @@ fn serve_conn(state: &Arc<State>, conn: u64, stream: TcpStream, peer: SocketAddr
                     &format!(
                         "client {client} is not admitted by this validator (its operator adds the \
                          client's public key to `clients` in validator.config.json)"
+                    ),
+                ));
+            }
+            let flags = state.flags_of(&client);
+            let limit = state.config.client_flag_limit;
+            if limit > 0 && flags >= limit {
+                return Err(pending.refuse(
+                    ErrorKind::Auth,
+                    &format!(
+                        "client {client} is refused: {flags} of its reports did not check out \
+                         against the relays' signatures (see mr-validator status)"
                     ),
                 ));
             }
