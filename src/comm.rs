@@ -261,6 +261,7 @@ impl Comm {
             };
             if let Some(v) = v.as_mut() {
                 v.relay_index = comm.relays.clone();
+                v.chunk_bytes = comm.config.relay_chunk_bytes;
             }
             comm.verify = v.map(Arc::new);
         }

@@ -3,7 +3,10 @@
 //! heartbeat loss, restarts, IP-shared scores and authentication.
 
 mod validator_util;
+use mapreduce::validator::channel::{self, Credential};
 use mapreduce::validator::client;
+use mapreduce::validator::identity::Identity;
+use mapreduce::validator::proto::{Intro, JobRequest};
 use mapreduce::{Config, ErrorKind};
 use std::process::Command;
 use std::time::Duration;
@@ -57,13 +60,7 @@ fn dishonest_relays_are_detected_and_excluded() {
         // Each op cuts 4000 f32 across 2 relays: about 2 chunks of 4 KiB per relay.
         let results = run_job(2, job_config(&v, false), 10, 4000);
         let wrong = results[0].iter().filter(|o| **o == Ok(false)).count();
-        let bad_id = mapreduce::validator::registry::relay_id(
-            &mapreduce::config::parse_hex(
-                "key",
-                &std::fs::read_to_string(dir.join("bad.key")).unwrap(),
-            )
-            .unwrap(),
-        );
+        let bad_id = Identity::load(&dir.join("bad.key")).unwrap().id();
         let rows = wait_status(&v, "dishonest relay excluded", |rows| {
             rows.iter()
                 .any(|r| r.score.id == bad_id && r.score.excluded)
@@ -72,11 +69,27 @@ fn dishonest_relays_are_detected_and_excluded() {
         assert_eq!(b.score.correctness, 0.0);
         assert_eq!(b.score.weight, 0.0);
         assert!(!b.score.evidence.is_empty());
+        assert!(
+            b.score.evidence[0].contains("signed evidence"),
+            "{}",
+            b.score.evidence[0]
+        );
         eprintln!(
             "{hook}={fraction}: {wrong} of 10 ops had wrong results; evidence: {}",
             b.score.evidence[0]
         );
         assert!(bad.has_log("test faults enabled"));
+        // Operators see why: the status table and the log name the evidence by its id.
+        let eid = b.score.evidence[0].split(':').next().unwrap().to_string();
+        assert_eq!(eid.len(), 12, "{}", b.score.evidence[0]);
+        assert!(v.has_log(&format!("evidence {eid}")));
+        let out = Command::new(env!("CARGO_BIN_EXE_mr-validator"))
+            .args(["status", "--validator", &v.addr])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains("EXCLUDED") && text.contains(&eid), "{text}");
+        assert!(text.contains(&format!("relay {bad_id} excluded")), "{text}");
         // The next job runs on the honest relay only and is right.
         let next = run_job(
             2,
@@ -160,6 +173,17 @@ fn heartbeat_loss_restart_and_validator_restart() {
     let results = run_job(2, job_config(&v, false), 2, 3000);
     assert!(results.iter().flatten().all(|o| *o == Ok(true)));
     let before = wait_status(&v, "ops verified", |r| r[0].score.verified_ops >= 2);
+    // The scores file is rewritten at most every few seconds: wait until it holds them.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let file: mapreduce::validator::registry::ScoresFile =
+            serde_json::from_slice(&std::fs::read(dir.join("scores.json")).unwrap()).unwrap();
+        if file.relays[0].verified_ops == before[0].score.verified_ops {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "scores never saved");
+        std::thread::sleep(Duration::from_millis(100));
+    }
     // Restart the validator on the same port: scores are reloaded, the relay comes back.
     let addr = v.addr.clone();
     drop(v);
@@ -194,40 +218,91 @@ fn relays_on_one_ip_split_their_score() {
     assert!((one[0] + two[0] + two[1] - 1.0).abs() < 1e-9);
 }
 
+/// Someone registers a relay of its own at the address an honest relay serves: it is never
+/// assigned (the address proves another key), and the honest relay's record is untouched.
 #[test]
-fn unauthenticated_registration_is_rejected() {
-    use mapreduce::validator::proto::Intro;
-    let dir = tmpdir("auth");
+fn a_relay_advertising_an_address_it_does_not_serve_is_never_assigned() {
+    let dir = tmpdir("addr");
     let v = validator(&dir, "127.0.0.1:0", CONFIG);
-    let key = dir.join("r.key");
-    let _r = relay(&v, &key, "127.0.0.1:0", &[]);
+    let honest = relay(&v, &dir.join("r.key"), "127.0.0.1:0", &[]);
     let rows = wait_status(&v, "relay registered", |r| up(r) == 1);
     let id = rows[0].score.id.clone();
-    // Someone else claims the relay's id with another key, with and without enrolling.
-    let other = [7u8; 32];
-    for enroll in [None, Some(mapreduce::config::to_hex(&other))] {
-        let intro = Intro::Relay {
-            id: id.clone(),
-            addr: "127.0.0.1:9".into(),
-            capacity: 1 << 30,
-            free_memory: 1 << 30,
-            enroll,
-        };
-        let err = client::connect(
+    let impostor = Identity::generate();
+    let ch = channel::connect(
+        &v.addr,
+        &Intro::Relay {
+            addr: honest.addr.clone(),
+            capacity: 1 << 40,
+            free_memory: 1 << 40,
+        },
+        Credential::Identity(&impostor),
+        None,
+        Duration::from_secs(5),
+    )
+    .expect("anyone may enroll a relay");
+    let rows = wait_status(&v, "impostor's address checked", |r| {
+        r.len() == 2 && v.has_log("not assigned until it proves its key")
+    });
+    let imp = rows.iter().find(|r| r.score.id == impostor.id()).unwrap();
+    assert!(!imp.available && !imp.score.addr_verified && imp.score.weight == 0.0);
+    let mine = rows.iter().find(|r| r.score.id == id).unwrap();
+    assert!(mine.available && mine.score.addr_verified);
+    // Jobs go to the honest relay only.
+    for _ in 0..3 {
+        let a = client::request_as(
             &v.addr,
-            &intro,
-            &mapreduce::wire::mac_key(&other),
-            Duration::from_secs(5),
+            &client_identity(),
+            &JobRequest {
+                job: mapreduce::config::to_hex(&mapreduce::wire::nonce()[..16]),
+                peers: 2,
+                relays: 0,
+                relay_memory: 0,
+                max_message_bytes: 0,
+            },
+            Duration::from_secs(10),
         )
-        .expect_err("impostor admitted");
-        assert_eq!(err.kind, ErrorKind::Auth, "{err}");
+        .unwrap();
+        assert_eq!(a.relays.len(), 1, "{a:?}");
+        assert_eq!(a.relays[0].id, id);
     }
-    let rows = status(&v);
-    assert_eq!(
-        rows[0].score.addr, _r.addr,
-        "the impostor changed the record"
-    );
-    assert!(v.has_log("authentication failed"));
+    drop(ch);
+}
+
+#[test]
+fn unknown_clients_are_refused_with_a_clear_message() {
+    let dir = tmpdir("clients");
+    let v = validator(&dir, "127.0.0.1:0", CONFIG);
+    let _r = relay(&v, &dir.join("r.key"), "127.0.0.1:0", &[]);
+    wait_status(&v, "relay registered", |r| up(r) == 1);
+    let stranger = Identity::generate();
+    let err = client::request_as(
+        &v.addr,
+        &stranger,
+        &JobRequest {
+            job: mapreduce::config::to_hex(&mapreduce::wire::nonce()[..16]),
+            peers: 2,
+            relays: 0,
+            relay_memory: 0,
+            max_message_bytes: 0,
+        },
+        Duration::from_secs(10),
+    )
+    .expect_err("a stranger got a job");
+    assert_eq!(err.kind, ErrorKind::Auth, "{err}");
+    assert!(err.message.contains(&stranger.id()), "{err}");
+    assert!(err.message.contains("clients"), "{err}");
+    // Pinning the validator's key: a wrong pin fails before anything is sent.
+    let wrong = Identity::generate().public();
+    let err = channel::connect(
+        &v.addr,
+        &Intro::Status,
+        Credential::None,
+        Some(&wrong),
+        Duration::from_secs(5),
+    )
+    .err()
+    .expect("a wrong validator key was accepted");
+    assert_eq!(err.kind, ErrorKind::Auth, "{err}");
 }
 
 #[test]

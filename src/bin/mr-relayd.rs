@@ -8,10 +8,12 @@
 
 use clap::Parser;
 use mapreduce::relay::limits::Limits;
-use mapreduce::relay::registration::{load_or_create_key, JobGrants, Registration};
+use mapreduce::relay::registration::{Grants, Registration};
 use mapreduce::relay::server::{Relay, RelayConfig};
+use mapreduce::validator::identity::Identity;
 use std::net::SocketAddr;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 #[derive(Parser, Debug)]
@@ -30,9 +32,13 @@ struct Args {
     /// Validator to register with: it assigns jobs (with their own tokens) to this relay.
     #[arg(long)]
     validator: Option<String>,
-    /// The relay's key for the validator, created on first start (hex, keep it private).
+    /// The relay's identity key (sr25519 seed in hex, or a Bittensor hotkey file), created
+    /// with mode 0600 on first start; the relay's id is its public key.
     #[arg(long, default_value = "mr-relayd.key")]
     key_file: std::path::PathBuf,
+    /// The validator's public key (hex); when given, the validator must prove it.
+    #[arg(long)]
+    validator_key: Option<String>,
     /// Address peers should connect to (default: the listening address).
     #[arg(long)]
     advertise: Option<String>,
@@ -154,7 +160,11 @@ fn run(args: Args) -> mapreduce::Result<()> {
     if token.is_empty() && args.validator.is_none() {
         return Err(mapreduce::Error::invalid("the job token is empty"));
     }
-    let grants = args.validator.as_ref().map(|_| JobGrants::default());
+    let identity = match &args.validator {
+        Some(_) => Some(Arc::new(Identity::load_or_create(&args.key_file, "relay")?)),
+        None => None,
+    };
+    let grants = identity.as_ref().map(|id| Grants::new(Some(id.clone())));
     let secs = |s: u64| Duration::from_secs(s.max(1));
     let limits = Limits {
         max_unauthenticated: args.max_unauthenticated.max(1),
@@ -180,10 +190,17 @@ fn run(args: Args) -> mapreduce::Result<()> {
         "listening on {local} (max memory {} bytes)",
         args.max_memory
     );
-    if let (Some(v), Some(grants)) = (&args.validator, grants) {
+    if let (Some(v), Some(grants), Some(identity)) = (&args.validator, grants, identity) {
+        let validator_key = args
+            .validator_key
+            .as_deref()
+            .map(|k| mapreduce::validator::identity::parse_public("--validator-key", k))
+            .transpose()?;
         let reg = Registration {
             validator: v.clone(),
-            key: load_or_create_key(&args.key_file)?,
+            validator_key,
+            identity,
+            bind: Some(local.ip()),
             advertise: args.advertise.clone().unwrap_or_else(|| local.to_string()),
             capacity: args.max_memory as u64,
             heartbeat: Duration::from_millis(args.heartbeat_ms.max(10)),

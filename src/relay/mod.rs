@@ -19,6 +19,7 @@
 pub mod admission;
 pub mod client;
 pub mod limits;
+pub mod receipts;
 pub mod registration;
 pub mod server;
 pub mod sums;

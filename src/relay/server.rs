@@ -19,6 +19,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::net::conn::{self, FrameIn, FrameOut};
 use crate::relay::admission::{self, Admission, KnownJob, Reservations};
 use crate::relay::limits::{self, Activity, Limits, RejectLog, MAX_HELLO_BYTES};
+use crate::relay::receipts::Kind;
 use crate::relay::sums::{check_data_header, Fault, Sums};
 use crate::relay::JobHello;
 use crate::wire::{
@@ -928,15 +929,69 @@ impl Relay {
         self.send_control(id, h, reason.as_bytes().to_vec());
     }
 
+    /// A member of a granted job asks for the relay's signed receipt of one op (see
+    /// [`crate::relay::receipts`]): answer with a Welcome carrying it, then close.
+    fn answer_receipt(
+        &mut self,
+        id: usize,
+        hello: &Hello<'_>,
+        challenge: &[u8; 32],
+        req: Result<crate::relay::receipts::ReceiptRequest>,
+    ) {
+        let (job, seq, positions) = match req {
+            Ok(r) => (r.job, r.seq, r.positions),
+            Err(e) => return self.refuse(id, e.kind, &e.message),
+        };
+        let Some(g) = self.config.grants.clone() else {
+            return self.refuse(id, ErrorKind::Auth, "this relay keeps no receipts");
+        };
+        if !g.key(&job).is_some_and(|k| hello.verify(&k, challenge)) {
+            return self.refuse(id, ErrorKind::Auth, "authentication failed: unknown job");
+        }
+        let Some(p) = g.signed_receipt(&job, seq, &positions) else {
+            return self.refuse(id, ErrorKind::Auth, "this relay keeps no receipts");
+        };
+        let c = self.conns.get_mut(&id).expect("connection");
+        c.state = State::Closing {
+            since: Instant::now(),
+        };
+        self.send_control(id, FrameHeader::new(FrameKind::Welcome, p.len()), p);
+    }
+
+    /// Someone (the validator) asks the relay to prove its key at this address: answer with a
+    /// Welcome carrying the public key and signature, then close.
+    fn prove_address(&mut self, id: usize, asker: &[u8; 32], challenge: &[u8; 32]) {
+        let proof = self
+            .config
+            .grants
+            .as_ref()
+            .and_then(|g| g.prove(asker, challenge));
+        let Some(p) = proof else {
+            self.refuse(id, ErrorKind::Auth, "this relay has no identity to prove");
+            return;
+        };
+        let c = self.conns.get_mut(&id).expect("connection");
+        log::debug!("proved the relay's key to {}", c.peer);
+        c.state = State::Closing {
+            since: Instant::now(),
+        };
+        self.send_control(id, FrameHeader::new(FrameKind::Welcome, p.len()), p);
+    }
+
     fn on_hello(&mut self, id: usize, nonce: [u8; 32], payload: &[u8]) -> Result<()> {
         let hello = Hello::decode(payload)?;
+        if let Some(req) = crate::relay::receipts::parse_request(hello.body) {
+            self.answer_receipt(id, &hello, &nonce, req);
+            return Ok(());
+        }
+        if let Some(asker) = crate::relay::registration::proof_request(hello.body) {
+            self.prove_address(id, &asker, &nonce);
+            return Ok(());
+        }
         // A job granted by the validator has its own token; others use the static one.
         let granted = JobHello::decode(hello.body).ok().and_then(|jh| {
             let g = self.config.grants.as_ref()?;
-            g.lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .get(&jh.job)
-                .copied()
+            g.key(&jh.job)
         });
         let key = match granted {
             Some(k) => k,
@@ -1051,6 +1106,12 @@ impl Relay {
         }
         let f = check_data_header(&h, rank, j.hello.world, j.hello.chunk_bytes)?;
         let world = j.hello.world;
+        if !matches!(f.coll, Collective::Broadcast) {
+            if let Some(g) = self.config.grants.as_ref().filter(|g| g.keeps_receipts()) {
+                let d = *blake3::hash(payload.as_slice()).as_bytes();
+                g.note(&job, h.seq, Kind::Input, rank, h.offset, payload.len(), d);
+            }
+        }
         match f.coll {
             Collective::Broadcast => {
                 let targets: Vec<usize> = (0..world)
@@ -1091,6 +1152,19 @@ impl Relay {
                     let targets: Vec<(usize, usize)> = (0..world)
                         .filter_map(|r| self.stream_of(&self.jobs[&job], r).map(|t| (r, t)))
                         .collect();
+                    if let Some(g) = self.config.grants.as_ref().filter(|g| g.keeps_receipts()) {
+                        // What each rank is sent, as sent.
+                        let first = *blake3::hash(shared.as_slice()).as_bytes();
+                        let rest = if Rc::ptr_eq(&shared, &others) {
+                            first
+                        } else {
+                            *blake3::hash(others.as_slice()).as_bytes()
+                        };
+                        for &(r, _) in &targets {
+                            let d = if r == 0 { first } else { rest };
+                            g.note(&job, rh.seq, Kind::Result, r, rh.offset, shared.len(), d);
+                        }
+                    }
                     for (r, t) in targets {
                         let p = if r == 0 { &shared } else { &others };
                         self.enqueue(t, rh, Payload::Shared(p.clone()), None);

@@ -95,12 +95,13 @@ fn bench_relay(state: &Arc<State>, id: &str) -> crate::Result<()> {
         .next()
         .unwrap_or_default()
         .to_string();
+    let relay_memory = (bots * crate::algo::relay::max_window(chunk) * chunk * 4) as u64;
     let a = state.assign_to(
         &JobRequest {
             job,
             peers: bots,
             relays: 1,
-            relay_memory: (bots * crate::algo::relay::max_window(chunk) * chunk * 4) as u64,
+            relay_memory,
             max_message_bytes: cfg.bytes as u64,
         },
         id,
@@ -139,6 +140,7 @@ fn bench_relay(state: &Arc<State>, id: &str) -> crate::Result<()> {
         let mbps = cfg.bytes as f64 / slowest.as_secs_f64().max(1e-6) / 1e6;
         log::info!("benchmark of relay {id}: {mbps:.1} MB/s, result verified");
         reg.note_throughput(id, mbps);
+        reg.note_bench_capacity(id, relay_memory);
     } else {
         reg.convict(id, "benchmark all-reduce returned a wrong sum");
     }

@@ -1,54 +1,117 @@
-//! Peer side of the validator protocol: rank 0 asks for relays and shares the assignment with
-//! the other ranks over the bootstrap mesh; every rank reports sampled ops in the background.
+//! Peer side of the validator protocol: rank 0 (the client) asks for relays, proving the
+//! client's identity, and shares the assignment with the other ranks over the bootstrap mesh;
+//! every rank reports sampled ops in the background, proving the job's verification secret.
+//!
+//! The client's key file is `MR_CLIENT_KEY_FILE` (default `~/.config/mapreduce/client.key`,
+//! created with mode 0600 on first use); `MR_VALIDATOR_KEY` (hex), when set, pins the
+//! validator's public key.
 
 use crate::config::{Algo, Config};
 use crate::error::{Error, Result};
 use crate::net::bootstrap::{FrameIo, Mesh};
-use crate::validator::proto::{self, Assignment, Intro, JobRequest, Refusal, ReportMsg};
+use crate::validator::channel::{self, Channel, Credential};
+use crate::validator::identity::Identity;
+use crate::validator::peer::EvidenceTask;
+use crate::validator::proto::{
+    Assignment, Intro, JobRequest, Refusal, ReportMsg, StatusPage, StatusQuery, STATUS_PAGE,
+};
+use crate::validator::server::StatusRow;
 use crate::wire::{FrameHeader, FrameKind};
 use serde::{Deserialize, Serialize};
-use std::net::TcpStream;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-/// Connect to the validator at `addr` and complete the handshake as `intro`, proving `key`.
-pub fn connect(addr: &str, intro: &Intro, key: &[u8; 32], timeout: Duration) -> Result<TcpStream> {
-    let sa = crate::config::resolve(addr)?;
-    let mut s = TcpStream::connect_timeout(&sa, timeout.min(Duration::from_secs(10)))
-        .map_err(|e| Error::io(format!("cannot connect to the validator at {addr}"), e))?;
-    let _ = s.set_nodelay(true);
-    let body = serde_json::to_vec(intro).expect("json");
-    FrameIo {
-        stream: &mut s,
-        deadline: Instant::now() + timeout.min(Duration::from_secs(10)),
-        what: format!("validator {addr}"),
+/// Where the client's key lives: `MR_CLIENT_KEY_FILE`, or `~/.config/mapreduce/client.key`.
+pub fn client_key_path() -> PathBuf {
+    if let Some(p) = std::env::var_os("MR_CLIENT_KEY_FILE").filter(|p| !p.is_empty()) {
+        return PathBuf::from(p);
     }
-    .client_handshake(key, &body)?;
-    Ok(s)
+    let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("."), PathBuf::from);
+    home.join(".config/mapreduce/client.key")
 }
 
-/// Ask the validator for relays.
-pub fn request(addr: &str, req: &JobRequest, timeout: Duration) -> Result<Assignment> {
-    let mut s = connect(addr, &Intro::Job(req.clone()), &proto::open_key(), timeout)?;
-    let mut io = FrameIo {
-        stream: &mut s,
-        deadline: Instant::now() + timeout.min(Duration::from_secs(60)),
-        what: format!("job request to validator {addr}"),
-    };
-    let (_, body) = io.expect(FrameKind::Control)?;
-    if let Ok(r) = serde_json::from_slice::<Refusal>(&body) {
+/// The client's identity, created on first use.
+pub fn client_identity() -> Result<Identity> {
+    let p = client_key_path();
+    if let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| Error::io(format!("cannot create {}", dir.display()), e))?;
+    }
+    Identity::load_or_create(&p, "client")
+}
+
+/// The validator's public key pinned by `MR_VALIDATOR_KEY`, if set.
+pub fn pinned_validator_key() -> Result<Option<[u8; 32]>> {
+    match std::env::var("MR_VALIDATOR_KEY") {
+        Ok(v) if !v.trim().is_empty() => {
+            crate::validator::identity::parse_public("MR_VALIDATOR_KEY", &v).map(Some)
+        }
+        _ => Ok(None),
+    }
+}
+
+/// Ask the validator for relays as `client`.
+pub fn request_as(
+    addr: &str,
+    client: &Identity,
+    req: &JobRequest,
+    timeout: Duration,
+) -> Result<Assignment> {
+    let mut ch = channel::connect(
+        addr,
+        &Intro::Job(req.clone()),
+        Credential::Identity(client),
+        pinned_validator_key()?.as_ref(),
+        timeout,
+    )?;
+    let body: serde_json::Value = ch.recv(timeout.min(Duration::from_secs(60)))?;
+    if let Ok(r) = serde_json::from_value::<Refusal>(body.clone()) {
         return Err(Error::remote(format!("validator {addr}: {}", r.error)));
     }
-    proto::parse(&body, &io.what)
+    serde_json::from_value(body)
+        .map_err(|e| Error::remote(format!("validator {addr}: malformed assignment: {e}")))
 }
 
-/// The relay table of `mr-validator status`.
-pub fn status(addr: &str, timeout: Duration) -> Result<Vec<crate::validator::server::StatusRow>> {
-    let mut s = connect(addr, &Intro::Status, &proto::open_key(), timeout)?;
-    proto::recv_json(&mut FrameIo {
-        stream: &mut s,
-        deadline: Instant::now() + timeout,
-        what: format!("status from validator {addr}"),
-    })
+/// Ask the validator for relays as this machine's client identity.
+pub fn request(addr: &str, req: &JobRequest, timeout: Duration) -> Result<Assignment> {
+    request_as(addr, &client_identity()?, req, timeout)
+}
+
+/// The relay table of `mr-validator status`, read page by page.
+pub fn status(addr: &str, timeout: Duration) -> Result<Vec<StatusRow>> {
+    Ok(status_full(addr, timeout)?.0)
+}
+
+/// The relay table and the flagged clients.
+pub fn status_full(
+    addr: &str,
+    timeout: Duration,
+) -> Result<(Vec<StatusRow>, Vec<crate::validator::server::FlaggedClient>)> {
+    let mut ch: Channel = channel::connect(
+        addr,
+        &Intro::Status,
+        Credential::None,
+        pinned_validator_key()?.as_ref(),
+        timeout,
+    )?;
+    let mut rows = Vec::new();
+    let mut flagged = Vec::new();
+    loop {
+        ch.send(
+            &StatusQuery {
+                offset: rows.len(),
+                limit: STATUS_PAGE,
+            },
+            timeout,
+        )?;
+        let page: StatusPage<StatusRow> = ch.recv(timeout)?;
+        let got = page.rows.len();
+        rows.extend(page.rows);
+        flagged.extend(page.flagged_clients);
+        if got == 0 || rows.len() >= page.total {
+            return Ok((rows, flagged));
+        }
+    }
 }
 
 /// What rank 0 tells the others.
@@ -135,7 +198,7 @@ pub fn share_assignment(mesh: &mut Mesh, config: &Config) -> Result<Option<Assig
                 deadline,
                 what: format!("relay assignment from rank 0 (rank {})", mesh.rank),
             };
-            got = Some(proto::recv_json(&mut io)?);
+            got = Some(crate::validator::proto::recv_json(&mut io)?);
         }
         let shared = got.ok_or_else(|| Error::internal("no connection to rank 0"))?;
         if let Some(e) = shared.error {
@@ -147,44 +210,40 @@ pub fn share_assignment(mesh: &mut Mesh, config: &Config) -> Result<Option<Assig
 
 /// Sends sampled-op records to the validator from a background thread, off the critical path.
 pub struct Reporter {
-    tx: Option<crossbeam_channel::Sender<ReportMsg>>,
+    tx: Option<crossbeam_channel::Sender<(ReportMsg, Option<EvidenceTask>)>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Reporter {
     pub fn start(validator: String, job: String, secret: [u8; 32], rank: usize) -> Reporter {
-        let (tx, rx) = crossbeam_channel::unbounded::<ReportMsg>();
+        let (tx, rx) = crossbeam_channel::unbounded::<(ReportMsg, Option<EvidenceTask>)>();
         let thread = std::thread::Builder::new()
             .name(format!("mr-report-{rank}"))
             .spawn(move || {
-                let key = crate::wire::mac_key(&secret);
-                let mut conn: Option<TcpStream> = None;
-                for msg in rx {
+                let mut conn: Option<Channel> = None;
+                for (mut msg, task) in rx {
+                    if let (ReportMsg::Op { evidence, .. }, Some(t)) = (&mut msg, task) {
+                        *evidence = t.gather();
+                    }
                     for attempt in 0..2 {
                         if conn.is_none() {
-                            match connect(
+                            let pinned = pinned_validator_key().ok().flatten();
+                            match channel::connect(
                                 &validator,
                                 &Intro::Report { job: job.clone() },
-                                &key,
+                                Credential::Secret(&secret),
+                                pinned.as_ref(),
                                 Duration::from_secs(5),
                             ) {
-                                Ok(s) => conn = Some(s),
+                                Ok(c) => conn = Some(c),
                                 Err(e) => {
                                     log::warn!("rank {rank}: cannot report to the validator: {e}");
                                     break;
                                 }
                             }
                         }
-                        let s = conn.as_mut().expect("connected");
-                        let sent = proto::send_json(
-                            &mut FrameIo {
-                                stream: s,
-                                deadline: Instant::now() + Duration::from_secs(5),
-                                what: "report".into(),
-                            },
-                            &msg,
-                        );
-                        match sent {
+                        let c = conn.as_mut().expect("connected");
+                        match c.send(&msg, Duration::from_secs(5)) {
                             Ok(()) => break,
                             Err(e) => {
                                 conn = None;
@@ -203,9 +262,10 @@ impl Reporter {
         }
     }
 
-    pub fn send(&self, msg: ReportMsg) {
+    /// Queue `msg`; with `task`, gather the relays' receipts into it first.
+    pub fn send(&self, msg: ReportMsg, task: Option<EvidenceTask>) {
         if let Some(tx) = &self.tx {
-            let _ = tx.send(msg);
+            let _ = tx.send((msg, task));
         }
     }
 }

@@ -1,12 +1,153 @@
 //! A peer's part in verification: record inputs at the sample positions before a relay
 //! all-reduce is submitted, record results and segment digests after it completes, and hand
 //! the record to the validator (in the background) or to the other peers (`MR_VERIFY=1`).
+//!
+//! For the validator, a sampled op also keeps this rank's bytes around each sample position
+//! (one relay chunk either side, inputs before the op, results after it); the reporter thread
+//! then asks each relay for its signed receipt of the op at those positions and sends the
+//! receipts with the chunks they cover ([`EvidenceTask`]). A receipt that does not match what
+//! this rank sent or received is not reported (it would count against this rank) but logged.
 
+use crate::error::{Error, Result};
+use crate::net::bootstrap::FrameIo;
+use crate::relay::receipts::{self, Kind, Receipt};
 use crate::types::{DType, ReduceOp};
 use crate::validator::client::Reporter;
-use crate::validator::proto::{Assignment, ReportMsg};
+use crate::validator::proto::{Assignment, ChunkBytes, RelayEvidence, ReportMsg};
 use crate::validator::verify::{self, OpRecord};
-use std::time::Instant;
+use crate::wire::{FrameHeader, FrameKind, Hello};
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// Bytes of this rank's buffer kept for evidence: (byte offset, bytes).
+type Windows = Vec<(usize, Vec<u8>)>;
+
+/// Copies of `buf` around each sample position: `reach` bytes either side.
+fn windows(buf: &[u8], elem: usize, positions: &[u64], reach: usize) -> Windows {
+    let mut out: Windows = Vec::new();
+    for &p in positions {
+        let at = p as usize * elem;
+        let (start, end) = (at.saturating_sub(reach), (at + elem + reach).min(buf.len()));
+        match out.last_mut() {
+            Some((s, w)) if *s + w.len() >= start => {
+                let from = *s + w.len();
+                if end > from {
+                    w.extend_from_slice(&buf[from..end]);
+                }
+            }
+            _ => out.push((start, buf[start..end].to_vec())),
+        }
+    }
+    out
+}
+
+/// `len` bytes at `offset`, if one window holds them all.
+fn cut(w: &Windows, offset: usize, len: usize) -> Option<&[u8]> {
+    w.iter()
+        .find(|(s, b)| *s <= offset && offset + len <= *s + b.len())
+        .map(|(s, b)| &b[offset - s..offset - s + len])
+}
+
+/// What the reporter needs to gather one op's evidence.
+pub struct EvidenceTask {
+    job: [u8; 16],
+    seq: u64,
+    rank: usize,
+    token: Vec<u8>,
+    /// (position in the op's relay list, address).
+    relays: Vec<(usize, String)>,
+    /// Byte positions sampled.
+    positions: Vec<u64>,
+    inputs: Windows,
+    results: Windows,
+}
+
+/// Ask the relay at `addr` for its signed receipt of op `seq` of `job` at byte `positions`,
+/// proving the job `token`. Returns the relay's answer (public key, signature, receipt).
+pub fn fetch_receipt(
+    addr: &str,
+    token: &[u8],
+    job: &[u8; 16],
+    seq: u64,
+    positions: &[u64],
+) -> Result<Vec<u8>> {
+    let what = format!("receipt of op {seq} from relay {addr}");
+    let sa = crate::config::resolve(addr)?;
+    let mut s = std::net::TcpStream::connect_timeout(&sa, Duration::from_secs(5))
+        .map_err(|e| Error::io(format!("{what}: connect"), e))?;
+    let mut io = FrameIo {
+        stream: &mut s,
+        deadline: Instant::now() + Duration::from_secs(10),
+        what: what.clone(),
+    };
+    let (_, ns) = io.expect(FrameKind::Challenge)?;
+    let ns: [u8; 32] = ns
+        .try_into()
+        .map_err(|_| Error::remote(format!("{what}: malformed challenge")))?;
+    let body = receipts::request(job, seq, positions);
+    let hello = Hello::sign(&crate::wire::mac_key(token), &ns, &body).encode();
+    io.send(FrameHeader::new(FrameKind::Hello, hello.len()), &hello)?;
+    Ok(io.expect(FrameKind::Welcome)?.1)
+}
+
+impl EvidenceTask {
+    /// Fetch every relay's receipt and pick this rank's chunks it covers.
+    pub fn gather(&self) -> Vec<RelayEvidence> {
+        let mut out = Vec::new();
+        for (k, addr) in &self.relays {
+            let raw = match fetch_receipt(addr, &self.token, &self.job, self.seq, &self.positions) {
+                Ok(r) if r.len() > 96 => r,
+                Ok(_) => continue,
+                Err(e) => {
+                    log::warn!("rank {}: no receipt from relay {addr}: {e}", self.rank);
+                    continue;
+                }
+            };
+            let Ok(receipt) = Receipt::decode(&raw[96..]) else {
+                log::warn!("rank {}: relay {addr} sent a malformed receipt", self.rank);
+                continue;
+            };
+            let mut chunks = Vec::new();
+            let mut consistent = true;
+            for e in receipt
+                .entries
+                .iter()
+                .filter(|e| e.rank as usize == self.rank)
+            {
+                let w = if e.kind == Kind::Input {
+                    &self.inputs
+                } else {
+                    &self.results
+                };
+                let Some(b) = cut(w, e.offset as usize, e.len as usize) else {
+                    continue;
+                };
+                if *blake3::hash(b).as_bytes() != e.digest {
+                    consistent = false;
+                    log::warn!(
+                        "rank {}: relay {addr}'s receipt of op {} does not match the {:?} chunk at offset {} this rank has",
+                        self.rank, self.seq, e.kind, e.offset
+                    );
+                    continue;
+                }
+                chunks.push(ChunkBytes {
+                    kind: e.kind as u32,
+                    offset: e.offset,
+                    bytes: crate::config::to_hex(b),
+                });
+            }
+            if consistent {
+                out.push(RelayEvidence {
+                    relay: *k,
+                    receipt: crate::config::to_hex(&raw),
+                    chunks,
+                });
+            }
+        }
+        out
+    }
+}
 
 /// Verification set-up of one communicator in a validator-assigned job.
 pub struct JobVerify {
@@ -19,6 +160,14 @@ pub struct JobVerify {
     /// Peers check every relay op among themselves (`MR_VERIFY=1`).
     pub peer_check: bool,
     pub reporter: Option<Reporter>,
+    /// Bytes per relay chunk (`Config::relay_chunk_bytes`): how far around a sample the
+    /// evidence windows reach.
+    pub chunk_bytes: usize,
+    job: [u8; 16],
+    token: Vec<u8>,
+    relay_addrs: Vec<String>,
+    /// Evidence windows of sampled ops, by seq, from completion to report.
+    kept: Mutex<HashMap<u64, (Windows, Windows)>>,
 }
 
 /// Inputs recorded before an op.
@@ -30,6 +179,8 @@ pub struct Recorded {
     pub positions: Vec<u64>,
     pub inputs: Vec<u8>,
     pub started: Instant,
+    /// This rank's input bytes around the samples (ops reported to the validator).
+    pub windows: Windows,
 }
 
 impl JobVerify {
@@ -52,6 +203,13 @@ impl JobVerify {
             peer_check,
             reporter: validator
                 .map(|v| Reporter::start(v.to_string(), a.job.clone(), secret, rank)),
+            chunk_bytes: 64 << 10,
+            job: crate::config::parse_hex("job id", &a.job)?
+                .try_into()
+                .map_err(|_| crate::Error::remote("the validator's job id is not 16 bytes"))?,
+            token: crate::config::parse_hex("job token", &a.token)?,
+            relay_addrs: a.relays.iter().map(|r| r.addr.clone()).collect(),
+            kept: Mutex::new(HashMap::new()),
         })
     }
 
@@ -65,7 +223,17 @@ impl JobVerify {
             world,
             peer_check: true,
             reporter: None,
+            chunk_bytes: 0,
+            job: [0; 16],
+            token: Vec::new(),
+            relay_addrs: Vec::new(),
+            kept: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Whether op `seq` is reported to the validator (with evidence).
+    fn reported(&self, seq: u64) -> bool {
+        self.reporter.is_some() && verify::is_sampled(&self.secret, seq, self.fraction)
     }
 
     /// Whether op `seq` is checked at all.
@@ -84,6 +252,11 @@ impl JobVerify {
         op: ReduceOp,
     ) -> Recorded {
         let positions = verify::positions(&self.secret, seq, count, self.samples);
+        let windows = if self.reported(seq) {
+            windows(buf, dtype.size(), &positions, self.chunk_bytes)
+        } else {
+            Vec::new()
+        };
         Recorded {
             seq,
             dtype,
@@ -92,12 +265,22 @@ impl JobVerify {
             inputs: verify::gather(buf, dtype.size(), &positions),
             positions,
             started: Instant::now(),
+            windows,
         }
     }
 
     /// Complete the record from `buf` (the result).
     pub fn complete(&self, rank: usize, r: &Recorded, buf: &[u8]) -> OpRecord {
         let elem = r.dtype.size();
+        if !r.windows.is_empty() {
+            let results = windows(buf, elem, &r.positions, self.chunk_bytes);
+            let mut kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
+            // Bounded: reports are sent in order, so only a stalled reporter leaves these.
+            if kept.len() >= 64 {
+                kept.clear();
+            }
+            kept.insert(r.seq, (r.windows.clone(), results));
+        }
         let relays = self.relay_index.len().max(1);
         OpRecord {
             rank,
@@ -116,14 +299,39 @@ impl JobVerify {
     /// Queue `record` for the validator, if there is one.
     pub fn report(&self, record: OpRecord, started: Instant) {
         if let Some(rep) = &self.reporter {
-            let bytes = record.count * DType::from_raw(record.dtype).map_or(1, |d| d.size() as u64);
-            rep.send(ReportMsg::Op {
-                record,
-                world: self.world,
-                relay_index: self.relay_index.clone(),
-                bytes,
-                micros: started.elapsed().as_micros() as u64,
+            let elem = DType::from_raw(record.dtype).map_or(1, |d| d.size() as u64);
+            let bytes = record.count * elem;
+            let kept = self
+                .kept
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&record.seq);
+            let task = kept.map(|(inputs, results)| EvidenceTask {
+                job: self.job,
+                seq: record.seq,
+                rank: record.rank,
+                token: self.token.clone(),
+                relays: self
+                    .relay_index
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(k, &i)| self.relay_addrs.get(i).map(|a| (k, a.clone())))
+                    .collect(),
+                positions: record.positions.iter().map(|&p| p * elem).collect(),
+                inputs,
+                results,
             });
+            rep.send(
+                ReportMsg::Op {
+                    record,
+                    world: self.world,
+                    relay_index: self.relay_index.clone(),
+                    bytes,
+                    micros: started.elapsed().as_micros() as u64,
+                    evidence: Vec::new(),
+                },
+                task,
+            );
         }
     }
 

@@ -1,12 +1,13 @@
-//! The validator's wire protocol: JSON messages in [`FrameKind::Control`] frames, after the
-//! usual challenge/Hello/Welcome handshake of [`crate::wire`].
+//! The validator's wire protocol: JSON messages, each sealed in one [`FrameKind::Control`]
+//! frame of a [`crate::validator::channel`] session.
 //!
-//! The Hello body is an [`Intro`] (JSON) saying who connects; the key its MAC is checked with
-//! depends on the role:
-//! * a **relay** proves its own key (pinned by the validator on first registration, trust on
-//!   first use); a relay the validator does not know yet sends the key once in `enroll`;
+//! The Hello carries an [`Intro`] (JSON) saying who connects and what it proves:
+//! * a **relay** signs the handshake with its identity key; its id is its public key, so the
+//!   validator pins it by construction and nobody else can speak for that id;
+//! * a **job** request (a job's rank 0, the client) signs with the client's identity key,
+//!   which must be admitted by the validator (`clients` in validator.config.json);
 //! * a **report** connection (a peer reporting samples) proves the job's verification secret;
-//! * **job** requests and **status** queries use [`OPEN_KEY`]: anyone may ask.
+//! * a **status** query proves nothing: anyone may read the relay table.
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::net::bootstrap::FrameIo;
@@ -14,27 +15,19 @@ use crate::validator::verify::OpRecord;
 use crate::wire::{FrameHeader, FrameKind};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
-/// MAC key of the roles anyone may take.
-pub fn open_key() -> [u8; 32] {
-    crate::wire::mac_key(b"mapreduce validator open access")
-}
-
 /// Hello body.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(tag = "role", rename_all = "snake_case")]
 pub enum Intro {
     Relay {
-        /// Stable relay id (derived from its key).
-        id: String,
-        /// Address peers should connect to.
+        /// Address peers should connect to; the validator checks that the relay proves its key
+        /// there before assigning it.
         addr: String,
-        /// Most memory the relay lets jobs reserve, bytes.
+        /// Most memory the relay lets jobs reserve, bytes (a claim: scores count only what the
+        /// benchmark bots exercised).
         capacity: u64,
         /// Memory available now, bytes.
         free_memory: u64,
-        /// The relay's key (hex), sent only to enroll with a validator that does not know it.
-        #[serde(default)]
-        enroll: Option<String>,
     },
     Job(JobRequest),
     Report {
@@ -80,6 +73,29 @@ pub struct Assignment {
     pub samples: usize,
 }
 
+/// `status` connection: the client asks for one page of the relay table at a time.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct StatusQuery {
+    /// First row wanted.
+    pub offset: usize,
+    /// Rows wanted (the validator sends at most [`STATUS_PAGE`]).
+    pub limit: usize,
+}
+
+/// Rows per status page: a page stays well under the control frame limit.
+pub const STATUS_PAGE: usize = 64;
+
+/// One page of the relay table.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct StatusPage<Row> {
+    /// Rows in the whole table.
+    pub total: usize,
+    pub rows: Vec<Row>,
+    /// On the first page: the clients most often flagged for reports that did not check out.
+    #[serde(default)]
+    pub flagged_clients: Vec<crate::validator::server::FlaggedClient>,
+}
+
 /// Validator ↔ relay messages after registration.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -91,9 +107,16 @@ pub enum RelayMsg {
         job: String,
         token: String,
         world: usize,
+        /// Seconds the relay keeps the grant.
+        #[serde(default = "default_grant_secs")]
+        ttl_secs: u64,
     },
     /// relay → validator: the job is installed.
     JobAck { job: String },
+}
+
+fn default_grant_secs() -> u64 {
+    24 * 3600
 }
 
 /// Peer → validator on a report connection.
@@ -107,10 +130,38 @@ pub enum ReportMsg {
         world: usize,
         /// The relays the op was cut across, as indices into the assignment's list.
         relay_index: Vec<usize>,
-        /// Bytes of the op and how long this rank saw it take, for throughput scores.
+        /// Bytes of the op and how long this rank saw it take (informational: throughput
+        /// scores come from the benchmark bots only).
         bytes: u64,
         micros: u64,
+        /// Per relay, its signed receipt and this rank's chunk bytes that it covers.
+        #[serde(default)]
+        evidence: Vec<RelayEvidence>,
     },
+}
+
+/// One relay's signed account of a reported op, and the reporting rank's chunks it covers.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RelayEvidence {
+    /// Position of the relay in the op's relay list (as `relay_index`).
+    pub relay: usize,
+    /// The relay's answer to the receipt request, hex: public key, signature, receipt
+    /// ([`crate::relay::receipts`]).
+    pub receipt: String,
+    /// This rank's input chunks it sent and result chunks it received, as covered by the
+    /// receipt.
+    pub chunks: Vec<ChunkBytes>,
+}
+
+/// The bytes of one chunk.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ChunkBytes {
+    /// 0: an input this rank sent; 1: a result this rank received.
+    pub kind: u32,
+    /// Byte offset in the op's buffer.
+    pub offset: u64,
+    /// The bytes, hex.
+    pub bytes: String,
 }
 
 /// Validator → any: an error reply.

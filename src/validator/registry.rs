@@ -2,10 +2,14 @@
 //! assigned. Pure bookkeeping: no sockets, time passed in.
 //!
 //! Score of a relay (documented in docs/operators.md):
-//! `raw = correctness × availability × (1 + throughput MB/s) × (1 + ln(1 + verified ops))
-//!        × (1 + ln(1 + capacity GiB))`,
+//! `raw = address proven × correctness × availability × (1 + throughput MB/s)
+//!        × (1 + ln(1 + verified ops)) × (1 + ln(1 + capacity GiB))`,
 //! split evenly among relays that share one IP address, then normalised so the weights of all
 //! relays sum to 1. `correctness` drops to 0 for good after one failed verification.
+//! Nothing a relay says about itself counts unmeasured: throughput comes from the benchmark
+//! bots only, capacity is capped by what the bots exercised, the IP is the one the validator
+//! sees, and a relay scores (and is assigned) only after proving its key at its advertised
+//! address.
 
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -29,9 +33,20 @@ pub struct RelayScore {
     pub verified_ops: u64,
     pub failed_ops: u64,
     pub excluded: bool,
-    /// Why the relay was excluded.
+    /// The relay proved its key at `addr` (checked on every registration).
+    #[serde(default)]
+    pub addr_verified: bool,
+    /// Most memory a benchmark job reserved on the relay and verified, bytes; the capacity
+    /// scores count is capped by it.
+    #[serde(default)]
+    pub bench_capacity: u64,
+    /// Why the relay was excluded: `"<evidence id>: <evidence>"`, the id being the first 12
+    /// hex digits of the evidence's blake3 (as logged when the relay was excluded).
     #[serde(default)]
     pub evidence: Vec<String>,
+    /// Time of the first exclusion, seconds since the Unix epoch (0: never excluded).
+    #[serde(default)]
+    pub excluded_at: u64,
     /// Raw score after the IP split.
     pub score: f64,
     /// Normalised weight; the weights of all relays sum to 1.
@@ -47,9 +62,13 @@ pub struct ScoresFile {
 /// A registered relay.
 pub struct RelayEntry {
     pub score: RelayScore,
+    /// The relay's identity: its sr25519 public key (its id is this in hex).
     pub key: [u8; 32],
     pub free_memory: u64,
+    /// Last heartbeat of the live connection; `None` while disconnected.
     pub last_seen: Option<Instant>,
+    /// Last time the relay was heard from at all (for pruning stale relays).
+    pub last_contact: Instant,
     /// Connection generation: bumped on each registration so a stale connection's end does
     /// not mark a re-registered relay unavailable.
     pub generation: u64,
@@ -58,17 +77,54 @@ pub struct RelayEntry {
 impl RelayEntry {
     pub fn available(&self, now: Instant, timeout: Duration) -> bool {
         !self.score.excluded
+            && self.score.addr_verified
             && self
                 .last_seen
                 .is_some_and(|t| now.duration_since(t) <= timeout)
     }
 }
 
+/// Limits on what strangers can add to the registry.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Most relays registered at once.
+    pub max_relays: usize,
+    /// New relays one IP address may enroll per minute (burst of as many).
+    pub enroll_per_minute: u32,
+    /// A relay that never passed a verified op and has not been heard from for this long
+    /// is forgotten.
+    pub stale_after: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_relays: 10_000,
+            enroll_per_minute: 10,
+            stale_after: Duration::from_secs(600),
+        }
+    }
+}
+
+/// Enrollment budget of one IP address: a token bucket.
+#[derive(Clone, Copy, Debug)]
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+}
+
 /// What the validator knows.
 #[derive(Default)]
 pub struct Registry {
     pub relays: HashMap<String, RelayEntry>,
+    pub limits: Limits,
+    buckets: HashMap<String, Bucket>,
+    /// Enrollments refused by the rate limit (for the log and tests).
+    pub refused_enrollments: u64,
 }
+
+/// Most IP addresses whose enrollment budget is tracked; full buckets are dropped first.
+const MAX_BUCKETS: usize = 4096;
 
 /// What a registering relay offers.
 #[derive(Clone, Copy, Debug)]
@@ -104,24 +160,12 @@ impl Registry {
         let file: ScoresFile = serde_json::from_slice(&read(scores)?).map_err(|e| {
             crate::Error::invalid(format!("{} is not a scores file: {e}", scores.display()))
         })?;
-        let keys_path = keys_path(scores);
-        let keys: HashMap<String, String> = if keys_path.exists() {
-            serde_json::from_slice(&read(&keys_path)?).map_err(|e| {
-                crate::Error::invalid(format!("{} is malformed: {e}", keys_path.display()))
-            })?
-        } else {
-            HashMap::new()
-        };
+        let now = Instant::now();
         for s in file.relays {
-            let Some(key) = keys
-                .get(&s.id)
-                .and_then(|k| crate::config::parse_hex("key", k).ok())
-                .and_then(|k| <[u8; 32]>::try_from(k).ok())
-            else {
+            let Ok(key) = crate::validator::identity::parse_public("relay id", &s.id) else {
                 log::warn!(
-                    "relay {}: no pinned key in {}; it must enroll again",
-                    s.id,
-                    keys_path.display()
+                    "relay {}: not a public key (a scores file of an older version); it must enroll again",
+                    s.id
                 );
                 continue;
             };
@@ -132,6 +176,7 @@ impl Registry {
                     key,
                     free_memory: 0,
                     last_seen: None,
+                    last_contact: now,
                     generation: 0,
                 },
             );
@@ -139,61 +184,57 @@ impl Registry {
         Ok(reg)
     }
 
-    /// Write the scores file and, next to it, the pinned keys (each atomically: tmp + rename).
-    pub fn save(&self, scores: &Path) -> crate::Result<()> {
+    /// The scores file's contents.
+    pub fn encode(&self) -> Vec<u8> {
         let mut file = ScoresFile {
             relays: self.relays.values().map(|e| e.score.clone()).collect(),
         };
         file.relays.sort_by(|a, b| a.id.cmp(&b.id));
-        let keys: HashMap<&String, String> = self
-            .relays
-            .iter()
-            .map(|(id, e)| (id, crate::config::to_hex(&e.key)))
-            .collect();
-        write_atomic(
-            &keys_path(scores),
-            &serde_json::to_vec_pretty(&keys).expect("json"),
-        )?;
-        write_atomic(scores, &serde_json::to_vec_pretty(&file).expect("json"))
+        serde_json::to_vec_pretty(&file).expect("json")
     }
 
-    /// Admit relay `id` (offering `offer`) proving `key_ok(pinned key)`; an unknown id enrolls with `enroll`.
-    /// Returns `Err` with the reason when the proof fails.
+    /// Write the scores file (atomically: tmp + rename). Relay ids are their public keys, so
+    /// the file pins every relay's key too.
+    pub fn save(&self, scores: &Path) -> crate::Result<()> {
+        write_atomic(scores, &self.encode())
+    }
+
+    /// Admit the relay whose identity is `key` (it proved it), registering from `seen` (the
+    /// address the validator sees) and offering `offer`. A relay the validator does not know
+    /// yet enrolls, within the per-IP rate limit and the registry's cap. Returns the
+    /// connection generation, or why the relay is refused.
     pub fn admit(
         &mut self,
-        id: &str,
+        key: [u8; 32],
         offer: Offer<'_>,
-        enroll: Option<[u8; 32]>,
-        key_ok: impl Fn(&[u8; 32]) -> bool,
+        seen: std::net::IpAddr,
         now: Instant,
-    ) -> Result<Admission, String> {
-        let entry = match self.relays.get_mut(id) {
-            Some(e) => {
-                if !key_ok(&e.key) {
-                    return Err(format!(
-                        "relay {id}: authentication failed (the key does not match the one pinned at first registration)"
-                    ));
-                }
-                e
+    ) -> Result<u64, String> {
+        let id = relay_id(&key);
+        let ip = seen.to_string();
+        if !self.relays.contains_key(&id) {
+            if self.relays.len() >= self.limits.max_relays {
+                self.prune(now);
             }
-            None => {
-                let Some(key) = enroll else {
-                    return Ok(Admission::Unknown);
-                };
-                if !key_ok(&key) {
-                    return Err(format!(
-                        "relay {id}: enrollment proof does not match the key offered"
-                    ));
-                }
-                if relay_id(&key) != id {
-                    return Err(format!(
-                        "relay {id}: the id is not derived from the key offered"
-                    ));
-                }
-                log::info!("relay {id} at {}: enrolled (key pinned)", offer.addr);
-                self.relays.entry(id.to_string()).or_insert(RelayEntry {
+            if self.relays.len() >= self.limits.max_relays {
+                self.refused_enrollments += 1;
+                return Err(format!(
+                    "relay {id}: the validator is full ({} relays)",
+                    self.relays.len()
+                ));
+            }
+            if !self.take_enrollment(&ip, now) {
+                self.refused_enrollments += 1;
+                return Err(format!(
+                    "relay {id}: too many enrollments from {ip}; try again in a minute"
+                ));
+            }
+            log::info!("relay {id} at {} (from {ip}): enrolled", offer.addr);
+            self.relays.insert(
+                id.clone(),
+                RelayEntry {
                     score: RelayScore {
-                        id: id.to_string(),
+                        id: id.clone(),
                         correctness: 1.0,
                         availability: 1.0,
                         ..RelayScore::default()
@@ -201,19 +242,93 @@ impl Registry {
                     key,
                     free_memory: 0,
                     last_seen: None,
+                    last_contact: now,
                     generation: 0,
-                })
-            }
-        };
+                },
+            );
+        }
+        let entry = self.relays.get_mut(&id).expect("admitted");
+        // Proven again on every registration, before the relay is assigned.
+        entry.score.addr_verified = false;
         entry.score.addr = offer.addr.to_string();
-        entry.score.ip = ip_of(offer.addr);
+        entry.score.ip = ip;
         entry.score.capacity = offer.capacity;
         entry.free_memory = offer.free_memory;
         entry.last_seen = Some(now);
+        entry.last_contact = now;
         entry.generation += 1;
         let generation = entry.generation;
         self.rescore();
-        Ok(Admission::Admitted(generation))
+        Ok(generation)
+    }
+
+    /// Spend one enrollment of `ip`'s budget, if it has one left.
+    fn take_enrollment(&mut self, ip: &str, now: Instant) -> bool {
+        let per_minute = f64::from(self.limits.enroll_per_minute.max(1));
+        let refill = |b: &Bucket| {
+            (b.tokens + now.duration_since(b.at).as_secs_f64() * per_minute / 60.0).min(per_minute)
+        };
+        if self.buckets.len() >= MAX_BUCKETS && !self.buckets.contains_key(ip) {
+            self.buckets.retain(|_, b| refill(b) < per_minute);
+            if self.buckets.len() >= MAX_BUCKETS {
+                return false;
+            }
+        }
+        let b = self.buckets.entry(ip.to_string()).or_insert(Bucket {
+            tokens: per_minute,
+            at: now,
+        });
+        b.tokens = refill(b);
+        b.at = now;
+        if b.tokens >= 1.0 {
+            b.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Whether the registration `generation` of relay `id` is still the current one.
+    pub fn is_current(&self, id: &str, generation: u64) -> bool {
+        self.relays
+            .get(id)
+            .is_some_and(|e| e.generation == generation)
+    }
+
+    /// The relay proved (or failed to prove) its key at its advertised address `addr`.
+    pub fn address_checked(&mut self, id: &str, generation: u64, addr: &str, ok: bool) {
+        if let Some(e) = self.relays.get_mut(id) {
+            if e.generation == generation && e.score.addr == addr {
+                e.score.addr_verified = ok;
+                self.rescore();
+            }
+        }
+    }
+
+    /// A benchmark job reserving `bytes` on relay `id` completed and checked out.
+    pub fn note_bench_capacity(&mut self, id: &str, bytes: u64) {
+        if let Some(e) = self.relays.get_mut(id) {
+            e.score.bench_capacity = e.score.bench_capacity.max(bytes);
+        }
+    }
+
+    /// Forget relays that are not connected, never passed a verified op, are not excluded
+    /// (exclusions and their evidence are kept) and were last heard from `stale_after` ago.
+    pub fn prune(&mut self, now: Instant) -> usize {
+        let stale = self.limits.stale_after;
+        let before = self.relays.len();
+        self.relays.retain(|_, e| {
+            e.last_seen.is_some()
+                || e.score.excluded
+                || e.score.verified_ops > 0
+                || now.duration_since(e.last_contact) < stale
+        });
+        let pruned = before - self.relays.len();
+        if pruned > 0 {
+            log::info!("forgot {pruned} stale relays");
+            self.rescore();
+        }
+        pruned
     }
 
     pub fn heartbeat(&mut self, id: &str, generation: u64, free_memory: u64, now: Instant) {
@@ -221,6 +336,7 @@ impl Registry {
             if e.generation == generation {
                 e.free_memory = free_memory;
                 e.last_seen = Some(now);
+                e.last_contact = now;
             }
         }
     }
@@ -252,31 +368,38 @@ impl Registry {
     }
 
     /// Relay `id` failed verification: exclude it for good, score zero, keep the evidence.
-    pub fn convict(&mut self, id: &str, evidence: &str) {
+    /// Returns the evidence id.
+    pub fn convict(&mut self, id: &str, evidence: &str) -> String {
+        let eid = evidence_id(evidence);
         if let Some(e) = self.relays.get_mut(id) {
             log::error!(
-                "relay {id} at {}: verification failed, excluded: {evidence}",
+                "relay {id} at {}: verification failed, excluded; evidence {eid}: {evidence}",
                 e.score.addr
             );
             e.score.correctness = 0.0;
+            if !e.score.excluded {
+                e.score.excluded_at = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs());
+            }
             e.score.excluded = true;
             e.score.failed_ops += 1;
             if e.score.evidence.len() < 16 {
-                e.score.evidence.push(evidence.to_string());
+                e.score.evidence.push(format!("{eid}: {evidence}"));
             }
         }
+        eid
     }
 
-    /// Relay `id` passed a verified op moving `mbps` MB/s (if measured).
-    pub fn credit(&mut self, id: &str, mbps: Option<f64>) {
+    /// Relay `id` passed a verified op. (Throughput reported by peers is not counted: only
+    /// the benchmark bots measure it.)
+    pub fn credit(&mut self, id: &str) {
         if let Some(e) = self.relays.get_mut(id).filter(|e| !e.score.excluded) {
             e.score.verified_ops += 1;
-            if let Some(m) = mbps {
-                self.note_throughput(id, m);
-            }
         }
     }
 
+    /// The benchmark bots measured `mbps` MB/s through relay `id`.
     pub fn note_throughput(&mut self, id: &str, mbps: f64) {
         if let Some(e) = self.relays.get_mut(id) {
             let t = &mut e.score.throughput_mbps;
@@ -305,8 +428,10 @@ impl Registry {
         }
         for e in self.relays.values_mut() {
             let s = &e.score;
-            let gib = s.capacity as f64 / (1u64 << 30) as f64;
-            let raw = s.correctness
+            let gib = s.capacity.min(s.bench_capacity) as f64 / (1u64 << 30) as f64;
+            let proven = if s.addr_verified { 1.0 } else { 0.0 };
+            let raw = proven
+                * s.correctness
                 * s.availability
                 * (1.0 + s.throughput_mbps)
                 * (1.0 + (1.0 + s.verified_ops as f64).ln())
@@ -324,9 +449,14 @@ impl Registry {
     }
 }
 
-/// Stable relay id derived from its key (so an id cannot be claimed with another key).
+/// The id of a piece of evidence: the first 12 hex digits of its blake3.
+pub fn evidence_id(evidence: &str) -> String {
+    blake3::hash(evidence.as_bytes()).to_hex()[..12].to_string()
+}
+
+/// A relay's id: its public key in hex (so an id cannot be claimed with another key).
 pub fn relay_id(key: &[u8]) -> String {
-    crate::config::to_hex(&blake3::derive_key("mapreduce relay id v1", key)[..8])
+    crate::config::to_hex(key)
 }
 
 /// The IP part of `host:port`.
@@ -334,13 +464,6 @@ pub fn ip_of(addr: &str) -> String {
     addr.parse::<std::net::SocketAddr>()
         .map(|a| a.ip().to_string())
         .unwrap_or_else(|_| addr.rsplit_once(':').map_or(addr, |(h, _)| h).to_string())
-}
-
-/// Where the pinned relay keys live, next to the scores file.
-pub fn keys_path(scores: &Path) -> PathBuf {
-    let mut s = scores.as_os_str().to_owned();
-    s.push(".keys");
-    PathBuf::from(s)
 }
 
 /// Write `data` to `path` via a temporary file and a rename, so readers never see half a file.
@@ -356,82 +479,88 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> crate::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::IpAddr;
 
-    fn enroll(reg: &mut Registry, key: [u8; 32], addr: &str, now: Instant) -> String {
+    fn offer(addr: &str) -> Offer<'_> {
+        Offer {
+            addr,
+            capacity: 1 << 30,
+            free_memory: 1 << 30,
+        }
+    }
+
+    fn enroll(reg: &mut Registry, seed: u8, addr: &str, now: Instant) -> String {
+        let key = [seed; 32];
+        let ip: IpAddr = ip_of(addr).parse().unwrap();
+        let g = reg.admit(key, offer(addr), ip, now).unwrap();
         let id = relay_id(&key);
-        let a = reg.admit(
-            &id,
-            Offer {
-                addr,
-                capacity: 1 << 30,
-                free_memory: 1 << 30,
-            },
-            Some(key),
-            |k| k == &key,
-            now,
-        );
-        assert!(matches!(a, Ok(Admission::Admitted(_))));
+        reg.address_checked(&id, g, addr, true);
         id
     }
 
     #[test]
-    fn pinned_key_is_required_after_first_registration() {
+    fn a_relay_scores_and_is_assigned_only_after_proving_its_address() {
         let mut reg = Registry::default();
         let now = Instant::now();
-        let key = [1u8; 32];
-        let id = relay_id(&key);
-        assert_eq!(
-            reg.admit(
-                &id,
-                Offer {
-                    addr: "127.0.0.1:1",
-                    capacity: 0,
-                    free_memory: 0
-                },
-                None,
-                |_| true,
-                now
-            ),
-            Ok(Admission::Unknown)
-        );
-        enroll(&mut reg, key, "127.0.0.1:1", now);
-        let other = [2u8; 32];
-        assert!(reg
-            .admit(
-                &id,
-                Offer {
-                    addr: "127.0.0.1:1",
-                    capacity: 0,
-                    free_memory: 0
-                },
-                Some(other),
-                |k| k == &other,
-                now
-            )
-            .is_err());
-        // An id that is not derived from the offered key cannot enroll.
-        assert!(reg
-            .admit(
-                "feedbeef",
-                Offer {
-                    addr: "x:1",
-                    capacity: 0,
-                    free_memory: 0
-                },
-                Some(other),
-                |k| k == &other,
-                now
-            )
-            .is_err());
+        let ip: IpAddr = "10.0.0.1".parse().unwrap();
+        let g = reg.admit([1; 32], offer("10.0.0.1:1"), ip, now).unwrap();
+        let id = relay_id(&[1; 32]);
+        let t = Duration::from_secs(5);
+        assert!(reg.candidates(0, now, t).is_empty());
+        assert_eq!(reg.relays[&id].score.weight, 0.0);
+        reg.address_checked(&id, g, "10.0.0.1:1", true);
+        assert_eq!(reg.candidates(0, now, t), vec![id.clone()]);
+        // Every registration needs a new proof.
+        reg.admit([1; 32], offer("10.0.0.1:1"), ip, now).unwrap();
+        assert!(reg.candidates(0, now, t).is_empty());
+    }
+
+    #[test]
+    fn enrollment_is_rate_limited_per_ip_and_capped() {
+        let mut reg = Registry {
+            limits: Limits {
+                max_relays: 50,
+                enroll_per_minute: 5,
+                stale_after: Duration::from_secs(60),
+            },
+            ..Registry::default()
+        };
+        let now = Instant::now();
+        let ip: IpAddr = "10.0.0.9".parse().unwrap();
+        let admitted = (0..1000u32)
+            .filter(|i| {
+                let mut key = [0u8; 32];
+                key[..4].copy_from_slice(&i.to_le_bytes());
+                reg.admit(key, offer("10.0.0.9:1"), ip, now).is_ok()
+            })
+            .count();
+        assert_eq!(admitted, 5);
+        // A minute later, five more; other addresses have their own budget, up to the cap.
+        let later = now + Duration::from_secs(60);
+        let more = (1000..1100u32)
+            .filter(|i| {
+                let mut key = [0u8; 32];
+                key[..4].copy_from_slice(&i.to_le_bytes());
+                let ip: IpAddr = format!("10.1.{}.{}", i / 256, i % 256).parse().unwrap();
+                reg.admit(key, offer("10.0.0.9:1"), ip, later).is_ok()
+            })
+            .count();
+        assert_eq!(more, 45);
+        assert_eq!(reg.relays.len(), 50);
+        // Disconnected, never verified relays are pruned once stale.
+        for e in reg.relays.values_mut() {
+            e.last_seen = None;
+        }
+        assert_eq!(reg.prune(later + Duration::from_secs(61)), 50);
     }
 
     #[test]
     fn weights_split_by_ip_and_sum_to_one() {
         let mut reg = Registry::default();
         let now = Instant::now();
-        let a = enroll(&mut reg, [1; 32], "10.0.0.1:1", now);
-        let b = enroll(&mut reg, [2; 32], "10.0.0.2:1", now);
-        let c = enroll(&mut reg, [3; 32], "10.0.0.2:2", now);
+        let a = enroll(&mut reg, 1, "10.0.0.1:1", now);
+        let b = enroll(&mut reg, 2, "10.0.0.2:1", now);
+        let c = enroll(&mut reg, 3, "10.0.0.2:2", now);
         reg.rescore();
         let w = |id: &str| reg.relays[id].score.weight;
         assert!((w(&a) + w(&b) + w(&c) - 1.0).abs() < 1e-9);
@@ -443,5 +572,19 @@ mod tests {
             .candidates(0, now, Duration::from_secs(5))
             .iter()
             .all(|id| id != &a));
+    }
+
+    #[test]
+    fn claimed_capacity_counts_only_as_far_as_benchmarks_exercised_it() {
+        let mut reg = Registry::default();
+        let now = Instant::now();
+        let a = enroll(&mut reg, 1, "10.0.0.1:1", now);
+        let b = enroll(&mut reg, 2, "10.0.0.2:1", now);
+        reg.relays.get_mut(&a).unwrap().score.capacity = 1 << 40;
+        reg.rescore();
+        assert_eq!(reg.relays[&a].score.score, reg.relays[&b].score.score);
+        reg.note_bench_capacity(&b, 1 << 30);
+        reg.rescore();
+        assert!(reg.relays[&b].score.score > reg.relays[&a].score.score);
     }
 }

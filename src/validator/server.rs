@@ -1,22 +1,33 @@
-//! The validator daemon: a blocking server, one thread per connection (relays hold one
-//! connection each; job requests, reports and status queries are short).
+//! The validator daemon: a blocking server with a bounded number of connection threads
+//! (relays hold one connection each; job requests, reports and status queries are short).
+//! Connections still in the handshake have their own cap; when it is full the oldest one is
+//! dropped for the newcomer, so idle sockets cannot lock honest clients out.
 //!
-//! Never does: forward data, or send a job's verification secret to a relay.
+//! Never does: forward data, send a secret outside a sealed channel, or send a job's
+//! verification secret to a relay.
 
 use crate::error::{Error, ErrorKind, Result};
-use crate::net::bootstrap::FrameIo;
+use crate::validator::channel::{self, Channel, ChannelWriter};
+use crate::validator::identity::Identity;
 use crate::validator::proto::{
-    self, AssignedRelay, Assignment, Intro, JobRequest, Refusal, RelayMsg, ReportMsg,
+    self, AssignedRelay, Assignment, Intro, JobRequest, Refusal, RelayEvidence, RelayMsg,
+    ReportMsg, StatusPage, StatusQuery, STATUS_PAGE,
 };
-use crate::validator::registry::{Admission, Offer, Registry};
+use crate::validator::registry::{Limits, Offer, Registry};
 use crate::validator::verify::{self, OpRecord};
-use crate::wire::{self, FrameKind, Hello};
+use crate::wire;
 use serde::{Deserialize, Serialize};
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
+
+/// A connection must finish the handshake within this time.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Stack of a connection thread, bytes.
+const CONN_STACK: usize = 256 << 10;
 
 /// Benchmark bots (validator.config.json `bench`).
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -60,6 +71,28 @@ pub struct ValidatorConfig {
     /// Sample positions per reported op.
     pub samples: usize,
     pub bench: BenchConfig,
+    /// Public keys (hex) of the clients admitted to request jobs (a job's rank 0 proves one).
+    pub clients: Vec<String>,
+    /// Most connections served at once (relays, reports, requests): each registered relay
+    /// holds one, so this also bounds the relays connected at once.
+    pub max_connections: usize,
+    /// Most connections in the handshake at once; past it the oldest is dropped.
+    pub max_handshakes: usize,
+    /// Seconds a job (its secrets and pending reports) is kept, and relays keep its grant.
+    pub job_ttl_secs: u64,
+    /// Most jobs kept at once.
+    pub max_jobs: usize,
+    /// Most relays registered at once.
+    pub max_relays: usize,
+    /// New relays one IP address may enroll per minute.
+    pub enroll_per_minute: u32,
+    /// Seconds after which a disconnected relay that never passed a verified op is forgotten.
+    pub stale_relay_secs: u64,
+    /// Least seconds between two writes of the scores file.
+    pub save_interval_secs: f64,
+    /// A client whose reports failed to check out against the relays' signatures this many
+    /// times gets no more jobs (0: never refused).
+    pub client_flag_limit: u64,
 }
 
 impl Default for ValidatorConfig {
@@ -71,6 +104,16 @@ impl Default for ValidatorConfig {
             report_fraction: 0.1,
             samples: verify::DEFAULT_SAMPLES,
             bench: BenchConfig::default(),
+            clients: Vec::new(),
+            max_connections: 4096,
+            max_handshakes: 256,
+            job_ttl_secs: 24 * 3600,
+            max_jobs: 100_000,
+            max_relays: 10_000,
+            enroll_per_minute: 10,
+            stale_relay_secs: 600,
+            save_interval_secs: 3.0,
+            client_flag_limit: 3,
         }
     }
 }
@@ -86,16 +129,19 @@ impl ValidatorConfig {
 
 /// A registered relay's live connection, for sending it jobs.
 struct RelayLink {
-    writer: Mutex<TcpStream>,
+    writer: Mutex<ChannelWriter>,
     acks: Mutex<HashSet<String>>,
     acked: Condvar,
 }
 
-/// Per rank: its record of one op, the op's bytes and how long the rank saw it take (µs).
-type OpReports = Vec<Option<(OpRecord, u64, u64)>>;
+/// Per rank: its record of one op, its evidence, and the relay ids it names.
+type OpReports = Vec<Option<(OpRecord, Vec<RelayEvidence>, Vec<String>)>>;
 
 /// A job the validator assigned.
 struct Job {
+    /// The client that asked for it (public key, hex); empty for benchmark jobs.
+    client: String,
+    created: Instant,
     secret: [u8; 32],
     relays: Vec<String>,
     world: usize,
@@ -103,13 +149,67 @@ struct Job {
     pending: HashMap<u64, OpReports>,
 }
 
+/// Logs one kind of recurring warning at most once per interval, with a count of the rest.
+pub struct RateLog {
+    interval: Duration,
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl RateLog {
+    pub fn new(interval: Duration) -> RateLog {
+        RateLog {
+            interval,
+            last: None,
+            suppressed: 0,
+        }
+    }
+
+    pub fn warn(&mut self, msg: std::fmt::Arguments<'_>) {
+        let now = Instant::now();
+        if self
+            .last
+            .is_some_and(|t| now.duration_since(t) < self.interval)
+        {
+            self.suppressed += 1;
+            return;
+        }
+        if self.suppressed > 0 {
+            log::warn!("{msg} ({} more like it suppressed)", self.suppressed);
+        } else {
+            log::warn!("{msg}");
+        }
+        self.last = Some(now);
+        self.suppressed = 0;
+    }
+}
+
+/// When the scores file was last written, and what it held.
+struct Saved {
+    at: Option<Instant>,
+    digest: [u8; 32],
+}
+
 /// Shared validator state.
 pub struct State {
     pub config: ValidatorConfig,
+    pub identity: Identity,
+    clients: HashSet<[u8; 32]>,
     pub registry: Mutex<Registry>,
     links: Mutex<HashMap<String, Arc<RelayLink>>>,
     jobs: Mutex<HashMap<String, Job>>,
     scores: Option<PathBuf>,
+    saved: Mutex<Saved>,
+    /// Failed writes of the scores file, logged at most once per interval.
+    save_errors: Mutex<RateLog>,
+    /// Connections in the handshake: id → a handle to shut it down when evicted.
+    handshakes: Mutex<VecDeque<(u64, TcpStream)>>,
+    /// Connections being served.
+    live: AtomicUsize,
+    /// Clients whose reports did not check out.
+    flagged: Mutex<HashMap<String, FlaggedClient>>,
+    /// Refused connections, logged at most once per interval.
+    refusals: Mutex<RateLog>,
 }
 
 impl State {
@@ -117,17 +217,62 @@ impl State {
         Duration::from_millis(self.config.heartbeat_timeout_ms.max(100))
     }
 
-    pub fn save(&self) {
-        let reg = self.registry.lock().unwrap_or_else(|e| e.into_inner());
-        self.save_locked(&reg);
+    fn job_ttl(&self) -> Duration {
+        Duration::from_secs(self.config.job_ttl_secs.max(1))
     }
 
-    fn save_locked(&self, reg: &Registry) {
-        if let Some(p) = &self.scores {
-            if let Err(e) = reg.save(p) {
-                log::warn!("{e}");
-            }
+    /// Write the scores file now if it changed.
+    pub fn save(&self) {
+        let reg = self.registry.lock().unwrap_or_else(|e| e.into_inner());
+        self.save_locked(&reg, true);
+    }
+
+    /// Write the scores file if it changed, and (unless `now`) if the last write is at least
+    /// `save_interval_secs` old.
+    fn save_locked(&self, reg: &Registry, now: bool) {
+        let Some(p) = &self.scores else { return };
+        let mut saved = self.saved.lock().unwrap_or_else(|e| e.into_inner());
+        let interval = Duration::from_secs_f64(self.config.save_interval_secs.max(0.0));
+        if !now && saved.at.is_some_and(|t| t.elapsed() < interval) {
+            return;
         }
+        let data = reg.encode();
+        let digest = *blake3::hash(&data).as_bytes();
+        if saved.at.is_some() && digest == saved.digest {
+            return;
+        }
+        match crate::validator::registry::write_atomic(p, &data) {
+            Ok(()) => {
+                saved.at = Some(Instant::now());
+                saved.digest = digest;
+            }
+            Err(e) => self
+                .save_errors
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .warn(format_args!("{e}")),
+        }
+    }
+
+    /// Forget expired jobs.
+    fn expire_jobs(&self, now: Instant) {
+        let ttl = self.job_ttl();
+        let mut jobs = self.jobs.lock().unwrap_or_else(|e| e.into_inner());
+        let before = jobs.len();
+        jobs.retain(|_, j| now.duration_since(j.created) < ttl);
+        if jobs.len() < before {
+            log::debug!("{} jobs expired", before - jobs.len());
+        }
+    }
+
+    /// Jobs currently kept.
+    pub fn job_count(&self) -> usize {
+        self.jobs.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// Whether `key` may request jobs.
+    pub fn client_admitted(&self, key: &[u8; 32]) -> bool {
+        self.clients.contains(key)
     }
 
     /// Tell relay `id` to accept `job`; wait for its acknowledgement.
@@ -139,21 +284,19 @@ impl State {
             .get(id)
             .cloned()
             .ok_or_else(|| Error::remote(format!("relay {id} is not connected")))?;
-        {
-            let mut w = link.writer.lock().unwrap_or_else(|e| e.into_inner());
-            proto::send_json(
-                &mut FrameIo {
-                    stream: &mut w,
-                    deadline: Instant::now() + Duration::from_secs(5),
-                    what: format!("job announcement to relay {id}"),
-                },
+        link.writer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .send(
                 &RelayMsg::Job {
                     job: job.into(),
                     token: token.into(),
                     world,
+                    ttl_secs: self.config.job_ttl_secs,
                 },
-            )?;
-        }
+                Duration::from_secs(5),
+            )
+            .map_err(|e| e.context(format!("job announcement to relay {id}")))?;
         let deadline = Instant::now() + Duration::from_secs(5);
         let mut acks = link.acks.lock().unwrap_or_else(|e| e.into_inner());
         while !acks.remove(job) {
@@ -172,8 +315,9 @@ impl State {
         Ok(())
     }
 
-    /// Choose relays for a job, install it on them and mint its secrets.
-    pub fn assign(&self, req: &JobRequest) -> Result<Assignment> {
+    /// Choose relays for a job of `client` (public key, hex), install it on them and mint its
+    /// secrets.
+    pub fn assign(&self, req: &JobRequest, client: &str) -> Result<Assignment> {
         if req.peers == 0 || req.peers > crate::relay::MAX_WORLD {
             return Err(Error::invalid(format!("a job of {} peers", req.peers)));
         }
@@ -181,25 +325,29 @@ impl State {
             .try_into()
             .map_err(|_| Error::invalid("job id is not 16 bytes"))?;
         let job = crate::config::to_hex(&job_bytes);
-        if self
-            .jobs
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .contains_key(&job)
         {
-            return Err(Error::invalid(format!("job {job} was already assigned")));
+            let jobs = self.jobs.lock().unwrap_or_else(|e| e.into_inner());
+            if jobs.contains_key(&job) {
+                return Err(Error::invalid(format!("job {job} was already assigned")));
+            }
+            if jobs.len() >= self.config.max_jobs {
+                return Err(Error::remote(format!(
+                    "the validator holds {} jobs, its limit; try again later",
+                    jobs.len()
+                )));
+            }
         }
         let candidates = self
             .registry
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .candidates(req.relay_memory, Instant::now(), self.timeout());
-        self.assign_among(req, job, candidates)
+        self.assign_among(req, job, candidates, client)
     }
 
     /// Assign a job to relay `id` alone (benchmarks).
     pub fn assign_to(&self, req: &JobRequest, id: &str) -> Result<Assignment> {
-        self.assign_among(req, req.job.clone(), vec![id.to_string()])
+        self.assign_among(req, req.job.clone(), vec![id.to_string()], "")
     }
 
     fn assign_among(
@@ -207,6 +355,7 @@ impl State {
         req: &JobRequest,
         job: String,
         candidates: Vec<String>,
+        client: &str,
     ) -> Result<Assignment> {
         let want = if req.relays > 0 {
             req.relays
@@ -248,6 +397,8 @@ impl State {
         self.jobs.lock().unwrap_or_else(|e| e.into_inner()).insert(
             job.clone(),
             Job {
+                client: client.to_string(),
+                created: Instant::now(),
                 secret,
                 relays: chosen,
                 world: req.peers,
@@ -266,17 +417,19 @@ impl State {
 
     /// Take one rank's record of a sampled op; once every rank's is in, verify the op.
     fn report(&self, job: &str, msg: ReportMsg) -> Result<()> {
+        // Bytes and time are what a peer says; throughput is measured by the bots only.
         let ReportMsg::Op {
             record,
             world,
             relay_index,
-            bytes,
-            micros,
+            evidence,
+            ..
         } = msg;
         let mut jobs = self.jobs.lock().unwrap_or_else(|e| e.into_inner());
         let j = jobs
             .get_mut(job)
             .ok_or_else(|| Error::invalid(format!("unknown job {job}")))?;
+        let client = j.client.clone();
         if world != j.world || record.rank >= j.world {
             return Err(Error::invalid("report of another world size"));
         }
@@ -293,9 +446,10 @@ impl State {
         let seq = record.seq;
         let slot = j.pending.entry(seq).or_insert_with(|| vec![None; world]);
         let rank = record.rank;
-        slot[rank] = Some((record, bytes, micros));
+        slot[rank] = Some((record, evidence, ids.clone()));
         if slot.iter().any(Option::is_none) {
-            if j.pending.len() > 1024 {
+            // Reports carry chunk bytes: keep few incomplete ops per job.
+            while j.pending.len() > MAX_PENDING_OPS {
                 let oldest = *j.pending.keys().min().expect("pending");
                 j.pending.remove(&oldest);
             }
@@ -303,36 +457,106 @@ impl State {
         }
         let done = j.pending.remove(&seq).expect("complete op");
         drop(jobs);
-        let records: Vec<OpRecord> = done.iter().map(|d| d.as_ref().unwrap().0.clone()).collect();
-        let slowest = done
+        let reports: Vec<(OpRecord, Vec<RelayEvidence>, Vec<String>)> =
+            done.into_iter().map(|d| d.expect("complete")).collect();
+        if reports.iter().any(|r| r.2 != ids) {
+            self.flag_client(
+                &client,
+                job,
+                &format!("op seq {seq}: ranks name different relays for one op"),
+            );
+            return Ok(());
+        }
+        let keys: Vec<[u8; 32]> = ids
             .iter()
-            .map(|d| d.as_ref().unwrap().2)
-            .max()
-            .unwrap_or(0);
-        let bytes = done[0].as_ref().unwrap().1;
+            .map(|id| crate::validator::identity::parse_public("relay id", id))
+            .collect::<Result<_>>()?;
+        let job_id: [u8; 16] = crate::config::parse_hex("job id", job)?
+            .try_into()
+            .map_err(|_| Error::invalid("job id is not 16 bytes"))?;
+        let pairs: Vec<(OpRecord, Vec<RelayEvidence>)> =
+            reports.into_iter().map(|(r, e, _)| (r, e)).collect();
+        let verdict = crate::validator::evidence::judge(&job_id, &pairs, &keys);
+        for (rank, why) in &verdict.false_reports {
+            self.flag_client(&client, job, &format!("op seq {seq}, rank {rank}: {why}"));
+        }
+        for (k, why) in &verdict.unaccountable {
+            log::debug!("job {job}: op seq {seq}: relay {}: {why}", ids[*k]);
+        }
         let mut reg = self.registry.lock().unwrap_or_else(|e| e.into_inner());
-        match verify::check(&records) {
-            Ok(faults) if faults.is_empty() => {
-                // Each relay moved its segment from and to every peer in `slowest` µs.
-                let mbps = (slowest > 0).then(|| bytes as f64 / ids.len() as f64 / slowest as f64);
-                for id in &ids {
-                    reg.credit(id, mbps);
-                }
-                log::debug!("job {job}: op seq {seq} verified");
+        for &k in &verdict.verified {
+            reg.credit(&ids[k]);
+        }
+        if !verdict.convicted.is_empty() {
+            for (k, e) in &verdict.convicted {
+                reg.convict(
+                    &ids[*k],
+                    &format!("job {job} of client {client}, signed evidence: {e}"),
+                );
             }
-            Ok(faults) => {
-                for f in faults {
-                    reg.convict(&ids[f.relay], &format!("job {job}: {}", f.evidence));
-                }
-            }
-            Err(e) => log::warn!("job {job}: op seq {seq}: inconsistent reports: {e}"),
+            reg.rescore();
+            // An exclusion is persisted before the lock is released, so nobody can see one
+            // that a crash right now would lose.
+            self.save_locked(&reg, true);
+            return Ok(());
         }
         reg.rescore();
-        // Persist before the lock is released, so nobody can see a score that a crash
-        // right now would lose.
-        self.save_locked(&reg);
+        self.save_locked(&reg, false);
         Ok(())
     }
+
+    /// A report of `client`'s job did not check out against the relays' own signatures.
+    fn flag_client(&self, client: &str, job: &str, why: &str) {
+        let evidence = format!("job {job}: {why}");
+        let eid = crate::validator::registry::evidence_id(&evidence);
+        log::warn!(
+            "client {client} flagged: a report does not check out; evidence {eid}: {evidence}"
+        );
+        let mut f = self.flagged.lock().unwrap_or_else(|e| e.into_inner());
+        if f.len() < MAX_FLAGGED || f.contains_key(client) {
+            let e = f.entry(client.to_string()).or_default();
+            e.reports += 1;
+            e.last_evidence = format!("{eid}: {evidence}");
+        }
+    }
+
+    /// How many of `client`'s reports did not check out.
+    pub fn flags_of(&self, client: &str) -> u64 {
+        self.flagged
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(client)
+            .map_or(0, |f| f.reports)
+    }
+
+    /// Clients whose reports did not check out, with the count and the last evidence.
+    pub fn flagged_clients(&self) -> Vec<FlaggedClient> {
+        let f = self.flagged.lock().unwrap_or_else(|e| e.into_inner());
+        let mut v: Vec<FlaggedClient> = f
+            .iter()
+            .map(|(k, e)| FlaggedClient {
+                client: k.clone(),
+                ..e.clone()
+            })
+            .collect();
+        v.sort_by(|a, b| b.reports.cmp(&a.reports).then(a.client.cmp(&b.client)));
+        v
+    }
+}
+
+/// Incomplete reported ops kept per job.
+const MAX_PENDING_OPS: usize = 8;
+/// Flagged clients remembered.
+const MAX_FLAGGED: usize = 10_000;
+
+/// A client whose reports did not check out against the relays' signatures.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct FlaggedClient {
+    pub client: String,
+    /// Reports that did not check out.
+    pub reports: u64,
+    /// `"<evidence id>: <evidence>"` of the last one.
+    pub last_evidence: String,
 }
 
 /// The running validator.
@@ -342,28 +566,56 @@ pub struct Validator {
 }
 
 impl Validator {
+    /// Bind `listen` as `identity`, with scores kept in (and reloaded from) `scores`.
     pub fn bind(
         listen: SocketAddr,
         config: ValidatorConfig,
         scores: Option<PathBuf>,
+        identity: Identity,
     ) -> Result<Validator> {
-        let registry = match &scores {
+        let mut registry = match &scores {
             Some(p) => Registry::load(p)?,
             None => Registry::default(),
+        };
+        registry.limits = Limits {
+            max_relays: config.max_relays.max(1),
+            enroll_per_minute: config.enroll_per_minute.max(1),
+            stale_after: Duration::from_secs(config.stale_relay_secs),
         };
         if !registry.relays.is_empty() {
             log::info!("loaded {} relays' scores", registry.relays.len());
         }
+        let clients = config
+            .clients
+            .iter()
+            .map(|c| crate::validator::identity::parse_public("client key in `clients`", c))
+            .collect::<Result<HashSet<_>>>()?;
         let listener = TcpListener::bind(listen)
             .map_err(|e| Error::io(format!("cannot listen on {listen}"), e))?;
+        log::info!(
+            "validator key {}; {} clients admitted",
+            identity.id(),
+            clients.len()
+        );
         Ok(Validator {
             listener,
             state: Arc::new(State {
                 config,
+                identity,
+                clients,
                 registry: Mutex::new(registry),
                 links: Mutex::new(HashMap::new()),
                 jobs: Mutex::new(HashMap::new()),
                 scores,
+                saved: Mutex::new(Saved {
+                    at: None,
+                    digest: [0; 32],
+                }),
+                handshakes: Mutex::new(VecDeque::new()),
+                live: AtomicUsize::new(0),
+                refusals: Mutex::new(RateLog::new(Duration::from_secs(5))),
+                flagged: Mutex::new(HashMap::new()),
+                save_errors: Mutex::new(RateLog::new(Duration::from_secs(30))),
             }),
         })
     }
@@ -374,138 +626,189 @@ impl Validator {
             .map_err(|e| Error::io("listener address", e))
     }
 
-    /// Serve forever: accept connections, tick liveness and scores.
+    /// Serve forever: accept connections (bounded), tick liveness, scores, expiry.
     pub fn run(self) -> Result<()> {
         let state = self.state.clone();
         std::thread::spawn(move || loop {
             let period = state.timeout() / 2;
             std::thread::sleep(period);
-            state
-                .registry
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .tick(Instant::now(), state.timeout());
-            state.save();
+            let now = Instant::now();
+            state.expire_jobs(now);
+            let mut reg = state.registry.lock().unwrap_or_else(|e| e.into_inner());
+            reg.tick(now, state.timeout());
+            reg.prune(now);
+            state.save_locked(&reg, false);
         });
         if self.state.config.bench.interval_secs > 0.0 {
             crate::validator::bench::spawn(self.state.clone());
         }
-        for conn in self.listener.incoming() {
-            match conn {
-                Ok(s) => {
-                    let state = self.state.clone();
-                    std::thread::spawn(move || serve(state, s));
+        let mut accept_log = RateLog::new(Duration::from_secs(10));
+        let mut cap_log = RateLog::new(Duration::from_secs(10));
+        let mut backoff = Duration::from_millis(10);
+        let mut next_id = 0u64;
+        loop {
+            let (stream, peer) = match self.listener.accept() {
+                Ok(c) => c,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    // Out of descriptors (EMFILE) and the like: wait for connections to end
+                    // instead of spinning.
+                    accept_log.warn(format_args!(
+                        "accept failed: {e}; retrying in {} ms",
+                        backoff.as_millis()
+                    ));
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    continue;
                 }
-                Err(e) => log::warn!("accept failed: {e}"),
+            };
+            backoff = Duration::from_millis(10);
+            let live = self.state.live.load(Ordering::SeqCst);
+            if live >= self.state.config.max_connections.max(1) {
+                cap_log.warn(format_args!(
+                    "{live} connections, the limit: refusing {peer}"
+                ));
+                continue;
+            }
+            next_id += 1;
+            let id = next_id;
+            self.state.admit_handshake(id, &stream);
+            self.state.live.fetch_add(1, Ordering::SeqCst);
+            let state = self.state.clone();
+            let spawned = std::thread::Builder::new()
+                .name("mr-validator-conn".into())
+                .stack_size(CONN_STACK)
+                .spawn(move || {
+                    serve(&state, id, stream, peer);
+                    state.end_handshake(id);
+                    state.live.fetch_sub(1, Ordering::SeqCst);
+                });
+            if let Err(e) = spawned {
+                self.state.end_handshake(id);
+                self.state.live.fetch_sub(1, Ordering::SeqCst);
+                cap_log.warn(format_args!("cannot start a connection thread: {e}"));
             }
         }
-        Ok(())
     }
 }
 
-fn serve(state: Arc<State>, mut stream: TcpStream) {
-    let peer = stream
-        .peer_addr()
-        .map(|a| a.to_string())
-        .unwrap_or_default();
+impl State {
+    /// Track connection `id` in the handshake; when too many are, drop the oldest.
+    fn admit_handshake(&self, id: u64, stream: &TcpStream) {
+        let mut hs = self.handshakes.lock().unwrap_or_else(|e| e.into_inner());
+        while hs.len() >= self.config.max_handshakes.max(1) {
+            if let Some((_, old)) = hs.pop_front() {
+                let _ = old.shutdown(std::net::Shutdown::Both);
+            }
+        }
+        if let Ok(s) = stream.try_clone() {
+            hs.push_back((id, s));
+        }
+    }
+
+    /// Connection `id` finished (or gave up) its handshake.
+    fn end_handshake(&self, id: u64) {
+        let mut hs = self.handshakes.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(i) = hs.iter().position(|(c, _)| *c == id) {
+            hs.remove(i);
+        }
+    }
+}
+
+fn serve(state: &Arc<State>, id: u64, stream: TcpStream, peer: SocketAddr) {
     let _ = stream.set_nodelay(true);
-    if let Err(e) = serve_conn(&state, &mut stream, &peer) {
+    if let Err(e) = serve_conn(state, id, stream, peer) {
         if e.kind == ErrorKind::Auth {
-            log::warn!("connection from {peer}: {e}");
+            state
+                .refusals
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .warn(format_args!("connection from {peer}: {e}"));
         } else {
             log::debug!("connection from {peer}: {e}");
         }
     }
 }
 
-fn serve_conn(state: &Arc<State>, stream: &mut TcpStream, peer: &str) -> Result<()> {
-    let mut io = FrameIo {
+fn serve_conn(state: &Arc<State>, conn: u64, stream: TcpStream, peer: SocketAddr) -> Result<()> {
+    let pending = channel::accept(
         stream,
-        deadline: Instant::now() + Duration::from_secs(10),
-        what: format!("validator connection from {peer}"),
-    };
-    let ns = wire::nonce();
-    io.send(
-        crate::wire::FrameHeader::new(FrameKind::Challenge, ns.len()),
-        &ns,
+        &state.identity,
+        &peer.to_string(),
+        HANDSHAKE_TIMEOUT,
     )?;
-    let (_, p) = io.expect(FrameKind::Hello)?;
-    let hello = Hello::decode(&p)?;
-    let intro: Intro = proto::parse(hello.body, &io.what)?;
-    let refuse = |io: &mut FrameIo<'_>, kind: ErrorKind, msg: String| -> Result<()> {
-        io.reject(kind, &msg);
-        Err(Error::new(kind, msg))
-    };
+    let intro: Intro = proto::parse(&pending.intro, &format!("hello from {peer}"))?;
     match intro {
         Intro::Relay {
-            id,
             addr,
             capacity,
             free_memory,
-            enroll,
         } => {
-            let enroll_key = match enroll.map(|k| crate::config::parse_hex("enroll key", &k)) {
-                Some(Ok(k)) if k.len() == 32 => Some(<[u8; 32]>::try_from(k).expect("32 bytes")),
-                Some(_) => {
-                    return refuse(
-                        &mut io,
-                        ErrorKind::InvalidArgument,
-                        "malformed enroll key".into(),
-                    )
-                }
-                None => None,
+            let Some(key) = pending.key.filter(|_| pending.signed()) else {
+                return Err(pending.refuse(
+                    ErrorKind::Auth,
+                    "relay authentication failed: the handshake is not signed by the key offered",
+                ));
             };
+            let id = crate::validator::registry::relay_id(&key);
             let admitted = state
                 .registry
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .admit(
-                    &id,
+                    key,
                     Offer {
                         addr: &addr,
                         capacity,
                         free_memory,
                     },
-                    enroll_key,
-                    |k| hello.verify(&wire::mac_key(k), &ns),
+                    peer.ip(),
                     Instant::now(),
                 );
-            let (generation, key) = match admitted {
-                Ok(Admission::Admitted(g)) => {
-                    let key = state
-                        .registry
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .relays[&id]
-                        .key;
-                    (g, key)
-                }
-                Ok(Admission::Unknown) => {
-                    return refuse(
-                        &mut io,
-                        ErrorKind::Auth,
-                        format!("unknown relay {id}: enroll"),
-                    )
-                }
-                Err(msg) => return refuse(&mut io, ErrorKind::Auth, msg),
+            let generation = match admitted {
+                Ok(g) => g,
+                Err(msg) => return Err(pending.refuse(ErrorKind::Auth, &msg)),
             };
-            io.welcome(&wire::mac_key(&key), &ns, &hello.nonce, &[])?;
+            let ch = pending.welcome(&state.identity, None)?;
+            state.end_handshake(conn);
             log::info!("relay {id} registered from {peer}, serving at {addr}");
-            state.save();
-            relay_session(state, io, &id, generation)
+            relay_session(state, ch, &id, generation, &addr)
         }
         Intro::Job(req) => {
-            let key = proto::open_key();
-            if !hello.verify(&key, &ns) {
-                return refuse(&mut io, ErrorKind::Auth, "authentication failed".into());
+            let Some(key) = pending.key.filter(|_| pending.signed()) else {
+                return Err(pending.refuse(
+                    ErrorKind::Auth,
+                    "client authentication failed: the handshake is not signed by the key offered",
+                ));
+            };
+            let client = crate::config::to_hex(&key);
+            if !state.client_admitted(&key) {
+                return Err(pending.refuse(
+                    ErrorKind::Auth,
+                    &format!(
+                        "client {client} is not admitted by this validator (its operator adds the \
+                         client's public key to `clients` in validator.config.json)"
+                    ),
+                ));
             }
-            io.welcome(&key, &ns, &hello.nonce, &[])?;
-            io.deadline = Instant::now() + Duration::from_secs(30);
-            match state.assign(&req) {
-                Ok(a) => proto::send_json(&mut io, &a),
+            let flags = state.flags_of(&client);
+            let limit = state.config.client_flag_limit;
+            if limit > 0 && flags >= limit {
+                return Err(pending.refuse(
+                    ErrorKind::Auth,
+                    &format!(
+                        "client {client} is refused: {flags} of its reports did not check out \
+                         against the relays' signatures (see mr-validator status)"
+                    ),
+                ));
+            }
+            let mut ch = pending.welcome(&state.identity, None)?;
+            state.end_handshake(conn);
+            match state.assign(&req, &client) {
+                Ok(a) => ch.send(&a, Duration::from_secs(30)),
                 Err(e) => {
-                    log::warn!("job request from {peer}: {e}");
-                    proto::send_json(&mut io, &Refusal { error: e.message })
+                    log::warn!("job request from client {client} at {peer}: {e}");
+                    ch.send(&Refusal { error: e.message }, Duration::from_secs(30))
                 }
             }
         }
@@ -516,18 +819,15 @@ fn serve_conn(state: &Arc<State>, stream: &mut TcpStream, peer: &str) -> Result<
                 .unwrap_or_else(|e| e.into_inner())
                 .get(&job)
                 .map(|j| j.secret);
-            let Some(secret) = secret.filter(|s| hello.verify(&wire::mac_key(s), &ns)) else {
-                return refuse(
-                    &mut io,
-                    ErrorKind::Auth,
-                    format!("not a member of job {job}"),
-                );
+            let Some(secret) = secret.filter(|s| pending.knows(s)) else {
+                return Err(pending.refuse(ErrorKind::Auth, &format!("not a member of job {job}")));
             };
-            io.welcome(&wire::mac_key(&secret), &ns, &hello.nonce, &[])?;
+            let mut ch = pending.welcome(&state.identity, Some(&secret))?;
+            state.end_handshake(conn);
             loop {
-                io.deadline = Instant::now() + Duration::from_secs(3600);
-                let msg: ReportMsg = match proto::recv_json(&mut io) {
+                let msg: ReportMsg = match ch.recv(Duration::from_secs(3600)) {
                     Ok(m) => m,
+                    Err(e) if e.kind == ErrorKind::Auth => return Err(e),
                     Err(_) => return Ok(()),
                 };
                 if let Err(e) = state.report(&job, msg) {
@@ -536,13 +836,33 @@ fn serve_conn(state: &Arc<State>, stream: &mut TcpStream, peer: &str) -> Result<
             }
         }
         Intro::Status => {
-            let key = proto::open_key();
-            if !hello.verify(&key, &ns) {
-                return refuse(&mut io, ErrorKind::Auth, "authentication failed".into());
+            let mut ch = pending.welcome(&state.identity, None)?;
+            state.end_handshake(conn);
+            loop {
+                let q: StatusQuery = match ch.recv(Duration::from_secs(30)) {
+                    Ok(q) => q,
+                    Err(_) => return Ok(()),
+                };
+                let rows = status_rows(state);
+                let page = StatusPage {
+                    flagged_clients: if q.offset == 0 {
+                        state
+                            .flagged_clients()
+                            .into_iter()
+                            .take(STATUS_PAGE)
+                            .collect()
+                    } else {
+                        Vec::new()
+                    },
+                    total: rows.len(),
+                    rows: rows
+                        .into_iter()
+                        .skip(q.offset)
+                        .take(q.limit.clamp(1, STATUS_PAGE))
+                        .collect(),
+                };
+                ch.send(&page, Duration::from_secs(30))?;
             }
-            io.welcome(&key, &ns, &hello.nonce, &[])?;
-            let rows = status_rows(state);
-            proto::send_json(&mut io, &rows)
         }
     }
 }
@@ -577,12 +897,18 @@ pub fn status_rows(state: &State) -> Vec<StatusRow> {
     rows
 }
 
-/// A registered relay's connection: heartbeats and job acknowledgements in, jobs out.
-fn relay_session(state: &Arc<State>, mut io: FrameIo<'_>, id: &str, generation: u64) -> Result<()> {
-    let writer = io
-        .stream
-        .try_clone()
-        .map_err(|e| Error::io("cloning the relay connection", e))?;
+/// A registered relay's connection: check its advertised address, then heartbeats and job
+/// acknowledgements in, jobs out.
+fn relay_session(
+    state: &Arc<State>,
+    ch: Channel,
+    id: &str,
+    generation: u64,
+    addr: &str,
+) -> Result<()> {
+    let Channel {
+        mut reader, writer, ..
+    } = ch;
     let link = Arc::new(RelayLink {
         writer: Mutex::new(writer),
         acks: Mutex::new(HashSet::new()),
@@ -593,19 +919,30 @@ fn relay_session(state: &Arc<State>, mut io: FrameIo<'_>, id: &str, generation: 
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .insert(id.to_string(), link.clone());
+    let key = crate::validator::identity::parse_public("relay id", id)?;
+    let proven = crate::validator::probe::prove_address(addr, &key, Duration::from_secs(5));
+    if let Err(e) = &proven {
+        log::warn!("relay {id}: not assigned until it proves its key at {addr}: {e}");
+    } else {
+        log::info!("relay {id}: proved its key at {addr}");
+    }
+    state
+        .registry
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .address_checked(id, generation, addr, proven.is_ok());
     let result = loop {
-        io.deadline = Instant::now() + state.timeout();
-        match proto::recv_json::<RelayMsg>(&mut io) {
+        match reader.recv::<RelayMsg>(state.timeout()) {
             Ok(RelayMsg::Heartbeat { free_memory, .. }) => state
                 .registry
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .heartbeat(id, generation, free_memory, Instant::now()),
             Ok(RelayMsg::JobAck { job }) => {
-                link.acks
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .insert(job);
+                let mut acks = link.acks.lock().unwrap_or_else(|e| e.into_inner());
+                if acks.len() < 1024 {
+                    acks.insert(job);
+                }
                 link.acked.notify_all();
             }
             Ok(other) => break Err(Error::remote(format!("unexpected message {other:?}"))),

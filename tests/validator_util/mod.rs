@@ -6,11 +6,12 @@
 mod daemon;
 
 use mapreduce::validator::client;
+use mapreduce::validator::identity::Identity;
 use mapreduce::validator::server::StatusRow;
 use mapreduce::{Algo, Comm, Config, ErrorKind, ReduceOp, UniqueId};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 /// A daemon process; killed on drop.
@@ -45,9 +46,30 @@ pub fn tmpdir(name: &str) -> PathBuf {
     d
 }
 
+/// This test process's client identity: its key file is created once and named by
+/// `MR_CLIENT_KEY_FILE`, which every job of the process uses.
+pub fn client_identity() -> Identity {
+    static KEY: OnceLock<PathBuf> = OnceLock::new();
+    let path = KEY.get_or_init(|| {
+        let p =
+            std::env::temp_dir().join(format!("mr-validator-client-{}.key", std::process::id()));
+        let _ = std::fs::remove_file(&p);
+        Identity::load_or_create(&p, "client").unwrap();
+        std::env::set_var("MR_CLIENT_KEY_FILE", &p);
+        p
+    });
+    Identity::load(path).unwrap()
+}
+
+/// Start a validator with `config`, admitting this process's client.
 pub fn validator(dir: &Path, listen: &str, config: &str) -> Proc {
     let cfg = dir.join("validator.config.json");
-    std::fs::write(&cfg, config).unwrap();
+    let mut json: serde_json::Value = serde_json::from_str(config).unwrap();
+    json.as_object_mut()
+        .unwrap()
+        .entry("clients")
+        .or_insert_with(|| serde_json::json!([client_identity().id()]));
+    std::fs::write(&cfg, json.to_string()).unwrap();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_mr-validator"));
     cmd.args(["--listen", listen, "--config"])
         .arg(&cfg)

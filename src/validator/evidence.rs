@@ -1,0 +1,339 @@
+//! Judging a reported op on signed evidence (no I/O). Every rank of a job reports, per relay,
+//! the relay's signed receipt (digests of the input chunks it received from each rank and of the
+//! result chunks it sent to each rank, see [`crate::relay::receipts`]) and its own chunk bytes.
+//! From these the validator
+//! * convicts a relay only on its own signatures: it signed two different digests for one
+//!   chunk, signed that it sent different results for one chunk to different ranks, or signed
+//!   inputs whose rank-ordered reduction differs from the result it signed for;
+//! * blames a report that does not check out against the relay's signatures (a receipt the
+//!   relay did not sign, chunk bytes that do not hash to what the relay signed for) on the
+//!   rank that sent it, never on the relay;
+//! * credits a relay when at least one chunk was recomputed and matched.
+
+use crate::relay::receipts::{Kind, Receipt};
+use crate::types::{DType, ReduceOp};
+use crate::validator::identity;
+use crate::validator::proto::RelayEvidence;
+use crate::validator::verify::OpRecord;
+use std::collections::{BTreeMap, BTreeSet};
+
+/// What one op's reports show.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Judgement {
+    /// Relay positions with at least one chunk recomputed and matched, and no conviction.
+    pub verified: Vec<usize>,
+    /// (relay position, evidence): the relay's own signatures contradict an honest reduction.
+    pub convicted: Vec<(usize, String)>,
+    /// (rank, why): that rank's report does not check out against the relays' signatures.
+    pub false_reports: Vec<(usize, String)>,
+    /// (relay position, why): no usable signed evidence for that relay.
+    pub unaccountable: Vec<(usize, String)>,
+}
+
+type Key = (Kind, u32, u64);
+
+/// Reduce whole chunks exactly as a relay does: fold in rank order in the accumulator dtype,
+/// divide for AVG, round 16-bit floats once.
+pub fn reduce_chunk(dtype: DType, op: ReduceOp, inputs: &[&[u8]]) -> Vec<u8> {
+    let elem = dtype.size();
+    let n = inputs[0].len() / elem;
+    let mut out = Vec::with_capacity(inputs[0].len());
+    for i in 0..n {
+        let xs: Vec<&[u8]> = inputs
+            .iter()
+            .map(|x| &x[i * elem..(i + 1) * elem])
+            .collect();
+        out.extend(crate::validator::verify::reduce_element(dtype, op, &xs));
+    }
+    out
+}
+
+fn hex(b: &[u8]) -> String {
+    crate::config::to_hex(b)
+}
+
+/// Judge one op of `job` from every rank's record and evidence (`reports[r]` is rank r's).
+/// `relay_keys[k]` is the public key of the relay at position k of the op.
+pub fn judge(
+    job: &[u8; 16],
+    reports: &[(OpRecord, Vec<RelayEvidence>)],
+    relay_keys: &[[u8; 32]],
+) -> Judgement {
+    let mut j = Judgement::default();
+    let Some((first, _)) = reports.first() else {
+        return j;
+    };
+    let (Ok(dtype), Ok(op)) = (DType::from_raw(first.dtype), ReduceOp::from_raw(first.op)) else {
+        return j;
+    };
+    let world = reports.len();
+    let seq = first.seq;
+    for (k, key) in relay_keys.iter().enumerate() {
+        // What the relay signed, merged over every rank's copy.
+        let mut signed: BTreeMap<Key, (u32, [u8; 32])> = BTreeMap::new();
+        let mut receipts = 0;
+        let mut conviction: Option<String> = None;
+        let mut bytes: BTreeMap<Key, Vec<u8>> = BTreeMap::new();
+        for (rank, (_, evidence)) in reports.iter().enumerate() {
+            let Some(ev) = evidence.iter().find(|e| e.relay == k) else {
+                continue;
+            };
+            let raw = match crate::config::parse_hex("receipt", &ev.receipt) {
+                Ok(r) if r.len() > 96 => r,
+                _ => {
+                    j.false_reports
+                        .push((rank, format!("relay {k}: malformed receipt")));
+                    continue;
+                }
+            };
+            let (public, rest) = raw.split_at(32);
+            let (sig, msg) = rest.split_at(64);
+            if public != key || !identity::verify(key, msg, sig) {
+                j.false_reports
+                    .push((rank, format!("relay {k}: a receipt the relay did not sign")));
+                continue;
+            }
+            let receipt = match Receipt::decode(msg) {
+                Ok(r) if &r.job == job && r.seq == seq => r,
+                _ => {
+                    j.false_reports.push((
+                        rank,
+                        format!(
+                            "relay {k}: a receipt of another op (signed by the relay, replayed)"
+                        ),
+                    ));
+                    continue;
+                }
+            };
+            receipts += 1;
+            for e in &receipt.entries {
+                let key = (e.kind, e.rank, e.offset);
+                match signed.get(&key) {
+                    Some(&(len, d)) if (len, d) != (e.len, e.digest) => {
+                        conviction.get_or_insert_with(|| {
+                            format!(
+                                "op seq {seq}: relay signed two different digests for the {:?} chunk of rank {} at offset {} ({} and {})",
+                                e.kind, e.rank, e.offset, hex(&d), hex(&e.digest)
+                            )
+                        });
+                    }
+                    _ => {
+                        signed.insert(key, (e.len, e.digest));
+                    }
+                }
+            }
+            for c in &ev.chunks {
+                let kind = if c.kind == 0 {
+                    Kind::Input
+                } else {
+                    Kind::Result
+                };
+                let key = (kind, rank as u32, c.offset);
+                let Ok(b) = crate::config::parse_hex("chunk", &c.bytes) else {
+                    j.false_reports.push((rank, "malformed chunk bytes".into()));
+                    continue;
+                };
+                match signed.get(&key) {
+                    Some(&(len, d)) if len as usize == b.len() && *blake3::hash(&b).as_bytes() == d => {
+                        bytes.insert(key, b);
+                    }
+                    _ => j.false_reports.push((
+                        rank,
+                        format!(
+                            "relay {k}: its {kind:?} chunk at offset {} does not match what the relay signed for",
+                            c.offset
+                        ),
+                    )),
+                }
+            }
+        }
+        if receipts == 0 {
+            j.unaccountable
+                .push((k, "no rank brought a receipt signed by the relay".into()));
+            continue;
+        }
+        // Different results for one chunk to different ranks, by the relay's own account.
+        let offsets: BTreeSet<u64> = signed.keys().map(|&(_, _, o)| o).collect();
+        for &o in &offsets {
+            let results: Vec<(u32, [u8; 32])> = signed
+                .range((Kind::Result, 0, o)..=(Kind::Result, u32::MAX, o))
+                .filter(|(&(_, _, off), _)| off == o)
+                .map(|(&(_, r, _), &(_, d))| (r, d))
+                .collect();
+            if let Some(w) = results.windows(2).find(|w| w[0].1 != w[1].1) {
+                conviction.get_or_insert_with(|| {
+                    format!(
+                        "op seq {seq}: relay signed that it sent different results for the chunk at offset {o}: to rank {} (blake3 {}) and to rank {} (blake3 {})",
+                        w[0].0, hex(&w[0].1), w[1].0, hex(&w[1].1)
+                    )
+                });
+            }
+        }
+        // Recompute the chunks for which every rank brought its input.
+        let mut matched = 0;
+        for &o in &offsets {
+            let inputs: Option<Vec<&[u8]>> = (0..world as u32)
+                .map(|r| bytes.get(&(Kind::Input, r, o)).map(Vec::as_slice))
+                .collect();
+            let Some(inputs) = inputs else { continue };
+            if inputs
+                .iter()
+                .any(|x| x.len() != inputs[0].len() || x.len() % dtype.size() != 0)
+            {
+                continue;
+            }
+            let sum = *blake3::hash(&reduce_chunk(dtype, op, &inputs)).as_bytes();
+            let mut any = false;
+            for r in 0..world as u32 {
+                if let Some(&(_, d)) = signed.get(&(Kind::Result, r, o)) {
+                    any = true;
+                    if d != sum {
+                        conviction.get_or_insert_with(|| {
+                            format!(
+                                "op seq {seq}: chunk at offset {o}: the inputs the relay signed for (ranks 0..{world}) reduce to blake3 {}, but the relay signed that it sent rank {r} blake3 {}",
+                                hex(&sum), hex(&d)
+                            )
+                        });
+                    }
+                }
+            }
+            matched += usize::from(any);
+        }
+        match conviction {
+            Some(e) => j.convicted.push((k, e)),
+            None if matched > 0 => j.verified.push(k),
+            None => j
+                .unaccountable
+                .push((k, "no chunk with every rank's signed input".into())),
+        }
+    }
+    j
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::relay::receipts::Entry;
+    use crate::validator::identity::Identity;
+    use crate::validator::proto::ChunkBytes;
+
+    fn f32s(v: &[f32]) -> Vec<u8> {
+        v.iter().flat_map(|x| x.to_le_bytes()).collect()
+    }
+
+    /// Two ranks, one relay, one chunk of 2 f32 at offset 8; the relay signs `results`.
+    fn reports(
+        relay: &Identity,
+        results: [&[u8]; 2],
+        claimed: [&[u8]; 2],
+    ) -> Vec<(OpRecord, Vec<RelayEvidence>)> {
+        let inputs = [f32s(&[1.0, 2.0]), f32s(&[3.0, 4.0])];
+        let e = |kind, rank: u32, b: &[u8]| Entry {
+            kind,
+            rank,
+            offset: 8,
+            len: b.len() as u32,
+            digest: *blake3::hash(b).as_bytes(),
+        };
+        let receipt = Receipt {
+            job: [1; 16],
+            seq: 7,
+            entries: vec![
+                e(Kind::Input, 0, &inputs[0]),
+                e(Kind::Input, 1, &inputs[1]),
+                e(Kind::Result, 0, results[0]),
+                e(Kind::Result, 1, results[1]),
+            ],
+        };
+        let msg = receipt.message();
+        let mut raw = relay.public().to_vec();
+        raw.extend_from_slice(&relay.sign(&msg));
+        raw.extend_from_slice(&msg);
+        (0..2)
+            .map(|r| {
+                let rec = OpRecord {
+                    rank: r,
+                    seq: 7,
+                    dtype: DType::F32 as u32,
+                    op: ReduceOp::Sum as u32,
+                    count: 8,
+                    relays: 1,
+                    positions: vec![2],
+                    inputs: String::new(),
+                    results: String::new(),
+                    digests: vec![],
+                };
+                let chunks = vec![
+                    ChunkBytes {
+                        kind: 0,
+                        offset: 8,
+                        bytes: hex(&inputs[r]),
+                    },
+                    ChunkBytes {
+                        kind: 1,
+                        offset: 8,
+                        bytes: hex(claimed[r]),
+                    },
+                ];
+                let ev = RelayEvidence {
+                    relay: 0,
+                    receipt: hex(&raw),
+                    chunks,
+                };
+                (rec, vec![ev])
+            })
+            .collect()
+    }
+
+    #[test]
+    fn honest_ops_verify_wrong_sums_convict_and_false_chunks_blame_the_reporter() {
+        let relay = Identity::generate();
+        let key = [relay.public()];
+        let sum = f32s(&[4.0, 6.0]);
+        let wrong = f32s(&[4.0, 7.0]);
+        let j = judge(&[1; 16], &reports(&relay, [&sum, &sum], [&sum, &sum]), &key);
+        assert_eq!(j.verified, vec![0]);
+        assert!(
+            j.convicted.is_empty() && j.false_reports.is_empty(),
+            "{j:?}"
+        );
+        // The relay signed a wrong sum for both ranks.
+        let j = judge(
+            &[1; 16],
+            &reports(&relay, [&wrong, &wrong], [&wrong, &wrong]),
+            &key,
+        );
+        assert_eq!(j.convicted.len(), 1, "{j:?}");
+        assert!(j.convicted[0].1.contains("reduce to"), "{j:?}");
+        // It signed different results for the two ranks.
+        let j = judge(
+            &[1; 16],
+            &reports(&relay, [&sum, &wrong], [&sum, &wrong]),
+            &key,
+        );
+        assert!(j.convicted[0].1.contains("different results"), "{j:?}");
+        // Rank 1 claims it got other bytes than the relay signed for: its report is false.
+        let j = judge(
+            &[1; 16],
+            &reports(&relay, [&sum, &sum], [&sum, &wrong]),
+            &key,
+        );
+        assert!(j.convicted.is_empty(), "{j:?}");
+        assert_eq!(j.false_reports.len(), 1);
+        assert_eq!(j.false_reports[0].0, 1);
+        // A receipt signed by someone else proves nothing against the relay.
+        let other = [Identity::generate().public()];
+        let j = judge(
+            &[1; 16],
+            &reports(&relay, [&wrong, &wrong], [&wrong, &wrong]),
+            &other,
+        );
+        assert!(
+            j.convicted.is_empty() && j.false_reports.len() == 2,
+            "{j:?}"
+        );
+        // A receipt of another job is a replay.
+        let j = judge(&[2; 16], &reports(&relay, [&sum, &sum], [&sum, &sum]), &key);
+        assert!(j.verified.is_empty() && j.false_reports.len() == 2, "{j:?}");
+    }
+}

@@ -1,0 +1,269 @@
+//! The validator under hostile load, with real processes on loopback: thousands of idle
+//! connections, descriptor exhaustion and mass enrollment leave it serving status and jobs
+//! with bounded memory and a bounded log; jobs expire.
+
+mod validator_util;
+use mapreduce::validator::channel::{self, Credential};
+use mapreduce::validator::client;
+use mapreduce::validator::identity::Identity;
+use mapreduce::validator::proto::{Intro, JobRequest};
+use std::net::TcpStream;
+use std::process::Command;
+use std::time::{Duration, Instant};
+use validator_util::*;
+
+/// Resident memory of process `pid`, bytes.
+fn rss(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    s.lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|kb| kb.parse::<u64>().ok())
+        .unwrap()
+        * 1024
+}
+
+fn job_request() -> JobRequest {
+    JobRequest {
+        job: mapreduce::config::to_hex(&mapreduce::wire::nonce()[..16]),
+        peers: 2,
+        relays: 0,
+        relay_memory: 0,
+        max_message_bytes: 0,
+    }
+}
+
+/// Log lines above debug level (what an operator's log holds) since line `from`.
+fn operator_lines(v: &Proc, from: usize) -> Vec<String> {
+    v.log
+        .lock()
+        .unwrap()
+        .iter()
+        .skip(from)
+        .filter(|l| !l.contains(" DEBUG ") && !l.contains(" TRACE "))
+        .cloned()
+        .collect()
+}
+
+/// Status and a real job request both work.
+fn serves(v: &Proc) {
+    let rows = client::status(&v.addr, Duration::from_secs(10)).expect("status");
+    assert!(!rows.is_empty());
+    let a = client::request_as(
+        &v.addr,
+        &client_identity(),
+        &job_request(),
+        Duration::from_secs(10),
+    )
+    .expect("job request");
+    assert_eq!(a.relays.len(), 1);
+}
+
+#[test]
+fn idle_connections_do_not_lock_out_status_or_jobs() {
+    let dir = tmpdir("idle");
+    let v = validator(
+        &dir,
+        "127.0.0.1:0",
+        r#"{"heartbeat_timeout_ms": 3000, "default_relays": 1, "bench": {"interval_secs": 0}}"#,
+    );
+    let _r = relay(&v, &dir.join("r.key"), "127.0.0.1:0", &[]);
+    wait_status(&v, "relay registered", |r| up(r) == 1);
+    serves(&v);
+    let before = rss(v.child.id());
+    let lines_before = v.log.lock().unwrap().len();
+    let sa: std::net::SocketAddr = v.addr.parse().unwrap();
+    let idle: Vec<TcpStream> = (0..2000)
+        .filter_map(|_| TcpStream::connect_timeout(&sa, Duration::from_secs(5)).ok())
+        .collect();
+    assert!(idle.len() >= 1900, "only {} connections", idle.len());
+    for _ in 0..3 {
+        serves(&v);
+    }
+    let after = rss(v.child.id());
+    let lines = operator_lines(&v, lines_before).len();
+    eprintln!(
+        "{} idle connections: validator RSS {} -> {} KiB, {lines} log lines",
+        idle.len(),
+        before / 1024,
+        after / 1024
+    );
+    assert!(after < before + (48 << 20), "RSS {before} -> {after}");
+    assert!(lines < 200, "{lines} log lines");
+    drop(idle);
+}
+
+#[test]
+fn descriptor_exhaustion_backs_off_and_recovers() {
+    let dir = tmpdir("emfile");
+    let cfg = dir.join("validator.config.json");
+    std::fs::write(
+        &cfg,
+        serde_json::json!({
+            "heartbeat_timeout_ms": 3000,
+            "default_relays": 1,
+            "max_handshakes": 200,
+            "bench": {"interval_secs": 0},
+            "clients": [client_identity().id()],
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let mut cmd = Command::new("bash");
+    cmd.arg("-c")
+        .arg(r#"ulimit -n 64 && exec "$0" "$@""#)
+        .arg(env!("CARGO_BIN_EXE_mr-validator"))
+        .args(["--listen", "127.0.0.1:0", "--config"])
+        .arg(&cfg)
+        .arg("--scores")
+        .arg(dir.join("scores.json"));
+    let v = Proc::spawn(cmd);
+    let _r = relay(&v, &dir.join("r.key"), "127.0.0.1:0", &[]);
+    wait_status(&v, "relay registered", |r| up(r) == 1);
+    let sa: std::net::SocketAddr = v.addr.parse().unwrap();
+    let lines_before = v.log.lock().unwrap().len();
+    let started = Instant::now();
+    let held: Vec<TcpStream> = (0..100)
+        .filter_map(|_| TcpStream::connect_timeout(&sa, Duration::from_millis(300)).ok())
+        .collect();
+    std::thread::sleep(Duration::from_secs(3));
+    let window = started.elapsed().as_secs_f64();
+    let accept_lines = operator_lines(&v, lines_before)
+        .iter()
+        .filter(|l| l.contains("accept failed"))
+        .count();
+    eprintln!(
+        "{} connections against 64 descriptors: {accept_lines} 'accept failed' lines in {window:.1} s",
+        held.len()
+    );
+    for l in operator_lines(&v, lines_before) {
+        eprintln!("validator: {l}");
+    }
+    assert!(
+        accept_lines >= 1 && accept_lines as f64 <= 1.0 + window / 10.0,
+        "{accept_lines} accept warnings"
+    );
+    drop(held);
+    // Descriptors come back as the idle connections end; the validator serves again.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let got = client::status(&v.addr, Duration::from_secs(5));
+        if got.is_ok() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the validator did not recover: {got:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    serves(&v);
+    let lines = operator_lines(&v, lines_before).len();
+    assert!(lines < 50, "{lines} log lines");
+}
+
+#[test]
+fn mass_enrollment_from_one_address_is_rate_limited() {
+    let dir = tmpdir("enroll");
+    let v = validator(
+        &dir,
+        "127.0.0.1:0",
+        r#"{"heartbeat_timeout_ms": 3000, "enroll_per_minute": 100, "bench": {"interval_secs": 0}}"#,
+    );
+    // Let it settle before measuring.
+    wait_status(&v, "validator up", |_| true);
+    let before = rss(v.child.id());
+    let attempts = 10_000;
+    let started = Instant::now();
+    let threads: Vec<_> = (0..4)
+        .map(|_| {
+            let addr = v.addr.clone();
+            std::thread::spawn(move || {
+                let mut admitted = 0;
+                for _ in 0..attempts / 4 {
+                    let key = Identity::generate();
+                    let intro = Intro::Relay {
+                        addr: "127.0.0.1:1".into(),
+                        capacity: 1 << 40,
+                        free_memory: 1 << 40,
+                    };
+                    if channel::connect(
+                        &addr,
+                        &intro,
+                        Credential::Identity(&key),
+                        None,
+                        Duration::from_secs(10),
+                    )
+                    .is_ok()
+                    {
+                        admitted += 1;
+                    }
+                }
+                admitted
+            })
+        })
+        .collect();
+    let admitted: usize = threads.into_iter().map(|t| t.join().unwrap()).sum();
+    let rows = client::status(&v.addr, Duration::from_secs(10)).unwrap();
+    let after = rss(v.child.id());
+    let lines = operator_lines(&v, 0).len();
+    eprintln!(
+        "{attempts} enrollments in {:.1} s: {admitted} admitted, {} listed, RSS {} -> {} KiB, {lines} log lines",
+        started.elapsed().as_secs_f64(),
+        rows.len(),
+        before / 1024,
+        after / 1024
+    );
+    // 100 per minute, plus what refilled while the attempts ran.
+    let minutes = started.elapsed().as_secs_f64() / 60.0;
+    assert!(
+        admitted as f64 <= 100.0 + 100.0 * minutes + 1.0,
+        "{admitted} admitted"
+    );
+    assert!(admitted >= 100);
+    // More rows than one status page: paging works.
+    assert_eq!(rows.len(), admitted);
+    assert!(after < before + (48 << 20), "RSS {before} -> {after}");
+    // A few lines per admitted relay, none per refused attempt.
+    assert!(lines < 10 * admitted + 50, "{lines} log lines");
+}
+
+#[test]
+fn jobs_expire() {
+    let dir = tmpdir("expire");
+    let v = validator(
+        &dir,
+        "127.0.0.1:0",
+        r#"{"heartbeat_timeout_ms": 400, "default_relays": 1, "job_ttl_secs": 1, "bench": {"interval_secs": 0}}"#,
+    );
+    let _r = relay(&v, &dir.join("r.key"), "127.0.0.1:0", &[]);
+    wait_status(&v, "relay registered", |r| up(r) == 1);
+    let a = client::request_as(
+        &v.addr,
+        &client_identity(),
+        &job_request(),
+        Duration::from_secs(10),
+    )
+    .unwrap();
+    let secret: [u8; 32] = mapreduce::config::parse_hex("s", &a.verify_secret)
+        .unwrap()
+        .try_into()
+        .unwrap();
+    let report = |job: &str| {
+        channel::connect(
+            &v.addr,
+            &Intro::Report {
+                job: job.to_string(),
+            },
+            Credential::Secret(&secret),
+            None,
+            Duration::from_secs(5),
+        )
+    };
+    assert!(report(&a.job).is_ok(), "a member of a live job was refused");
+    std::thread::sleep(Duration::from_millis(2500));
+    let err = report(&a.job)
+        .err()
+        .expect("an expired job still accepts reports");
+    assert!(err.message.contains("not a member"), "{err}");
+}
