@@ -1,7 +1,10 @@
 //! `MR_MAX_RATE` caps what a rank sends: a transfer never beats the cap (a lower bound on
 //! time, which a loaded machine can only lengthen), and results stay exact.
 
+mod relay_util;
+
 use mapreduce::{Comm, Config, ReduceOp, UniqueId};
+use relay_util::{relay_config, run_job, RelayProc, TOKEN};
 use std::time::{Duration, Instant};
 
 #[test]
@@ -58,4 +61,35 @@ fn max_rate_parses() {
     let e = Config::from_env().unwrap_err();
     assert!(e.message.contains("MR_MAX_RATE"), "{e}");
     std::env::remove_var("MR_MAX_RATE");
+}
+
+#[test]
+fn a_capped_relay_sends_no_faster_than_its_cap() {
+    // One relay capped at 10 MB/s answers 2 peers: 2 x 4 MiB of results leave it.
+    let rate = 10_000_000u64;
+    let relay = RelayProc::start_with(TOKEN, &["--max-rate", "10M"]);
+    let cfg = Config {
+        timeout: Duration::from_secs(60),
+        ..relay_config(std::slice::from_ref(&relay), TOKEN)
+    };
+    let count = 1usize << 20;
+    let took = run_job(2, cfg, move |comm| {
+        assert_eq!(comm.relays(), &[0]);
+        let r = comm.rank();
+        let mut v: Vec<i32> = (0..count as i32).map(|i| i + r as i32).collect();
+        comm.barrier().unwrap();
+        let t = Instant::now();
+        comm.allreduce(&mut v, ReduceOp::Sum).unwrap();
+        let took = t.elapsed();
+        assert!(v.iter().enumerate().all(|(i, x)| *x == 2 * i as i32 + 1));
+        comm.destroy().unwrap();
+        took
+    });
+    let floor = Duration::from_secs_f64((2.0 * 4.0 * 1048576.0 - 100_000.0) / rate as f64);
+    for t in took {
+        assert!(
+            t >= floor,
+            "8 MiB of results in {t:?}, faster than the relay's cap ({floor:?})"
+        );
+    }
 }

@@ -224,8 +224,13 @@ fn start_relays(r: usize, secret: &str) -> (Relays, String) {
     for _ in 0..r {
         let addr = format!("127.0.0.1:{}", free_port());
         let token = mapreduce::config::to_hex(&mapreduce::wire::relay_token(&secret, &addr));
-        let child = Command::new(&relayd)
-            .args(["--listen", &addr, "--token", &token])
+        let mut cmd = Command::new(&relayd);
+        cmd.args(["--listen", &addr, "--token", &token]);
+        // A relay is a host of its own: under an emulated link rate it gets the same cap.
+        if let Ok(rate) = std::env::var("MR_MAX_RATE") {
+            cmd.args(["--max-rate", &rate]);
+        }
+        let child = cmd
             .env(
                 "MR_LOG",
                 std::env::var("MR_LOG").unwrap_or_else(|_| "warn".into()),
@@ -629,8 +634,8 @@ fn demo(args: &Args) {
         args.demo_bytes >> 20
     );
     println!(
-        "  emulated links: each peer's sends capped at 1 Gbit/s (MR_MAX_RATE=125M); bound = the \
-         least time its bytes need at that rate (relay D/rate, ring 2(P-1)/P x D/rate)"
+        "  emulated links: each peer's and relay's sends capped at 1 Gbit/s (MR_MAX_RATE=125M); \
+         bound = the least time its bytes need at that rate (relay D/rate, ring 2(P-1)/P x D/rate)"
     );
     println!(
         "{:<10} {:<10} {:>6} {:>8} {:>8} {:>9} {:>8} {:>9}",
@@ -706,8 +711,8 @@ fn demo(args: &Args) {
         all_ok &= ok;
     }
     println!(
-        "  shm: one host, no link: ranks share memory (not capped). Compression through relays \
-         is not built yet; relays' own sends are not capped."
+        "  relays' sends are capped alike (--max-rate); shm: one host, no link, not capped. \
+         Compression through relays is not built yet."
     );
     std::process::exit(if all_ok { 0 } else { 1 });
 }

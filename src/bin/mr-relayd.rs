@@ -58,6 +58,10 @@ struct Args {
     /// Seconds between status lines.
     #[arg(long, default_value_t = 10)]
     status_secs: u64,
+    /// Most bytes per second the relay sends over all its connections (e.g. 125M, 1gbit);
+    /// default: no cap.
+    #[arg(long, value_parser = parse_rate)]
+    max_rate: Option<u64>,
     /// Most memory, in bytes, one job may reserve (default: half of --max-memory).
     #[arg(long)]
     max_job_memory: Option<usize>,
@@ -182,6 +186,7 @@ fn run(args: Args) -> mapreduce::Result<()> {
             max_memory: args.max_memory,
             status_interval: Duration::from_secs(args.status_secs.max(1)),
             limits,
+            max_rate: args.max_rate,
         },
         true,
     )?;
@@ -210,4 +215,10 @@ fn run(args: Args) -> mapreduce::Result<()> {
         reg.spawn();
     }
     relay.run()
+}
+
+fn parse_rate(s: &str) -> std::result::Result<u64, String> {
+    mapreduce::pace::parse_rate(s).ok_or_else(|| {
+        format!("{s:?} is not a rate: bytes per second, e.g. 125000000, 125M or 1gbit")
+    })
 }

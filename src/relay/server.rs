@@ -59,6 +59,8 @@ pub struct RelayConfig {
     pub status_interval: Duration,
     /// Connection caps and deadlines.
     pub limits: Limits,
+    /// Most bytes per second the relay sends, over all connections (`--max-rate`).
+    pub max_rate: Option<u64>,
 }
 
 /// Payload of a queued frame.
@@ -197,6 +199,10 @@ pub struct Relay {
     /// When to try `accept` again after it failed.
     accept_retry: Option<Instant>,
     rejects: RejectLog,
+    /// Rate cap on everything the relay sends, and the connections waiting for it.
+    pacer: Option<crate::pace::TokenBucket>,
+    pace_waiting: Vec<usize>,
+    pace_wake: Option<Instant>,
 }
 
 /// Misbehaviour for testing verification (debug builds only): `MR_RELAY_TEST_CORRUPT=f`
@@ -314,6 +320,7 @@ impl Relay {
         let key = wire::mac_key(&config.token);
         let now = Instant::now();
         let rejects = RejectLog::new(config.limits.reject_log_interval, now);
+        let max_rate = config.max_rate;
         Ok(Relay {
             poll,
             listener,
@@ -333,6 +340,15 @@ impl Relay {
             spare_fd: File::open("/dev/null").ok(),
             accept_retry: None,
             rejects,
+            pacer: max_rate.map(|rate| {
+                crate::pace::TokenBucket::new(
+                    rate,
+                    crate::pace::TokenBucket::default_burst(rate),
+                    now,
+                )
+            }),
+            pace_waiting: Vec::new(),
+            pace_wake: None,
         })
     }
 
@@ -355,6 +371,12 @@ impl Relay {
                     continue;
                 }
                 return Err(Error::io("event loop poll failed", e));
+            }
+            if self.pace_wake.is_some_and(|t| self.now >= t) {
+                self.pace_wake = None;
+                for id in std::mem::take(&mut self.pace_waiting) {
+                    self.flush(id);
+                }
             }
             if self.accept_retry.is_some_and(|t| self.now >= t) {
                 self.accept_retry = None;
@@ -438,6 +460,9 @@ impl Relay {
             wake = wake.min(t);
         }
         if let Some(t) = self.rejects.next_summary() {
+            wake = wake.min(t);
+        }
+        if let Some(t) = self.pace_wake {
             wake = wake.min(t);
         }
         wake.saturating_duration_since(self.now)
@@ -710,8 +735,29 @@ impl Relay {
                 };
                 let payload = f.payload.bytes();
                 let total = f.frame.total(payload.len());
-                match f.frame.write(&c.stream, payload, &mut c.tx) {
+                let max = match self.pacer.as_mut() {
+                    None => usize::MAX,
+                    Some(p) => {
+                        let left = total - f.frame.written;
+                        match p.available(self.now, left) {
+                            0 => {
+                                let at =
+                                    p.ready_at(self.now, left.min(crate::pace::MIN_BURST as usize));
+                                self.pace_wake = Some(self.pace_wake.map_or(at, |w| w.min(at)));
+                                if !self.pace_waiting.contains(&id) {
+                                    self.pace_waiting.push(id);
+                                }
+                                break Ok(());
+                            }
+                            n => n,
+                        }
+                    }
+                };
+                match f.frame.write_at_most(&c.stream, payload, &mut c.tx, max) {
                     Ok(n) => {
+                        if let Some(p) = self.pacer.as_mut() {
+                            p.consume(n);
+                        }
                         c.out_bytes -= n;
                         c.last_write = self.now;
                         self.stats.bytes_out += n as u64;
