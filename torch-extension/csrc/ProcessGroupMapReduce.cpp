@@ -390,6 +390,90 @@ mr_unique_id exchangeUniqueId(c10d::Store& store, int rank, int size, std::chron
 } // namespace
 
 // -----------------------------------------------------------------------------------------------
+// FutureCompleter
+
+namespace {
+// 0 on user threads; k+1 on lane k's thread.
+thread_local size_t completerDepth = 0;
+} // namespace
+
+struct FutureCompleter::Lane {
+  std::mutex mutex;
+  std::condition_variable changed;
+  std::deque<std::function<void()>> tasks;
+  bool stopping = false;
+};
+
+FutureCompleter::~FutureCompleter() {
+  stop();
+}
+
+size_t FutureCompleter::laneForCaller() {
+  return std::min(completerDepth, kMaxLanes - 1);
+}
+
+void FutureCompleter::post(size_t index, std::function<void()> task) {
+  std::shared_ptr<Lane> lane;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    TORCH_INTERNAL_ASSERT(!stopping_, "mapreduce: a Future was completed after the process group closed");
+    index = std::min(index, kMaxLanes - 1);
+    while (lanes_.size() <= index) {
+      lanes_.push_back(std::make_shared<Lane>());
+      threads_.emplace_back(&FutureCompleter::run, lanes_.back(), lanes_.size());
+    }
+    lane = lanes_[index];
+  }
+  {
+    std::lock_guard<std::mutex> lock(lane->mutex);
+    lane->tasks.push_back(std::move(task));
+  }
+  lane->changed.notify_one();
+}
+
+void FutureCompleter::run(std::shared_ptr<Lane> lane, size_t depth) {
+  completerDepth = depth;
+  std::unique_lock<std::mutex> lock(lane->mutex);
+  for (;;) {
+    lane->changed.wait(lock, [&] { return !lane->tasks.empty() || lane->stopping; });
+    if (lane->tasks.empty()) {
+      return;
+    }
+    std::function<void()> task = std::move(lane->tasks.front());
+    lane->tasks.pop_front();
+    lock.unlock();
+    task();
+    task = nullptr; // drop what it holds (Work, tensors) before waiting again
+    lock.lock();
+  }
+}
+
+void FutureCompleter::stop() {
+  std::vector<std::shared_ptr<Lane>> lanes;
+  std::vector<std::thread> threads;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    stopping_ = true;
+    lanes = lanes_;
+    threads.swap(threads_);
+  }
+  for (auto& lane : lanes) {
+    {
+      std::lock_guard<std::mutex> lock(lane->mutex);
+      lane->stopping = true;
+    }
+    lane->changed.notify_all();
+  }
+  for (auto& t : threads) {
+    if (t.get_id() == std::this_thread::get_id()) {
+      t.detach(); // it holds its lane and ends once its current task returns
+    } else if (t.joinable()) {
+      t.join();
+    }
+  }
+}
+
+// -----------------------------------------------------------------------------------------------
 // Communicator
 
 Communicator::~Communicator() {
@@ -415,12 +499,19 @@ MapReduceWork::MapReduceWork(
     const char* profilingTitle,
     std::string description,
     std::vector<at::Tensor> outputs,
-    std::weak_ptr<Communicator> comm)
+    std::weak_ptr<Communicator> comm,
+    std::chrono::milliseconds timeout)
     : c10d::Work(rank, opType, profilingTitle),
       description_(std::move(description)),
       outputs_(std::move(outputs)),
       future_(c10::make_intrusive<c10::ivalue::Future>(c10::ListType::create(c10::TensorType::get()))),
-      comm_(std::move(comm)) {}
+      comm_(std::move(comm)),
+      timeout_(timeout) {
+  // The first callback, so it runs as soon as the Future holds its value and before any user
+  // callback: Work::wait() returns then, whatever the callbacks go on to do. complete() keeps
+  // this Work alive while the Future's callbacks run.
+  future_->addCallback([this](c10::ivalue::Future& f) { finish(f.hasError() ? f.exception_ptr() : nullptr); });
+}
 
 std::vector<at::Tensor> MapReduceWork::result() {
   return outputs_;
@@ -430,10 +521,18 @@ c10::intrusive_ptr<c10::ivalue::Future> MapReduceWork::getFuture() {
   return future_;
 }
 
+// Added to the process-group timeout for waits without their own: the library bounds every wait
+// for a remote by MR_TIMEOUT_MS (the process-group timeout unless set) and reports which peer was
+// silent; this bound only catches an op whose completion never arrives.
+constexpr std::chrono::milliseconds kWaitGrace{5000};
+
 bool MapReduceWork::wait(std::chrono::milliseconds timeout) {
   std::unique_lock<std::mutex> lock(mutex_);
   if (timeout == kNoTimeout) {
-    // The library bounds every wait for a remote by MR_TIMEOUT_MS, so this cannot hang.
+    timeout = timeout_.count() > 0 ? timeout_ + kWaitGrace : std::chrono::milliseconds::max();
+  }
+  const bool bounded = timeout < std::chrono::hours(24 * 365);
+  if (!bounded) {
     cv_.wait(lock, [this] { return completed_; });
   } else if (!cv_.wait_for(lock, timeout, [this] { return completed_; })) {
     lock.unlock();
@@ -462,19 +561,13 @@ void MapReduceWork::abort() {
 }
 
 void MapReduceWork::complete(std::exception_ptr error) {
-  // The future first: once wait() returns, getFuture() must already hold the value. Its
-  // callbacks run here; if one throws, the Work still completes.
-  try {
-    if (error) {
-      future_->setError(error);
-    } else {
-      future_->markCompleted(c10::IValue(outputs_));
-    }
-  } catch (...) {
-    finish(error);
-    throw;
+  // The Work completes in the Future's first callback (see the constructor), so once wait()
+  // returns getFuture() already holds the value. A throwing callback propagates from here.
+  if (error) {
+    future_->setError(error);
+  } else {
+    future_->markCompleted(c10::IValue(outputs_));
   }
-  finish(error);
 }
 
 // -----------------------------------------------------------------------------------------------
@@ -486,7 +579,8 @@ ProcessGroupMapReduce::ProcessGroupMapReduce(
     int size,
     std::chrono::milliseconds timeout)
     : c10d::Backend(rank, size),
-      options_(c10::make_intrusive<Options>("mapreduce", timeout)) {
+      options_(c10::make_intrusive<Options>("mapreduce", timeout)),
+      store_(store) {
   TORCH_CHECK(store, "mapreduce: process group created without a store");
   TORCH_CHECK(size >= 1, "mapreduce: world size must be at least 1, got ", size);
   TORCH_CHECK(rank >= 0 && rank < size, "mapreduce: rank ", rank, " is out of range for world size ", size);
@@ -507,6 +601,7 @@ ProcessGroupMapReduce::ProcessGroupMapReduce(
     checkLibrary(c10::str("mr_comm_init_rank (rank ", rank, " of ", size, ")"), mr_comm_init_rank(&raw, size, &id, rank));
   }
   comm_ = std::make_shared<Communicator>(raw);
+  completer_ = std::make_unique<FutureCompleter>();
   completionThread_ = std::thread([this] { completionLoop(); });
   init();
 }
@@ -545,12 +640,12 @@ void ProcessGroupMapReduce::close(bool abortFirst) {
   }
   queueChanged_.notify_all();
   if (completionThread_.joinable()) {
-    if (std::this_thread::get_id() == completionThread_.get_id()) {
-      // shutdown() from a future callback: the loop ends by itself once the queue is empty.
-      completionThread_.detach();
-    } else {
-      completionThread_.join();
-    }
+    completionThread_.join();
+  }
+  // Every op is done; let the callbacks of their Futures finish (a callback that closed the
+  // group leaves its own lane to finish by itself).
+  if (completer_) {
+    completer_->stop();
   }
   comm.reset();
   std::lock_guard<std::mutex> lock(mutex_);
@@ -576,13 +671,19 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupMapReduce::enqueue(
     comm = comm_;
   }
   auto work = c10::make_intrusive<MapReduceWork>(
-      rank_, opType, profilingTitle, description, std::move(outputs), std::weak_ptr<Communicator>(comm));
+      rank_,
+      opType,
+      profilingTitle,
+      description,
+      std::move(outputs),
+      std::weak_ptr<Communicator>(comm),
+      options_->timeout);
   mr_request* request = nullptr;
   checkLibrary(description, start(comm->get(), &request));
   TORCH_INTERNAL_ASSERT(request != nullptr, "mapreduce: ", description, " returned no request");
   {
     std::lock_guard<std::mutex> lock(mutex_);
-    queue_.push_back(PendingOp{request, work, std::move(finish)});
+    queue_.push_back(PendingOp{request, work, std::move(finish), FutureCompleter::laneForCaller()});
   }
   queueChanged_.notify_one();
   return work;
@@ -615,11 +716,14 @@ void ProcessGroupMapReduce::completionLoop() {
     }
     // Staging buffers are released before anyone is woken up.
     op.finish = nullptr;
-    try {
-      op.work->complete(error);
-    } catch (const std::exception& e) {
-      TORCH_WARN("mapreduce: a completion callback of ", op.work->description(), " threw: ", errorText(e));
-    }
+    // Never run user callbacks here: one may wait for an op that only this thread can finish.
+    completer_->post(op.lane, [work = std::move(op.work), error] {
+      try {
+        work->complete(error);
+      } catch (const std::exception& e) {
+        TORCH_WARN("mapreduce: a completion callback of ", work->description(), " threw: ", errorText(e));
+      }
+    });
   }
 }
 
