@@ -20,3 +20,7 @@ def test_powersgd_ddp_matches_gloo():
     for rank, r in enumerate(results):
         assert r["max_diff_vs_gloo"] <= 1e-5, f"rank {rank}: {r['max_diff_vs_gloo']} away from gloo"
 
+
+def test_ddp_logs_backend_name():
+    results = run_ranks(dist_workers.powersgd_compare, 2, free_port(), 1, 25, timeout=HANG_S)
+    assert [r["backend_name"] for r in results] == ["mapreduce", "mapreduce"]
