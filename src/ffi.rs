@@ -796,6 +796,348 @@ pub unsafe extern "C" fn mr_ibarrier(comm: *mut mr_comm, req: *mut *mut mr_reque
     })
 }
 
+// Rooted collectives and all-to-all. Each start_* checks the arguments and starts the op; the
+// blocking export waits for it, the mr_i* export hands the request to C.
+
+/// # Safety
+/// The C contract of `mr_reduce`.
+unsafe fn start_reduce(
+    comm: *mut mr_comm,
+    send: *const c_void,
+    recv: *mut c_void,
+    count: usize,
+    t: mr_dtype_arg,
+    op: mr_op_arg,
+    root: c_int,
+) -> Result<Request> {
+    let (t, reduce) = (dtype(t)?, self::op(op)?);
+    buffer("send", send, count)?;
+    let root = non_negative("root", root)?;
+    // SAFETY: the C contract makes a non-NULL handle a live one.
+    let c = unsafe { comm_ref(comm) }?;
+    // SAFETY: by the C contract send holds count elements of t, and on the root recv too,
+    // untouched by anything else until the op ends (the Comm checks recv on the root).
+    unsafe { c.ireduce_raw(send.cast(), recv.cast(), count, t, reduce, root) }
+}
+
+/// Reduce every rank's `send` (`count` elements of type `t`) with `op` into `root`'s `recv`
+/// (`count` elements; `recv` may equal `send`). Other ranks' `recv` is not used and may be
+/// NULL. Runs as an all-reduce, so it uses relays when an all-reduce would. Blocks until done.
+#[no_mangle]
+pub unsafe extern "C" fn mr_reduce(
+    comm: *mut mr_comm,
+    send: *const c_void,
+    recv: *mut c_void,
+    count: usize,
+    t: mr_dtype_arg,
+    op: mr_op_arg,
+    root: c_int,
+) -> mr_result {
+    ffi_boundary!("mr_reduce", {
+        // SAFETY: forwarded from this export's C contract.
+        unsafe { start_reduce(comm, send, recv, count, t, op, root) }?.wait()
+    })
+}
+
+/// Start `mr_reduce` and return at once; finish with `mr_wait` as for `mr_iallreduce`.
+#[no_mangle]
+pub unsafe extern "C" fn mr_ireduce(
+    comm: *mut mr_comm,
+    send: *const c_void,
+    recv: *mut c_void,
+    count: usize,
+    t: mr_dtype_arg,
+    op: mr_op_arg,
+    root: c_int,
+    req: *mut *mut mr_request,
+) -> mr_result {
+    ffi_boundary!("mr_ireduce", {
+        non_null("req (output)", req)?;
+        // SAFETY: forwarded from this export's C contract.
+        let request = unsafe { start_reduce(comm, send, recv, count, t, op, root) }?;
+        // SAFETY: req checked non-NULL above; valid for one write by the C contract.
+        unsafe { give_request(req, request) };
+        Ok(())
+    })
+}
+
+/// Which of gather and scatter a start_rooted call starts.
+#[derive(Clone, Copy)]
+enum Rooted {
+    Gather,
+    Scatter,
+}
+
+/// # Safety
+/// The C contract of `mr_gather` or `mr_scatter`.
+unsafe fn start_rooted(
+    which: Rooted,
+    comm: *mut mr_comm,
+    send: *const c_void,
+    recv: *mut c_void,
+    count: usize,
+    t: mr_dtype_arg,
+    root: c_int,
+) -> Result<Request> {
+    let t = dtype(t)?;
+    let root = non_negative("root", root)?;
+    // SAFETY: the C contract makes a non-NULL handle a live one.
+    let c = unsafe { comm_ref(comm) }?;
+    // The Comm checks the buffers the root needs, once it knows whether this rank is the root.
+    match which {
+        Rooted::Gather => {
+            buffer("send", send, count)?;
+            // SAFETY: by the C contract the buffers hold what mr_gather says, untouched by
+            // anything else until the op ends.
+            unsafe { c.igather_raw(send.cast(), recv.cast(), count, t, root) }
+        }
+        Rooted::Scatter => {
+            buffer("recv", recv, count)?;
+            // SAFETY: as above, for mr_scatter.
+            unsafe { c.iscatter_raw(send.cast(), recv.cast(), count, t, root) }
+        }
+    }
+}
+
+/// Gather `count` elements of type `t` from every rank's `send` into `root`'s `recv`, which
+/// holds `count × size` elements in rank order (the root's `send` may be its own slot of
+/// `recv`). Other ranks' `recv` is not used and may be NULL. Blocks until done.
+#[no_mangle]
+pub unsafe extern "C" fn mr_gather(
+    comm: *mut mr_comm,
+    send: *const c_void,
+    recv: *mut c_void,
+    count: usize,
+    t: mr_dtype_arg,
+    root: c_int,
+) -> mr_result {
+    ffi_boundary!("mr_gather", {
+        // SAFETY: forwarded from this export's C contract.
+        unsafe { start_rooted(Rooted::Gather, comm, send, recv, count, t, root) }?.wait()
+    })
+}
+
+/// Start `mr_gather` and return at once; finish with `mr_wait` as for `mr_iallreduce`.
+#[no_mangle]
+pub unsafe extern "C" fn mr_igather(
+    comm: *mut mr_comm,
+    send: *const c_void,
+    recv: *mut c_void,
+    count: usize,
+    t: mr_dtype_arg,
+    root: c_int,
+    req: *mut *mut mr_request,
+) -> mr_result {
+    ffi_boundary!("mr_igather", {
+        non_null("req (output)", req)?;
+        // SAFETY: forwarded from this export's C contract.
+        let request = unsafe { start_rooted(Rooted::Gather, comm, send, recv, count, t, root) }?;
+        // SAFETY: req checked non-NULL above; valid for one write by the C contract.
+        unsafe { give_request(req, request) };
+        Ok(())
+    })
+}
+
+/// Scatter `root`'s `send` (`count × size` elements of type `t`): rank r's `recv` gets block
+/// r (`count` elements; the root's `recv` may be its own block of `send`). Other ranks' `send`
+/// is not used and may be NULL. Blocks until done.
+#[no_mangle]
+pub unsafe extern "C" fn mr_scatter(
+    comm: *mut mr_comm,
+    send: *const c_void,
+    recv: *mut c_void,
+    count: usize,
+    t: mr_dtype_arg,
+    root: c_int,
+) -> mr_result {
+    ffi_boundary!("mr_scatter", {
+        // SAFETY: forwarded from this export's C contract.
+        unsafe { start_rooted(Rooted::Scatter, comm, send, recv, count, t, root) }?.wait()
+    })
+}
+
+/// Start `mr_scatter` and return at once; finish with `mr_wait` as for `mr_iallreduce`.
+#[no_mangle]
+pub unsafe extern "C" fn mr_iscatter(
+    comm: *mut mr_comm,
+    send: *const c_void,
+    recv: *mut c_void,
+    count: usize,
+    t: mr_dtype_arg,
+    root: c_int,
+    req: *mut *mut mr_request,
+) -> mr_result {
+    ffi_boundary!("mr_iscatter", {
+        non_null("req (output)", req)?;
+        // SAFETY: forwarded from this export's C contract.
+        let request = unsafe { start_rooted(Rooted::Scatter, comm, send, recv, count, t, root) }?;
+        // SAFETY: req checked non-NULL above; valid for one write by the C contract.
+        unsafe { give_request(req, request) };
+        Ok(())
+    })
+}
+
+/// # Safety
+/// The C contract of `mr_alltoall`.
+unsafe fn start_alltoall(
+    comm: *mut mr_comm,
+    send: *const c_void,
+    recv: *mut c_void,
+    count: usize,
+    t: mr_dtype_arg,
+) -> Result<Request> {
+    let t = dtype(t)?;
+    buffer("send", send, count)?;
+    buffer("recv", recv, count)?;
+    // SAFETY: the C contract makes a non-NULL handle a live one.
+    let c = unsafe { comm_ref(comm) }?;
+    // SAFETY: by the C contract both hold count × size elements of t, do not overlap, and
+    // stay untouched by anything else until the op ends.
+    unsafe { c.ialltoall_raw(send.cast(), recv.cast(), count, t) }
+}
+
+/// Every rank sends block p (`count` elements of type `t`) of its `send` to rank p, which
+/// stores the block from rank r as block r of its `recv`; both hold `count × size` elements
+/// and must not overlap. Blocks until done.
+#[no_mangle]
+pub unsafe extern "C" fn mr_alltoall(
+    comm: *mut mr_comm,
+    send: *const c_void,
+    recv: *mut c_void,
+    count: usize,
+    t: mr_dtype_arg,
+) -> mr_result {
+    ffi_boundary!("mr_alltoall", {
+        // SAFETY: forwarded from this export's C contract.
+        unsafe { start_alltoall(comm, send, recv, count, t) }?.wait()
+    })
+}
+
+/// Start `mr_alltoall` and return at once; finish with `mr_wait` as for `mr_iallreduce`.
+#[no_mangle]
+pub unsafe extern "C" fn mr_ialltoall(
+    comm: *mut mr_comm,
+    send: *const c_void,
+    recv: *mut c_void,
+    count: usize,
+    t: mr_dtype_arg,
+    req: *mut *mut mr_request,
+) -> mr_result {
+    ffi_boundary!("mr_ialltoall", {
+        non_null("req (output)", req)?;
+        // SAFETY: forwarded from this export's C contract.
+        let request = unsafe { start_alltoall(comm, send, recv, count, t) }?;
+        // SAFETY: req checked non-NULL above; valid for one write by the C contract.
+        unsafe { give_request(req, request) };
+        Ok(())
+    })
+}
+
+/// # Safety
+/// The C contract of `mr_alltoallv`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn start_alltoallv(
+    comm: *mut mr_comm,
+    send: *const c_void,
+    send_counts: *const usize,
+    send_displs: *const usize,
+    recv: *mut c_void,
+    recv_counts: *const usize,
+    recv_displs: *const usize,
+    t: mr_dtype_arg,
+) -> Result<Request> {
+    let t = dtype(t)?;
+    non_null("send_counts", send_counts)?;
+    non_null("send_displs", send_displs)?;
+    non_null("recv_counts", recv_counts)?;
+    non_null("recv_displs", recv_displs)?;
+    // SAFETY: the C contract makes a non-NULL handle a live one.
+    let c = unsafe { comm_ref(comm) }?;
+    let n = c.size();
+    // SAFETY: non-NULL, and by the C contract each array holds one entry per rank.
+    let (sc, sd, rc, rd) = unsafe {
+        (
+            std::slice::from_raw_parts(send_counts, n),
+            std::slice::from_raw_parts(send_displs, n),
+            std::slice::from_raw_parts(recv_counts, n),
+            std::slice::from_raw_parts(recv_displs, n),
+        )
+    };
+    // SAFETY: by the C contract the buffers hold the ranges the arrays name, untouched by
+    // anything else until the op ends; the Comm checks NULL against those ranges.
+    unsafe { c.ialltoallv_raw(send.cast(), sc, sd, recv.cast(), rc, rd, t) }
+}
+
+/// All-to-all with per-rank counts: `send_counts[p]` elements of type `t` at element offset
+/// `send_displs[p]` of `send` go to rank p, and `recv_counts[p]` elements from rank p land at
+/// `recv_displs[p]` of `recv` (each array has one entry per rank). Rank p's `send_counts[r]`
+/// must equal rank r's `recv_counts[p]`: a mismatch fails the op on both ranks with
+/// `MR_ERR_INVALID_ARGUMENT`. Ranges of `recv` must not overlap each other or `send`. Blocks
+/// until done.
+#[no_mangle]
+pub unsafe extern "C" fn mr_alltoallv(
+    comm: *mut mr_comm,
+    send: *const c_void,
+    send_counts: *const usize,
+    send_displs: *const usize,
+    recv: *mut c_void,
+    recv_counts: *const usize,
+    recv_displs: *const usize,
+    t: mr_dtype_arg,
+) -> mr_result {
+    ffi_boundary!("mr_alltoallv", {
+        // SAFETY: forwarded from this export's C contract.
+        unsafe {
+            start_alltoallv(
+                comm,
+                send,
+                send_counts,
+                send_displs,
+                recv,
+                recv_counts,
+                recv_displs,
+                t,
+            )
+        }?
+        .wait()
+    })
+}
+
+/// Start `mr_alltoallv` and return at once; finish with `mr_wait` as for `mr_iallreduce`. The
+/// count and displacement arrays are read before this returns.
+#[no_mangle]
+pub unsafe extern "C" fn mr_ialltoallv(
+    comm: *mut mr_comm,
+    send: *const c_void,
+    send_counts: *const usize,
+    send_displs: *const usize,
+    recv: *mut c_void,
+    recv_counts: *const usize,
+    recv_displs: *const usize,
+    t: mr_dtype_arg,
+    req: *mut *mut mr_request,
+) -> mr_result {
+    ffi_boundary!("mr_ialltoallv", {
+        non_null("req (output)", req)?;
+        // SAFETY: forwarded from this export's C contract.
+        let request = unsafe {
+            start_alltoallv(
+                comm,
+                send,
+                send_counts,
+                send_displs,
+                recv,
+                recv_counts,
+                recv_displs,
+                t,
+            )
+        }?;
+        // SAFETY: req checked non-NULL above; valid for one write by the C contract.
+        unsafe { give_request(req, request) };
+        Ok(())
+    })
+}
+
 /// Block until the request's operation completes, free the request (also when the operation
 /// failed) and return the operation's result.
 #[no_mangle]

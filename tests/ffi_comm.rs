@@ -347,3 +347,247 @@ fn a_failed_request_reports_through_test_and_wait() {
         let _ = unsafe { mr_comm_destroy(h.ptr()) };
     }
 }
+
+/// Run `body(rank, handle)` on every rank of a fresh `n`-rank job, each on its own thread;
+/// their results in rank order.
+fn on_ranks<T: Send + 'static>(
+    n: c_int,
+    body: impl Fn(usize, Handle) -> T + Send + Sync + Copy + 'static,
+) -> Vec<T> {
+    let handles = local_job(n);
+    let workers: Vec<_> = handles
+        .iter()
+        .enumerate()
+        .map(|(rank, &h)| thread::spawn(move || body(rank, h)))
+        .collect();
+    let out = workers
+        .into_iter()
+        .map(|w| w.join().expect("worker"))
+        .collect();
+    destroy(handles);
+    out
+}
+
+#[test]
+fn rooted_collectives_and_all_to_all_through_the_c_abi() {
+    const COUNT: usize = 1000;
+    for n in 1..=4usize {
+        let results = on_ranks(n as c_int, move |rank, h| {
+            let c = h.ptr();
+            let v = |from: usize, to: usize, i: usize| (from * 10_000 + to * 1000 + i) as i32;
+            let root = n - 1;
+            // SAFETY: every buffer outlives its op; non-blocking ones are waited right away.
+            unsafe {
+                // reduce (non-roots pass no receive buffer)
+                let send: Vec<i32> = (0..COUNT).map(|i| v(rank, 0, i)).collect();
+                let mut sum = vec![0i32; COUNT];
+                let recv = if rank == root {
+                    sum.as_mut_ptr().cast()
+                } else {
+                    null_mut()
+                };
+                ok(mr_reduce(
+                    c,
+                    send.as_ptr().cast(),
+                    recv,
+                    COUNT,
+                    I32,
+                    SUM,
+                    root as c_int,
+                ));
+                if rank == root {
+                    for (i, s) in sum.iter().enumerate() {
+                        assert_eq!(*s, (0..n).map(|r| v(r, 0, i)).sum::<i32>(), "reduce {i}");
+                    }
+                }
+                // gather, non-blocking
+                let send: Vec<i32> = (0..COUNT).map(|i| v(rank, root, i)).collect();
+                let mut all = vec![0i32; COUNT * n];
+                let mut req = null_mut();
+                ok(mr_igather(
+                    c,
+                    send.as_ptr().cast(),
+                    all.as_mut_ptr().cast(),
+                    COUNT,
+                    I32,
+                    0,
+                    &mut req,
+                ));
+                ok(mr_wait(req));
+                if rank == 0 {
+                    for r in 0..n {
+                        assert_eq!(all[r * COUNT + 7], v(r, root, 7), "gather from {r}");
+                    }
+                }
+                // scatter from the last rank
+                let blocks: Vec<i32> = (0..n)
+                    .flat_map(|p| (0..COUNT).map(move |i| v(root, p, i)))
+                    .collect();
+                let mut mine = vec![0i32; COUNT];
+                ok(mr_scatter(
+                    c,
+                    blocks.as_ptr().cast(),
+                    mine.as_mut_ptr().cast(),
+                    COUNT,
+                    I32,
+                    root as c_int,
+                ));
+                assert_eq!(mine[COUNT - 1], v(root, rank, COUNT - 1));
+                // alltoall, non-blocking
+                let send: Vec<i32> = (0..n)
+                    .flat_map(|p| (0..COUNT).map(move |i| v(rank, p, i)))
+                    .collect();
+                let mut recv = vec![0i32; COUNT * n];
+                ok(mr_ialltoall(
+                    c,
+                    send.as_ptr().cast(),
+                    recv.as_mut_ptr().cast(),
+                    COUNT,
+                    I32,
+                    &mut req,
+                ));
+                ok(mr_wait(req));
+                for p in 0..n {
+                    assert_eq!(recv[p * COUNT + 3], v(p, rank, 3), "alltoall from {p}");
+                }
+                // alltoallv: rank a sends rank b (a + 2b) % 3 elements
+                let split = |a: usize, b: usize| (a + 2 * b) % 3;
+                let sc: Vec<usize> = (0..n).map(|p| split(rank, p)).collect();
+                let rc: Vec<usize> = (0..n).map(|p| split(p, rank)).collect();
+                let displs = |c: &[usize]| -> Vec<usize> {
+                    c.iter()
+                        .scan(0, |a, &x| {
+                            let d = *a;
+                            *a += x;
+                            Some(d)
+                        })
+                        .collect()
+                };
+                let (sd, rd) = (displs(&sc), displs(&rc));
+                let send: Vec<i32> = (0..n)
+                    .flat_map(|p| (0..split(rank, p)).map(move |i| v(rank, p, i)))
+                    .collect();
+                let mut recv = vec![-1i32; rc.iter().sum()];
+                ok(mr_alltoallv(
+                    c,
+                    send.as_ptr().cast(),
+                    sc.as_ptr(),
+                    sd.as_ptr(),
+                    recv.as_mut_ptr().cast(),
+                    rc.as_ptr(),
+                    rd.as_ptr(),
+                    I32,
+                ));
+                let want: Vec<i32> = (0..n)
+                    .flat_map(|p| (0..split(p, rank)).map(move |i| v(p, rank, i)))
+                    .collect();
+                assert_eq!(recv, want, "alltoallv");
+            }
+            true
+        });
+        assert!(results.into_iter().all(|x| x), "world {n}");
+    }
+}
+
+#[test]
+fn bad_arguments_of_rooted_and_exchange_calls_leave_the_communicator_usable() {
+    let results = on_ranks(3, |rank, h| {
+        let c = h.ptr();
+        let mut buf = vec![1i32; 12];
+        let p = buf.as_mut_ptr().cast::<c_void>();
+        let counts = [1usize; 3];
+        let displs = [0usize, 1, 2];
+        let mut req = null_mut();
+        let mut messages = Vec::new();
+        // SAFETY: live handle; every rejected call fails before starting an op; the others
+        // use buffers that outlive them.
+        unsafe {
+            let expect_invalid = |r: mr_result, needle: &str| {
+                assert_eq!(r, mr_result::MR_ERR_INVALID_ARGUMENT, "{}", last_error());
+                assert!(last_error().contains(needle), "{needle}: {}", last_error());
+            };
+            expect_invalid(
+                mr_reduce(c, p, p, 4, I32, SUM, 3),
+                "reduce root 3 is out of range",
+            );
+            expect_invalid(
+                mr_ireduce(c, p, p, 4, I32, SUM, -1, &mut req),
+                "root -1 is negative",
+            );
+            expect_invalid(mr_gather(c, p, p, 4, I32, 7), "gather root 7");
+            expect_invalid(mr_scatter(c, p, p, 4, I32, 3), "scatter root 3");
+            expect_invalid(mr_gather(c, null(), p, 4, I32, 0), "send is NULL");
+            expect_invalid(mr_alltoall(c, p, null_mut(), 4, I32), "recv is NULL");
+            expect_invalid(
+                mr_alltoallv(
+                    c,
+                    p,
+                    null(),
+                    displs.as_ptr(),
+                    p,
+                    counts.as_ptr(),
+                    displs.as_ptr(),
+                    I32,
+                ),
+                "send_counts is NULL",
+            );
+            // The root must pass a receive buffer, the others need not.
+            if rank == 0 {
+                expect_invalid(
+                    mr_gather(c, p, null_mut(), 4, I32, 0),
+                    "gather recv buffer is NULL",
+                );
+                expect_invalid(
+                    mr_reduce(c, p, null_mut(), 4, I32, SUM, 0),
+                    "reduce recv buffer is NULL",
+                );
+            }
+            // This rank must send itself what it expects from itself.
+            let mut rc = counts;
+            rc[rank] = 2;
+            expect_invalid(
+                mr_alltoallv(
+                    c,
+                    p,
+                    counts.as_ptr(),
+                    displs.as_ptr(),
+                    p,
+                    rc.as_ptr(),
+                    displs.as_ptr(),
+                    I32,
+                ),
+                "sends itself 1 elements but expects 2",
+            );
+            assert!(req.is_null());
+            // Counts that disagree across ranks fail the op on the ranks that see it, with
+            // both views in the message, and the communicator stays usable.
+            let mut sc = counts;
+            if rank == 1 {
+                sc[2] = 2;
+            }
+            let mut out = vec![0i32; 12];
+            let r = mr_alltoallv(
+                c,
+                p,
+                sc.as_ptr(),
+                displs.as_ptr(),
+                out.as_mut_ptr().cast(),
+                counts.as_ptr(),
+                [0usize, 1, 2].as_ptr(),
+                I32,
+            );
+            messages.push((r, last_error()));
+            let mut v = vec![rank as i32; 5];
+            ok(mr_allreduce(c, v.as_mut_ptr().cast(), 5, I32, SUM));
+            assert_eq!(v, vec![3; 5]);
+        }
+        messages
+    });
+    let rank2 = &results[2][0];
+    assert_eq!(rank2.0, mr_result::MR_ERR_INVALID_ARGUMENT, "{}", rank2.1);
+    assert!(
+        rank2.1.contains("rank 1 sends 2 x int32 to this rank") && rank2.1.contains("expects 1"),
+        "{}",
+        rank2.1
+    );
+}

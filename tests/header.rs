@@ -63,6 +63,16 @@ const CONTRACT: &[&str] = &[
     "mr_result mr_ibarrier(mr_comm *comm, mr_request **req)",
     "mr_result mr_wait(mr_request *req)",
     "mr_result mr_test(mr_request *req, int *done)",
+    "mr_result mr_reduce(mr_comm *comm, const void *send, void *recv, size_t count, mr_dtype t, mr_op op, int root)",
+    "mr_result mr_gather(mr_comm *comm, const void *send, void *recv, size_t count, mr_dtype t, int root)",
+    "mr_result mr_scatter(mr_comm *comm, const void *send, void *recv, size_t count, mr_dtype t, int root)",
+    "mr_result mr_alltoall(mr_comm *comm, const void *send, void *recv, size_t count, mr_dtype t)",
+    "mr_result mr_alltoallv(mr_comm *comm, const void *send, const size_t *send_counts, const size_t *send_displs, void *recv, const size_t *recv_counts, const size_t *recv_displs, mr_dtype t)",
+    "mr_result mr_ireduce(mr_comm *comm, const void *send, void *recv, size_t count, mr_dtype t, mr_op op, int root, mr_request **req)",
+    "mr_result mr_igather(mr_comm *comm, const void *send, void *recv, size_t count, mr_dtype t, int root, mr_request **req)",
+    "mr_result mr_iscatter(mr_comm *comm, const void *send, void *recv, size_t count, mr_dtype t, int root, mr_request **req)",
+    "mr_result mr_ialltoall(mr_comm *comm, const void *send, void *recv, size_t count, mr_dtype t, mr_request **req)",
+    "mr_result mr_ialltoallv(mr_comm *comm, const void *send, const size_t *send_counts, const size_t *send_displs, void *recv, const size_t *recv_counts, const size_t *recv_displs, mr_dtype t, mr_request **req)",
 ];
 
 #[test]

@@ -14,6 +14,7 @@
 //! `None`, then check `is_complete`. Frames may arrive in any order (data can spread across
 //! several TCP streams); every schedule accepts them so.
 
+pub mod exchange;
 pub mod plan;
 pub mod relay;
 pub mod ring;
@@ -50,15 +51,23 @@ pub enum Collective {
     AllGather = 3,
     ReduceScatter = 4,
     Barrier = 5,
+    Gather = 6,
+    Scatter = 7,
+    AllToAll = 8,
+    AllToAllV = 9,
 }
 
 impl Collective {
-    pub const ALL: [Collective; 5] = [
+    pub const ALL: [Collective; 9] = [
         Collective::AllReduce,
         Collective::Broadcast,
         Collective::AllGather,
         Collective::ReduceScatter,
         Collective::Barrier,
+        Collective::Gather,
+        Collective::Scatter,
+        Collective::AllToAll,
+        Collective::AllToAllV,
     ];
 
     /// The collective a wire or shared-memory code names, if any.
@@ -73,6 +82,10 @@ impl Collective {
             Collective::AllGather => "allgather",
             Collective::ReduceScatter => "reduce_scatter",
             Collective::Barrier => "barrier",
+            Collective::Gather => "gather",
+            Collective::Scatter => "scatter",
+            Collective::AllToAll => "alltoall",
+            Collective::AllToAllV => "alltoallv",
         }
     }
 }
@@ -87,9 +100,10 @@ pub struct OpDesc {
     pub dtype: DType,
     pub op: ReduceOp,
     /// Elements in the caller's in/out buffer for all-reduce and broadcast; elements per rank
-    /// for all-gather and reduce-scatter.
+    /// for all-gather, reduce-scatter, gather, scatter and all-to-all; 0 for all-to-all-v,
+    /// whose frames carry each transfer's own count.
     pub count: usize,
-    /// Broadcast root.
+    /// Broadcast, gather and scatter root.
     pub root: usize,
 }
 
@@ -118,6 +132,23 @@ impl std::fmt::Display for OpDesc {
                 )
             }
             Collective::Barrier => write!(f, "barrier(seq {})", self.seq),
+            Collective::Gather | Collective::Scatter => write!(
+                f,
+                "{}(seq {}, {} x {} per rank, root {})",
+                self.coll.name(),
+                self.seq,
+                self.count,
+                self.dtype,
+                self.root
+            ),
+            Collective::AllToAll => write!(
+                f,
+                "alltoall(seq {}, {} x {} per rank)",
+                self.seq, self.count, self.dtype
+            ),
+            Collective::AllToAllV => {
+                write!(f, "alltoallv(seq {}, {})", self.seq, self.dtype)
+            }
         }
     }
 }
