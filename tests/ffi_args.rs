@@ -82,6 +82,24 @@ fn null_comm_is_rejected_by_every_op() {
             mr_ibarrier(null_mut(), &mut req),
             "mr_ibarrier: comm is NULL",
         );
+        let counts = [1usize; 2];
+        let (c, d) = (counts.as_ptr(), counts.as_ptr());
+        assert_invalid(
+            mr_reduce(null_mut(), buf, buf, 4, F32, SUM, 0),
+            "mr_reduce: comm is NULL",
+        );
+        assert_invalid(
+            mr_gather(null_mut(), buf, buf, 4, F32, 0),
+            "mr_gather: comm is NULL",
+        );
+        assert_invalid(
+            mr_scatter(null_mut(), buf, buf, 4, F32, 0),
+            "mr_scatter: comm is NULL",
+        );
+        assert_invalid(
+            mr_alltoall(null_mut(), buf, buf, 4, F32),
+            "mr_alltoall: comm is NULL",
+        );
         assert_invalid(mr_comm_abort(null_mut()), "mr_comm_abort: comm is NULL");
         assert_invalid(mr_comm_rank(null(), &mut v), "mr_comm_rank: comm is NULL");
         assert_invalid(mr_comm_size(null(), &mut v), "mr_comm_size: comm is NULL");
