@@ -385,6 +385,61 @@ mr_result mr_ialltoallv(mr_comm *comm,
                         mr_request **req);
 
 /**
+ * Send `count` elements of type `t` from `buf` to rank `peer` with tag `tag` (non-negative).
+ * The matching `mr_recv` on `peer` must name this rank and the same tag, count and type:
+ * messages between two ranks are matched in the order they are called, and a receive that
+ * disagrees fails naming both sides. Blocks until sent, except inside a group
+ * (`mr_group_start`), where it is sent by `mr_group_end`. Point-to-point calls do not affect
+ * the order in which collectives are matched.
+ */
+mr_result mr_send(mr_comm *comm, const void *buf, size_t count, mr_dtype t, int peer, int tag);
+
+/**
+ * Receive `count` elements of type `t` into `buf` from rank `peer`, sent with tag `tag`.
+ * Blocks until received, except inside a group, where `mr_group_end` receives it.
+ */
+mr_result mr_recv(mr_comm *comm, void *buf, size_t count, mr_dtype t, int peer, int tag);
+
+/**
+ * Start `mr_send` and return at once; finish with `mr_wait`. Inside a group the request
+ * ends with the group's op, which starts at `mr_group_end`.
+ */
+mr_result mr_isend(mr_comm *comm,
+                   const void *buf,
+                   size_t count,
+                   mr_dtype t,
+                   int peer,
+                   int tag,
+                   mr_request **req);
+
+/**
+ * Start `mr_recv` and return at once; finish with `mr_wait`, as for `mr_isend`.
+ */
+mr_result mr_irecv(mr_comm *comm,
+                   void *buf,
+                   size_t count,
+                   mr_dtype t,
+                   int peer,
+                   int tag,
+                   mr_request **req);
+
+/**
+ * Open a group on this thread: sends and receives issued until the matching `mr_group_end`
+ * go out together, as one op per communicator, so a ring or any exchange of messages cannot
+ * deadlock. Groups nest; only the outermost `mr_group_end` sends. Collectives issued inside
+ * a group run as usual.
+ */
+mr_result mr_group_start(void);
+
+/**
+ * Close the group opened by `mr_group_start`. The outermost one starts the recorded sends and
+ * receives and, if any was issued with the blocking `mr_send`/`mr_recv`, waits for them; the
+ * requests of `mr_isend`/`mr_irecv` end with their communicator's group. On error the calls
+ * that could not start fail their requests too.
+ */
+mr_result mr_group_end(void);
+
+/**
  * Block until the request's operation completes, free the request (also when the operation
  * failed) and return the operation's result.
  */

@@ -55,9 +55,24 @@ pub struct Comm {
     /// Declared after `engine`: dropping the engine finishes the rate exchange that writes
     /// into this before its buffer is freed.
     relay_weights: Mutex<RelayWeights>,
+    /// Next point-to-point pair sequence per peer: (sends to it, receives from it); see
+    /// [`crate::algo::p2p`].
+    p2p_seq: Mutex<Vec<(u64, u64)>>,
     /// Every rank mapped the job's shared-memory segment (all on one host): all-reduce,
     /// broadcast, all-gather, reduce-scatter and barrier go through it unless they use relays.
     shm: bool,
+}
+
+/// One send or receive of a point-to-point group ([`Comm::submit_p2p`]).
+#[derive(Clone, Copy, Debug)]
+pub struct P2pCall {
+    pub send: bool,
+    pub peer: usize,
+    pub tag: u32,
+    /// `count` elements of `dtype`: read for a send, written for a receive.
+    pub buf: *mut u8,
+    pub count: usize,
+    pub dtype: DType,
 }
 
 /// Relay ops between two exchanges of measured relay rates (see the module docs).
@@ -96,7 +111,8 @@ impl Drop for Request {
 type AfterOp = Box<dyn FnOnce() + Send>;
 
 impl Request {
-    fn new(done: Arc<Completion>) -> Request {
+    /// A request that ends when `done` completes (point-to-point calls of one group share it).
+    pub(crate) fn new(done: Arc<Completion>) -> Request {
         Request {
             done,
             after: Mutex::new(None),
@@ -211,6 +227,7 @@ impl Comm {
             relay_rates,
             relay_links,
             relay_weights: Mutex::new(RelayWeights::default()),
+            p2p_seq: Mutex::new(vec![(1, 1); size]),
             shm: false,
         };
         if size > 1 {
@@ -766,6 +783,143 @@ impl Comm {
         })?;
         *seq += 1;
         Ok(Request::new(done))
+    }
+
+    /// Check a send or receive before it is recorded or submitted: a rejected call touches
+    /// nothing.
+    pub fn check_p2p(&self, call: &P2pCall) -> Result<()> {
+        let what = if call.send { "send" } else { "recv" };
+        if call.peer >= self.size {
+            return Err(Error::invalid(format!(
+                "{what} peer {} is out of range for world size {}",
+                call.peer, self.size
+            )));
+        }
+        if call.peer == self.rank {
+            return Err(Error::invalid(format!(
+                "{what} peer {} is this rank; point-to-point needs another rank",
+                call.peer
+            )));
+        }
+        let bytes = byte_len(call.count, call.dtype)?;
+        check_ptr(what, call.buf, bytes)
+    }
+
+    /// Start a group of sends and receives as one op ([`crate::algo::p2p`]); it ends `done`.
+    /// Messages to or from one peer are numbered in call order, so the two ranks of a pair
+    /// must call their sends and receives in the same order.
+    ///
+    /// # Safety
+    /// Each call's buffer is valid for `count` elements (read for sends, written for
+    /// receives), and nothing else touches it until `done` completes; receive buffers do not
+    /// overlap any other buffer of the group.
+    pub unsafe fn submit_p2p(&self, calls: &[P2pCall], done: Arc<Completion>) -> Result<Request> {
+        use crate::algo::p2p::{Message, PointToPoint};
+        for c in calls {
+            self.check_p2p(c)?;
+        }
+        if self.aborted.load(Ordering::SeqCst) {
+            return Err(Error::new(
+                ErrorKind::Aborted,
+                "communicator was aborted; destroy it and create a new one",
+            ));
+        }
+        // Held while submitting, so the group takes its place among collectives in call order.
+        let seq = self.next_seq.lock().unwrap_or_else(|e| e.into_inner());
+        let mut pairs = self.p2p_seq.lock().unwrap_or_else(|e| e.into_inner());
+        let mut mem = OpMemory::new(RawBuf::empty());
+        let (mut sends, mut recvs) = (Vec::new(), Vec::new());
+        let mut next = pairs.clone();
+        for c in calls {
+            let counter = &mut next[c.peer];
+            let n = if c.send {
+                &mut counter.0
+            } else {
+                &mut counter.1
+            };
+            let msg = Message {
+                peer: c.peer,
+                tag: c.tag,
+                seq: *n,
+                dtype: c.dtype,
+                count: c.count,
+                buffer: mem.buffers.len(),
+            };
+            *n += 1;
+            // SAFETY: forwarded from this function's contract.
+            mem.buffers
+                .push(unsafe { RawBuf::new(c.buf, c.count * c.dtype.size()) });
+            if c.send {
+                sends.push(msg);
+            } else {
+                recvs.push(msg);
+            }
+        }
+        let desc = OpDesc {
+            coll: Collective::PointToPoint,
+            // The last collective's: the group takes no communicator-wide sequence number.
+            seq: *seq - 1,
+            dtype: calls.first().map_or(DType::U8, |c| c.dtype),
+            op: ReduceOp::Sum,
+            count: calls.len(),
+            root: 0,
+        };
+        let schedule = PointToPoint::new(desc, self.config.chunk_bytes, sends, recvs);
+        self.engine.submit(PendingOp {
+            work: Work::Schedule(Box::new(schedule)),
+            mem,
+            done: done.clone(),
+        })?;
+        *pairs = next;
+        Ok(Request::new(done))
+    }
+
+    /// Start one send of `count` elements at `buf` to `peer` (its own group).
+    ///
+    /// # Safety
+    /// As for [`Comm::submit_p2p`].
+    pub unsafe fn isend_raw(
+        &self,
+        buf: *const u8,
+        count: usize,
+        dtype: DType,
+        peer: usize,
+        tag: u32,
+    ) -> Result<Request> {
+        let call = P2pCall {
+            send: true,
+            peer,
+            tag,
+            buf: buf as *mut u8,
+            count,
+            dtype,
+        };
+        // SAFETY: forwarded from this function's contract.
+        unsafe { self.submit_p2p(&[call], Arc::new(Completion::default())) }
+    }
+
+    /// Start one receive of `count` elements into `buf` from `peer` (its own group).
+    ///
+    /// # Safety
+    /// As for [`Comm::submit_p2p`].
+    pub unsafe fn irecv_raw(
+        &self,
+        buf: *mut u8,
+        count: usize,
+        dtype: DType,
+        peer: usize,
+        tag: u32,
+    ) -> Result<Request> {
+        let call = P2pCall {
+            send: false,
+            peer,
+            tag,
+            buf,
+            count,
+            dtype,
+        };
+        // SAFETY: forwarded from this function's contract.
+        unsafe { self.submit_p2p(&[call], Arc::new(Completion::default())) }
     }
 
     fn check_root(&self, what: &str, root: usize) -> Result<()> {

@@ -35,11 +35,14 @@
 // The C names are part of the contract (DESIGN §3).
 #![allow(non_camel_case_types)]
 
-use crate::comm::{Comm, Request, UniqueId};
+use crate::comm::{Comm, P2pCall, Request, UniqueId};
 use crate::config::Config;
 use crate::error::{Error, ErrorKind, Result};
+use crate::net::engine::Completion;
 use crate::types::{DType, ReduceOp};
+use std::cell::RefCell;
 use std::ffi::{c_char, c_int, c_void, CStr};
+use std::sync::Arc;
 
 /// Result of every `mr_*` call. `MR_OK` is 0; on any other value `mr_last_error()` describes
 /// what happened.
@@ -1135,6 +1138,253 @@ pub unsafe extern "C" fn mr_ialltoallv(
         // SAFETY: req checked non-NULL above; valid for one write by the C contract.
         unsafe { give_request(req, request) };
         Ok(())
+    })
+}
+
+// Point-to-point and groups. A group is per thread, as with ncclGroupStart/ncclGroupEnd:
+// sends and receives issued between mr_group_start and the outermost mr_group_end are recorded
+// (after their arguments are checked) and go out at mr_group_end as one op per communicator.
+
+/// A send or receive recorded in the open group.
+struct Grouped {
+    comm: *mut mr_comm,
+    call: P2pCall,
+    /// Shared by every call of this communicator in the group: their requests end together.
+    done: Arc<Completion>,
+    /// Issued with the blocking form: mr_group_end waits for it.
+    blocking: bool,
+}
+
+#[derive(Default)]
+struct Group {
+    depth: usize,
+    calls: Vec<Grouped>,
+}
+
+thread_local! {
+    static GROUP: RefCell<Group> = RefCell::new(Group::default());
+}
+
+/// Check and then start (outside a group) or record (inside one) a send or receive. Returns
+/// the request to hand out; `None` when the call was recorded with the blocking form.
+///
+/// # Safety
+/// The C contract of `mr_send`/`mr_recv`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn start_p2p(
+    comm: *mut mr_comm,
+    send: bool,
+    buf: *mut c_void,
+    count: usize,
+    t: mr_dtype_arg,
+    peer: c_int,
+    tag: c_int,
+    blocking: bool,
+) -> Result<Option<Request>> {
+    let dtype = dtype(t)?;
+    buffer("buf", buf, count)?;
+    let peer = non_negative("peer", peer)?;
+    let tag = u32::try_from(non_negative("tag", tag)?).expect("c_int fits u32");
+    // SAFETY: the C contract makes a non-NULL handle a live one.
+    let c = unsafe { comm_ref(comm) }?;
+    let call = P2pCall {
+        send,
+        peer,
+        tag,
+        buf: buf.cast(),
+        count,
+        dtype,
+    };
+    c.check_p2p(&call)?;
+    let grouped = GROUP.with(|g| {
+        let mut g = g.borrow_mut();
+        if g.depth == 0 {
+            return None;
+        }
+        let done = g
+            .calls
+            .iter()
+            .find(|e| e.comm == comm)
+            .map_or_else(|| Arc::new(Completion::default()), |e| e.done.clone());
+        g.calls.push(Grouped {
+            comm,
+            call,
+            done: done.clone(),
+            blocking,
+        });
+        Some(done)
+    });
+    match grouped {
+        Some(done) if blocking => {
+            drop(done);
+            Ok(None)
+        }
+        Some(done) => Ok(Some(Request::new(done))),
+        // SAFETY: by the C contract buf holds count elements of t, untouched by anything else
+        // until the op ends.
+        None => unsafe { c.submit_p2p(&[call], Arc::new(Completion::default())) }.map(Some),
+    }
+}
+
+/// Send `count` elements of type `t` from `buf` to rank `peer` with tag `tag` (non-negative).
+/// The matching `mr_recv` on `peer` must name this rank and the same tag, count and type:
+/// messages between two ranks are matched in the order they are called, and a receive that
+/// disagrees fails naming both sides. Blocks until sent, except inside a group
+/// (`mr_group_start`), where it is sent by `mr_group_end`. Point-to-point calls do not affect
+/// the order in which collectives are matched.
+#[no_mangle]
+pub unsafe extern "C" fn mr_send(
+    comm: *mut mr_comm,
+    buf: *const c_void,
+    count: usize,
+    t: mr_dtype_arg,
+    peer: c_int,
+    tag: c_int,
+) -> mr_result {
+    ffi_boundary!("mr_send", {
+        // SAFETY: forwarded from this export's C contract; a send only reads buf.
+        match unsafe { start_p2p(comm, true, buf as *mut c_void, count, t, peer, tag, true) }? {
+            Some(request) => request.wait(),
+            None => Ok(()),
+        }
+    })
+}
+
+/// Receive `count` elements of type `t` into `buf` from rank `peer`, sent with tag `tag`.
+/// Blocks until received, except inside a group, where `mr_group_end` receives it.
+#[no_mangle]
+pub unsafe extern "C" fn mr_recv(
+    comm: *mut mr_comm,
+    buf: *mut c_void,
+    count: usize,
+    t: mr_dtype_arg,
+    peer: c_int,
+    tag: c_int,
+) -> mr_result {
+    ffi_boundary!("mr_recv", {
+        // SAFETY: forwarded from this export's C contract.
+        match unsafe { start_p2p(comm, false, buf, count, t, peer, tag, true) }? {
+            Some(request) => request.wait(),
+            None => Ok(()),
+        }
+    })
+}
+
+/// Start `mr_send` and return at once; finish with `mr_wait`. Inside a group the request
+/// ends with the group's op, which starts at `mr_group_end`.
+#[no_mangle]
+pub unsafe extern "C" fn mr_isend(
+    comm: *mut mr_comm,
+    buf: *const c_void,
+    count: usize,
+    t: mr_dtype_arg,
+    peer: c_int,
+    tag: c_int,
+    req: *mut *mut mr_request,
+) -> mr_result {
+    ffi_boundary!("mr_isend", {
+        non_null("req (output)", req)?;
+        // SAFETY: forwarded from this export's C contract; a send only reads buf.
+        let request =
+            unsafe { start_p2p(comm, true, buf as *mut c_void, count, t, peer, tag, false) }?
+                .ok_or_else(|| Error::internal("mr_isend recorded without a request"))?;
+        // SAFETY: req checked non-NULL above; valid for one write by the C contract.
+        unsafe { give_request(req, request) };
+        Ok(())
+    })
+}
+
+/// Start `mr_recv` and return at once; finish with `mr_wait`, as for `mr_isend`.
+#[no_mangle]
+pub unsafe extern "C" fn mr_irecv(
+    comm: *mut mr_comm,
+    buf: *mut c_void,
+    count: usize,
+    t: mr_dtype_arg,
+    peer: c_int,
+    tag: c_int,
+    req: *mut *mut mr_request,
+) -> mr_result {
+    ffi_boundary!("mr_irecv", {
+        non_null("req (output)", req)?;
+        // SAFETY: forwarded from this export's C contract.
+        let request = unsafe { start_p2p(comm, false, buf, count, t, peer, tag, false) }?
+            .ok_or_else(|| Error::internal("mr_irecv recorded without a request"))?;
+        // SAFETY: req checked non-NULL above; valid for one write by the C contract.
+        unsafe { give_request(req, request) };
+        Ok(())
+    })
+}
+
+/// Open a group on this thread: sends and receives issued until the matching `mr_group_end`
+/// go out together, as one op per communicator, so a ring or any exchange of messages cannot
+/// deadlock. Groups nest; only the outermost `mr_group_end` sends. Collectives issued inside
+/// a group run as usual.
+#[no_mangle]
+pub extern "C" fn mr_group_start() -> mr_result {
+    ffi_boundary!("mr_group_start", {
+        GROUP.with(|g| g.borrow_mut().depth += 1);
+        Ok(())
+    })
+}
+
+/// Close the group opened by `mr_group_start`. The outermost one starts the recorded sends and
+/// receives and, if any was issued with the blocking `mr_send`/`mr_recv`, waits for them; the
+/// requests of `mr_isend`/`mr_irecv` end with their communicator's group. On error the calls
+/// that could not start fail their requests too.
+#[no_mangle]
+pub extern "C" fn mr_group_end() -> mr_result {
+    ffi_boundary!("mr_group_end", {
+        let calls = GROUP.with(|g| {
+            let mut g = g.borrow_mut();
+            if g.depth == 0 {
+                return Err(Error::invalid("mr_group_end without mr_group_start"));
+            }
+            g.depth -= 1;
+            Ok(if g.depth == 0 {
+                std::mem::take(&mut g.calls)
+            } else {
+                Vec::new()
+            })
+        })?;
+        // One op per communicator, in the order the communicators first appear.
+        let mut comms: Vec<*mut mr_comm> = Vec::new();
+        for e in &calls {
+            if !comms.contains(&e.comm) {
+                comms.push(e.comm);
+            }
+        }
+        let mut first_error = None;
+        let mut waits = Vec::new();
+        for comm in comms {
+            let mine: Vec<&Grouped> = calls.iter().filter(|e| e.comm == comm).collect();
+            let done = mine[0].done.clone();
+            let list: Vec<P2pCall> = mine.iter().map(|e| e.call).collect();
+            // SAFETY: the handle was live when recorded and, by the C contract, still is; the
+            // buffers stay untouched until the group's requests end.
+            let started = unsafe { comm_ref(comm) }
+                .and_then(|c| unsafe { c.submit_p2p(&list, done.clone()) });
+            match started {
+                Ok(request) => {
+                    if mine.iter().any(|e| e.blocking) {
+                        waits.push(request);
+                    }
+                }
+                Err(e) => {
+                    done.complete(Err(e.clone()));
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        for request in waits {
+            if let Err(e) = request.wait() {
+                first_error.get_or_insert(e);
+            }
+        }
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
     })
 }
 

@@ -591,3 +591,153 @@ fn bad_arguments_of_rooted_and_exchange_calls_leave_the_communicator_usable() {
         rank2.1
     );
 }
+
+#[test]
+fn send_recv_pairs_tags_and_group_rings_through_the_c_abi() {
+    for n in 2..=5usize {
+        let results = on_ranks(n as c_int, move |rank, h| {
+            let c = h.ptr();
+            let (next, prev) = ((rank + 1) % n, (rank + n - 1) % n);
+            // SAFETY: every buffer outlives its op; requests are waited before buffers drop.
+            unsafe {
+                // A ring in one group, non-blocking forms, a message larger than any socket
+                // buffer so that nobody could finish sending before its neighbour receives.
+                const BIG: usize = 1 << 20;
+                let send: Vec<f32> = (0..BIG).map(|i| (rank * 7 + i % 13) as f32).collect();
+                let mut recv = vec![0f32; BIG];
+                let (mut rs, mut rr) = (null_mut(), null_mut());
+                ok(mr_group_start());
+                ok(mr_isend(
+                    c,
+                    send.as_ptr().cast(),
+                    BIG,
+                    F32,
+                    next as c_int,
+                    3,
+                    &mut rs,
+                ));
+                ok(mr_irecv(
+                    c,
+                    recv.as_mut_ptr().cast(),
+                    BIG,
+                    F32,
+                    prev as c_int,
+                    3,
+                    &mut rr,
+                ));
+                ok(mr_group_end());
+                ok(mr_wait(rs));
+                ok(mr_wait(rr));
+                assert_eq!(recv[12], (prev * 7 + 12) as f32, "ring from {prev}");
+                // The same ring with the blocking forms: mr_group_end waits.
+                let mut back = vec![0f32; BIG];
+                ok(mr_group_start());
+                ok(mr_send(c, recv.as_ptr().cast(), BIG, F32, prev as c_int, 4));
+                ok(mr_recv(
+                    c,
+                    back.as_mut_ptr().cast(),
+                    BIG,
+                    F32,
+                    next as c_int,
+                    4,
+                ));
+                ok(mr_group_end());
+                assert_eq!(back, send, "ring back");
+                // Rank 0 and rank 1 only: two messages with different tags and counts, in
+                // order, then a collective that every rank calls; point-to-point took no
+                // sequence number from it.
+                if rank < 2 {
+                    let other = 1 - rank as c_int;
+                    let a = [rank as i32 + 10; 3];
+                    let b = [rank as i32 + 20; 5];
+                    let (mut ga, mut gb) = ([0i32; 3], [0i32; 5]);
+                    ok(mr_group_start());
+                    ok(mr_send(c, a.as_ptr().cast(), 3, I32, other, 1));
+                    ok(mr_send(c, b.as_ptr().cast(), 5, I32, other, 2));
+                    ok(mr_recv(c, ga.as_mut_ptr().cast(), 3, I32, other, 1));
+                    ok(mr_recv(c, gb.as_mut_ptr().cast(), 5, I32, other, 2));
+                    ok(mr_group_end());
+                    assert_eq!(ga, [other + 10; 3]);
+                    assert_eq!(gb, [other + 20; 5]);
+                    // Outside a group: rank 0 sends first, rank 1 receives first.
+                    let mut z = [0i32; 2];
+                    if rank == 0 {
+                        ok(mr_send(c, a.as_ptr().cast(), 2, I32, 1, 9));
+                        ok(mr_recv(c, z.as_mut_ptr().cast(), 2, I32, 1, 9));
+                    } else {
+                        ok(mr_recv(c, z.as_mut_ptr().cast(), 2, I32, 0, 9));
+                        ok(mr_send(c, a.as_ptr().cast(), 2, I32, 0, 9));
+                    }
+                    assert_eq!(z, [other + 10; 2]);
+                }
+                let mut v = vec![1i32; 7];
+                ok(mr_allreduce(c, v.as_mut_ptr().cast(), 7, I32, SUM));
+                assert_eq!(v, vec![n as i32; 7]);
+            }
+            true
+        });
+        assert!(results.into_iter().all(|x| x), "world {n}");
+    }
+}
+
+#[test]
+fn bad_point_to_point_calls_fail_clearly_and_leave_the_communicator_usable() {
+    let results = on_ranks(2, |rank, h| {
+        let c = h.ptr();
+        let mut buf = [0i32; 4];
+        let p = buf.as_mut_ptr().cast::<c_void>();
+        let mut req = null_mut();
+        // SAFETY: live handle; buffers outlive every op.
+        unsafe {
+            let expect_invalid = |r: mr_result, needle: &str| {
+                assert_eq!(r, mr_result::MR_ERR_INVALID_ARGUMENT, "{}", last_error());
+                assert!(last_error().contains(needle), "{needle}: {}", last_error());
+            };
+            expect_invalid(mr_send(c, p, 4, I32, 2, 0), "send peer 2 is out of range");
+            expect_invalid(
+                mr_irecv(c, p, 4, I32, rank as c_int, 0, &mut req),
+                "is this rank",
+            );
+            expect_invalid(mr_send(c, p, 4, I32, -1, 0), "peer -1 is negative");
+            expect_invalid(mr_recv(c, p, 4, I32, 0, -5), "tag -5 is negative");
+            expect_invalid(
+                mr_send(c, null(), 4, I32, 1 - rank as c_int, 0),
+                "buf is NULL",
+            );
+            expect_invalid(
+                mr_isend(c, p, 4, I32, 1, 0, null_mut()),
+                "req (output) is NULL",
+            );
+            expect_invalid(mr_group_end(), "mr_group_end without mr_group_start");
+            assert!(req.is_null());
+            // A rejected call inside a group is not recorded; the group still works.
+            let other = 1 - rank as c_int;
+            let mine = [rank as i32; 4];
+            ok(mr_group_start());
+            expect_invalid(mr_send(c, p, 4, I32, 9, 0), "out of range");
+            ok(mr_send(c, mine.as_ptr().cast(), 4, I32, other, 0));
+            ok(mr_recv(c, p, 4, I32, other, 0));
+            ok(mr_group_end());
+            assert_eq!(buf, [other; 4]);
+            // Tags that disagree: the receiver fails naming both sides.
+            let message = if rank == 0 {
+                let _ = mr_send(c, mine.as_ptr().cast(), 4, I32, 1, 5);
+                None
+            } else {
+                let r = mr_recv(c, p, 4, I32, 0, 6);
+                Some((r, last_error()))
+            };
+            let mut v = vec![1i32; 3];
+            ok(mr_allreduce(c, v.as_mut_ptr().cast(), 3, I32, SUM));
+            assert_eq!(v, vec![2; 3]);
+            message
+        }
+    });
+    let (r, message) = results[1].clone().expect("rank 1 reports");
+    assert_eq!(r, mr_result::MR_ERR_INVALID_ARGUMENT, "{message}");
+    assert!(
+        message.contains("mismatched send/recv: rank 0 sent 4 x int32 with tag 5")
+            && message.contains("expects 4 x int32 with tag 6"),
+        "{message}"
+    );
+}

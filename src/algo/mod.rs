@@ -15,6 +15,7 @@
 //! several TCP streams); every schedule accepts them so.
 
 pub mod exchange;
+pub mod p2p;
 pub mod plan;
 pub mod relay;
 pub mod ring;
@@ -55,10 +56,13 @@ pub enum Collective {
     Scatter = 7,
     AllToAll = 8,
     AllToAllV = 9,
+    /// A group of sends and receives ([`p2p`]); its frames carry their peer pair's own
+    /// sequence, not the communicator's.
+    PointToPoint = 10,
 }
 
 impl Collective {
-    pub const ALL: [Collective; 9] = [
+    pub const ALL: [Collective; 10] = [
         Collective::AllReduce,
         Collective::Broadcast,
         Collective::AllGather,
@@ -68,6 +72,7 @@ impl Collective {
         Collective::Scatter,
         Collective::AllToAll,
         Collective::AllToAllV,
+        Collective::PointToPoint,
     ];
 
     /// The collective a wire or shared-memory code names, if any.
@@ -86,6 +91,7 @@ impl Collective {
             Collective::Scatter => "scatter",
             Collective::AllToAll => "alltoall",
             Collective::AllToAllV => "alltoallv",
+            Collective::PointToPoint => "send/recv",
         }
     }
 }
@@ -149,6 +155,7 @@ impl std::fmt::Display for OpDesc {
             Collective::AllToAllV => {
                 write!(f, "alltoallv(seq {}, {})", self.seq, self.dtype)
             }
+            Collective::PointToPoint => write!(f, "send/recv group of {} ops", self.count),
         }
     }
 }
@@ -285,4 +292,11 @@ pub trait Schedule: Send {
 
     /// Human-readable summary of what the schedule still waits for (used in timeout errors).
     fn waiting_for(&self) -> String;
+
+    /// Whether a point-to-point frame ([`Collective::PointToPoint`], routed by its pair
+    /// sequence rather than the op's) belongs to this op. Only point-to-point schedules take
+    /// any.
+    fn accepts_p2p(&self, _from: Endpoint, _header: &FrameHeader) -> bool {
+        false
+    }
 }
