@@ -778,8 +778,10 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupMapReduce::enqueue(
       std::weak_ptr<Communicator>(comm),
       options_->timeout);
   mr_request* request = nullptr;
-  checkLibrary(description, start(comm->get(), &request));
-  TORCH_INTERNAL_ASSERT(request != nullptr, "mapreduce: ", description, " returned no request");
+  if (start) {
+    checkLibrary(description, start(comm->get(), &request));
+    TORCH_INTERNAL_ASSERT(request != nullptr, "mapreduce: ", description, " returned no request");
+  }
   {
     std::lock_guard<std::mutex> lock(mutex_);
     queue_.push_back(PendingOp{request, work, std::move(finish), FutureCompleter::laneForCaller()});
@@ -803,7 +805,8 @@ void ProcessGroupMapReduce::completionLoop() {
       queue_.pop_front();
     }
     std::exception_ptr error;
-    const mr_result rc = mr_wait(op.request);
+    // No request: a marker that completes once every op queued before it has.
+    const mr_result rc = op.request == nullptr ? MR_OK : mr_wait(op.request);
     if (rc != MR_OK) {
       error = libraryError(op.work->description(), rc);
     } else if (op.finish) {
@@ -1396,6 +1399,59 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupMapReduce::reduce_scatter_tensor_coal
         return mr_ireduce_scatter(comm, sendData, recvData, count, dtype, op, request);
       },
       std::move(finish));
+}
+
+c10::intrusive_ptr<c10d::Work> ProcessGroupMapReduce::send(
+    std::vector<at::Tensor>& tensors,
+    int dstRank,
+    int tag) {
+  constexpr const char* kName = "send";
+  at::NoGradGuard noGrad;
+  const at::Tensor& tensor = checkSingleTensor(kName, tensors);
+  const mr_dtype dtype = checkTensor(kName, tensor);
+  checkRoot("send (destination)", dstRank, size_);
+  at::Tensor buffer = tensor.contiguous();
+  const void* data = buffer.data_ptr();
+  const size_t count = static_cast<size_t>(buffer.numel());
+  return enqueue(
+      c10d::OpType::SEND,
+      "mapreduce:send",
+      c10::str(describe(kName, tensor), " to rank ", dstRank, " (tag ", tag, ")"),
+      tensors,
+      [=](mr_comm* comm, mr_request** request) { return mr_isend(comm, data, count, dtype, dstRank, tag, request); },
+      [buffer] {});
+}
+
+c10::intrusive_ptr<c10d::Work> ProcessGroupMapReduce::recv(
+    std::vector<at::Tensor>& tensors,
+    int srcRank,
+    int tag) {
+  constexpr const char* kName = "recv";
+  at::NoGradGuard noGrad;
+  const at::Tensor& tensor = checkSingleTensor(kName, tensors);
+  const mr_dtype dtype = checkTensor(kName, tensor);
+  checkRoot("recv (source)", srcRank, size_);
+  at::Tensor buffer = tensor.is_contiguous() ? tensor : flatBuffer(tensor, tensor.numel());
+  std::function<void()> finish = finishInto(tensor, buffer, buffer);
+  void* data = buffer.data_ptr();
+  const size_t count = static_cast<size_t>(buffer.numel());
+  return enqueue(
+      c10d::OpType::RECV,
+      "mapreduce:recv",
+      c10::str(describe(kName, tensor), " from rank ", srcRank, " (tag ", tag, ")"),
+      tensors,
+      [=](mr_comm* comm, mr_request** request) { return mr_irecv(comm, data, count, dtype, srcRank, tag, request); },
+      std::move(finish));
+}
+
+void ProcessGroupMapReduce::startCoalescing() {
+  checkLibrary("mr_group_start", mr_group_start());
+}
+
+c10::intrusive_ptr<c10d::Work> ProcessGroupMapReduce::endCoalescing() {
+  // Sends the group's sends and receives; their Works complete with it.
+  checkLibrary("mr_group_end (end of coalescing)", mr_group_end());
+  return enqueue(c10d::OpType::COALESCED, "mapreduce:coalesced", "coalesced ops", {}, nullptr, nullptr);
 }
 
 void ProcessGroupMapReduce::monitoredBarrier(const c10d::BarrierOptions& opts, bool waitAllRanks) {

@@ -219,6 +219,22 @@ class ProcessGroupMapReduce : public c10d::Backend {
       std::vector<at::Tensor>& inputs,
       const c10d::ReduceScatterOptions& opts = c10d::ReduceScatterOptions()) override;
 
+  // Point-to-point. Outside a coalescing block each call is its own library op, so two ranks
+  // that both send a large tensor before receiving wait on each other (as with blocking MPI
+  // sends); batch_isend_irecv coalesces, which sends everything at once.
+  c10::intrusive_ptr<c10d::Work> send(std::vector<at::Tensor>& tensors, int dstRank, int tag) override;
+  c10::intrusive_ptr<c10d::Work> recv(std::vector<at::Tensor>& tensors, int srcRank, int tag) override;
+
+  // Coalescing (batch_isend_irecv, _coalescing_manager) is a library group (mr_group_start /
+  // mr_group_end) on the calling thread: sends and receives issued in between go out as one
+  // op; collectives run as usual. The Work of endCoalescing completes once every op issued
+  // before it has (a communicator completes its ops in order).
+  bool supportsCoalescing() const override {
+    return true;
+  }
+  void startCoalescing() override;
+  c10::intrusive_ptr<c10d::Work> endCoalescing() override;
+
   // Meets the other ranks in the c10d store rather than the communicator, so that a rank that
   // never arrives is named (every missing one with waitAllRanks) instead of timing out an op.
   void monitoredBarrier(const c10d::BarrierOptions& opts, bool waitAllRanks = false) override;

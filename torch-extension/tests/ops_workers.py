@@ -78,6 +78,46 @@ def cases(rank, world):
             dist.all_to_all(outs, ins, group=g)
             return outs
 
+    @add("send-recv-tags")
+    def _(g):
+        # Pairs (0,1), (2,3): the lower rank sends first, then receives.
+        peer = rank ^ 1
+        if peer >= world:
+            return []
+        res = []
+        for tag, n in ((0, 7), (5, 1000)):
+            mine = values(rank, n, torch.float32, salt=tag)
+            got = torch.zeros(n)
+            if rank < peer:
+                dist.send(mine, dst=peer, group=g, tag=tag)
+                dist.recv(got, src=peer, group=g, tag=tag)
+            else:
+                dist.recv(got, src=peer, group=g, tag=tag)
+                dist.send(mine, dst=peer, group=g, tag=tag)
+            res.append(got)
+        got = torch.zeros(3, dtype=torch.int64)
+        works = [dist.isend(values(rank, 3, torch.int64), dst=peer, group=g), dist.irecv(got, src=peer, group=g)]
+        for w in works:
+            w.wait()
+        res.append(got)
+        return res
+
+    @add("batch_isend_irecv-ring")
+    def _(g):
+        # Larger than any socket buffer: every rank sends before anyone receives.
+        n = 1 << 20
+        nxt, prv = (rank + 1) % world, (rank - 1) % world
+        send = values(rank, n, torch.float32)
+        recv = torch.zeros(n)
+        ops = [dist.P2POp(dist.isend, send, nxt, group=g), dist.P2POp(dist.irecv, recv, prv, group=g)]
+        for w in dist.batch_isend_irecv(ops):
+            w.wait()
+        back = torch.zeros(n)
+        ops = [dist.P2POp(dist.irecv, back, nxt, group=g, tag=1), dist.P2POp(dist.isend, recv, prv, group=g, tag=1)]
+        for w in dist.batch_isend_irecv(ops):
+            w.wait()
+        return [recv, back]
+
     @add("all_reduce_coalesced")
     def _(g):
         ts = [values(rank, n, torch.float32, salt=n) for n in (5, 1, 77)]
