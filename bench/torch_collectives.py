@@ -4,16 +4,18 @@
 For each world size, spawns that many ranks on loopback and pushes the same tensors through
 gloo and through the mapreduce backend (shm: the default on one host, where ranks share memory;
 ring: TCP only, MR_ALGO=ring; and relay when MR_RELAYS is set), for all-reduce,
-broadcast and all-gather over a range of sizes. Prints nccl-tests-style rows and writes an SVG
+broadcast, all-gather, all-to-all (all_to_all_single, equal splits) and reduce (to rank 0) over
+a range of sizes. Prints nccl-tests-style rows and writes an SVG
 chart of bus bandwidth against size, one line per backend and mode.
 
     python bench/torch_collectives.py                       # 2 and 4 ranks, 1 MiB..256 MiB
     python bench/torch_collectives.py --ranks 2 --max-size 16M --ops allreduce
     MR_RELAYS=127.0.0.1:7001,127.0.0.1:7002 python bench/torch_collectives.py
 
-Columns (GB = 1e9 bytes): size is the buffer in bytes (all-gather: the gathered output), count
-its elements (all-gather: each rank's share); algbw = size / time; busbw = algbw x 2(n-1)/n for all-reduce, (n-1)/n for
-all-gather, 1 for broadcast; x_gloo = busbw of this row / busbw of gloo at the same size.
+Columns (GB = 1e9 bytes): size is the buffer in bytes (all-gather: the gathered output;
+all-to-all: each rank's send buffer), count its elements (all-gather: each rank's share);
+algbw = size / time; busbw = algbw x 2(n-1)/n for all-reduce, (n-1)/n for all-gather and
+all-to-all, 1 for broadcast and reduce (as nccl-tests counts them); x_gloo = busbw of this row / busbw of gloo at the same size.
 Each row is checked for correct results once after timing ("ok" / "WRONG").
 """
 
@@ -27,11 +29,13 @@ import sys
 import time
 from datetime import timedelta
 
-OPS = ("allreduce", "broadcast", "allgather")
+OPS = ("allreduce", "broadcast", "allgather", "alltoall", "reduce")
 BUSBW_FACTOR = {
     "allreduce": lambda n: 2 * (n - 1) / n,
     "allgather": lambda n: (n - 1) / n,
     "broadcast": lambda n: 1.0,
+    "alltoall": lambda n: (n - 1) / n,
+    "reduce": lambda n: 1.0,
 }
 GB = 1e9
 
@@ -120,7 +124,7 @@ def run_rank(rank, world, port, config):
     for op in config["ops"]:
         for size in config["sizes"]:
             count = max(1, size // elem)
-            if op == "allgather":
+            if op in ("allgather", "alltoall"):
                 count -= count % world
                 count = max(count, world)
             nbytes = count * elem
@@ -128,6 +132,9 @@ def run_rank(rank, world, port, config):
             send = recv = buf = None
             if op == "allgather":
                 send = torch.zeros(count // world, dtype=dtype)
+                recv = torch.zeros(count, dtype=dtype)
+            elif op == "alltoall":
+                send = torch.zeros(count, dtype=dtype)
                 recv = torch.zeros(count, dtype=dtype)
             else:
                 buf = torch.zeros(count, dtype=dtype)
@@ -139,6 +146,10 @@ def run_rank(rank, world, port, config):
                         dist.all_reduce(buf, group=group)
                     elif op == "broadcast":
                         dist.broadcast(buf, src=0, group=group)
+                    elif op == "alltoall":
+                        dist.all_to_all_single(recv, send, group=group)
+                    elif op == "reduce":
+                        dist.reduce(buf, dst=0, group=group)
                     else:
                         dist.all_gather_into_tensor(recv, send, group=group)
 
@@ -188,6 +199,17 @@ def verify(torch, dist, op, group, rank, world, count, dtype):
         t = torch.arange(n, dtype=dtype) if rank == 0 else torch.zeros(n, dtype=dtype)
         dist.broadcast(t, src=0, group=group)
         good = torch.equal(t, torch.arange(n, dtype=dtype))
+    elif op == "alltoall":
+        per = max(1, n // world)
+        send = torch.arange(world, dtype=dtype).repeat_interleave(per) + rank * world
+        out = torch.zeros(per * world, dtype=dtype)
+        dist.all_to_all_single(out, send, group=group)
+        want = (torch.arange(world, dtype=dtype) * world + rank).repeat_interleave(per)
+        good = torch.equal(out, want)
+    elif op == "reduce":
+        t = torch.full((n,), rank + 1, dtype=dtype)
+        dist.reduce(t, dst=0, group=group)
+        good = rank != 0 or bool((t == world * (world + 1) // 2).all())
     else:
         per = max(1, n // world)
         out = torch.zeros(per * world, dtype=dtype)

@@ -332,6 +332,180 @@ mr_result mr_ireduce_scatter(mr_comm *comm,
 mr_result mr_ibarrier(mr_comm *comm, mr_request **req);
 
 /**
+ * Reduce every rank's `send` (`count` elements of type `t`) with `op` into `root`'s `recv`
+ * (`count` elements; `recv` may equal `send`). Other ranks' `recv` is not used and may be
+ * NULL. Runs as an all-reduce, so it uses relays when an all-reduce would. Blocks until done.
+ */
+mr_result mr_reduce(mr_comm *comm,
+                    const void *send,
+                    void *recv,
+                    size_t count,
+                    mr_dtype t,
+                    mr_op op,
+                    int root);
+
+/**
+ * Start `mr_reduce` and return at once; finish with `mr_wait` as for `mr_iallreduce`.
+ */
+mr_result mr_ireduce(mr_comm *comm,
+                     const void *send,
+                     void *recv,
+                     size_t count,
+                     mr_dtype t,
+                     mr_op op,
+                     int root,
+                     mr_request **req);
+
+/**
+ * Gather `count` elements of type `t` from every rank's `send` into `root`'s `recv`, which
+ * holds `count × size` elements in rank order (the root's `send` may be its own slot of
+ * `recv`). Other ranks' `recv` is not used and may be NULL. Blocks until done.
+ */
+mr_result mr_gather(mr_comm *comm,
+                    const void *send,
+                    void *recv,
+                    size_t count,
+                    mr_dtype t,
+                    int root);
+
+/**
+ * Start `mr_gather` and return at once; finish with `mr_wait` as for `mr_iallreduce`.
+ */
+mr_result mr_igather(mr_comm *comm,
+                     const void *send,
+                     void *recv,
+                     size_t count,
+                     mr_dtype t,
+                     int root,
+                     mr_request **req);
+
+/**
+ * Scatter `root`'s `send` (`count × size` elements of type `t`): rank r's `recv` gets block
+ * r (`count` elements; the root's `recv` may be its own block of `send`). Other ranks' `send`
+ * is not used and may be NULL. Blocks until done.
+ */
+mr_result mr_scatter(mr_comm *comm,
+                     const void *send,
+                     void *recv,
+                     size_t count,
+                     mr_dtype t,
+                     int root);
+
+/**
+ * Start `mr_scatter` and return at once; finish with `mr_wait` as for `mr_iallreduce`.
+ */
+mr_result mr_iscatter(mr_comm *comm,
+                      const void *send,
+                      void *recv,
+                      size_t count,
+                      mr_dtype t,
+                      int root,
+                      mr_request **req);
+
+/**
+ * Every rank sends block p (`count` elements of type `t`) of its `send` to rank p, which
+ * stores the block from rank r as block r of its `recv`; both hold `count × size` elements
+ * and must not overlap. Blocks until done.
+ */
+mr_result mr_alltoall(mr_comm *comm, const void *send, void *recv, size_t count, mr_dtype t);
+
+/**
+ * Start `mr_alltoall` and return at once; finish with `mr_wait` as for `mr_iallreduce`.
+ */
+mr_result mr_ialltoall(mr_comm *comm,
+                       const void *send,
+                       void *recv,
+                       size_t count,
+                       mr_dtype t,
+                       mr_request **req);
+
+/**
+ * All-to-all with per-rank counts: `send_counts[p]` elements of type `t` at element offset
+ * `send_displs[p]` of `send` go to rank p, and `recv_counts[p]` elements from rank p land at
+ * `recv_displs[p]` of `recv` (each array has one entry per rank). Rank p's `send_counts[r]`
+ * must equal rank r's `recv_counts[p]`: a mismatch fails the op on both ranks with
+ * `MR_ERR_INVALID_ARGUMENT`. Ranges of `recv` must not overlap each other or `send`. Blocks
+ * until done.
+ */
+mr_result mr_alltoallv(mr_comm *comm,
+                       const void *send,
+                       const size_t *send_counts,
+                       const size_t *send_displs,
+                       void *recv,
+                       const size_t *recv_counts,
+                       const size_t *recv_displs,
+                       mr_dtype t);
+
+/**
+ * Start `mr_alltoallv` and return at once; finish with `mr_wait` as for `mr_iallreduce`. The
+ * count and displacement arrays are read before this returns.
+ */
+mr_result mr_ialltoallv(mr_comm *comm,
+                        const void *send,
+                        const size_t *send_counts,
+                        const size_t *send_displs,
+                        void *recv,
+                        const size_t *recv_counts,
+                        const size_t *recv_displs,
+                        mr_dtype t,
+                        mr_request **req);
+
+/**
+ * Send `count` elements of type `t` from `buf` to rank `peer` with tag `tag` (non-negative).
+ * The matching `mr_recv` on `peer` must name this rank and the same tag, count and type:
+ * messages between two ranks are matched in the order they are called, and a receive that
+ * disagrees fails naming both sides. Blocks until sent, except inside a group
+ * (`mr_group_start`), where it is sent by `mr_group_end`. Point-to-point calls do not affect
+ * the order in which collectives are matched.
+ */
+mr_result mr_send(mr_comm *comm, const void *buf, size_t count, mr_dtype t, int peer, int tag);
+
+/**
+ * Receive `count` elements of type `t` into `buf` from rank `peer`, sent with tag `tag`.
+ * Blocks until received, except inside a group, where `mr_group_end` receives it.
+ */
+mr_result mr_recv(mr_comm *comm, void *buf, size_t count, mr_dtype t, int peer, int tag);
+
+/**
+ * Start `mr_send` and return at once; finish with `mr_wait`. Inside a group the request
+ * ends with the group's op, which starts at `mr_group_end`.
+ */
+mr_result mr_isend(mr_comm *comm,
+                   const void *buf,
+                   size_t count,
+                   mr_dtype t,
+                   int peer,
+                   int tag,
+                   mr_request **req);
+
+/**
+ * Start `mr_recv` and return at once; finish with `mr_wait`, as for `mr_isend`.
+ */
+mr_result mr_irecv(mr_comm *comm,
+                   void *buf,
+                   size_t count,
+                   mr_dtype t,
+                   int peer,
+                   int tag,
+                   mr_request **req);
+
+/**
+ * Open a group on this thread: sends and receives issued until the matching `mr_group_end`
+ * go out together, as one op per communicator, so a ring or any exchange of messages cannot
+ * deadlock. Groups nest; only the outermost `mr_group_end` sends. Collectives issued inside
+ * a group run as usual.
+ */
+mr_result mr_group_start(void);
+
+/**
+ * Close the group opened by `mr_group_start`. The outermost one starts the recorded sends and
+ * receives and, if any was issued with the blocking `mr_send`/`mr_recv`, waits for them; the
+ * requests of `mr_isend`/`mr_irecv` end with their communicator's group. On error the calls
+ * that could not start fail their requests too.
+ */
+mr_result mr_group_end(void);
+
+/**
  * Block until the request's operation completes, free the request (also when the operation
  * failed) and return the operation's result.
  */

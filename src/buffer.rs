@@ -133,12 +133,22 @@ pub enum Region {
     Acc { offset: usize, len: usize },
     /// Bytes owned by the transmit itself (small control payloads).
     Inline(Vec<u8>),
+    /// One of the op's further caller buffers (`OpMemory::buffers`; point-to-point groups,
+    /// where every send and receive has its own).
+    Buffer {
+        index: usize,
+        offset: usize,
+        len: usize,
+    },
 }
 
 impl Region {
     pub fn len(&self) -> usize {
         match self {
-            Region::User { len, .. } | Region::Input { len, .. } | Region::Acc { len, .. } => *len,
+            Region::User { len, .. }
+            | Region::Input { len, .. }
+            | Region::Acc { len, .. }
+            | Region::Buffer { len, .. } => *len,
             Region::Inline(v) => v.len(),
         }
     }
@@ -156,6 +166,8 @@ pub struct OpMemory {
     pub input: RawBuf,
     /// Accumulator scratch (partial sums in the accumulator dtype), when the op needs one.
     pub acc: Option<Scratch>,
+    /// Further caller buffers, read or written as [`Region::Buffer`] says.
+    pub buffers: Vec<RawBuf>,
 }
 
 impl OpMemory {
@@ -164,6 +176,7 @@ impl OpMemory {
             user,
             input: RawBuf::empty(),
             acc: None,
+            buffers: Vec::new(),
         }
     }
 
@@ -176,6 +189,9 @@ impl OpMemory {
                 &self.acc.as_ref().expect("op has an accumulator").as_slice()[*offset..offset + len]
             }
             Region::Inline(v) => v,
+            Region::Buffer { index, offset, len } => {
+                &self.buffers[*index].as_slice()[*offset..offset + len]
+            }
         }
     }
 
@@ -185,6 +201,9 @@ impl OpMemory {
         match r {
             Region::User { offset, len } => &mut self.user.as_mut_slice()[*offset..offset + len],
             Region::Acc { offset, len } => &mut self.acc_mut()[*offset..offset + len],
+            Region::Buffer { index, offset, len } => {
+                &mut self.buffers[*index].as_mut_slice()[*offset..offset + len]
+            }
             Region::Input { .. } | Region::Inline(_) => panic!("region {r:?} is not writable"),
         }
     }

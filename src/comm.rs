@@ -16,9 +16,10 @@
 //! first relay ops split equally. A relay lost in fail-over keeps its weight; the schedule
 //! routes its segment's chunks to the others.
 
+use crate::algo::exchange::{Exchange, ExchangePlan};
 use crate::algo::relay::weights_from_rates;
 use crate::algo::{Collective, OpDesc};
-use crate::buffer::{OpMemory, RawBuf};
+use crate::buffer::{OpMemory, RawBuf, Scratch};
 use crate::compress::Compression;
 use crate::config::Config;
 use crate::error::{Error, ErrorKind, Result};
@@ -58,6 +59,9 @@ pub struct Comm {
     /// Declared after `engine`: dropping the engine finishes the rate exchange that writes
     /// into this before its buffer is freed.
     relay_weights: Mutex<RelayWeights>,
+    /// Next point-to-point pair sequence per peer: (sends to it, receives from it); see
+    /// [`crate::algo::p2p`].
+    p2p_seq: Mutex<Vec<(u64, u64)>>,
     /// Every rank mapped the job's shared-memory segment (all on one host): all-reduce,
     /// broadcast, all-gather, reduce-scatter and barrier go through it unless they use relays.
     shm: bool,
@@ -68,6 +72,18 @@ pub struct Comm {
     /// Host and inter-host communicators, when the layout is hierarchical (see
     /// [`crate::hier`]); every collective then runs through them.
     hier: Option<Hierarchy>,
+}
+
+/// One send or receive of a point-to-point group ([`Comm::submit_p2p`]).
+#[derive(Clone, Copy, Debug)]
+pub struct P2pCall {
+    pub send: bool,
+    pub peer: usize,
+    pub tag: u32,
+    /// `count` elements of `dtype`: read for a send, written for a receive.
+    pub buf: *mut u8,
+    pub count: usize,
+    pub dtype: DType,
 }
 
 /// Relay ops between two exchanges of measured relay rates (see the module docs).
@@ -89,6 +105,18 @@ pub struct Request {
     done: Arc<Completion>,
     /// Runs once when the op is seen to have succeeded (records a sampled op's results).
     after: Mutex<Option<AfterOp>>,
+    /// Memory the op writes that the caller did not provide (a reduce's sum on ranks other
+    /// than the root); freed only once the op has ended.
+    owned: Option<Scratch>,
+}
+
+impl Drop for Request {
+    fn drop(&mut self) {
+        if self.owned.is_some() {
+            // The engine may still be writing into `owned`.
+            let _ = self.done.wait();
+        }
+    }
 }
 
 type AfterOp = Box<dyn FnOnce() + Send>;
@@ -99,10 +127,12 @@ impl Request {
         Request::new(done)
     }
 
-    fn new(done: Arc<Completion>) -> Request {
+    /// A request that ends when `done` completes (point-to-point calls of one group share it).
+    pub(crate) fn new(done: Arc<Completion>) -> Request {
         Request {
             done,
             after: Mutex::new(None),
+            owned: None,
         }
     }
 
@@ -213,6 +243,7 @@ impl Comm {
             relay_rates,
             relay_links,
             relay_weights: Mutex::new(RelayWeights::default()),
+            p2p_seq: Mutex::new(vec![(1, 1); size]),
             shm: false,
             warned_relay_compression: AtomicBool::new(false),
             layout: Layout::single(size, rank),
@@ -589,7 +620,7 @@ impl Comm {
             op: ReduceOp::Sum,
             count: sums.len(),
             root: 0,
-            compress: crate::compress::Compression::None,
+            compress: Compression::None,
         };
         // SAFETY: the caller keeps `sums` (whose heap block does not move with the Vec) and
         // reads it only after the request completed; the engine outlives it (field order).
@@ -928,6 +959,410 @@ impl Comm {
         self.submit(Collective::ReduceScatter, dtype, op, recv_count, 0, mem)
     }
 
+    /// Submit a direct exchange ([`crate::algo::exchange`]). It always travels over the
+    /// direct TCP connections, also when the ranks share a host: the shared-memory segment
+    /// carries only the ring collectives.
+    fn submit_exchange(
+        &self,
+        coll: Collective,
+        dtype: DType,
+        count: usize,
+        root: usize,
+        plan: ExchangePlan,
+        mem: OpMemory,
+    ) -> Result<Request> {
+        if self.aborted.load(Ordering::SeqCst) {
+            return Err(Error::new(
+                ErrorKind::Aborted,
+                "communicator was aborted; destroy it and create a new one",
+            ));
+        }
+        let mut mem = mem;
+        let mut seq = self.next_seq.lock().unwrap_or_else(|e| e.into_inner());
+        let desc = OpDesc {
+            coll,
+            seq: *seq,
+            dtype,
+            op: ReduceOp::Sum,
+            count,
+            root,
+            compress: Compression::None,
+        };
+        let schedule = Exchange::new(desc, self.config.chunk_bytes, plan, &mut mem);
+        let done = Arc::new(Completion::default());
+        self.engine.submit(PendingOp {
+            work: Work::Schedule(Box::new(schedule)),
+            mem,
+            done: done.clone(),
+        })?;
+        *seq += 1;
+        Ok(Request::new(done))
+    }
+
+    /// Check a send or receive before it is recorded or submitted: a rejected call touches
+    /// nothing.
+    pub fn check_p2p(&self, call: &P2pCall) -> Result<()> {
+        let what = if call.send { "send" } else { "recv" };
+        if call.peer >= self.size {
+            return Err(Error::invalid(format!(
+                "{what} peer {} is out of range for world size {}",
+                call.peer, self.size
+            )));
+        }
+        if call.peer == self.rank {
+            return Err(Error::invalid(format!(
+                "{what} peer {} is this rank; point-to-point needs another rank",
+                call.peer
+            )));
+        }
+        let bytes = byte_len(call.count, call.dtype)?;
+        check_ptr(what, call.buf, bytes)
+    }
+
+    /// Start a group of sends and receives as one op ([`crate::algo::p2p`]); it ends `done`.
+    /// Messages to or from one peer are numbered in call order, so the two ranks of a pair
+    /// must call their sends and receives in the same order.
+    ///
+    /// # Safety
+    /// Each call's buffer is valid for `count` elements (read for sends, written for
+    /// receives), and nothing else touches it until `done` completes; receive buffers do not
+    /// overlap any other buffer of the group.
+    pub unsafe fn submit_p2p(&self, calls: &[P2pCall], done: Arc<Completion>) -> Result<Request> {
+        use crate::algo::p2p::{Message, PointToPoint};
+        for c in calls {
+            self.check_p2p(c)?;
+        }
+        if self.aborted.load(Ordering::SeqCst) {
+            return Err(Error::new(
+                ErrorKind::Aborted,
+                "communicator was aborted; destroy it and create a new one",
+            ));
+        }
+        // Held while submitting, so the group takes its place among collectives in call order.
+        let seq = self.next_seq.lock().unwrap_or_else(|e| e.into_inner());
+        let mut pairs = self.p2p_seq.lock().unwrap_or_else(|e| e.into_inner());
+        let mut mem = OpMemory::new(RawBuf::empty());
+        let (mut sends, mut recvs) = (Vec::new(), Vec::new());
+        let mut next = pairs.clone();
+        for c in calls {
+            let counter = &mut next[c.peer];
+            let n = if c.send {
+                &mut counter.0
+            } else {
+                &mut counter.1
+            };
+            let msg = Message {
+                peer: c.peer,
+                tag: c.tag,
+                seq: *n,
+                dtype: c.dtype,
+                count: c.count,
+                buffer: mem.buffers.len(),
+            };
+            *n += 1;
+            // SAFETY: forwarded from this function's contract.
+            mem.buffers
+                .push(unsafe { RawBuf::new(c.buf, c.count * c.dtype.size()) });
+            if c.send {
+                sends.push(msg);
+            } else {
+                recvs.push(msg);
+            }
+        }
+        let desc = OpDesc {
+            coll: Collective::PointToPoint,
+            // The last collective's: the group takes no communicator-wide sequence number.
+            seq: *seq - 1,
+            dtype: calls.first().map_or(DType::U8, |c| c.dtype),
+            op: ReduceOp::Sum,
+            count: calls.len(),
+            root: 0,
+            compress: Compression::None,
+        };
+        let schedule = PointToPoint::new(desc, self.config.chunk_bytes, sends, recvs);
+        self.engine.submit(PendingOp {
+            work: Work::Schedule(Box::new(schedule)),
+            mem,
+            done: done.clone(),
+        })?;
+        *pairs = next;
+        Ok(Request::new(done))
+    }
+
+    /// Start one send of `count` elements at `buf` to `peer` (its own group).
+    ///
+    /// # Safety
+    /// As for [`Comm::submit_p2p`].
+    pub unsafe fn isend_raw(
+        &self,
+        buf: *const u8,
+        count: usize,
+        dtype: DType,
+        peer: usize,
+        tag: u32,
+    ) -> Result<Request> {
+        let call = P2pCall {
+            send: true,
+            peer,
+            tag,
+            buf: buf as *mut u8,
+            count,
+            dtype,
+        };
+        // SAFETY: forwarded from this function's contract.
+        unsafe { self.submit_p2p(&[call], Arc::new(Completion::default())) }
+    }
+
+    /// Start one receive of `count` elements into `buf` from `peer` (its own group).
+    ///
+    /// # Safety
+    /// As for [`Comm::submit_p2p`].
+    pub unsafe fn irecv_raw(
+        &self,
+        buf: *mut u8,
+        count: usize,
+        dtype: DType,
+        peer: usize,
+        tag: u32,
+    ) -> Result<Request> {
+        let call = P2pCall {
+            send: false,
+            peer,
+            tag,
+            buf,
+            count,
+            dtype,
+        };
+        // SAFETY: forwarded from this function's contract.
+        unsafe { self.submit_p2p(&[call], Arc::new(Completion::default())) }
+    }
+
+    fn check_root(&self, what: &str, root: usize) -> Result<()> {
+        if root >= self.size {
+            return Err(Error::invalid(format!(
+                "{what} root {root} is out of range for world size {}",
+                self.size
+            )));
+        }
+        Ok(())
+    }
+
+    /// Bytes of `count` elements per rank, times the world size.
+    fn per_rank_total(&self, what: &str, count: usize, dtype: DType) -> Result<(usize, usize)> {
+        let bytes = byte_len(count, dtype)?;
+        let total = bytes.checked_mul(self.size).ok_or_else(|| {
+            Error::invalid(format!("{what} of {count} x {dtype} per rank overflows"))
+        })?;
+        Ok((bytes, total))
+    }
+
+    /// Start a reduce: `root`'s `recv` gets the reduction of every rank's `send` (`count`
+    /// elements); other ranks' `recv` is not touched and may be NULL. It runs as an all-reduce
+    /// (ring, recursive doubling, shared memory or relays, as for [`Comm::iallreduce_raw`])
+    /// into the root's `recv` and, elsewhere, into memory the request owns.
+    ///
+    /// # Safety
+    /// `send` valid for reads of `count` elements; on the root `recv` valid for writes of
+    /// `count` elements; neither touched by anything else until the request completes. On the
+    /// root they may be the same buffer (in place) but must not otherwise overlap.
+    pub unsafe fn ireduce_raw(
+        &self,
+        send: *const u8,
+        recv: *mut u8,
+        count: usize,
+        dtype: DType,
+        op: ReduceOp,
+        root: usize,
+    ) -> Result<Request> {
+        let bytes = byte_len(count, dtype)?;
+        check_ptr("reduce send", send, bytes)?;
+        self.check_root("reduce", root)?;
+        if self.rank == root {
+            check_ptr("reduce recv", recv, bytes)?;
+            if bytes > 0 && send != recv.cast_const() {
+                // SAFETY: both valid for `bytes` by the contract and not overlapping unless equal.
+                unsafe { std::ptr::copy_nonoverlapping(send, recv, bytes) };
+            }
+            // SAFETY: forwarded from this function's contract.
+            return unsafe { self.iallreduce_raw(recv, count, dtype, op) };
+        }
+        let mut owned = Scratch::zeroed(bytes)?;
+        // SAFETY: `send` is valid for `bytes` reads by the contract.
+        owned
+            .as_mut_slice()
+            .copy_from_slice(unsafe { std::slice::from_raw_parts(send, bytes) });
+        let ptr = owned.as_mut_slice().as_mut_ptr();
+        // SAFETY: `owned` moves into the request, whose drop waits for the op to end; its
+        // heap block or mapping does not move with it.
+        let mut req = unsafe { self.iallreduce_raw(ptr, count, dtype, op)? };
+        req.owned = Some(owned);
+        Ok(req)
+    }
+
+    /// Start a gather: `root`'s `recv` (`count × size` elements) gets every rank's `send`
+    /// (`count` elements) in rank order; other ranks' `recv` may be NULL.
+    ///
+    /// # Safety
+    /// As for [`Comm::iallgather_raw`], on the root; elsewhere `recv` is unused.
+    pub unsafe fn igather_raw(
+        &self,
+        send: *const u8,
+        recv: *mut u8,
+        count: usize,
+        dtype: DType,
+        root: usize,
+    ) -> Result<Request> {
+        let (bytes, total) = self.per_rank_total("gather", count, dtype)?;
+        check_ptr("gather send", send, bytes)?;
+        self.check_root("gather", root)?;
+        let recv_bytes = if self.rank == root { total } else { 0 };
+        check_ptr("gather recv", recv, recv_bytes)?;
+        // SAFETY: forwarded from this function's contract; the input is only read.
+        let mut mem = OpMemory::new(unsafe { RawBuf::new(recv, recv_bytes) });
+        mem.input = unsafe { RawBuf::new(send as *mut u8, bytes) };
+        let plan = ExchangePlan::gather(self.rank, self.size, bytes, root);
+        self.submit_exchange(Collective::Gather, dtype, count, root, plan, mem)
+    }
+
+    /// Start a scatter: rank r's `recv` (`count` elements) gets block r of `root`'s `send`
+    /// (`count × size` elements); other ranks' `send` may be NULL.
+    ///
+    /// # Safety
+    /// As for [`Comm::ireduce_scatter_raw`], on the root; elsewhere `send` is unused.
+    pub unsafe fn iscatter_raw(
+        &self,
+        send: *const u8,
+        recv: *mut u8,
+        count: usize,
+        dtype: DType,
+        root: usize,
+    ) -> Result<Request> {
+        let (bytes, total) = self.per_rank_total("scatter", count, dtype)?;
+        self.check_root("scatter", root)?;
+        let send_bytes = if self.rank == root { total } else { 0 };
+        check_ptr("scatter send", send, send_bytes)?;
+        check_ptr("scatter recv", recv, bytes)?;
+        // SAFETY: forwarded from this function's contract; the input is only read.
+        let mut mem = OpMemory::new(unsafe { RawBuf::new(recv, bytes) });
+        mem.input = unsafe { RawBuf::new(send as *mut u8, send_bytes) };
+        let plan = ExchangePlan::scatter(self.rank, self.size, bytes, root);
+        self.submit_exchange(Collective::Scatter, dtype, count, root, plan, mem)
+    }
+
+    /// Start an all-to-all: block p (`count` elements) of every rank's `send` goes to rank p,
+    /// which stores the block from rank r as block r of its `recv`. Both hold `count × size`
+    /// elements.
+    ///
+    /// # Safety
+    /// `send` valid for reads and `recv` for writes of `count × size` elements, not
+    /// overlapping, neither touched by anything else until the request completes.
+    pub unsafe fn ialltoall_raw(
+        &self,
+        send: *const u8,
+        recv: *mut u8,
+        count: usize,
+        dtype: DType,
+    ) -> Result<Request> {
+        let (_, total) = self.per_rank_total("alltoall", count, dtype)?;
+        check_ptr("alltoall send", send, total)?;
+        check_ptr("alltoall recv", recv, total)?;
+        // SAFETY: forwarded from this function's contract; the input is only read.
+        let mut mem = OpMemory::new(unsafe { RawBuf::new(recv, total) });
+        mem.input = unsafe { RawBuf::new(send as *mut u8, total) };
+        let counts = vec![count; self.size];
+        let displs: Vec<usize> = (0..self.size).map(|p| p * count).collect();
+        let plan = ExchangePlan::alltoallv(
+            self.rank,
+            self.size,
+            dtype.size(),
+            &counts,
+            &displs,
+            &counts,
+            &displs,
+        );
+        self.submit_exchange(Collective::AllToAll, dtype, count, 0, plan, mem)
+    }
+
+    /// Start an all-to-all-v: `send_counts[p]` elements at `send_displs[p]` of `send` go to
+    /// rank p; `recv_counts[p]` elements from rank p land at `recv_displs[p]` of `recv`
+    /// (counts and displacements in elements, one per rank). Rank p's `send_counts[r]` must
+    /// equal rank r's `recv_counts[p]`; a mismatch fails the op on both with a message naming it.
+    ///
+    /// # Safety
+    /// `send` valid for reads of every range the send counts and displacements name, `recv`
+    /// for writes of every range the receive ones name; the ranges of `recv` do not overlap
+    /// each other or `send`; nothing else touches either until the request completes.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn ialltoallv_raw(
+        &self,
+        send: *const u8,
+        send_counts: &[usize],
+        send_displs: &[usize],
+        recv: *mut u8,
+        recv_counts: &[usize],
+        recv_displs: &[usize],
+        dtype: DType,
+    ) -> Result<Request> {
+        let n = self.size;
+        for (name, a) in [
+            ("send_counts", send_counts),
+            ("send_displs", send_displs),
+            ("recv_counts", recv_counts),
+            ("recv_displs", recv_displs),
+        ] {
+            if a.len() != n {
+                return Err(Error::invalid(format!(
+                    "alltoallv: {name} has {} entries, need one per rank ({n})",
+                    a.len()
+                )));
+            }
+        }
+        // The bytes each buffer must hold: the end of its furthest non-empty range.
+        let extent = |what: &str, counts: &[usize], displs: &[usize]| -> Result<usize> {
+            let mut end = 0usize;
+            for p in 0..n {
+                if counts[p] == 0 {
+                    continue;
+                }
+                let e = displs[p]
+                    .checked_add(counts[p])
+                    .and_then(|e| e.checked_mul(dtype.size()))
+                    .filter(|&b| b <= isize::MAX as usize)
+                    .ok_or_else(|| {
+                        Error::invalid(format!(
+                            "alltoallv: {what} range for rank {p} ({} x {dtype} at {}) overflows",
+                            counts[p], displs[p]
+                        ))
+                    })?;
+                end = end.max(e);
+            }
+            Ok(end)
+        };
+        let send_bytes = extent("send", send_counts, send_displs)?;
+        let recv_bytes = extent("recv", recv_counts, recv_displs)?;
+        check_ptr("alltoallv send", send, send_bytes)?;
+        check_ptr("alltoallv recv", recv, recv_bytes)?;
+        if send_counts[self.rank] != recv_counts[self.rank] {
+            return Err(Error::invalid(format!(
+                "alltoallv: this rank (rank {}) sends itself {} elements but expects {}",
+                self.rank, send_counts[self.rank], recv_counts[self.rank]
+            )));
+        }
+        // SAFETY: forwarded from this function's contract; the input is only read.
+        let mut mem = OpMemory::new(unsafe { RawBuf::new(recv, recv_bytes) });
+        mem.input = unsafe { RawBuf::new(send as *mut u8, send_bytes) };
+        let plan = ExchangePlan::alltoallv(
+            self.rank,
+            n,
+            dtype.size(),
+            send_counts,
+            send_displs,
+            recv_counts,
+            recv_displs,
+        );
+        self.submit_exchange(Collective::AllToAllV, dtype, 0, 0, plan, mem)
+    }
+
     /// Start a barrier: completes once every rank has entered it.
     pub fn ibarrier(&self) -> Result<Request> {
         if let Some(h) = &self.hier {
@@ -1017,6 +1452,65 @@ impl Comm {
                 recv.len(),
                 T::DTYPE,
                 op,
+            )?
+            .wait()
+        }
+    }
+
+    /// Reduce to `root`: on the root `recv` gets the reduction of every rank's `send`; pass
+    /// `None` elsewhere.
+    pub fn reduce<T: Element>(
+        &self,
+        send: &[T],
+        recv: Option<&mut [T]>,
+        op: ReduceOp,
+        root: usize,
+    ) -> Result<()> {
+        let recv_ptr = match recv {
+            Some(r) if r.len() == send.len() => r.as_mut_ptr().cast(),
+            Some(r) => {
+                return Err(Error::invalid(format!(
+                    "reduce: recv holds {} elements, send {}",
+                    r.len(),
+                    send.len()
+                )))
+            }
+            None if self.rank == root => {
+                return Err(Error::invalid("reduce: the root needs a recv buffer"))
+            }
+            None => std::ptr::null_mut(),
+        };
+        // SAFETY: the borrows last until wait() returns; &/&mut cannot overlap.
+        unsafe {
+            self.ireduce_raw(
+                send.as_ptr().cast(),
+                recv_ptr,
+                send.len(),
+                T::DTYPE,
+                op,
+                root,
+            )?
+            .wait()
+        }
+    }
+
+    /// All-to-all of `send.len() / size` elements per rank pair.
+    pub fn alltoall<T: Element>(&self, send: &[T], recv: &mut [T]) -> Result<()> {
+        if send.len() != recv.len() || send.len() % self.size != 0 {
+            return Err(Error::invalid(format!(
+                "alltoall: send ({}) and recv ({}) must hold the same multiple of {} elements",
+                send.len(),
+                recv.len(),
+                self.size
+            )));
+        }
+        // SAFETY: the borrows last until wait() returns; &/&mut cannot overlap.
+        unsafe {
+            self.ialltoall_raw(
+                send.as_ptr().cast(),
+                recv.as_mut_ptr().cast(),
+                send.len() / self.size,
+                T::DTYPE,
             )?
             .wait()
         }

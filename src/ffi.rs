@@ -35,11 +35,14 @@
 // The C names are part of the contract (DESIGN §3).
 #![allow(non_camel_case_types)]
 
-use crate::comm::{Comm, Request, UniqueId};
+use crate::comm::{Comm, P2pCall, Request, UniqueId};
 use crate::config::Config;
 use crate::error::{Error, ErrorKind, Result};
+use crate::net::engine::Completion;
 use crate::types::{DType, ReduceOp};
+use std::cell::RefCell;
 use std::ffi::{c_char, c_int, c_void, CStr};
+use std::sync::Arc;
 
 /// Result of every `mr_*` call. `MR_OK` is 0; on any other value `mr_last_error()` describes
 /// what happened.
@@ -929,6 +932,595 @@ pub unsafe extern "C" fn mr_ibarrier(comm: *mut mr_comm, req: *mut *mut mr_reque
         // SAFETY: req checked non-NULL above; valid for one write by the C contract.
         unsafe { give_request(req, request) };
         Ok(())
+    })
+}
+
+// Rooted collectives and all-to-all. Each start_* checks the arguments and starts the op; the
+// blocking export waits for it, the mr_i* export hands the request to C.
+
+/// # Safety
+/// The C contract of `mr_reduce`.
+unsafe fn start_reduce(
+    comm: *mut mr_comm,
+    send: *const c_void,
+    recv: *mut c_void,
+    count: usize,
+    t: mr_dtype_arg,
+    op: mr_op_arg,
+    root: c_int,
+) -> Result<Request> {
+    let (t, reduce) = (dtype(t)?, self::op(op)?);
+    buffer("send", send, count)?;
+    let root = non_negative("root", root)?;
+    // SAFETY: the C contract makes a non-NULL handle a live one.
+    let c = unsafe { comm_ref(comm) }?;
+    // SAFETY: by the C contract send holds count elements of t, and on the root recv too,
+    // untouched by anything else until the op ends (the Comm checks recv on the root).
+    unsafe { c.ireduce_raw(send.cast(), recv.cast(), count, t, reduce, root) }
+}
+
+/// Reduce every rank's `send` (`count` elements of type `t`) with `op` into `root`'s `recv`
+/// (`count` elements; `recv` may equal `send`). Other ranks' `recv` is not used and may be
+/// NULL. Runs as an all-reduce, so it uses relays when an all-reduce would. Blocks until done.
+#[no_mangle]
+pub unsafe extern "C" fn mr_reduce(
+    comm: *mut mr_comm,
+    send: *const c_void,
+    recv: *mut c_void,
+    count: usize,
+    t: mr_dtype_arg,
+    op: mr_op_arg,
+    root: c_int,
+) -> mr_result {
+    ffi_boundary!("mr_reduce", {
+        // SAFETY: forwarded from this export's C contract.
+        unsafe { start_reduce(comm, send, recv, count, t, op, root) }?.wait()
+    })
+}
+
+/// Start `mr_reduce` and return at once; finish with `mr_wait` as for `mr_iallreduce`.
+#[no_mangle]
+pub unsafe extern "C" fn mr_ireduce(
+    comm: *mut mr_comm,
+    send: *const c_void,
+    recv: *mut c_void,
+    count: usize,
+    t: mr_dtype_arg,
+    op: mr_op_arg,
+    root: c_int,
+    req: *mut *mut mr_request,
+) -> mr_result {
+    ffi_boundary!("mr_ireduce", {
+        non_null("req (output)", req)?;
+        // SAFETY: forwarded from this export's C contract.
+        let request = unsafe { start_reduce(comm, send, recv, count, t, op, root) }?;
+        // SAFETY: req checked non-NULL above; valid for one write by the C contract.
+        unsafe { give_request(req, request) };
+        Ok(())
+    })
+}
+
+/// Which of gather and scatter a start_rooted call starts.
+#[derive(Clone, Copy)]
+enum Rooted {
+    Gather,
+    Scatter,
+}
+
+/// # Safety
+/// The C contract of `mr_gather` or `mr_scatter`.
+unsafe fn start_rooted(
+    which: Rooted,
+    comm: *mut mr_comm,
+    send: *const c_void,
+    recv: *mut c_void,
+    count: usize,
+    t: mr_dtype_arg,
+    root: c_int,
+) -> Result<Request> {
+    let t = dtype(t)?;
+    let root = non_negative("root", root)?;
+    // SAFETY: the C contract makes a non-NULL handle a live one.
+    let c = unsafe { comm_ref(comm) }?;
+    // The Comm checks the buffers the root needs, once it knows whether this rank is the root.
+    match which {
+        Rooted::Gather => {
+            buffer("send", send, count)?;
+            // SAFETY: by the C contract the buffers hold what mr_gather says, untouched by
+            // anything else until the op ends.
+            unsafe { c.igather_raw(send.cast(), recv.cast(), count, t, root) }
+        }
+        Rooted::Scatter => {
+            buffer("recv", recv, count)?;
+            // SAFETY: as above, for mr_scatter.
+            unsafe { c.iscatter_raw(send.cast(), recv.cast(), count, t, root) }
+        }
+    }
+}
+
+/// Gather `count` elements of type `t` from every rank's `send` into `root`'s `recv`, which
+/// holds `count × size` elements in rank order (the root's `send` may be its own slot of
+/// `recv`). Other ranks' `recv` is not used and may be NULL. Blocks until done.
+#[no_mangle]
+pub unsafe extern "C" fn mr_gather(
+    comm: *mut mr_comm,
+    send: *const c_void,
+    recv: *mut c_void,
+    count: usize,
+    t: mr_dtype_arg,
+    root: c_int,
+) -> mr_result {
+    ffi_boundary!("mr_gather", {
+        // SAFETY: forwarded from this export's C contract.
+        unsafe { start_rooted(Rooted::Gather, comm, send, recv, count, t, root) }?.wait()
+    })
+}
+
+/// Start `mr_gather` and return at once; finish with `mr_wait` as for `mr_iallreduce`.
+#[no_mangle]
+pub unsafe extern "C" fn mr_igather(
+    comm: *mut mr_comm,
+    send: *const c_void,
+    recv: *mut c_void,
+    count: usize,
+    t: mr_dtype_arg,
+    root: c_int,
+    req: *mut *mut mr_request,
+) -> mr_result {
+    ffi_boundary!("mr_igather", {
+        non_null("req (output)", req)?;
+        // SAFETY: forwarded from this export's C contract.
+        let request = unsafe { start_rooted(Rooted::Gather, comm, send, recv, count, t, root) }?;
+        // SAFETY: req checked non-NULL above; valid for one write by the C contract.
+        unsafe { give_request(req, request) };
+        Ok(())
+    })
+}
+
+/// Scatter `root`'s `send` (`count × size` elements of type `t`): rank r's `recv` gets block
+/// r (`count` elements; the root's `recv` may be its own block of `send`). Other ranks' `send`
+/// is not used and may be NULL. Blocks until done.
+#[no_mangle]
+pub unsafe extern "C" fn mr_scatter(
+    comm: *mut mr_comm,
+    send: *const c_void,
+    recv: *mut c_void,
+    count: usize,
+    t: mr_dtype_arg,
+    root: c_int,
+) -> mr_result {
+    ffi_boundary!("mr_scatter", {
+        // SAFETY: forwarded from this export's C contract.
+        unsafe { start_rooted(Rooted::Scatter, comm, send, recv, count, t, root) }?.wait()
+    })
+}
+
+/// Start `mr_scatter` and return at once; finish with `mr_wait` as for `mr_iallreduce`.
+#[no_mangle]
+pub unsafe extern "C" fn mr_iscatter(
+    comm: *mut mr_comm,
+    send: *const c_void,
+    recv: *mut c_void,
+    count: usize,
+    t: mr_dtype_arg,
+    root: c_int,
+    req: *mut *mut mr_request,
+) -> mr_result {
+    ffi_boundary!("mr_iscatter", {
+        non_null("req (output)", req)?;
+        // SAFETY: forwarded from this export's C contract.
+        let request = unsafe { start_rooted(Rooted::Scatter, comm, send, recv, count, t, root) }?;
+        // SAFETY: req checked non-NULL above; valid for one write by the C contract.
+        unsafe { give_request(req, request) };
+        Ok(())
+    })
+}
+
+/// # Safety
+/// The C contract of `mr_alltoall`.
+unsafe fn start_alltoall(
+    comm: *mut mr_comm,
+    send: *const c_void,
+    recv: *mut c_void,
+    count: usize,
+    t: mr_dtype_arg,
+) -> Result<Request> {
+    let t = dtype(t)?;
+    buffer("send", send, count)?;
+    buffer("recv", recv, count)?;
+    // SAFETY: the C contract makes a non-NULL handle a live one.
+    let c = unsafe { comm_ref(comm) }?;
+    // SAFETY: by the C contract both hold count × size elements of t, do not overlap, and
+    // stay untouched by anything else until the op ends.
+    unsafe { c.ialltoall_raw(send.cast(), recv.cast(), count, t) }
+}
+
+/// Every rank sends block p (`count` elements of type `t`) of its `send` to rank p, which
+/// stores the block from rank r as block r of its `recv`; both hold `count × size` elements
+/// and must not overlap. Blocks until done.
+#[no_mangle]
+pub unsafe extern "C" fn mr_alltoall(
+    comm: *mut mr_comm,
+    send: *const c_void,
+    recv: *mut c_void,
+    count: usize,
+    t: mr_dtype_arg,
+) -> mr_result {
+    ffi_boundary!("mr_alltoall", {
+        // SAFETY: forwarded from this export's C contract.
+        unsafe { start_alltoall(comm, send, recv, count, t) }?.wait()
+    })
+}
+
+/// Start `mr_alltoall` and return at once; finish with `mr_wait` as for `mr_iallreduce`.
+#[no_mangle]
+pub unsafe extern "C" fn mr_ialltoall(
+    comm: *mut mr_comm,
+    send: *const c_void,
+    recv: *mut c_void,
+    count: usize,
+    t: mr_dtype_arg,
+    req: *mut *mut mr_request,
+) -> mr_result {
+    ffi_boundary!("mr_ialltoall", {
+        non_null("req (output)", req)?;
+        // SAFETY: forwarded from this export's C contract.
+        let request = unsafe { start_alltoall(comm, send, recv, count, t) }?;
+        // SAFETY: req checked non-NULL above; valid for one write by the C contract.
+        unsafe { give_request(req, request) };
+        Ok(())
+    })
+}
+
+/// # Safety
+/// The C contract of `mr_alltoallv`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn start_alltoallv(
+    comm: *mut mr_comm,
+    send: *const c_void,
+    send_counts: *const usize,
+    send_displs: *const usize,
+    recv: *mut c_void,
+    recv_counts: *const usize,
+    recv_displs: *const usize,
+    t: mr_dtype_arg,
+) -> Result<Request> {
+    let t = dtype(t)?;
+    non_null("send_counts", send_counts)?;
+    non_null("send_displs", send_displs)?;
+    non_null("recv_counts", recv_counts)?;
+    non_null("recv_displs", recv_displs)?;
+    // SAFETY: the C contract makes a non-NULL handle a live one.
+    let c = unsafe { comm_ref(comm) }?;
+    let n = c.size();
+    // SAFETY: non-NULL, and by the C contract each array holds one entry per rank.
+    let (sc, sd, rc, rd) = unsafe {
+        (
+            std::slice::from_raw_parts(send_counts, n),
+            std::slice::from_raw_parts(send_displs, n),
+            std::slice::from_raw_parts(recv_counts, n),
+            std::slice::from_raw_parts(recv_displs, n),
+        )
+    };
+    // SAFETY: by the C contract the buffers hold the ranges the arrays name, untouched by
+    // anything else until the op ends; the Comm checks NULL against those ranges.
+    unsafe { c.ialltoallv_raw(send.cast(), sc, sd, recv.cast(), rc, rd, t) }
+}
+
+/// All-to-all with per-rank counts: `send_counts[p]` elements of type `t` at element offset
+/// `send_displs[p]` of `send` go to rank p, and `recv_counts[p]` elements from rank p land at
+/// `recv_displs[p]` of `recv` (each array has one entry per rank). Rank p's `send_counts[r]`
+/// must equal rank r's `recv_counts[p]`: a mismatch fails the op on both ranks with
+/// `MR_ERR_INVALID_ARGUMENT`. Ranges of `recv` must not overlap each other or `send`. Blocks
+/// until done.
+#[no_mangle]
+pub unsafe extern "C" fn mr_alltoallv(
+    comm: *mut mr_comm,
+    send: *const c_void,
+    send_counts: *const usize,
+    send_displs: *const usize,
+    recv: *mut c_void,
+    recv_counts: *const usize,
+    recv_displs: *const usize,
+    t: mr_dtype_arg,
+) -> mr_result {
+    ffi_boundary!("mr_alltoallv", {
+        // SAFETY: forwarded from this export's C contract.
+        unsafe {
+            start_alltoallv(
+                comm,
+                send,
+                send_counts,
+                send_displs,
+                recv,
+                recv_counts,
+                recv_displs,
+                t,
+            )
+        }?
+        .wait()
+    })
+}
+
+/// Start `mr_alltoallv` and return at once; finish with `mr_wait` as for `mr_iallreduce`. The
+/// count and displacement arrays are read before this returns.
+#[no_mangle]
+pub unsafe extern "C" fn mr_ialltoallv(
+    comm: *mut mr_comm,
+    send: *const c_void,
+    send_counts: *const usize,
+    send_displs: *const usize,
+    recv: *mut c_void,
+    recv_counts: *const usize,
+    recv_displs: *const usize,
+    t: mr_dtype_arg,
+    req: *mut *mut mr_request,
+) -> mr_result {
+    ffi_boundary!("mr_ialltoallv", {
+        non_null("req (output)", req)?;
+        // SAFETY: forwarded from this export's C contract.
+        let request = unsafe {
+            start_alltoallv(
+                comm,
+                send,
+                send_counts,
+                send_displs,
+                recv,
+                recv_counts,
+                recv_displs,
+                t,
+            )
+        }?;
+        // SAFETY: req checked non-NULL above; valid for one write by the C contract.
+        unsafe { give_request(req, request) };
+        Ok(())
+    })
+}
+
+// Point-to-point and groups. A group is per thread, as with ncclGroupStart/ncclGroupEnd:
+// sends and receives issued between mr_group_start and the outermost mr_group_end are recorded
+// (after their arguments are checked) and go out at mr_group_end as one op per communicator.
+
+/// A send or receive recorded in the open group.
+struct Grouped {
+    comm: *mut mr_comm,
+    call: P2pCall,
+    /// Shared by every call of this communicator in the group: their requests end together.
+    done: Arc<Completion>,
+    /// Issued with the blocking form: mr_group_end waits for it.
+    blocking: bool,
+}
+
+#[derive(Default)]
+struct Group {
+    depth: usize,
+    calls: Vec<Grouped>,
+}
+
+thread_local! {
+    static GROUP: RefCell<Group> = RefCell::new(Group::default());
+}
+
+/// Check and then start (outside a group) or record (inside one) a send or receive. Returns
+/// the request to hand out; `None` when the call was recorded with the blocking form.
+///
+/// # Safety
+/// The C contract of `mr_send`/`mr_recv`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn start_p2p(
+    comm: *mut mr_comm,
+    send: bool,
+    buf: *mut c_void,
+    count: usize,
+    t: mr_dtype_arg,
+    peer: c_int,
+    tag: c_int,
+    blocking: bool,
+) -> Result<Option<Request>> {
+    let dtype = dtype(t)?;
+    buffer("buf", buf, count)?;
+    let peer = non_negative("peer", peer)?;
+    let tag = u32::try_from(non_negative("tag", tag)?).expect("c_int fits u32");
+    // SAFETY: the C contract makes a non-NULL handle a live one.
+    let c = unsafe { comm_ref(comm) }?;
+    let call = P2pCall {
+        send,
+        peer,
+        tag,
+        buf: buf.cast(),
+        count,
+        dtype,
+    };
+    c.check_p2p(&call)?;
+    let grouped = GROUP.with(|g| {
+        let mut g = g.borrow_mut();
+        if g.depth == 0 {
+            return None;
+        }
+        let done = g
+            .calls
+            .iter()
+            .find(|e| e.comm == comm)
+            .map_or_else(|| Arc::new(Completion::default()), |e| e.done.clone());
+        g.calls.push(Grouped {
+            comm,
+            call,
+            done: done.clone(),
+            blocking,
+        });
+        Some(done)
+    });
+    match grouped {
+        Some(done) if blocking => {
+            drop(done);
+            Ok(None)
+        }
+        Some(done) => Ok(Some(Request::new(done))),
+        // SAFETY: by the C contract buf holds count elements of t, untouched by anything else
+        // until the op ends.
+        None => unsafe { c.submit_p2p(&[call], Arc::new(Completion::default())) }.map(Some),
+    }
+}
+
+/// Send `count` elements of type `t` from `buf` to rank `peer` with tag `tag` (non-negative).
+/// The matching `mr_recv` on `peer` must name this rank and the same tag, count and type:
+/// messages between two ranks are matched in the order they are called, and a receive that
+/// disagrees fails naming both sides. Blocks until sent, except inside a group
+/// (`mr_group_start`), where it is sent by `mr_group_end`. Point-to-point calls do not affect
+/// the order in which collectives are matched.
+#[no_mangle]
+pub unsafe extern "C" fn mr_send(
+    comm: *mut mr_comm,
+    buf: *const c_void,
+    count: usize,
+    t: mr_dtype_arg,
+    peer: c_int,
+    tag: c_int,
+) -> mr_result {
+    ffi_boundary!("mr_send", {
+        // SAFETY: forwarded from this export's C contract; a send only reads buf.
+        match unsafe { start_p2p(comm, true, buf as *mut c_void, count, t, peer, tag, true) }? {
+            Some(request) => request.wait(),
+            None => Ok(()),
+        }
+    })
+}
+
+/// Receive `count` elements of type `t` into `buf` from rank `peer`, sent with tag `tag`.
+/// Blocks until received, except inside a group, where `mr_group_end` receives it.
+#[no_mangle]
+pub unsafe extern "C" fn mr_recv(
+    comm: *mut mr_comm,
+    buf: *mut c_void,
+    count: usize,
+    t: mr_dtype_arg,
+    peer: c_int,
+    tag: c_int,
+) -> mr_result {
+    ffi_boundary!("mr_recv", {
+        // SAFETY: forwarded from this export's C contract.
+        match unsafe { start_p2p(comm, false, buf, count, t, peer, tag, true) }? {
+            Some(request) => request.wait(),
+            None => Ok(()),
+        }
+    })
+}
+
+/// Start `mr_send` and return at once; finish with `mr_wait`. Inside a group the request
+/// ends with the group's op, which starts at `mr_group_end`.
+#[no_mangle]
+pub unsafe extern "C" fn mr_isend(
+    comm: *mut mr_comm,
+    buf: *const c_void,
+    count: usize,
+    t: mr_dtype_arg,
+    peer: c_int,
+    tag: c_int,
+    req: *mut *mut mr_request,
+) -> mr_result {
+    ffi_boundary!("mr_isend", {
+        non_null("req (output)", req)?;
+        // SAFETY: forwarded from this export's C contract; a send only reads buf.
+        let request =
+            unsafe { start_p2p(comm, true, buf as *mut c_void, count, t, peer, tag, false) }?
+                .ok_or_else(|| Error::internal("mr_isend recorded without a request"))?;
+        // SAFETY: req checked non-NULL above; valid for one write by the C contract.
+        unsafe { give_request(req, request) };
+        Ok(())
+    })
+}
+
+/// Start `mr_recv` and return at once; finish with `mr_wait`, as for `mr_isend`.
+#[no_mangle]
+pub unsafe extern "C" fn mr_irecv(
+    comm: *mut mr_comm,
+    buf: *mut c_void,
+    count: usize,
+    t: mr_dtype_arg,
+    peer: c_int,
+    tag: c_int,
+    req: *mut *mut mr_request,
+) -> mr_result {
+    ffi_boundary!("mr_irecv", {
+        non_null("req (output)", req)?;
+        // SAFETY: forwarded from this export's C contract.
+        let request = unsafe { start_p2p(comm, false, buf, count, t, peer, tag, false) }?
+            .ok_or_else(|| Error::internal("mr_irecv recorded without a request"))?;
+        // SAFETY: req checked non-NULL above; valid for one write by the C contract.
+        unsafe { give_request(req, request) };
+        Ok(())
+    })
+}
+
+/// Open a group on this thread: sends and receives issued until the matching `mr_group_end`
+/// go out together, as one op per communicator, so a ring or any exchange of messages cannot
+/// deadlock. Groups nest; only the outermost `mr_group_end` sends. Collectives issued inside
+/// a group run as usual.
+#[no_mangle]
+pub extern "C" fn mr_group_start() -> mr_result {
+    ffi_boundary!("mr_group_start", {
+        GROUP.with(|g| g.borrow_mut().depth += 1);
+        Ok(())
+    })
+}
+
+/// Close the group opened by `mr_group_start`. The outermost one starts the recorded sends and
+/// receives and, if any was issued with the blocking `mr_send`/`mr_recv`, waits for them; the
+/// requests of `mr_isend`/`mr_irecv` end with their communicator's group. On error the calls
+/// that could not start fail their requests too.
+#[no_mangle]
+pub extern "C" fn mr_group_end() -> mr_result {
+    ffi_boundary!("mr_group_end", {
+        let calls = GROUP.with(|g| {
+            let mut g = g.borrow_mut();
+            if g.depth == 0 {
+                return Err(Error::invalid("mr_group_end without mr_group_start"));
+            }
+            g.depth -= 1;
+            Ok(if g.depth == 0 {
+                std::mem::take(&mut g.calls)
+            } else {
+                Vec::new()
+            })
+        })?;
+        // One op per communicator, in the order the communicators first appear.
+        let mut comms: Vec<*mut mr_comm> = Vec::new();
+        for e in &calls {
+            if !comms.contains(&e.comm) {
+                comms.push(e.comm);
+            }
+        }
+        let mut first_error = None;
+        let mut waits = Vec::new();
+        for comm in comms {
+            let mine: Vec<&Grouped> = calls.iter().filter(|e| e.comm == comm).collect();
+            let done = mine[0].done.clone();
+            let list: Vec<P2pCall> = mine.iter().map(|e| e.call).collect();
+            // SAFETY: the handle was live when recorded and, by the C contract, still is; the
+            // buffers stay untouched until the group's requests end.
+            let started = unsafe { comm_ref(comm) }
+                .and_then(|c| unsafe { c.submit_p2p(&list, done.clone()) });
+            match started {
+                Ok(request) => {
+                    if mine.iter().any(|e| e.blocking) {
+                        waits.push(request);
+                    }
+                }
+                Err(e) => {
+                    done.complete(Err(e.clone()));
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        for request in waits {
+            if let Err(e) = request.wait() {
+                first_error.get_or_insert(e);
+            }
+        }
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
     })
 }
 

@@ -82,6 +82,64 @@ fn null_comm_is_rejected_by_every_op() {
             mr_ibarrier(null_mut(), &mut req),
             "mr_ibarrier: comm is NULL",
         );
+        let counts = [1usize; 2];
+        let (c, d) = (counts.as_ptr(), counts.as_ptr());
+        assert_invalid(
+            mr_reduce(null_mut(), buf, buf, 4, F32, SUM, 0),
+            "mr_reduce: comm is NULL",
+        );
+        assert_invalid(
+            mr_gather(null_mut(), buf, buf, 4, F32, 0),
+            "mr_gather: comm is NULL",
+        );
+        assert_invalid(
+            mr_scatter(null_mut(), buf, buf, 4, F32, 0),
+            "mr_scatter: comm is NULL",
+        );
+        assert_invalid(
+            mr_alltoall(null_mut(), buf, buf, 4, F32),
+            "mr_alltoall: comm is NULL",
+        );
+        assert_invalid(
+            mr_ireduce(null_mut(), buf, buf, 4, F32, SUM, 0, &mut req),
+            "mr_ireduce: comm is NULL",
+        );
+        assert_invalid(
+            mr_igather(null_mut(), buf, buf, 4, F32, 0, &mut req),
+            "mr_igather: comm is NULL",
+        );
+        assert_invalid(
+            mr_iscatter(null_mut(), buf, buf, 4, F32, 0, &mut req),
+            "mr_iscatter: comm is NULL",
+        );
+        assert_invalid(
+            mr_ialltoall(null_mut(), buf, buf, 4, F32, &mut req),
+            "mr_ialltoall: comm is NULL",
+        );
+        assert_invalid(
+            mr_alltoallv(null_mut(), buf, c, d, buf, c, d, F32),
+            "mr_alltoallv: comm is NULL",
+        );
+        assert_invalid(
+            mr_ialltoallv(null_mut(), buf, c, d, buf, c, d, F32, &mut req),
+            "mr_ialltoallv: comm is NULL",
+        );
+        assert_invalid(
+            mr_send(null_mut(), buf, 4, F32, 1, 0),
+            "mr_send: comm is NULL",
+        );
+        assert_invalid(
+            mr_recv(null_mut(), buf, 4, F32, 1, 0),
+            "mr_recv: comm is NULL",
+        );
+        assert_invalid(
+            mr_isend(null_mut(), buf, 4, F32, 1, 0, &mut req),
+            "mr_isend: comm is NULL",
+        );
+        assert_invalid(
+            mr_irecv(null_mut(), buf, 4, F32, 1, 0, &mut req),
+            "mr_irecv: comm is NULL",
+        );
         assert_invalid(mr_comm_abort(null_mut()), "mr_comm_abort: comm is NULL");
         assert_invalid(mr_comm_rank(null(), &mut v), "mr_comm_rank: comm is NULL");
         assert_invalid(mr_comm_size(null(), &mut v), "mr_comm_size: comm is NULL");

@@ -370,3 +370,397 @@ fn layout_of_a_one_host_job_through_the_c_abi() {
     }
     destroy(handles);
 }
+
+/// Run `body(rank, handle)` on every rank of a fresh `n`-rank job, each on its own thread;
+/// their results in rank order.
+fn on_ranks<T: Send + 'static>(
+    n: c_int,
+    body: impl Fn(usize, Handle) -> T + Send + Sync + Copy + 'static,
+) -> Vec<T> {
+    let handles = local_job(n);
+    let workers: Vec<_> = handles
+        .iter()
+        .enumerate()
+        .map(|(rank, &h)| thread::spawn(move || body(rank, h)))
+        .collect();
+    let out = workers
+        .into_iter()
+        .map(|w| w.join().expect("worker"))
+        .collect();
+    destroy(handles);
+    out
+}
+
+#[test]
+fn rooted_collectives_and_all_to_all_through_the_c_abi() {
+    const COUNT: usize = 1000;
+    for n in 1..=4usize {
+        let results = on_ranks(n as c_int, move |rank, h| {
+            let c = h.ptr();
+            let v = |from: usize, to: usize, i: usize| (from * 10_000 + to * 1000 + i) as i32;
+            let root = n - 1;
+            // SAFETY: every buffer outlives its op; non-blocking ones are waited right away.
+            unsafe {
+                // reduce (non-roots pass no receive buffer)
+                let send: Vec<i32> = (0..COUNT).map(|i| v(rank, 0, i)).collect();
+                let mut sum = vec![0i32; COUNT];
+                let recv = if rank == root {
+                    sum.as_mut_ptr().cast()
+                } else {
+                    null_mut()
+                };
+                ok(mr_reduce(
+                    c,
+                    send.as_ptr().cast(),
+                    recv,
+                    COUNT,
+                    I32,
+                    SUM,
+                    root as c_int,
+                ));
+                if rank == root {
+                    for (i, s) in sum.iter().enumerate() {
+                        assert_eq!(*s, (0..n).map(|r| v(r, 0, i)).sum::<i32>(), "reduce {i}");
+                    }
+                }
+                // gather, non-blocking
+                let send: Vec<i32> = (0..COUNT).map(|i| v(rank, root, i)).collect();
+                let mut all = vec![0i32; COUNT * n];
+                let mut req = null_mut();
+                ok(mr_igather(
+                    c,
+                    send.as_ptr().cast(),
+                    all.as_mut_ptr().cast(),
+                    COUNT,
+                    I32,
+                    0,
+                    &mut req,
+                ));
+                ok(mr_wait(req));
+                if rank == 0 {
+                    for r in 0..n {
+                        assert_eq!(all[r * COUNT + 7], v(r, root, 7), "gather from {r}");
+                    }
+                }
+                // scatter from the last rank
+                let blocks: Vec<i32> = (0..n)
+                    .flat_map(|p| (0..COUNT).map(move |i| v(root, p, i)))
+                    .collect();
+                let mut mine = vec![0i32; COUNT];
+                ok(mr_scatter(
+                    c,
+                    blocks.as_ptr().cast(),
+                    mine.as_mut_ptr().cast(),
+                    COUNT,
+                    I32,
+                    root as c_int,
+                ));
+                assert_eq!(mine[COUNT - 1], v(root, rank, COUNT - 1));
+                // alltoall, non-blocking
+                let send: Vec<i32> = (0..n)
+                    .flat_map(|p| (0..COUNT).map(move |i| v(rank, p, i)))
+                    .collect();
+                let mut recv = vec![0i32; COUNT * n];
+                ok(mr_ialltoall(
+                    c,
+                    send.as_ptr().cast(),
+                    recv.as_mut_ptr().cast(),
+                    COUNT,
+                    I32,
+                    &mut req,
+                ));
+                ok(mr_wait(req));
+                for p in 0..n {
+                    assert_eq!(recv[p * COUNT + 3], v(p, rank, 3), "alltoall from {p}");
+                }
+                // alltoallv: rank a sends rank b (a + 2b) % 3 elements
+                let split = |a: usize, b: usize| (a + 2 * b) % 3;
+                let sc: Vec<usize> = (0..n).map(|p| split(rank, p)).collect();
+                let rc: Vec<usize> = (0..n).map(|p| split(p, rank)).collect();
+                let displs = |c: &[usize]| -> Vec<usize> {
+                    c.iter()
+                        .scan(0, |a, &x| {
+                            let d = *a;
+                            *a += x;
+                            Some(d)
+                        })
+                        .collect()
+                };
+                let (sd, rd) = (displs(&sc), displs(&rc));
+                let send: Vec<i32> = (0..n)
+                    .flat_map(|p| (0..split(rank, p)).map(move |i| v(rank, p, i)))
+                    .collect();
+                let mut recv = vec![-1i32; rc.iter().sum()];
+                ok(mr_alltoallv(
+                    c,
+                    send.as_ptr().cast(),
+                    sc.as_ptr(),
+                    sd.as_ptr(),
+                    recv.as_mut_ptr().cast(),
+                    rc.as_ptr(),
+                    rd.as_ptr(),
+                    I32,
+                ));
+                let want: Vec<i32> = (0..n)
+                    .flat_map(|p| (0..split(p, rank)).map(move |i| v(p, rank, i)))
+                    .collect();
+                assert_eq!(recv, want, "alltoallv");
+            }
+            true
+        });
+        assert!(results.into_iter().all(|x| x), "world {n}");
+    }
+}
+
+#[test]
+fn bad_arguments_of_rooted_and_exchange_calls_leave_the_communicator_usable() {
+    let results = on_ranks(3, |rank, h| {
+        let c = h.ptr();
+        let mut buf = vec![1i32; 12];
+        let p = buf.as_mut_ptr().cast::<c_void>();
+        let counts = [1usize; 3];
+        let displs = [0usize, 1, 2];
+        let mut req = null_mut();
+        let mut messages = Vec::new();
+        // SAFETY: live handle; every rejected call fails before starting an op; the others
+        // use buffers that outlive them.
+        unsafe {
+            let expect_invalid = |r: mr_result, needle: &str| {
+                assert_eq!(r, mr_result::MR_ERR_INVALID_ARGUMENT, "{}", last_error());
+                assert!(last_error().contains(needle), "{needle}: {}", last_error());
+            };
+            expect_invalid(
+                mr_reduce(c, p, p, 4, I32, SUM, 3),
+                "reduce root 3 is out of range",
+            );
+            expect_invalid(
+                mr_ireduce(c, p, p, 4, I32, SUM, -1, &mut req),
+                "root -1 is negative",
+            );
+            expect_invalid(mr_gather(c, p, p, 4, I32, 7), "gather root 7");
+            expect_invalid(mr_scatter(c, p, p, 4, I32, 3), "scatter root 3");
+            expect_invalid(mr_gather(c, null(), p, 4, I32, 0), "send is NULL");
+            expect_invalid(mr_alltoall(c, p, null_mut(), 4, I32), "recv is NULL");
+            expect_invalid(
+                mr_alltoallv(
+                    c,
+                    p,
+                    null(),
+                    displs.as_ptr(),
+                    p,
+                    counts.as_ptr(),
+                    displs.as_ptr(),
+                    I32,
+                ),
+                "send_counts is NULL",
+            );
+            // The root must pass a receive buffer, the others need not.
+            if rank == 0 {
+                expect_invalid(
+                    mr_gather(c, p, null_mut(), 4, I32, 0),
+                    "gather recv buffer is NULL",
+                );
+                expect_invalid(
+                    mr_reduce(c, p, null_mut(), 4, I32, SUM, 0),
+                    "reduce recv buffer is NULL",
+                );
+            }
+            // This rank must send itself what it expects from itself.
+            let mut rc = counts;
+            rc[rank] = 2;
+            expect_invalid(
+                mr_alltoallv(
+                    c,
+                    p,
+                    counts.as_ptr(),
+                    displs.as_ptr(),
+                    p,
+                    rc.as_ptr(),
+                    displs.as_ptr(),
+                    I32,
+                ),
+                "sends itself 1 elements but expects 2",
+            );
+            assert!(req.is_null());
+            // Counts that disagree across ranks fail the op on the ranks that see it, with
+            // both views in the message, and the communicator stays usable.
+            let mut sc = counts;
+            if rank == 1 {
+                sc[2] = 2;
+            }
+            let mut out = vec![0i32; 12];
+            let r = mr_alltoallv(
+                c,
+                p,
+                sc.as_ptr(),
+                displs.as_ptr(),
+                out.as_mut_ptr().cast(),
+                counts.as_ptr(),
+                [0usize, 1, 2].as_ptr(),
+                I32,
+            );
+            messages.push((r, last_error()));
+            let mut v = vec![rank as i32; 5];
+            ok(mr_allreduce(c, v.as_mut_ptr().cast(), 5, I32, SUM));
+            assert_eq!(v, vec![3; 5]);
+        }
+        messages
+    });
+    let rank2 = &results[2][0];
+    assert_eq!(rank2.0, mr_result::MR_ERR_INVALID_ARGUMENT, "{}", rank2.1);
+    assert!(
+        rank2.1.contains("rank 1 sends 2 x int32 to this rank") && rank2.1.contains("expects 1"),
+        "{}",
+        rank2.1
+    );
+}
+
+#[test]
+fn send_recv_pairs_tags_and_group_rings_through_the_c_abi() {
+    for n in 2..=5usize {
+        let results = on_ranks(n as c_int, move |rank, h| {
+            let c = h.ptr();
+            let (next, prev) = ((rank + 1) % n, (rank + n - 1) % n);
+            // SAFETY: every buffer outlives its op; requests are waited before buffers drop.
+            unsafe {
+                // A ring in one group, non-blocking forms, a message larger than any socket
+                // buffer so that nobody could finish sending before its neighbour receives.
+                const BIG: usize = 1 << 20;
+                let send: Vec<f32> = (0..BIG).map(|i| (rank * 7 + i % 13) as f32).collect();
+                let mut recv = vec![0f32; BIG];
+                let (mut rs, mut rr) = (null_mut(), null_mut());
+                ok(mr_group_start());
+                ok(mr_isend(
+                    c,
+                    send.as_ptr().cast(),
+                    BIG,
+                    F32,
+                    next as c_int,
+                    3,
+                    &mut rs,
+                ));
+                ok(mr_irecv(
+                    c,
+                    recv.as_mut_ptr().cast(),
+                    BIG,
+                    F32,
+                    prev as c_int,
+                    3,
+                    &mut rr,
+                ));
+                ok(mr_group_end());
+                ok(mr_wait(rs));
+                ok(mr_wait(rr));
+                assert_eq!(recv[12], (prev * 7 + 12) as f32, "ring from {prev}");
+                // The same ring with the blocking forms: mr_group_end waits.
+                let mut back = vec![0f32; BIG];
+                ok(mr_group_start());
+                ok(mr_send(c, recv.as_ptr().cast(), BIG, F32, prev as c_int, 4));
+                ok(mr_recv(
+                    c,
+                    back.as_mut_ptr().cast(),
+                    BIG,
+                    F32,
+                    next as c_int,
+                    4,
+                ));
+                ok(mr_group_end());
+                assert_eq!(back, send, "ring back");
+                // Rank 0 and rank 1 only: two messages with different tags and counts, in
+                // order, then a collective that every rank calls; point-to-point took no
+                // sequence number from it.
+                if rank < 2 {
+                    let other = 1 - rank as c_int;
+                    let a = [rank as i32 + 10; 3];
+                    let b = [rank as i32 + 20; 5];
+                    let (mut ga, mut gb) = ([0i32; 3], [0i32; 5]);
+                    ok(mr_group_start());
+                    ok(mr_send(c, a.as_ptr().cast(), 3, I32, other, 1));
+                    ok(mr_send(c, b.as_ptr().cast(), 5, I32, other, 2));
+                    ok(mr_recv(c, ga.as_mut_ptr().cast(), 3, I32, other, 1));
+                    ok(mr_recv(c, gb.as_mut_ptr().cast(), 5, I32, other, 2));
+                    ok(mr_group_end());
+                    assert_eq!(ga, [other + 10; 3]);
+                    assert_eq!(gb, [other + 20; 5]);
+                    // Outside a group: rank 0 sends first, rank 1 receives first.
+                    let mut z = [0i32; 2];
+                    if rank == 0 {
+                        ok(mr_send(c, a.as_ptr().cast(), 2, I32, 1, 9));
+                        ok(mr_recv(c, z.as_mut_ptr().cast(), 2, I32, 1, 9));
+                    } else {
+                        ok(mr_recv(c, z.as_mut_ptr().cast(), 2, I32, 0, 9));
+                        ok(mr_send(c, a.as_ptr().cast(), 2, I32, 0, 9));
+                    }
+                    assert_eq!(z, [other + 10; 2]);
+                }
+                let mut v = vec![1i32; 7];
+                ok(mr_allreduce(c, v.as_mut_ptr().cast(), 7, I32, SUM));
+                assert_eq!(v, vec![n as i32; 7]);
+            }
+            true
+        });
+        assert!(results.into_iter().all(|x| x), "world {n}");
+    }
+}
+
+#[test]
+fn bad_point_to_point_calls_fail_clearly_and_leave_the_communicator_usable() {
+    let results = on_ranks(2, |rank, h| {
+        let c = h.ptr();
+        let mut buf = [0i32; 4];
+        let p = buf.as_mut_ptr().cast::<c_void>();
+        let mut req = null_mut();
+        // SAFETY: live handle; buffers outlive every op.
+        unsafe {
+            let expect_invalid = |r: mr_result, needle: &str| {
+                assert_eq!(r, mr_result::MR_ERR_INVALID_ARGUMENT, "{}", last_error());
+                assert!(last_error().contains(needle), "{needle}: {}", last_error());
+            };
+            expect_invalid(mr_send(c, p, 4, I32, 2, 0), "send peer 2 is out of range");
+            expect_invalid(
+                mr_irecv(c, p, 4, I32, rank as c_int, 0, &mut req),
+                "is this rank",
+            );
+            expect_invalid(mr_send(c, p, 4, I32, -1, 0), "peer -1 is negative");
+            expect_invalid(mr_recv(c, p, 4, I32, 0, -5), "tag -5 is negative");
+            expect_invalid(
+                mr_send(c, null(), 4, I32, 1 - rank as c_int, 0),
+                "buf is NULL",
+            );
+            expect_invalid(
+                mr_isend(c, p, 4, I32, 1, 0, null_mut()),
+                "req (output) is NULL",
+            );
+            expect_invalid(mr_group_end(), "mr_group_end without mr_group_start");
+            assert!(req.is_null());
+            // A rejected call inside a group is not recorded; the group still works.
+            let other = 1 - rank as c_int;
+            let mine = [rank as i32; 4];
+            ok(mr_group_start());
+            expect_invalid(mr_send(c, p, 4, I32, 9, 0), "out of range");
+            ok(mr_send(c, mine.as_ptr().cast(), 4, I32, other, 0));
+            ok(mr_recv(c, p, 4, I32, other, 0));
+            ok(mr_group_end());
+            assert_eq!(buf, [other; 4]);
+            // Tags that disagree: the receiver fails naming both sides.
+            let message = if rank == 0 {
+                let _ = mr_send(c, mine.as_ptr().cast(), 4, I32, 1, 5);
+                None
+            } else {
+                let r = mr_recv(c, p, 4, I32, 0, 6);
+                Some((r, last_error()))
+            };
+            let mut v = vec![1i32; 3];
+            ok(mr_allreduce(c, v.as_mut_ptr().cast(), 3, I32, SUM));
+            assert_eq!(v, vec![2; 3]);
+            message
+        }
+    });
+    let (r, message) = results[1].clone().expect("rank 1 reports");
+    assert_eq!(r, mr_result::MR_ERR_INVALID_ARGUMENT, "{message}");
+    assert!(
+        message.contains("mismatched send/recv: rank 0 sent 4 x int32 with tag 5")
+            && message.contains("expects 4 x int32 with tag 6"),
+        "{message}"
+    );
+}

@@ -68,6 +68,22 @@ const CONTRACT: &[&str] = &[
     "mr_result mr_test(mr_request *req, int *done)",
     "mr_result mr_allreduce_compressed(mr_comm *comm, void *buf, size_t count, mr_dtype t, mr_op op, mr_compress z)",
     "mr_result mr_iallreduce_compressed(mr_comm *comm, void *buf, size_t count, mr_dtype t, mr_op op, mr_compress z, mr_request **req)",
+    "mr_result mr_send(mr_comm *comm, const void *buf, size_t count, mr_dtype t, int peer, int tag)",
+    "mr_result mr_recv(mr_comm *comm, void *buf, size_t count, mr_dtype t, int peer, int tag)",
+    "mr_result mr_isend(mr_comm *comm, const void *buf, size_t count, mr_dtype t, int peer, int tag, mr_request **req)",
+    "mr_result mr_irecv(mr_comm *comm, void *buf, size_t count, mr_dtype t, int peer, int tag, mr_request **req)",
+    "mr_result mr_group_start(void)",
+    "mr_result mr_group_end(void)",
+    "mr_result mr_reduce(mr_comm *comm, const void *send, void *recv, size_t count, mr_dtype t, mr_op op, int root)",
+    "mr_result mr_gather(mr_comm *comm, const void *send, void *recv, size_t count, mr_dtype t, int root)",
+    "mr_result mr_scatter(mr_comm *comm, const void *send, void *recv, size_t count, mr_dtype t, int root)",
+    "mr_result mr_alltoall(mr_comm *comm, const void *send, void *recv, size_t count, mr_dtype t)",
+    "mr_result mr_alltoallv(mr_comm *comm, const void *send, const size_t *send_counts, const size_t *send_displs, void *recv, const size_t *recv_counts, const size_t *recv_displs, mr_dtype t)",
+    "mr_result mr_ireduce(mr_comm *comm, const void *send, void *recv, size_t count, mr_dtype t, mr_op op, int root, mr_request **req)",
+    "mr_result mr_igather(mr_comm *comm, const void *send, void *recv, size_t count, mr_dtype t, int root, mr_request **req)",
+    "mr_result mr_iscatter(mr_comm *comm, const void *send, void *recv, size_t count, mr_dtype t, int root, mr_request **req)",
+    "mr_result mr_ialltoall(mr_comm *comm, const void *send, void *recv, size_t count, mr_dtype t, mr_request **req)",
+    "mr_result mr_ialltoallv(mr_comm *comm, const void *send, const size_t *send_counts, const size_t *send_displs, void *recv, const size_t *recv_counts, const size_t *recv_displs, mr_dtype t, mr_request **req)",
 ];
 
 #[test]

@@ -1,4 +1,5 @@
 //! Every collective, dtype and reduction across real processes on 127.0.0.1.
+//! Gather, scatter and all-to-all(v) always travel over TCP; reduce takes the all-reduce path.
 //!
 //! Each world size runs three times: over TCP (`MR_ALGO=ring`) with `MR_SMALL_BYTES=0`
 //! (all-reduce always takes the ring) and with `MR_SMALL_BYTES=max` (always recursive
@@ -174,8 +175,182 @@ fn matrix(comm: &Comm) {
     }
     ok("barrier_checked", barriers);
 
+    rooted(comm);
+    exchanges(comm);
     nonblocking(comm);
     hashes(comm);
+}
+
+/// Reduce (every dtype and op, several roots), gather and scatter (every root), every count.
+fn rooted(comm: &Comm) {
+    let (r, n) = (comm.rank(), comm.size());
+    let mut roots = vec![0, n / 2, n - 1];
+    roots.dedup();
+    let mut reduced = 0usize;
+    for &count in &counts(n) {
+        for dtype in DType::ALL {
+            for op in ReduceOp::ALL {
+                for &root in &roots {
+                    let name = format!("reduce/{dtype}/{op}/{count}/root{root}");
+                    let mut send = data::encode(dtype, 0, count, |i| data::value(r, i, dtype, op));
+                    let want = data::encode(dtype, 0, count, |i| data::expected(n, i, dtype, op));
+                    let mut recv = Buf::filled(want.len(), 0x5a);
+                    // Other ranks pass no receive buffer, as NCCL allows.
+                    let recv_ptr = if r == root {
+                        recv.ptr()
+                    } else {
+                        std::ptr::null_mut()
+                    };
+                    // SAFETY: both buffers outlive the request, which is waited for at once.
+                    let res =
+                        unsafe { comm.ireduce_raw(send.ptr(), recv_ptr, count, dtype, op, root) }
+                            .and_then(Request::wait);
+                    match res {
+                        Ok(()) if r == root => {
+                            reduced +=
+                                check(&name, recv.bytes(), want.bytes(), dtype.size()) as usize
+                        }
+                        Ok(()) => reduced += 1,
+                        Err(e) => fail(&name, e),
+                    }
+                }
+            }
+        }
+    }
+    ok("reduce_checked", reduced);
+
+    let pattern = |from: usize, to: usize, i: usize| ((from * 37 + to * 13 + i * 11) % 100) as f64;
+    let (mut gathered, mut scattered) = (0usize, 0usize);
+    for &count in &counts(n) {
+        for dtype in DType::ALL {
+            for root in 0..n {
+                let name = format!("gather/{dtype}/{count}/root{root}");
+                let mut send = data::encode(dtype, 0, count, |i| pattern(r, root, i));
+                let mut want = Vec::new();
+                for q in 0..n {
+                    want.extend_from_slice(
+                        data::encode(dtype, 0, count, |i| pattern(q, root, i)).bytes(),
+                    );
+                }
+                let mut recv = Buf::filled(if r == root { want.len() } else { 0 }, 0x5a);
+                let recv_ptr = if r == root {
+                    recv.ptr()
+                } else {
+                    std::ptr::null_mut()
+                };
+                // SAFETY: both buffers outlive the request, which is waited for at once.
+                let res = unsafe { comm.igather_raw(send.ptr(), recv_ptr, count, dtype, root) }
+                    .and_then(Request::wait);
+                match res {
+                    Ok(()) if r == root => {
+                        gathered += check(&name, recv.bytes(), &want, dtype.size()) as usize
+                    }
+                    Ok(()) => gathered += 1,
+                    Err(e) => fail(&name, e),
+                }
+
+                let name = format!("scatter/{dtype}/{count}/root{root}");
+                let mut send = Buf::zeroed(0);
+                if r == root {
+                    let mut all = Vec::new();
+                    for q in 0..n {
+                        all.extend_from_slice(
+                            data::encode(dtype, 0, count, |i| pattern(root, q, i)).bytes(),
+                        );
+                    }
+                    send = Buf::from_bytes(&all);
+                }
+                let send_ptr = if r == root {
+                    send.ptr()
+                } else {
+                    std::ptr::null_mut()
+                };
+                let want = data::encode(dtype, 0, count, |i| pattern(root, r, i));
+                let mut recv = Buf::filled(want.len(), 0x5a);
+                // SAFETY: both buffers outlive the request, which is waited for at once.
+                let res = unsafe { comm.iscatter_raw(send_ptr, recv.ptr(), count, dtype, root) }
+                    .and_then(Request::wait);
+                match res {
+                    Ok(()) => {
+                        scattered += check(&name, recv.bytes(), want.bytes(), dtype.size()) as usize
+                    }
+                    Err(e) => fail(&name, e),
+                }
+            }
+        }
+    }
+    ok("gather_checked", gathered);
+    ok("scatter_checked", scattered);
+}
+
+/// All-to-all (every dtype and count) and all-to-all-v with uneven splits, zeros included.
+fn exchanges(comm: &Comm) {
+    let (r, n) = (comm.rank(), comm.size());
+    let pattern = |from: usize, to: usize, i: usize| ((from * 31 + to * 7 + i * 3) % 100) as f64;
+    let mut done = 0usize;
+    for &count in &counts(n) {
+        for dtype in DType::ALL {
+            let name = format!("alltoall/{dtype}/{count}");
+            let mut send_all = Vec::new();
+            let mut want = Vec::new();
+            for q in 0..n {
+                send_all
+                    .extend_from_slice(data::encode(dtype, 0, count, |i| pattern(r, q, i)).bytes());
+                want.extend_from_slice(data::encode(dtype, 0, count, |i| pattern(q, r, i)).bytes());
+            }
+            let mut send = Buf::from_bytes(&send_all);
+            let mut recv = Buf::filled(want.len(), 0x5a);
+            // SAFETY: both buffers outlive the request, which is waited for at once.
+            let res = unsafe { comm.ialltoall_raw(send.ptr(), recv.ptr(), count, dtype) }
+                .and_then(Request::wait);
+            match res {
+                Ok(()) => done += check(&name, recv.bytes(), &want, dtype.size()) as usize,
+                Err(e) => fail(&name, e),
+            }
+        }
+    }
+    ok("alltoall_checked", done);
+
+    // Rank a sends rank b split(a, b) elements; some pairs send nothing, one sends more than a
+    // chunk.
+    let split = |a: usize, b: usize| match (a * 3 + b * 5) % 4 {
+        0 => 0,
+        1 => 1,
+        2 => 17,
+        _ => 3 * CHUNK + 5,
+    };
+    let packed = |c: &[usize]| -> Vec<usize> {
+        c.iter()
+            .scan(0, |acc, &x| {
+                let d = *acc;
+                *acc += x;
+                Some(d)
+            })
+            .collect()
+    };
+    let mut done = 0usize;
+    for dtype in DType::ALL {
+        let name = format!("alltoallv/{dtype}");
+        let sc: Vec<usize> = (0..n).map(|q| split(r, q)).collect();
+        let rc: Vec<usize> = (0..n).map(|q| split(q, r)).collect();
+        let (sd, rd) = (packed(&sc), packed(&rc));
+        let mut send_all = Vec::new();
+        let mut want = Vec::new();
+        for q in 0..n {
+            send_all.extend_from_slice(data::encode(dtype, 0, sc[q], |i| pattern(r, q, i)).bytes());
+            want.extend_from_slice(data::encode(dtype, 0, rc[q], |i| pattern(q, r, i)).bytes());
+        }
+        let mut send = Buf::from_bytes(&send_all);
+        let mut recv = Buf::filled(want.len(), 0x5a);
+        // SAFETY: both buffers outlive the request, which is waited for at once.
+        let res = unsafe { comm.ialltoallv_raw(send.ptr(), &sc, &sd, recv.ptr(), &rc, &rd, dtype) }
+            .and_then(Request::wait);
+        match res {
+            Ok(()) => done += check(&name, recv.bytes(), &want, dtype.size()) as usize,
+            Err(e) => fail(&name, e),
+        }
+    }
+    ok("alltoallv_checked", done);
 }
 
 /// Seven ops of every kind issued back to back, then waited for: the last one first (after
@@ -393,6 +568,11 @@ fn run_matrix(n: usize) {
                 DType::ALL.len() * ncounts * roots.len(),
             );
             want("barrier_checked", 3);
+            want("reduce_checked", per_count * ncounts * roots.len());
+            want("gather_checked", DType::ALL.len() * ncounts * n);
+            want("scatter_checked", DType::ALL.len() * ncounts * n);
+            want("alltoall_checked", DType::ALL.len() * ncounts);
+            want("alltoallv_checked", DType::ALL.len());
             want("nonblocking_checked", 6);
         }
         let hashes = support::assert_same_details(&out, "hash/");

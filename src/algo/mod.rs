@@ -15,6 +15,8 @@
 //! several TCP streams); every schedule accepts them so.
 
 pub mod compressed;
+pub mod exchange;
+pub mod p2p;
 pub mod plan;
 pub mod relay;
 pub mod ring;
@@ -52,15 +54,27 @@ pub enum Collective {
     AllGather = 3,
     ReduceScatter = 4,
     Barrier = 5,
+    Gather = 6,
+    Scatter = 7,
+    AllToAll = 8,
+    AllToAllV = 9,
+    /// A group of sends and receives ([`p2p`]); its frames carry their peer pair's own
+    /// sequence, not the communicator's.
+    PointToPoint = 10,
 }
 
 impl Collective {
-    pub const ALL: [Collective; 5] = [
+    pub const ALL: [Collective; 10] = [
         Collective::AllReduce,
         Collective::Broadcast,
         Collective::AllGather,
         Collective::ReduceScatter,
         Collective::Barrier,
+        Collective::Gather,
+        Collective::Scatter,
+        Collective::AllToAll,
+        Collective::AllToAllV,
+        Collective::PointToPoint,
     ];
 
     /// The collective a wire or shared-memory code names, if any.
@@ -75,6 +89,11 @@ impl Collective {
             Collective::AllGather => "allgather",
             Collective::ReduceScatter => "reduce_scatter",
             Collective::Barrier => "barrier",
+            Collective::Gather => "gather",
+            Collective::Scatter => "scatter",
+            Collective::AllToAll => "alltoall",
+            Collective::AllToAllV => "alltoallv",
+            Collective::PointToPoint => "send/recv",
         }
     }
 }
@@ -89,9 +108,10 @@ pub struct OpDesc {
     pub dtype: DType,
     pub op: ReduceOp,
     /// Elements in the caller's in/out buffer for all-reduce and broadcast; elements per rank
-    /// for all-gather and reduce-scatter.
+    /// for all-gather, reduce-scatter, gather, scatter and all-to-all; 0 for all-to-all-v,
+    /// whose frames carry each transfer's own count.
     pub count: usize,
-    /// Broadcast root.
+    /// Broadcast, gather and scatter root.
     pub root: usize,
     /// Wire format of the op's float data ([`Compression::None`] for every op but a
     /// compressed float all-reduce). Travels in the high nibble of [`FrameHeader::redop`].
@@ -129,6 +149,24 @@ impl std::fmt::Display for OpDesc {
                 )
             }
             Collective::Barrier => write!(f, "barrier(seq {})", self.seq),
+            Collective::Gather | Collective::Scatter => write!(
+                f,
+                "{}(seq {}, {} x {} per rank, root {})",
+                self.coll.name(),
+                self.seq,
+                self.count,
+                self.dtype,
+                self.root
+            ),
+            Collective::AllToAll => write!(
+                f,
+                "alltoall(seq {}, {} x {} per rank)",
+                self.seq, self.count, self.dtype
+            ),
+            Collective::AllToAllV => {
+                write!(f, "alltoallv(seq {}, {})", self.seq, self.dtype)
+            }
+            Collective::PointToPoint => write!(f, "send/recv group of {} ops", self.count),
         }
     }
 }
@@ -292,4 +330,11 @@ pub trait Schedule: Send {
 
     /// Human-readable summary of what the schedule still waits for (used in timeout errors).
     fn waiting_for(&self) -> String;
+
+    /// Whether a point-to-point frame ([`Collective::PointToPoint`], routed by its pair
+    /// sequence rather than the op's) belongs to this op. Only point-to-point schedules take
+    /// any.
+    fn accepts_p2p(&self, _from: Endpoint, _header: &FrameHeader) -> bool {
+        false
+    }
 }

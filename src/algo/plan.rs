@@ -132,6 +132,15 @@ pub fn build_with_relays(
             mem.acc = Some(Scratch::zeroed(0)?);
             Box::new(RecursiveDoubling::new(*desc, rank, size))
         }
+        Collective::Gather
+        | Collective::Scatter
+        | Collective::AllToAll
+        | Collective::AllToAllV
+        | Collective::PointToPoint => {
+            return Err(crate::error::Error::internal(format!(
+                "{desc} is a direct exchange: its plan comes with the call (algo::exchange)"
+            )));
+        }
     })
 }
 

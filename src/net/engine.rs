@@ -983,6 +983,26 @@ impl Loop {
                         return Ok(false);
                     }
                     Sink::Buffer
+                } else if h.coll == crate::algo::Collective::PointToPoint as u8 {
+                    // Routed by its peer pair's own sequence (algo::p2p): deliver it to the
+                    // current op if that op receives it, else leave it in the socket until the
+                    // op that does starts.
+                    match self.current.as_mut() {
+                        Some(a) if a.op.schedule.accepts_p2p(ep, &h) => {
+                            match a.op.schedule.recv_in_place(ep, &h) {
+                                Ok(Some(region)) => Sink::Direct(region),
+                                Ok(None) => Sink::Buffer,
+                                Err(e) => {
+                                    self.fail_current(e);
+                                    Sink::Discard
+                                }
+                            }
+                        }
+                        _ => {
+                            self.conns[i].read = ReadState::Parked(frame);
+                            return Ok(false);
+                        }
+                    }
                 } else if Some(h.seq) == current_seq {
                     let a = self.current.as_mut().expect("current op");
                     match a.op.schedule.recv_in_place(ep, &h) {

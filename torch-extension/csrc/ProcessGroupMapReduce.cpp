@@ -275,6 +275,105 @@ at::Tensor flatBuffer(const at::Tensor& like, int64_t numel) {
   return at::empty({numel}, like.options().memory_format(at::MemoryFormat::Contiguous));
 }
 
+int checkRoot(const char* collective, int64_t root, int size) {
+  TORCH_CHECK(
+      root >= 0 && root < size,
+      "mapreduce ",
+      collective,
+      ": root rank ",
+      root,
+      " is out of range for world size ",
+      size);
+  return static_cast<int>(root);
+}
+
+// The tensors of a coalesced call: as many inputs as outputs, one dtype, CPU. Returns the dtype.
+mr_dtype checkCoalesced(
+    const char* collective,
+    const std::vector<at::Tensor>& outputs,
+    const std::vector<at::Tensor>& inputs) {
+  TORCH_CHECK(!inputs.empty(), "mapreduce ", collective, ": got no tensors");
+  TORCH_CHECK(
+      outputs.size() == inputs.size(),
+      "mapreduce ",
+      collective,
+      ": expected as many outputs as inputs, got ",
+      outputs.size(),
+      " and ",
+      inputs.size());
+  const mr_dtype dtype = checkTensor(collective, inputs[0]);
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    checkTensor(collective, inputs[i]);
+    checkTensor(collective, outputs[i]);
+    checkSameDtype(collective, inputs[0], inputs[i]);
+    checkSameDtype(collective, inputs[0], outputs[i]);
+  }
+  return dtype;
+}
+
+// Element counts and displacements of an all-to-all-v from dim-0 split sizes (empty: equal).
+struct Splits {
+  std::vector<size_t> counts;
+  std::vector<size_t> displs;
+  int64_t total = 0;
+};
+
+Splits toSplits(const char* collective, const char* role, const at::Tensor& t, const std::vector<int64_t>& sizes, int size) {
+  Splits s;
+  const int64_t rows = t.dim() == 0 ? 1 : t.size(0);
+  const int64_t perRow = rows == 0 ? 0 : t.numel() / rows;
+  if (sizes.empty()) {
+    TORCH_CHECK(
+        rows % size == 0,
+        "mapreduce ",
+        collective,
+        ": the ",
+        role,
+        "'s first dimension (",
+        rows,
+        ") must divide by the world size (",
+        size,
+        ") when no split sizes are given");
+    s.counts.assign(size, static_cast<size_t>(rows / size * perRow));
+  } else {
+    TORCH_CHECK(
+        static_cast<int>(sizes.size()) == size,
+        "mapreduce ",
+        collective,
+        ": expected ",
+        size,
+        " ",
+        role,
+        " split sizes (one per rank), got ",
+        sizes.size());
+    int64_t sum = 0;
+    for (int64_t v : sizes) {
+      TORCH_CHECK(v >= 0, "mapreduce ", collective, ": negative ", role, " split size ", v);
+      sum += v;
+      s.counts.push_back(static_cast<size_t>(v * perRow));
+    }
+    TORCH_CHECK(
+        sum == rows,
+        "mapreduce ",
+        collective,
+        ": ",
+        role,
+        " split sizes add up to ",
+        sum,
+        " rows but the ",
+        role,
+        " has ",
+        rows);
+  }
+  size_t at = 0;
+  for (size_t c : s.counts) {
+    s.displs.push_back(at);
+    at += c;
+  }
+  s.total = static_cast<int64_t>(at);
+  return s;
+}
+
 // ---------------------------------------------------------------------------------------------
 // MR_TIMEOUT_MS from the process-group timeout
 
@@ -390,6 +489,90 @@ mr_unique_id exchangeUniqueId(c10d::Store& store, int rank, int size, std::chron
 } // namespace
 
 // -----------------------------------------------------------------------------------------------
+// FutureCompleter
+
+namespace {
+// 0 on user threads; k+1 on lane k's thread.
+thread_local size_t completerDepth = 0;
+} // namespace
+
+struct FutureCompleter::Lane {
+  std::mutex mutex;
+  std::condition_variable changed;
+  std::deque<std::function<void()>> tasks;
+  bool stopping = false;
+};
+
+FutureCompleter::~FutureCompleter() {
+  stop();
+}
+
+size_t FutureCompleter::laneForCaller() {
+  return std::min(completerDepth, kMaxLanes - 1);
+}
+
+void FutureCompleter::post(size_t index, std::function<void()> task) {
+  std::shared_ptr<Lane> lane;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    TORCH_INTERNAL_ASSERT(!stopping_, "mapreduce: a Future was completed after the process group closed");
+    index = std::min(index, kMaxLanes - 1);
+    while (lanes_.size() <= index) {
+      lanes_.push_back(std::make_shared<Lane>());
+      threads_.emplace_back(&FutureCompleter::run, lanes_.back(), lanes_.size());
+    }
+    lane = lanes_[index];
+  }
+  {
+    std::lock_guard<std::mutex> lock(lane->mutex);
+    lane->tasks.push_back(std::move(task));
+  }
+  lane->changed.notify_one();
+}
+
+void FutureCompleter::run(std::shared_ptr<Lane> lane, size_t depth) {
+  completerDepth = depth;
+  std::unique_lock<std::mutex> lock(lane->mutex);
+  for (;;) {
+    lane->changed.wait(lock, [&] { return !lane->tasks.empty() || lane->stopping; });
+    if (lane->tasks.empty()) {
+      return;
+    }
+    std::function<void()> task = std::move(lane->tasks.front());
+    lane->tasks.pop_front();
+    lock.unlock();
+    task();
+    task = nullptr; // drop what it holds (Work, tensors) before waiting again
+    lock.lock();
+  }
+}
+
+void FutureCompleter::stop() {
+  std::vector<std::shared_ptr<Lane>> lanes;
+  std::vector<std::thread> threads;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    stopping_ = true;
+    lanes = lanes_;
+    threads.swap(threads_);
+  }
+  for (auto& lane : lanes) {
+    {
+      std::lock_guard<std::mutex> lock(lane->mutex);
+      lane->stopping = true;
+    }
+    lane->changed.notify_all();
+  }
+  for (auto& t : threads) {
+    if (t.get_id() == std::this_thread::get_id()) {
+      t.detach(); // it holds its lane and ends once its current task returns
+    } else if (t.joinable()) {
+      t.join();
+    }
+  }
+}
+
+// -----------------------------------------------------------------------------------------------
 // Communicator
 
 Communicator::~Communicator() {
@@ -415,12 +598,19 @@ MapReduceWork::MapReduceWork(
     const char* profilingTitle,
     std::string description,
     std::vector<at::Tensor> outputs,
-    std::weak_ptr<Communicator> comm)
+    std::weak_ptr<Communicator> comm,
+    std::chrono::milliseconds timeout)
     : c10d::Work(rank, opType, profilingTitle),
       description_(std::move(description)),
       outputs_(std::move(outputs)),
       future_(c10::make_intrusive<c10::ivalue::Future>(c10::ListType::create(c10::TensorType::get()))),
-      comm_(std::move(comm)) {}
+      comm_(std::move(comm)),
+      timeout_(timeout) {
+  // The first callback, so it runs as soon as the Future holds its value and before any user
+  // callback: Work::wait() returns then, whatever the callbacks go on to do. complete() keeps
+  // this Work alive while the Future's callbacks run.
+  future_->addCallback([this](c10::ivalue::Future& f) { finish(f.hasError() ? f.exception_ptr() : nullptr); });
+}
 
 std::vector<at::Tensor> MapReduceWork::result() {
   return outputs_;
@@ -430,10 +620,18 @@ c10::intrusive_ptr<c10::ivalue::Future> MapReduceWork::getFuture() {
   return future_;
 }
 
+// Added to the process-group timeout for waits without their own: the library bounds every wait
+// for a remote by MR_TIMEOUT_MS (the process-group timeout unless set) and reports which peer was
+// silent; this bound only catches an op whose completion never arrives.
+constexpr std::chrono::milliseconds kWaitGrace{5000};
+
 bool MapReduceWork::wait(std::chrono::milliseconds timeout) {
   std::unique_lock<std::mutex> lock(mutex_);
   if (timeout == kNoTimeout) {
-    // The library bounds every wait for a remote by MR_TIMEOUT_MS, so this cannot hang.
+    timeout = timeout_.count() > 0 ? timeout_ + kWaitGrace : std::chrono::milliseconds::max();
+  }
+  const bool bounded = timeout < std::chrono::hours(24 * 365);
+  if (!bounded) {
     cv_.wait(lock, [this] { return completed_; });
   } else if (!cv_.wait_for(lock, timeout, [this] { return completed_; })) {
     lock.unlock();
@@ -462,19 +660,13 @@ void MapReduceWork::abort() {
 }
 
 void MapReduceWork::complete(std::exception_ptr error) {
-  // The future first: once wait() returns, getFuture() must already hold the value. Its
-  // callbacks run here; if one throws, the Work still completes.
-  try {
-    if (error) {
-      future_->setError(error);
-    } else {
-      future_->markCompleted(c10::IValue(outputs_));
-    }
-  } catch (...) {
-    finish(error);
-    throw;
+  // The Work completes in the Future's first callback (see the constructor), so once wait()
+  // returns getFuture() already holds the value. A throwing callback propagates from here.
+  if (error) {
+    future_->setError(error);
+  } else {
+    future_->markCompleted(c10::IValue(outputs_));
   }
-  finish(error);
 }
 
 // -----------------------------------------------------------------------------------------------
@@ -486,7 +678,8 @@ ProcessGroupMapReduce::ProcessGroupMapReduce(
     int size,
     std::chrono::milliseconds timeout)
     : c10d::Backend(rank, size),
-      options_(c10::make_intrusive<Options>("mapreduce", timeout)) {
+      options_(c10::make_intrusive<Options>("mapreduce", timeout)),
+      store_(store) {
   TORCH_CHECK(store, "mapreduce: process group created without a store");
   TORCH_CHECK(size >= 1, "mapreduce: world size must be at least 1, got ", size);
   TORCH_CHECK(rank >= 0 && rank < size, "mapreduce: rank ", rank, " is out of range for world size ", size);
@@ -507,6 +700,7 @@ ProcessGroupMapReduce::ProcessGroupMapReduce(
     checkLibrary(c10::str("mr_comm_init_rank (rank ", rank, " of ", size, ")"), mr_comm_init_rank(&raw, size, &id, rank));
   }
   comm_ = std::make_shared<Communicator>(raw);
+  completer_ = std::make_unique<FutureCompleter>();
   completionThread_ = std::thread([this] { completionLoop(); });
   init();
 }
@@ -545,12 +739,12 @@ void ProcessGroupMapReduce::close(bool abortFirst) {
   }
   queueChanged_.notify_all();
   if (completionThread_.joinable()) {
-    if (std::this_thread::get_id() == completionThread_.get_id()) {
-      // shutdown() from a future callback: the loop ends by itself once the queue is empty.
-      completionThread_.detach();
-    } else {
-      completionThread_.join();
-    }
+    completionThread_.join();
+  }
+  // Every op is done; let the callbacks of their Futures finish (a callback that closed the
+  // group leaves its own lane to finish by itself).
+  if (completer_) {
+    completer_->stop();
   }
   comm.reset();
   std::lock_guard<std::mutex> lock(mutex_);
@@ -576,13 +770,21 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupMapReduce::enqueue(
     comm = comm_;
   }
   auto work = c10::make_intrusive<MapReduceWork>(
-      rank_, opType, profilingTitle, description, std::move(outputs), std::weak_ptr<Communicator>(comm));
+      rank_,
+      opType,
+      profilingTitle,
+      description,
+      std::move(outputs),
+      std::weak_ptr<Communicator>(comm),
+      options_->timeout);
   mr_request* request = nullptr;
-  checkLibrary(description, start(comm->get(), &request));
-  TORCH_INTERNAL_ASSERT(request != nullptr, "mapreduce: ", description, " returned no request");
+  if (start) {
+    checkLibrary(description, start(comm->get(), &request));
+    TORCH_INTERNAL_ASSERT(request != nullptr, "mapreduce: ", description, " returned no request");
+  }
   {
     std::lock_guard<std::mutex> lock(mutex_);
-    queue_.push_back(PendingOp{request, work, std::move(finish)});
+    queue_.push_back(PendingOp{request, work, std::move(finish), FutureCompleter::laneForCaller()});
   }
   queueChanged_.notify_one();
   return work;
@@ -603,7 +805,8 @@ void ProcessGroupMapReduce::completionLoop() {
       queue_.pop_front();
     }
     std::exception_ptr error;
-    const mr_result rc = mr_wait(op.request);
+    // No request: a marker that completes once every op queued before it has.
+    const mr_result rc = op.request == nullptr ? MR_OK : mr_wait(op.request);
     if (rc != MR_OK) {
       error = libraryError(op.work->description(), rc);
     } else if (op.finish) {
@@ -615,11 +818,14 @@ void ProcessGroupMapReduce::completionLoop() {
     }
     // Staging buffers are released before anyone is woken up.
     op.finish = nullptr;
-    try {
-      op.work->complete(error);
-    } catch (const std::exception& e) {
-      TORCH_WARN("mapreduce: a completion callback of ", op.work->description(), " threw: ", errorText(e));
-    }
+    // Never run user callbacks here: one may wait for an op that only this thread can finish.
+    completer_->post(op.lane, [work = std::move(op.work), error] {
+      try {
+        work->complete(error);
+      } catch (const std::exception& e) {
+        TORCH_WARN("mapreduce: a completion callback of ", work->description(), " threw: ", errorText(e));
+      }
+    });
   }
 }
 
@@ -840,6 +1046,474 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupMapReduce::barrier(const c10d::Barrie
       {},
       [](mr_comm* comm, mr_request** request) { return mr_ibarrier(comm, request); },
       nullptr);
+}
+
+c10::intrusive_ptr<c10d::Work> ProcessGroupMapReduce::reduce(
+    std::vector<at::Tensor>& tensors,
+    const c10d::ReduceOptions& opts) {
+  constexpr const char* kName = "reduce";
+  at::NoGradGuard noGrad;
+  const at::Tensor& tensor = checkSingleTensor(kName, tensors);
+  const mr_dtype dtype = checkTensor(kName, tensor);
+  const mr_op op = toLibraryOp(kName, opts.reduceOp, tensor);
+  TORCH_CHECK(opts.rootTensor == 0, "mapreduce reduce: rootTensor must be 0, got ", opts.rootTensor);
+  const int root = checkRoot(kName, opts.rootRank, size_);
+
+  at::Tensor buffer = tensor.contiguous();
+  // Only the root's tensor changes; the others are only read.
+  std::function<void()> finish = rank_ == root ? finishInto(tensor, buffer, buffer) : [buffer] {};
+  const void* send = buffer.data_ptr();
+  void* recv = rank_ == root ? buffer.data_ptr() : nullptr;
+  const size_t count = static_cast<size_t>(buffer.numel());
+  return enqueue(
+      c10d::OpType::REDUCE,
+      "mapreduce:reduce",
+      describe(kName, tensor, reduceOpName(opts.reduceOp)),
+      tensors,
+      [=](mr_comm* comm, mr_request** request) {
+        return mr_ireduce(comm, send, recv, count, dtype, op, root, request);
+      },
+      std::move(finish));
+}
+
+c10::intrusive_ptr<c10d::Work> ProcessGroupMapReduce::gather(
+    std::vector<std::vector<at::Tensor>>& outputTensors,
+    std::vector<at::Tensor>& inputTensors,
+    const c10d::GatherOptions& opts) {
+  constexpr const char* kName = "gather";
+  at::NoGradGuard noGrad;
+  const at::Tensor& input = checkSingleTensor(kName, inputTensors);
+  const mr_dtype dtype = checkTensor(kName, input);
+  const int root = checkRoot(kName, opts.rootRank, size_);
+  const int64_t n = input.numel();
+
+  at::Tensor send = input.contiguous();
+  std::vector<at::Tensor> outputs;
+  at::Tensor gathered;
+  void* recvData = nullptr;
+  if (rank_ == root) {
+    outputs = checkPerRankList(kName, outputTensors, input, size_, "output", "input");
+    gathered = flatBuffer(input, n * size_);
+    recvData = gathered.data_ptr();
+  } else {
+    TORCH_CHECK(
+        outputTensors.empty() || (outputTensors.size() == 1 && outputTensors[0].empty()),
+        "mapreduce gather: only the root (rank ",
+        root,
+        ") passes output tensors");
+  }
+  auto finish = [outputs, send, gathered, n] {
+    for (size_t i = 0; i < outputs.size(); ++i) {
+      outputs[i].copy_(gathered.narrow(0, static_cast<int64_t>(i) * n, n).view(outputs[i].sizes()));
+    }
+  };
+  const void* sendData = send.data_ptr();
+  const size_t count = static_cast<size_t>(n);
+  return enqueue(
+      c10d::OpType::GATHER,
+      "mapreduce:gather",
+      describe(kName, input),
+      outputs,
+      [=](mr_comm* comm, mr_request** request) {
+        return mr_igather(comm, sendData, recvData, count, dtype, root, request);
+      },
+      std::move(finish));
+}
+
+c10::intrusive_ptr<c10d::Work> ProcessGroupMapReduce::scatter(
+    std::vector<at::Tensor>& outputTensors,
+    std::vector<std::vector<at::Tensor>>& inputTensors,
+    const c10d::ScatterOptions& opts) {
+  constexpr const char* kName = "scatter";
+  at::NoGradGuard noGrad;
+  const at::Tensor& output = checkSingleTensor(kName, outputTensors);
+  const mr_dtype dtype = checkTensor(kName, output);
+  const int root = checkRoot(kName, opts.rootRank, size_);
+  const int64_t n = output.numel();
+
+  at::Tensor send;
+  const void* sendData = nullptr;
+  if (rank_ == root) {
+    const std::vector<at::Tensor>& inputs = checkPerRankList(kName, inputTensors, output, size_, "input", "output");
+    send = flatBuffer(output, n * size_);
+    for (size_t i = 0; i < inputs.size(); ++i) {
+      send.narrow(0, static_cast<int64_t>(i) * n, n).view(inputs[i].sizes()).copy_(inputs[i]);
+    }
+    sendData = send.data_ptr();
+  } else {
+    TORCH_CHECK(
+        inputTensors.empty() || (inputTensors.size() == 1 && inputTensors[0].empty()),
+        "mapreduce scatter: only the root (rank ",
+        root,
+        ") passes input tensors");
+  }
+  at::Tensor recv = output.is_contiguous() ? output : flatBuffer(output, n);
+  std::function<void()> finish = finishInto(output, send, recv);
+  void* recvData = recv.data_ptr();
+  const size_t count = static_cast<size_t>(n);
+  return enqueue(
+      c10d::OpType::SCATTER,
+      "mapreduce:scatter",
+      describe(kName, output),
+      outputTensors,
+      [=](mr_comm* comm, mr_request** request) {
+        return mr_iscatter(comm, sendData, recvData, count, dtype, root, request);
+      },
+      std::move(finish));
+}
+
+c10::intrusive_ptr<c10d::Work> ProcessGroupMapReduce::alltoall_base(
+    at::Tensor& outputBuffer,
+    at::Tensor& inputBuffer,
+    std::vector<int64_t>& outputSplitSizes,
+    std::vector<int64_t>& inputSplitSizes,
+    const c10d::AllToAllOptions& /*opts*/) {
+  constexpr const char* kName = "all_to_all_single";
+  at::NoGradGuard noGrad;
+  const mr_dtype dtype = checkTensor(kName, inputBuffer);
+  checkTensor(kName, outputBuffer);
+  checkSameDtype(kName, inputBuffer, outputBuffer);
+  Splits in = toSplits(kName, "input", inputBuffer, inputSplitSizes, size_);
+  Splits out = toSplits(kName, "output", outputBuffer, outputSplitSizes, size_);
+
+  const at::Tensor output = outputBuffer;
+  at::Tensor send = inputBuffer.contiguous();
+  at::Tensor recv = output.is_contiguous() ? output : flatBuffer(output, output.numel());
+  if (send.numel() > 0 && recv.numel() > 0 && send.is_alias_of(recv)) {
+    send = send.clone();
+  }
+  std::function<void()> finish = finishInto(output, send, recv);
+  const void* sendData = send.data_ptr();
+  void* recvData = recv.data_ptr();
+  return enqueue(
+      c10d::OpType::ALLTOALL_BASE,
+      "mapreduce:all_to_all_single",
+      describe(kName, inputBuffer),
+      {output},
+      [=](mr_comm* comm, mr_request** request) {
+        return mr_ialltoallv(
+            comm,
+            sendData,
+            in.counts.data(),
+            in.displs.data(),
+            recvData,
+            out.counts.data(),
+            out.displs.data(),
+            dtype,
+            request);
+      },
+      std::move(finish));
+}
+
+c10::intrusive_ptr<c10d::Work> ProcessGroupMapReduce::alltoall(
+    std::vector<at::Tensor>& outputTensors,
+    std::vector<at::Tensor>& inputTensors,
+    const c10d::AllToAllOptions& /*opts*/) {
+  constexpr const char* kName = "all_to_all";
+  at::NoGradGuard noGrad;
+  TORCH_CHECK(
+      static_cast<int>(inputTensors.size()) == size_ && static_cast<int>(outputTensors.size()) == size_,
+      "mapreduce all_to_all: expected ",
+      size_,
+      " input and output tensors (one per rank), got ",
+      inputTensors.size(),
+      " and ",
+      outputTensors.size());
+  const mr_dtype dtype = checkCoalesced(kName, outputTensors, inputTensors);
+  Splits in;
+  Splits out;
+  std::vector<at::Tensor> flatInputs;
+  for (int r = 0; r < size_; ++r) {
+    in.displs.push_back(static_cast<size_t>(in.total));
+    in.counts.push_back(static_cast<size_t>(inputTensors[r].numel()));
+    in.total += inputTensors[r].numel();
+    out.displs.push_back(static_cast<size_t>(out.total));
+    out.counts.push_back(static_cast<size_t>(outputTensors[r].numel()));
+    out.total += outputTensors[r].numel();
+    flatInputs.push_back(inputTensors[r].reshape({-1}));
+  }
+  at::Tensor send = at::cat(flatInputs);
+  at::Tensor recv = flatBuffer(inputTensors[0], out.total);
+  std::vector<at::Tensor> outputs = outputTensors;
+  auto finish = [outputs, send, recv, out] {
+    for (size_t r = 0; r < outputs.size(); ++r) {
+      const auto n = static_cast<int64_t>(out.counts[r]);
+      outputs[r].copy_(recv.narrow(0, static_cast<int64_t>(out.displs[r]), n).view(outputs[r].sizes()));
+    }
+  };
+  const void* sendData = send.data_ptr();
+  void* recvData = recv.data_ptr();
+  return enqueue(
+      c10d::OpType::ALLTOALL,
+      "mapreduce:all_to_all",
+      describe(kName, inputTensors[0]),
+      outputs,
+      [=](mr_comm* comm, mr_request** request) {
+        return mr_ialltoallv(
+            comm,
+            sendData,
+            in.counts.data(),
+            in.displs.data(),
+            recvData,
+            out.counts.data(),
+            out.displs.data(),
+            dtype,
+            request);
+      },
+      std::move(finish));
+}
+
+c10::intrusive_ptr<c10d::Work> ProcessGroupMapReduce::allreduce_coalesced(
+    std::vector<at::Tensor>& tensors,
+    const c10d::AllreduceCoalescedOptions& opts) {
+  constexpr const char* kName = "allreduce_coalesced";
+  at::NoGradGuard noGrad;
+  const mr_dtype dtype = checkCoalesced(kName, tensors, tensors);
+  const mr_op op = toLibraryOp(kName, opts.reduceOp, tensors[0]);
+  std::vector<at::Tensor> flat;
+  for (const auto& t : tensors) {
+    flat.push_back(t.reshape({-1}));
+  }
+  at::Tensor buffer = at::cat(flat);
+  std::vector<at::Tensor> outputs = tensors;
+  auto finish = [outputs, buffer] {
+    int64_t at = 0;
+    for (const auto& t : outputs) {
+      t.copy_(buffer.narrow(0, at, t.numel()).view(t.sizes()));
+      at += t.numel();
+    }
+  };
+  void* data = buffer.data_ptr();
+  const size_t count = static_cast<size_t>(buffer.numel());
+  return enqueue(
+      c10d::OpType::COALESCED,
+      "mapreduce:all_reduce_coalesced",
+      c10::str(kName, " of ", tensors.size(), " tensors, ", count, " x ", torchDtypeName(tensors[0].scalar_type()), " (", reduceOpName(opts.reduceOp), ")"),
+      outputs,
+      [=](mr_comm* comm, mr_request** request) {
+        return mr_iallreduce(comm, data, count, dtype, op, request);
+      },
+      std::move(finish));
+}
+
+c10::intrusive_ptr<c10d::Work> ProcessGroupMapReduce::allgather_into_tensor_coalesced(
+    std::vector<at::Tensor>& outputs,
+    std::vector<at::Tensor>& inputs,
+    const c10d::AllgatherOptions& /*opts*/) {
+  constexpr const char* kName = "all_gather_into_tensor_coalesced";
+  at::NoGradGuard noGrad;
+  const mr_dtype dtype = checkCoalesced(kName, outputs, inputs);
+  std::vector<at::Tensor> flat;
+  std::vector<int64_t> offsets;
+  int64_t total = 0;
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    TORCH_CHECK(
+        outputs[i].numel() == inputs[i].numel() * size_,
+        "mapreduce ",
+        kName,
+        ": output ",
+        i,
+        " must have world size (",
+        size_,
+        ") times the input's ",
+        inputs[i].numel(),
+        " elements, got ",
+        outputs[i].numel());
+    flat.push_back(inputs[i].reshape({-1}));
+    offsets.push_back(total);
+    total += inputs[i].numel();
+  }
+  // Every rank contributes its inputs side by side; rank r's block of the result holds rank r's.
+  at::Tensor send = at::cat(flat);
+  at::Tensor recv = flatBuffer(inputs[0], total * size_);
+  std::vector<at::Tensor> outs = outputs;
+  const int size = size_;
+  auto finish = [outs, send, recv, offsets, total, size] {
+    const at::Tensor byRank = recv.view({size, total});
+    for (size_t i = 0; i < outs.size(); ++i) {
+      const int64_t n = outs[i].numel() / size;
+      outs[i].copy_(byRank.narrow(1, offsets[i], n).reshape(outs[i].sizes()));
+    }
+  };
+  const void* sendData = send.data_ptr();
+  void* recvData = recv.data_ptr();
+  const size_t count = static_cast<size_t>(total);
+  return enqueue(
+      c10d::OpType::COALESCED,
+      "mapreduce:all_gather_into_tensor_coalesced",
+      c10::str(kName, " of ", inputs.size(), " tensors, ", total, " x ", torchDtypeName(inputs[0].scalar_type())),
+      outs,
+      [=](mr_comm* comm, mr_request** request) {
+        return mr_iallgather(comm, sendData, recvData, count, dtype, request);
+      },
+      std::move(finish));
+}
+
+c10::intrusive_ptr<c10d::Work> ProcessGroupMapReduce::reduce_scatter_tensor_coalesced(
+    std::vector<at::Tensor>& outputs,
+    std::vector<at::Tensor>& inputs,
+    const c10d::ReduceScatterOptions& opts) {
+  constexpr const char* kName = "reduce_scatter_tensor_coalesced";
+  at::NoGradGuard noGrad;
+  const mr_dtype dtype = checkCoalesced(kName, outputs, inputs);
+  const mr_op op = toLibraryOp(kName, opts.reduceOp, inputs[0]);
+  std::vector<at::Tensor> byRank;
+  std::vector<int64_t> offsets;
+  int64_t total = 0;
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    const int64_t n = outputs[i].numel();
+    TORCH_CHECK(
+        inputs[i].numel() == n * size_,
+        "mapreduce ",
+        kName,
+        ": input ",
+        i,
+        " must have world size (",
+        size_,
+        ") times the output's ",
+        n,
+        " elements, got ",
+        inputs[i].numel());
+    byRank.push_back(inputs[i].reshape({size_, n}));
+    offsets.push_back(total);
+    total += n;
+  }
+  // Block r of the packed input holds block r of every input, side by side.
+  at::Tensor send = at::cat(byRank, 1).contiguous().view({-1});
+  at::Tensor recv = flatBuffer(inputs[0], total);
+  std::vector<at::Tensor> outs = outputs;
+  auto finish = [outs, send, recv, offsets] {
+    for (size_t i = 0; i < outs.size(); ++i) {
+      outs[i].copy_(recv.narrow(0, offsets[i], outs[i].numel()).view(outs[i].sizes()));
+    }
+  };
+  const void* sendData = send.data_ptr();
+  void* recvData = recv.data_ptr();
+  const size_t count = static_cast<size_t>(total);
+  return enqueue(
+      c10d::OpType::COALESCED,
+      "mapreduce:reduce_scatter_tensor_coalesced",
+      c10::str(kName, " of ", inputs.size(), " tensors, ", total, " x ", torchDtypeName(inputs[0].scalar_type()), " (", reduceOpName(opts.reduceOp), ")"),
+      outs,
+      [=](mr_comm* comm, mr_request** request) {
+        return mr_ireduce_scatter(comm, sendData, recvData, count, dtype, op, request);
+      },
+      std::move(finish));
+}
+
+c10::intrusive_ptr<c10d::Work> ProcessGroupMapReduce::send(
+    std::vector<at::Tensor>& tensors,
+    int dstRank,
+    int tag) {
+  constexpr const char* kName = "send";
+  at::NoGradGuard noGrad;
+  const at::Tensor& tensor = checkSingleTensor(kName, tensors);
+  const mr_dtype dtype = checkTensor(kName, tensor);
+  checkRoot("send (destination)", dstRank, size_);
+  at::Tensor buffer = tensor.contiguous();
+  const void* data = buffer.data_ptr();
+  const size_t count = static_cast<size_t>(buffer.numel());
+  return enqueue(
+      c10d::OpType::SEND,
+      "mapreduce:send",
+      c10::str(describe(kName, tensor), " to rank ", dstRank, " (tag ", tag, ")"),
+      tensors,
+      [=](mr_comm* comm, mr_request** request) { return mr_isend(comm, data, count, dtype, dstRank, tag, request); },
+      [buffer] {});
+}
+
+c10::intrusive_ptr<c10d::Work> ProcessGroupMapReduce::recv(
+    std::vector<at::Tensor>& tensors,
+    int srcRank,
+    int tag) {
+  constexpr const char* kName = "recv";
+  at::NoGradGuard noGrad;
+  const at::Tensor& tensor = checkSingleTensor(kName, tensors);
+  const mr_dtype dtype = checkTensor(kName, tensor);
+  checkRoot("recv (source)", srcRank, size_);
+  at::Tensor buffer = tensor.is_contiguous() ? tensor : flatBuffer(tensor, tensor.numel());
+  std::function<void()> finish = finishInto(tensor, buffer, buffer);
+  void* data = buffer.data_ptr();
+  const size_t count = static_cast<size_t>(buffer.numel());
+  return enqueue(
+      c10d::OpType::RECV,
+      "mapreduce:recv",
+      c10::str(describe(kName, tensor), " from rank ", srcRank, " (tag ", tag, ")"),
+      tensors,
+      [=](mr_comm* comm, mr_request** request) { return mr_irecv(comm, data, count, dtype, srcRank, tag, request); },
+      std::move(finish));
+}
+
+void ProcessGroupMapReduce::startCoalescing() {
+  checkLibrary("mr_group_start", mr_group_start());
+}
+
+c10::intrusive_ptr<c10d::Work> ProcessGroupMapReduce::endCoalescing() {
+  // Sends the group's sends and receives; their Works complete with it.
+  checkLibrary("mr_group_end (end of coalescing)", mr_group_end());
+  return enqueue(c10d::OpType::COALESCED, "mapreduce:coalesced", "coalesced ops", {}, nullptr, nullptr);
+}
+
+void ProcessGroupMapReduce::monitoredBarrier(const c10d::BarrierOptions& opts, bool waitAllRanks) {
+  const std::chrono::milliseconds timeout =
+      opts.timeout == c10d::kUnsetTimeout ? options_->timeout : opts.timeout;
+  uint64_t call;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    call = monitoredBarriers_++;
+  }
+  const std::string prefix = c10::str("mapreduce/monitored_barrier/", call, "/");
+  const auto arrived = [&](int r) { return c10::str(prefix, "arrived/", r); };
+  const std::string released = prefix + "released";
+  if (rank_ != 0) {
+    store_->set(arrived(rank_), std::vector<uint8_t>{1});
+    try {
+      store_->wait({released}, timeout);
+    } catch (const std::exception& e) {
+      C10_THROW_ERROR(
+          DistBackendError,
+          c10::str(
+              "mapreduce monitored_barrier: rank ",
+              rank_,
+              " was not released by rank 0 within ",
+              timeout.count(),
+              " ms (rank 0 reports which ranks did not arrive): ",
+              errorText(e)));
+    }
+    return;
+  }
+  const auto deadline = std::chrono::steady_clock::now() + timeout;
+  std::vector<int> missing;
+  for (int r = 1; r < size_; ++r) {
+    const auto left = std::max(
+        std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now()),
+        std::chrono::milliseconds(1));
+    try {
+      store_->wait({arrived(r)}, left);
+    } catch (const std::exception&) {
+      missing.push_back(r);
+      if (!waitAllRanks) {
+        break;
+      }
+    }
+  }
+  if (!missing.empty()) {
+    C10_THROW_ERROR(
+        DistBackendError,
+        c10::str(
+            "mapreduce monitored_barrier: rank",
+            missing.size() == 1 ? " " : "s ",
+            c10::Join(", ", missing),
+            missing.size() == 1 ? " did" : " did",
+            " not arrive within ",
+            timeout.count(),
+            " ms",
+            waitAllRanks ? "" : " (the first missing; pass wait_all_ranks=True to list all)"));
+  }
+  for (int r = 1; r < size_; ++r) {
+    deleteQuietly(*store_, arrived(r));
+  }
+  store_->set(released, std::vector<uint8_t>{1});
 }
 
 c10::intrusive_ptr<ProcessGroupMapReduce> createProcessGroupMapReduce(

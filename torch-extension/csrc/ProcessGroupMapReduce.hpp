@@ -3,9 +3,18 @@
 //
 // Every collective is issued with the library's non-blocking call (mr_iallreduce, ...) on the
 // caller's thread and returns at once with a MapReduceWork. One completion thread per backend
-// waits on the library requests in issue order (a communicator completes its ops in that order),
-// copies staged results back into the caller's tensors, and then completes the Work and its
-// Future. This is what lets DistributedDataParallel overlap gradient all-reduces with backward.
+// waits on the library requests in issue order (a communicator completes its ops in that order)
+// and copies staged results back into the caller's tensors. It never runs user code: marking a
+// Work's Future completed (which runs the Future's callbacks) is handed to a FutureCompleter,
+// whose threads are free to block. A callback may therefore issue another collective and wait for
+// it (DDP's PowerSGD hook does): the completion thread stays free to finish that op, and its
+// Future is marked by the completer lane after the callback's own.
+//
+// Collectives are matched across ranks by the order they are issued in, so collectives issued
+// from callbacks must be issued in the same order on every rank. The lanes run callbacks one at a
+// time in op order, which keeps callbacks' own collectives in order; collectives that a callback
+// issues while a user thread issues others (PowerSGD with several buckets: a bucket's callback
+// runs while backward still issues the next buckets' all-reduces) race, as they do under gloo.
 //
 // This file must never depend on private PyTorch symbols: only the public c10d Backend/Work/Store
 // interfaces, so the extension keeps building as PyTorch moves.
@@ -27,6 +36,40 @@
 #include "mapreduce.h"
 
 namespace mapreduce_torch {
+
+// Marks Futures completed (which runs their callbacks) on threads that nothing else waits for.
+//
+// Futures complete in lanes. An op issued by a user thread completes in lane 0; an op issued
+// from a callback running in lane k completes in lane k+1. Each lane is one thread that runs its
+// tasks in issue order, so callbacks that issue collectives do so in the same order on every rank
+// (collectives are matched by order), and a callback that waits for the op it issued never waits
+// on its own thread: that op's Future is marked by the next lane.
+class FutureCompleter {
+ public:
+  // Lanes beyond this share the last one (a callback chain nested that deep could then wait on
+  // itself).
+  static constexpr size_t kMaxLanes = 32;
+
+  FutureCompleter() = default;
+  ~FutureCompleter();
+  FutureCompleter(const FutureCompleter&) = delete;
+  FutureCompleter& operator=(const FutureCompleter&) = delete;
+
+  // The lane for an op issued on the calling thread.
+  static size_t laneForCaller();
+  void post(size_t lane, std::function<void()> task);
+  // Run what is queued, then stop every lane. From a lane's own thread (a callback that shuts
+  // the process group down) that thread is left to finish by itself.
+  void stop();
+
+ private:
+  struct Lane;
+  static void run(std::shared_ptr<Lane> lane, size_t depth);
+  std::mutex mutex_;
+  std::vector<std::shared_ptr<Lane>> lanes_;
+  std::vector<std::thread> threads_;
+  bool stopping_ = false;
+};
 
 // Owns one libmapreduce communicator. Shared between the backend and its Work objects so that a
 // Work can abort the communicator (Work::wait with a timeout) without outliving it.
@@ -55,16 +98,20 @@ class MapReduceWork : public c10d::Work {
       const char* profilingTitle,
       std::string description,
       std::vector<at::Tensor> outputs,
-      std::weak_ptr<Communicator> comm);
+      std::weak_ptr<Communicator> comm,
+      std::chrono::milliseconds timeout);
 
   std::vector<at::Tensor> result() override;
   c10::intrusive_ptr<c10::ivalue::Future> getFuture() override;
-  // With a timeout: if the op is not done in time, the communicator is aborted (its buffers
-  // could otherwise still be written after we return) and a DistBackendError is thrown.
+  // If the op is not done within `timeout` (without one: the process group's timeout plus a
+  // grace period, so that the library's own timeout, which names the silent peer, comes first),
+  // the communicator is aborted (its buffers could otherwise still be written after we return)
+  // and a DistBackendError is thrown.
   bool wait(std::chrono::milliseconds timeout = kNoTimeout) override;
   void abort() override;
 
-  // Called once, by the completion thread.
+  // Called once, on a FutureCompleter thread: completes the Future (running its callbacks) and
+  // the Work. wait() returns as soon as the Future holds its value, before user callbacks run.
   void complete(std::exception_ptr error);
 
   const std::string& description() const {
@@ -76,6 +123,7 @@ class MapReduceWork : public c10d::Work {
   const std::vector<at::Tensor> outputs_;
   const c10::intrusive_ptr<c10::ivalue::Future> future_;
   const std::weak_ptr<Communicator> comm_;
+  const std::chrono::milliseconds timeout_;
 };
 
 class ProcessGroupMapReduce : public c10d::Backend {
@@ -129,6 +177,68 @@ class ProcessGroupMapReduce : public c10d::Backend {
   c10::intrusive_ptr<c10d::Work> barrier(
       const c10d::BarrierOptions& opts = c10d::BarrierOptions()) override;
 
+  c10::intrusive_ptr<c10d::Work> reduce(
+      std::vector<at::Tensor>& tensors,
+      const c10d::ReduceOptions& opts = c10d::ReduceOptions()) override;
+
+  c10::intrusive_ptr<c10d::Work> gather(
+      std::vector<std::vector<at::Tensor>>& outputTensors,
+      std::vector<at::Tensor>& inputTensors,
+      const c10d::GatherOptions& opts = c10d::GatherOptions()) override;
+
+  c10::intrusive_ptr<c10d::Work> scatter(
+      std::vector<at::Tensor>& outputTensors,
+      std::vector<std::vector<at::Tensor>>& inputTensors,
+      const c10d::ScatterOptions& opts = c10d::ScatterOptions()) override;
+
+  // all_to_all_single: equal splits when both split lists are empty.
+  c10::intrusive_ptr<c10d::Work> alltoall_base(
+      at::Tensor& outputBuffer,
+      at::Tensor& inputBuffer,
+      std::vector<int64_t>& outputSplitSizes,
+      std::vector<int64_t>& inputSplitSizes,
+      const c10d::AllToAllOptions& opts = c10d::AllToAllOptions()) override;
+
+  c10::intrusive_ptr<c10d::Work> alltoall(
+      std::vector<at::Tensor>& outputTensors,
+      std::vector<at::Tensor>& inputTensors,
+      const c10d::AllToAllOptions& opts = c10d::AllToAllOptions()) override;
+
+  // The coalesced forms run as one library op over the tensors packed side by side.
+  c10::intrusive_ptr<c10d::Work> allreduce_coalesced(
+      std::vector<at::Tensor>& tensors,
+      const c10d::AllreduceCoalescedOptions& opts = c10d::AllreduceCoalescedOptions()) override;
+
+  c10::intrusive_ptr<c10d::Work> allgather_into_tensor_coalesced(
+      std::vector<at::Tensor>& outputs,
+      std::vector<at::Tensor>& inputs,
+      const c10d::AllgatherOptions& opts = c10d::AllgatherOptions()) override;
+
+  c10::intrusive_ptr<c10d::Work> reduce_scatter_tensor_coalesced(
+      std::vector<at::Tensor>& outputs,
+      std::vector<at::Tensor>& inputs,
+      const c10d::ReduceScatterOptions& opts = c10d::ReduceScatterOptions()) override;
+
+  // Point-to-point. Outside a coalescing block each call is its own library op, so two ranks
+  // that both send a large tensor before receiving wait on each other (as with blocking MPI
+  // sends); batch_isend_irecv coalesces, which sends everything at once.
+  c10::intrusive_ptr<c10d::Work> send(std::vector<at::Tensor>& tensors, int dstRank, int tag) override;
+  c10::intrusive_ptr<c10d::Work> recv(std::vector<at::Tensor>& tensors, int srcRank, int tag) override;
+
+  // Coalescing (batch_isend_irecv, _coalescing_manager) is a library group (mr_group_start /
+  // mr_group_end) on the calling thread: sends and receives issued in between go out as one
+  // op; collectives run as usual. The Work of endCoalescing completes once every op issued
+  // before it has (a communicator completes its ops in order).
+  bool supportsCoalescing() const override {
+    return true;
+  }
+  void startCoalescing() override;
+  c10::intrusive_ptr<c10d::Work> endCoalescing() override;
+
+  // Meets the other ranks in the c10d store rather than the communicator, so that a rank that
+  // never arrives is named (every missing one with waitAllRanks) instead of timing out an op.
+  void monitoredBarrier(const c10d::BarrierOptions& opts, bool waitAllRanks = false) override;
+
   // Graceful: lets queued ops finish, then destroys the communicator.
   void shutdown() override;
   // Ends queued ops with an error, then destroys the communicator.
@@ -142,6 +252,8 @@ class ProcessGroupMapReduce : public c10d::Backend {
     // Runs on the completion thread after a successful wait: copies staging buffers back into
     // the caller's tensors. Holds every tensor the library reads or writes, keeping it alive.
     std::function<void()> finish;
+    // The FutureCompleter lane its Future completes in.
+    size_t lane = 0;
   };
 
   // Issue `start` (which calls one mr_i* function) and queue its request for completion.
@@ -159,7 +271,11 @@ class ProcessGroupMapReduce : public c10d::Backend {
   void close(bool abortFirst);
 
   c10::intrusive_ptr<Options> options_;
+  // Kept for monitored_barrier, which meets the other ranks there.
+  const c10::intrusive_ptr<c10d::Store> store_;
   std::shared_ptr<Communicator> comm_;
+  // monitored_barrier calls so far; names each call's store keys.
+  uint64_t monitoredBarriers_ = 0;
 
   std::mutex mutex_;
   std::condition_variable queueChanged_;
@@ -167,6 +283,8 @@ class ProcessGroupMapReduce : public c10d::Backend {
   bool closing_ = false;
   bool closed_ = false;
   std::thread completionThread_;
+  // Stopped (and drained) in close() after the completion thread.
+  std::unique_ptr<FutureCompleter> completer_;
   // Serialises mr_i* calls with queue pushes so that queue order equals issue order.
   std::mutex issueMutex_;
 };

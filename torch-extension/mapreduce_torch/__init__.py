@@ -11,9 +11,11 @@ Collectives run on CPU tensors through libmapreduce (ring, or relays when ``MR_R
 ``MR_VALIDATOR`` is set). :class:`Peer` keeps the map-reduce subnet's 1-based peer API.
 """
 
+import functools
 from datetime import timedelta
 
 import torch.distributed as dist
+import torch.distributed.distributed_c10d as c10d
 
 from . import _C
 from .peer import Peer
@@ -34,4 +36,45 @@ def create_backend(store, rank: int, world_size: int, timeout: timedelta):
     return _C.create_backend(store, rank, world_size, timeout)
 
 
+class _NamedProcessGroup(c10d.ProcessGroup):
+    """A process group that reports its backend as "mapreduce".
+
+    c10d's C++ ``ProcessGroup::getBackendName()`` (which DDP's logging data reads as
+    ``backend_name``) names every third-party backend "custom"; a backend cannot change what its
+    process group reports. A Python subclass overrides that virtual, so groups whose only backend
+    is mapreduce are created as this class.
+    """
+
+    def getBackendName(self):  # noqa: N802 - the C++ virtual's name
+        return BACKEND_NAME
+
+
+def _only_mapreduce(backend) -> bool:
+    """Whether a backend string such as "mapreduce" or "cpu:mapreduce,cuda:mapreduce" names
+    this backend alone."""
+    names = {part.split(":")[-1].strip().lower() for part in str(backend).split(",") if part.strip()}
+    return names == {BACKEND_NAME}
+
+
+def _install_group_naming():
+    original = c10d._new_process_group_helper
+    if getattr(original, "_mapreduce_named", False):
+        return
+
+    @functools.wraps(original)
+    def helper(group_size, group_rank, global_ranks_in_group, backend, *args, **kwargs):
+        if not _only_mapreduce(backend):
+            return original(group_size, group_rank, global_ranks_in_group, backend, *args, **kwargs)
+        # The helper constructs the group through the module-level name.
+        c10d.ProcessGroup = _NamedProcessGroup
+        try:
+            return original(group_size, group_rank, global_ranks_in_group, backend, *args, **kwargs)
+        finally:
+            c10d.ProcessGroup = _NamedProcessGroup.__mro__[1]
+
+    helper._mapreduce_named = True
+    c10d._new_process_group_helper = helper
+
+
 dist.Backend.register_backend(BACKEND_NAME, create_backend, devices=["cpu"])
+_install_group_naming()

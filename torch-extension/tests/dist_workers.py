@@ -543,3 +543,79 @@ def rank0_cannot_create_id(rank, world, port):
         while store.add("finished", 0) < world and time.monotonic() < deadline:
             time.sleep(0.05)
     return message
+
+
+# -- future callbacks ----------------------------------------------------------------------------
+
+
+def nested_collective_in_callback(rank, world, port):
+    """A ``.then()`` callback of a pending all-reduce runs another all-reduce and waits for it
+    (what DDP's PowerSGD hook does). The outer op is still pending when the callback is added:
+    rank 0 joins it late."""
+    init(rank, world, port, timeout_s=30)
+    if rank == 0:
+        time.sleep(0.5)
+    outer = values(rank, N, torch.float32)
+    work = dist.all_reduce(outer, async_op=True)
+
+    def callback(fut):
+        inner = values(rank, N, torch.float32, salt=1)
+        dist.all_reduce(inner, async_op=True).get_future().wait()
+        return fut.value()[0] + inner
+
+    chained = work.get_future().then(callback)
+    got = chained.wait()
+    want = expected(N, torch.float32, "SUM", world) + expected(N, torch.float32, "SUM", world, salt=1)
+    check_equal(got, want, "callback result")
+    # Deeper: a callback chain three levels down, each issuing and waiting on a collective.
+    t = torch.ones(N)
+
+    def level(depth):
+        def cb(fut):
+            if depth == 0:
+                return fut.value()[0]
+            u = torch.ones(N)
+            return dist.all_reduce(u, async_op=True).get_future().then(level(depth - 1)).wait()
+
+        return cb
+
+    out = dist.all_reduce(t, async_op=True).get_future().then(level(3)).wait()
+    check_equal(out, torch.full((N,), float(world)), "nested chain")
+    dist.destroy_process_group()
+    return True
+
+
+def _train_powersgd(model, group, steps, rank, world, bucket_cap_mb):
+    from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as powerSGD
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    ddp = DDP(model, process_group=group, bucket_cap_mb=bucket_cap_mb)
+    state = powerSGD.PowerSGDState(
+        process_group=group,
+        matrix_approximation_rank=2,
+        start_powerSGD_iter=2,
+        min_compression_rate=0.5,
+    )
+    ddp.register_comm_hook(state, powerSGD.powerSGD_hook)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9)
+    gen = torch.Generator().manual_seed(99)
+    for _ in range(steps):
+        x = torch.randn(world, 16, 32, generator=gen)[rank]
+        y = torch.randn(world, 16, 4, generator=gen)[rank]
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(ddp(x), y).backward()
+        opt.step()
+    return [p.detach().clone() for p in model.parameters()], ddp
+
+
+def powersgd_compare(rank, world, port, steps, bucket_cap_mb):
+    """DDP with the PowerSGD hook over mapreduce and over gloo, same seeds and data."""
+    init(rank, world, port, backend="gloo", timeout_s=60)
+    mapreduce_group = dist.new_group(backend="mapreduce", timeout=timedelta(seconds=60))
+    mr_params, ddp = _train_powersgd(_mlp(seed=rank), mapreduce_group, steps, rank, world, bucket_cap_mb)
+    backend_name = ddp._get_ddp_logging_data().get("backend_name")
+    gloo_params, _ = _train_powersgd(_mlp(seed=rank), None, steps, rank, world, bucket_cap_mb)
+    max_diff = max((a - b).abs().max().item() for a, b in zip(mr_params, gloo_params))
+    flat = torch.cat([p.flatten() for p in mr_params])
+    dist.destroy_process_group()
+    return {"max_diff_vs_gloo": max_diff, "digest": digest(flat), "backend_name": backend_name}
