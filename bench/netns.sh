@@ -12,6 +12,7 @@
 #                       [-M MTU]                 (link MTU, default 1500)
 #                       [-d RTT_MS]              (round-trip delay between any two hosts)
 #                       [-l RANKS_PER_HOST]      (ranks sharing each peer host's namespace and link)
+#                       [-z "bf16 int8"]         (also run the ring with these MR_COMPRESS formats)
 # With -l L > 1 every peer host runs L ranks (one job of PEERS x L ranks); the modes
 # ring-flat and relay-flat run the same job with MR_HIERARCHY=0 for comparison. Bounds are
 # per host link: relay D / rate, ring 2(H-1)/H * D / rate with H = PEERS hosts.
@@ -24,12 +25,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PEERS=4 RELAYS=4 RATE=1000 SIZES="64M 256M" ITERS=3 STREAMS=${MR_STREAMS:-2} MODES="ring relay gloo" MTU=1500 RTT=0 LOCAL=1
-while getopts "p:r:R:s:n:S:m:M:d:l:" o; do
+PEERS=4 RELAYS=4 RATE=1000 SIZES="64M 256M" ITERS=3 STREAMS=${MR_STREAMS:-2} MODES="ring relay gloo" MTU=1500 RTT=0 LOCAL=1 COMPRESS=""
+while getopts "p:r:R:s:n:S:m:M:d:l:z:" o; do
   case $o in
     p) PEERS=$OPTARG ;; r) RELAYS=$OPTARG ;; R) RATE=$OPTARG ;; s) SIZES=$OPTARG ;;
     n) ITERS=$OPTARG ;; S) STREAMS=$OPTARG ;; m) MODES=$OPTARG ;; M) MTU=$OPTARG ;; d) RTT=$OPTARG ;;
-    l) LOCAL=$OPTARG ;; *) exit 2 ;;
+    l) LOCAL=$OPTARG ;; z) COMPRESS=$OPTARG ;; *) exit 2 ;;
   esac
 done
 WORLD=$((PEERS * LOCAL))
@@ -152,9 +153,10 @@ run_peers() {
 echo "# shaped network: $PEERS peer hosts x $LOCAL rank(s), $RELAYS relays, ${RATE} Mbit/s per direction per host, MTU $MTU, RTT ${RTT} ms$([ -n "$DELAYLINE" ] && echo ' (delay line)') (measured $MEASURED_RTT), MR_STREAMS=$STREAMS"
 printf "%-12s %12s %10s %10s %8s\n" mode size time_s bound_s of_bound
 report() { # mode size seconds
-  local bound
+  local bound wire=1
+  case $1 in *-bf16|*-fp16) wire=0.5 ;; *-int8) wire=$(awk 'BEGIN{print 264/1024}') ;; esac
   if [ "${1%-flat}" = relay ]; then bound=$(awk -v d="$2" -v r="$RATE" 'BEGIN{print d*8/(r*1e6)}')
-  else bound=$(awk -v d="$2" -v r="$RATE" -v p="$PEERS" 'BEGIN{print 2*(p-1)/p*d*8/(r*1e6)}'); fi
+  else bound=$(awk -v d="$2" -v r="$RATE" -v p="$PEERS" -v w="$wire" 'BEGIN{print w*2*(p-1)/p*d*8/(r*1e6)}'); fi
   awk -v m="$1" -v s="$2" -v t="$3" -v b="$bound" 'BEGIN{printf "%-12s %12d %10.3f %10.3f %7.1f%%\n", m, s, t, b, 100*b/t}'
 }
 
@@ -163,6 +165,9 @@ want() { case " $MODES " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 if want ring; then
   run_peers ring | while read -r algo size secs; do report ring "$size" "$secs"; done
 fi
+for z in $COMPRESS; do
+  run_peers ring MR_COMPRESS="$z" | while read -r algo size secs; do report "ring-$z" "$size" "$secs"; done
+done
 if want ring-flat && [ "$LOCAL" -gt 1 ]; then
   run_peers ring MR_HIERARCHY=0 | while read -r algo size secs; do report ring-flat "$size" "$secs"; done
 fi
