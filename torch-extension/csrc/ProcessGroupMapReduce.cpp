@@ -5,6 +5,8 @@
 #include <optional>
 
 #include <ATen/core/ivalue.h>
+#include <c10/core/StreamGuard.h>
+#include <c10/core/impl/VirtualGuardImpl.h>
 #include <c10/util/Exception.h>
 #include <c10/util/StringUtil.h>
 
@@ -161,7 +163,7 @@ mr_dtype checkTensor(const char* collective, const at::Tensor& t) {
       dtype,
       " on device ",
       t.device(),
-      "; the mapreduce backend supports CPU tensors only");
+      "; the mapreduce backend supports CPU and CUDA tensors");
   TORCH_CHECK(
       t.layout() == at::kStrided,
       "mapreduce ",
@@ -273,6 +275,14 @@ std::string describe(const char* collective, const at::Tensor& t, const char* op
 // A flat contiguous tensor with the same dtype as `like`.
 at::Tensor flatBuffer(const at::Tensor& like, int64_t numel) {
   return at::empty({numel}, like.options().memory_format(at::MemoryFormat::Contiguous));
+}
+
+std::vector<at::Tensor*> pointersTo(std::vector<at::Tensor>& tensors) {
+  std::vector<at::Tensor*> out;
+  for (auto& t : tensors) {
+    out.push_back(&t);
+  }
+  return out;
 }
 
 int checkRoot(const char* collective, int64_t root, int size) {
@@ -670,6 +680,67 @@ void MapReduceWork::complete(std::exception_ptr error) {
 }
 
 // -----------------------------------------------------------------------------------------------
+// StagedWork (CUDA tensors through pinned host memory)
+
+StagedWork::StagedWork(
+    int rank,
+    c10d::OpType opType,
+    c10::Device device,
+    c10::intrusive_ptr<c10d::Work> hostWork,
+    std::vector<at::Tensor> deviceOutputs,
+    std::vector<at::Tensor> hostOutputs)
+    : c10d::Work(rank, opType),
+      device_(device),
+      hostWork_(std::move(hostWork)),
+      deviceOutputs_(std::move(deviceOutputs)),
+      hostOutputs_(std::move(hostOutputs)),
+      future_(c10::make_intrusive<c10::ivalue::Future>(
+          c10::ListType::create(c10::TensorType::get()),
+          std::vector<c10::Device>{device_})) {
+  future_->addCallback([this](c10::ivalue::Future& f) { finish(f.hasError() ? f.exception_ptr() : nullptr); });
+}
+
+void StagedWork::copyBack(c10::ivalue::Future& hostFuture) {
+  if (hostFuture.hasError()) {
+    future_->setError(hostFuture.exception_ptr());
+    return;
+  }
+  try {
+    at::NoGradGuard noGrad;
+    c10::impl::VirtualGuardImpl impl(device_.type());
+    const c10::Stream stream = impl.getStreamFromGlobalPool(device_);
+    c10::StreamGuard guard(stream);
+    for (size_t i = 0; i < deviceOutputs_.size(); ++i) {
+      deviceOutputs_[i].copy_(hostOutputs_[i], /*non_blocking=*/true);
+    }
+    c10::Event copied(device_.type());
+    copied.record(stream);
+    copied_ = std::move(copied);
+    // Completed on `stream`: the Future records its own event there for its consumers.
+    future_->markCompleted(c10::IValue(deviceOutputs_));
+  } catch (...) {
+    future_->setError(std::current_exception());
+  }
+}
+
+bool StagedWork::wait(std::chrono::milliseconds timeout) {
+  hostWork_->wait(timeout);
+  {
+    // The Future completes right after the host op's (copy back in between).
+    std::unique_lock<std::mutex> lock(mutex_);
+    cv_.wait(lock, [this] { return completed_; });
+    if (exception_) {
+      std::rethrow_exception(exception_);
+    }
+  }
+  if (copied_) {
+    c10::impl::VirtualGuardImpl impl(device_.type());
+    copied_->block(impl.getStream(device_));
+  }
+  return true;
+}
+
+// -----------------------------------------------------------------------------------------------
 // ProcessGroupMapReduce
 
 ProcessGroupMapReduce::ProcessGroupMapReduce(
@@ -749,6 +820,75 @@ void ProcessGroupMapReduce::close(bool abortFirst) {
   comm.reset();
   std::lock_guard<std::mutex> lock(mutex_);
   comm_.reset();
+}
+
+c10::intrusive_ptr<c10d::Work> ProcessGroupMapReduce::onHost(
+    const char* collective,
+    c10d::OpType opType,
+    const std::vector<at::Tensor*>& args,
+    const std::vector<at::Tensor>& outputs,
+    const std::function<c10::intrusive_ptr<c10d::Work>()>& run) {
+  std::optional<c10::Device> device;
+  for (const at::Tensor* t : args) {
+    if (t->defined() && t->is_cuda()) {
+      TORCH_CHECK(
+          !device || *device == t->device(),
+          "mapreduce ",
+          collective,
+          ": tensors on ",
+          *device,
+          " and ",
+          t->device(),
+          "; one device per call");
+      device = t->device();
+    }
+  }
+  if (!device) {
+    return nullptr;
+  }
+  at::NoGradGuard noGrad;
+  std::vector<at::Tensor> originals;
+  std::vector<at::Tensor> copies;
+  for (at::Tensor* t : args) {
+    TORCH_CHECK(
+        t->defined() && t->device() == *device,
+        "mapreduce ",
+        collective,
+        ": mixes CUDA and other tensors; one device per call");
+    // Blocking copy on the caller's current stream: ordered after what the caller queued
+    // there, and finished before the library reads the host memory.
+    at::Tensor host = at::empty(t->sizes(), t->options().device(at::kCPU).pinned_memory(true));
+    host.copy_(*t);
+    originals.push_back(*t);
+    copies.push_back(host);
+    *t = host;
+  }
+  c10::intrusive_ptr<c10d::Work> hostWork;
+  try {
+    hostWork = run();
+  } catch (...) {
+    for (size_t i = 0; i < args.size(); ++i) {
+      *args[i] = originals[i];
+    }
+    throw;
+  }
+  for (size_t i = 0; i < args.size(); ++i) {
+    *args[i] = originals[i];
+  }
+  std::vector<at::Tensor> hostOutputs;
+  for (const at::Tensor& out : outputs) {
+    size_t k = 0;
+    while (k < originals.size() && !originals[k].is_same(out)) {
+      ++k;
+    }
+    TORCH_INTERNAL_ASSERT(k < originals.size(), "mapreduce ", collective, ": output not among the staged tensors");
+    hostOutputs.push_back(copies[k]);
+  }
+  auto work =
+      c10::make_intrusive<StagedWork>(rank_, opType, *device, hostWork, outputs, std::move(hostOutputs));
+  // Runs on the host op's completer lane (or here, if it already completed).
+  hostWork->getFuture()->addCallback([work](c10::ivalue::Future& f) { work->copyBack(f); });
+  return work;
 }
 
 c10::intrusive_ptr<c10d::Work> ProcessGroupMapReduce::enqueue(
@@ -835,6 +975,12 @@ void ProcessGroupMapReduce::completionLoop() {
 c10::intrusive_ptr<c10d::Work> ProcessGroupMapReduce::allreduce(
     std::vector<at::Tensor>& tensors,
     const c10d::AllreduceOptions& opts) {
+  {
+    std::vector<at::Tensor*> staged = pointersTo(tensors);
+    if (auto work = onHost("allreduce", c10d::OpType::ALLREDUCE, staged, tensors, [&] { return allreduce(tensors, opts); })) {
+      return work;
+    }
+  }
   constexpr const char* kName = "allreduce";
   at::NoGradGuard noGrad;
   const at::Tensor& tensor = checkSingleTensor(kName, tensors);
@@ -859,6 +1005,12 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupMapReduce::allreduce(
 c10::intrusive_ptr<c10d::Work> ProcessGroupMapReduce::broadcast(
     std::vector<at::Tensor>& tensors,
     const c10d::BroadcastOptions& opts) {
+  {
+    std::vector<at::Tensor*> staged = pointersTo(tensors);
+    if (auto work = onHost("broadcast", c10d::OpType::BROADCAST, staged, tensors, [&] { return broadcast(tensors, opts); })) {
+      return work;
+    }
+  }
   constexpr const char* kName = "broadcast";
   at::NoGradGuard noGrad;
   const at::Tensor& tensor = checkSingleTensor(kName, tensors);
@@ -893,7 +1045,22 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupMapReduce::broadcast(
 c10::intrusive_ptr<c10d::Work> ProcessGroupMapReduce::allgather(
     std::vector<std::vector<at::Tensor>>& outputTensors,
     std::vector<at::Tensor>& inputTensors,
-    const c10d::AllgatherOptions& /*opts*/) {
+    const c10d::AllgatherOptions& opts) {
+  {
+    std::vector<at::Tensor*> staged = pointersTo(inputTensors);
+    std::vector<at::Tensor> outs;
+    for (auto& list : outputTensors) {
+      for (auto& t : list) {
+        staged.push_back(&t);
+        outs.push_back(t);
+      }
+    }
+    if (auto work = onHost("allgather", c10d::OpType::ALLGATHER, staged, outs, [&] {
+          return allgather(outputTensors, inputTensors, opts);
+        })) {
+      return work;
+    }
+  }
   constexpr const char* kName = "allgather";
   at::NoGradGuard noGrad;
   const at::Tensor& input = checkSingleTensor(kName, inputTensors);
@@ -926,7 +1093,13 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupMapReduce::allgather(
 c10::intrusive_ptr<c10d::Work> ProcessGroupMapReduce::_allgather_base(
     at::Tensor& outputBuffer,
     at::Tensor& inputBuffer,
-    const c10d::AllgatherOptions& /*opts*/) {
+    const c10d::AllgatherOptions& opts) {
+  {
+    std::vector<at::Tensor*> staged{&outputBuffer, &inputBuffer};
+    if (auto work = onHost("all_gather_into_tensor", c10d::OpType::_ALLGATHER_BASE, staged, {outputBuffer}, [&] { return _allgather_base(outputBuffer, inputBuffer, opts); })) {
+      return work;
+    }
+  }
   constexpr const char* kName = "all_gather_into_tensor";
   at::NoGradGuard noGrad;
   const mr_dtype dtype = checkTensor(kName, inputBuffer);
@@ -968,6 +1141,19 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupMapReduce::reduce_scatter(
     std::vector<at::Tensor>& outputTensors,
     std::vector<std::vector<at::Tensor>>& inputTensors,
     const c10d::ReduceScatterOptions& opts) {
+  {
+    std::vector<at::Tensor*> staged = pointersTo(outputTensors);
+    for (auto& list : inputTensors) {
+      for (auto& t : list) {
+        staged.push_back(&t);
+      }
+    }
+    if (auto work = onHost("reduce_scatter", c10d::OpType::REDUCE_SCATTER, staged, outputTensors, [&] {
+          return reduce_scatter(outputTensors, inputTensors, opts);
+        })) {
+      return work;
+    }
+  }
   constexpr const char* kName = "reduce_scatter";
   at::NoGradGuard noGrad;
   const at::Tensor& output = checkSingleTensor(kName, outputTensors);
@@ -1001,6 +1187,12 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupMapReduce::_reduce_scatter_base(
     at::Tensor& outputBuffer,
     at::Tensor& inputBuffer,
     const c10d::ReduceScatterOptions& opts) {
+  {
+    std::vector<at::Tensor*> staged{&outputBuffer, &inputBuffer};
+    if (auto work = onHost("reduce_scatter_tensor", c10d::OpType::_REDUCE_SCATTER_BASE, staged, {outputBuffer}, [&] { return _reduce_scatter_base(outputBuffer, inputBuffer, opts); })) {
+      return work;
+    }
+  }
   constexpr const char* kName = "reduce_scatter_tensor";
   at::NoGradGuard noGrad;
   const mr_dtype dtype = checkTensor(kName, outputBuffer);
@@ -1051,6 +1243,12 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupMapReduce::barrier(const c10d::Barrie
 c10::intrusive_ptr<c10d::Work> ProcessGroupMapReduce::reduce(
     std::vector<at::Tensor>& tensors,
     const c10d::ReduceOptions& opts) {
+  {
+    std::vector<at::Tensor*> staged = pointersTo(tensors);
+    if (auto work = onHost("reduce", c10d::OpType::REDUCE, staged, tensors, [&] { return reduce(tensors, opts); })) {
+      return work;
+    }
+  }
   constexpr const char* kName = "reduce";
   at::NoGradGuard noGrad;
   const at::Tensor& tensor = checkSingleTensor(kName, tensors);
@@ -1080,6 +1278,21 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupMapReduce::gather(
     std::vector<std::vector<at::Tensor>>& outputTensors,
     std::vector<at::Tensor>& inputTensors,
     const c10d::GatherOptions& opts) {
+  {
+    std::vector<at::Tensor*> staged = pointersTo(inputTensors);
+    std::vector<at::Tensor> outs;
+    for (auto& list : outputTensors) {
+      for (auto& t : list) {
+        staged.push_back(&t);
+        outs.push_back(t);
+      }
+    }
+    if (auto work = onHost("gather", c10d::OpType::GATHER, staged, outs, [&] {
+          return gather(outputTensors, inputTensors, opts);
+        })) {
+      return work;
+    }
+  }
   constexpr const char* kName = "gather";
   at::NoGradGuard noGrad;
   const at::Tensor& input = checkSingleTensor(kName, inputTensors);
@@ -1124,6 +1337,19 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupMapReduce::scatter(
     std::vector<at::Tensor>& outputTensors,
     std::vector<std::vector<at::Tensor>>& inputTensors,
     const c10d::ScatterOptions& opts) {
+  {
+    std::vector<at::Tensor*> staged = pointersTo(outputTensors);
+    for (auto& list : inputTensors) {
+      for (auto& t : list) {
+        staged.push_back(&t);
+      }
+    }
+    if (auto work = onHost("scatter", c10d::OpType::SCATTER, staged, outputTensors, [&] {
+          return scatter(outputTensors, inputTensors, opts);
+        })) {
+      return work;
+    }
+  }
   constexpr const char* kName = "scatter";
   at::NoGradGuard noGrad;
   const at::Tensor& output = checkSingleTensor(kName, outputTensors);
@@ -1167,7 +1393,13 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupMapReduce::alltoall_base(
     at::Tensor& inputBuffer,
     std::vector<int64_t>& outputSplitSizes,
     std::vector<int64_t>& inputSplitSizes,
-    const c10d::AllToAllOptions& /*opts*/) {
+    const c10d::AllToAllOptions& opts) {
+  {
+    std::vector<at::Tensor*> staged{&outputBuffer, &inputBuffer};
+    if (auto work = onHost("all_to_all_single", c10d::OpType::ALLTOALL_BASE, staged, {outputBuffer}, [&] { return alltoall_base(outputBuffer, inputBuffer, outputSplitSizes, inputSplitSizes, opts); })) {
+      return work;
+    }
+  }
   constexpr const char* kName = "all_to_all_single";
   at::NoGradGuard noGrad;
   const mr_dtype dtype = checkTensor(kName, inputBuffer);
@@ -1208,7 +1440,18 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupMapReduce::alltoall_base(
 c10::intrusive_ptr<c10d::Work> ProcessGroupMapReduce::alltoall(
     std::vector<at::Tensor>& outputTensors,
     std::vector<at::Tensor>& inputTensors,
-    const c10d::AllToAllOptions& /*opts*/) {
+    const c10d::AllToAllOptions& opts) {
+  {
+    std::vector<at::Tensor*> staged = pointersTo(outputTensors);
+    for (at::Tensor* t : pointersTo(inputTensors)) {
+      staged.push_back(t);
+    }
+    if (auto work = onHost("all_to_all", c10d::OpType::ALLTOALL, staged, outputTensors, [&] {
+          return alltoall(outputTensors, inputTensors, opts);
+        })) {
+      return work;
+    }
+  }
   constexpr const char* kName = "all_to_all";
   at::NoGradGuard noGrad;
   TORCH_CHECK(
@@ -1266,6 +1509,14 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupMapReduce::alltoall(
 c10::intrusive_ptr<c10d::Work> ProcessGroupMapReduce::allreduce_coalesced(
     std::vector<at::Tensor>& tensors,
     const c10d::AllreduceCoalescedOptions& opts) {
+  {
+    std::vector<at::Tensor*> staged = pointersTo(tensors);
+    if (auto work = onHost("allreduce_coalesced", c10d::OpType::COALESCED, staged, tensors, [&] {
+          return allreduce_coalesced(tensors, opts);
+        })) {
+      return work;
+    }
+  }
   constexpr const char* kName = "allreduce_coalesced";
   at::NoGradGuard noGrad;
   const mr_dtype dtype = checkCoalesced(kName, tensors, tensors);
@@ -1299,7 +1550,16 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupMapReduce::allreduce_coalesced(
 c10::intrusive_ptr<c10d::Work> ProcessGroupMapReduce::allgather_into_tensor_coalesced(
     std::vector<at::Tensor>& outputs,
     std::vector<at::Tensor>& inputs,
-    const c10d::AllgatherOptions& /*opts*/) {
+    const c10d::AllgatherOptions& opts) {
+  {
+    std::vector<at::Tensor*> staged = pointersTo(outputs);
+    for (at::Tensor* t : pointersTo(inputs)) {
+      staged.push_back(t);
+    }
+    if (auto work = onHost("all_gather_into_tensor_coalesced", c10d::OpType::COALESCED, staged, outputs, [&] { return allgather_into_tensor_coalesced(outputs, inputs, opts); })) {
+      return work;
+    }
+  }
   constexpr const char* kName = "all_gather_into_tensor_coalesced";
   at::NoGradGuard noGrad;
   const mr_dtype dtype = checkCoalesced(kName, outputs, inputs);
@@ -1353,6 +1613,15 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupMapReduce::reduce_scatter_tensor_coal
     std::vector<at::Tensor>& outputs,
     std::vector<at::Tensor>& inputs,
     const c10d::ReduceScatterOptions& opts) {
+  {
+    std::vector<at::Tensor*> staged = pointersTo(outputs);
+    for (at::Tensor* t : pointersTo(inputs)) {
+      staged.push_back(t);
+    }
+    if (auto work = onHost("reduce_scatter_tensor_coalesced", c10d::OpType::COALESCED, staged, outputs, [&] { return reduce_scatter_tensor_coalesced(outputs, inputs, opts); })) {
+      return work;
+    }
+  }
   constexpr const char* kName = "reduce_scatter_tensor_coalesced";
   at::NoGradGuard noGrad;
   const mr_dtype dtype = checkCoalesced(kName, outputs, inputs);
@@ -1405,6 +1674,12 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupMapReduce::send(
     std::vector<at::Tensor>& tensors,
     int dstRank,
     int tag) {
+  {
+    std::vector<at::Tensor*> staged = pointersTo(tensors);
+    if (auto work = onHost("send", c10d::OpType::SEND, staged, {}, [&] { return send(tensors, dstRank, tag); })) {
+      return work;
+    }
+  }
   constexpr const char* kName = "send";
   at::NoGradGuard noGrad;
   const at::Tensor& tensor = checkSingleTensor(kName, tensors);
@@ -1426,6 +1701,12 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupMapReduce::recv(
     std::vector<at::Tensor>& tensors,
     int srcRank,
     int tag) {
+  {
+    std::vector<at::Tensor*> staged = pointersTo(tensors);
+    if (auto work = onHost("recv", c10d::OpType::RECV, staged, tensors, [&] { return recv(tensors, srcRank, tag); })) {
+      return work;
+    }
+  }
   constexpr const char* kName = "recv";
   at::NoGradGuard noGrad;
   const at::Tensor& tensor = checkSingleTensor(kName, tensors);

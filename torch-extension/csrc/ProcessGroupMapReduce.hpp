@@ -21,6 +21,7 @@
 #pragma once
 
 #include <condition_variable>
+#include <optional>
 #include <deque>
 #include <functional>
 #include <memory>
@@ -29,6 +30,7 @@
 #include <thread>
 #include <vector>
 
+#include <c10/core/Event.h>
 #include <torch/csrc/distributed/c10d/Backend.hpp>
 #include <torch/csrc/distributed/c10d/Store.hpp>
 #include <torch/csrc/distributed/c10d/Work.hpp>
@@ -124,6 +126,48 @@ class MapReduceWork : public c10d::Work {
   const c10::intrusive_ptr<c10::ivalue::Future> future_;
   const std::weak_ptr<Communicator> comm_;
   const std::chrono::milliseconds timeout_;
+};
+
+// A collective on CUDA tensors, run on pinned host copies. The copies to the host were made on
+// the caller's current stream before the op started (blocking, so the library reads finished
+// data). When the host op completes, the results are copied back to the device on a stream from
+// the pool and an event is recorded there; the Future (created for the CUDA device) completes on
+// that stream, so its consumers wait for the copies, and wait() makes the caller's current
+// stream wait for them too, so whatever the caller's stream does afterwards is ordered after
+// the copy back. Device-generic c10 APIs (Stream, Event, VirtualGuardImpl), so this compiles
+// without CUDA headers; it is only ever constructed for CUDA tensors.
+class StagedWork : public c10d::Work {
+ public:
+  StagedWork(
+      int rank,
+      c10d::OpType opType,
+      c10::Device device,
+      c10::intrusive_ptr<c10d::Work> hostWork,
+      std::vector<at::Tensor> deviceOutputs,
+      std::vector<at::Tensor> hostOutputs);
+
+  std::vector<at::Tensor> result() override {
+    return deviceOutputs_;
+  }
+  c10::intrusive_ptr<c10::ivalue::Future> getFuture() override {
+    return future_;
+  }
+  bool wait(std::chrono::milliseconds timeout = kNoTimeout) override;
+  void abort() override {
+    hostWork_->abort();
+  }
+
+  // Once the host op's Future completed (on its completer lane): copy back, then complete
+  // this Work's Future and the Work.
+  void copyBack(c10::ivalue::Future& hostFuture);
+
+ private:
+  const c10::Device device_;
+  const c10::intrusive_ptr<c10d::Work> hostWork_;
+  const std::vector<at::Tensor> deviceOutputs_;
+  const std::vector<at::Tensor> hostOutputs_;
+  const c10::intrusive_ptr<c10::ivalue::Future> future_;
+  std::optional<c10::Event> copied_;
 };
 
 class ProcessGroupMapReduce : public c10d::Backend {
@@ -255,6 +299,16 @@ class ProcessGroupMapReduce : public c10d::Backend {
     // The FutureCompleter lane its Future completes in.
     size_t lane = 0;
   };
+
+  // Run `run` (a CPU op) on pinned host copies of the CUDA tensors in `args`, which are
+  // replaced by their copies during the call; `outputs` are the device tensors the op writes.
+  // nullptr when no argument is a CUDA tensor (the caller runs the CPU op itself).
+  c10::intrusive_ptr<c10d::Work> onHost(
+      const char* collective,
+      c10d::OpType opType,
+      const std::vector<at::Tensor*>& args,
+      const std::vector<at::Tensor>& outputs,
+      const std::function<c10::intrusive_ptr<c10d::Work>()>& run);
 
   // Issue `start` (which calls one mr_i* function) and queue its request for completion.
   // Throws DistBackendError with the library's message if the library rejects the op.

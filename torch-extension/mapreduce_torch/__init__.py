@@ -7,7 +7,7 @@ Importing this package registers the backend::
 
     dist.init_process_group("mapreduce", rank=rank, world_size=world_size, init_method="env://")
 
-Collectives run on CPU tensors through libmapreduce (ring, or relays when ``MR_RELAYS`` or
+Collectives run on CPU tensors (CUDA tensors through pinned host copies) through libmapreduce (ring, or relays when ``MR_RELAYS`` or
 ``MR_VALIDATOR`` is set). :class:`Peer` keeps the map-reduce subnet's 1-based peer API.
 """
 
@@ -76,5 +76,6 @@ def _install_group_naming():
     c10d._new_process_group_helper = helper
 
 
-dist.Backend.register_backend(BACKEND_NAME, create_backend, devices=["cpu"])
+# CUDA tensors are staged through pinned host memory (not yet verified on GPU hardware).
+dist.Backend.register_backend(BACKEND_NAME, create_backend, devices=["cpu", "cuda"])
 _install_group_naming()
