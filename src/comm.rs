@@ -69,6 +69,8 @@ pub struct Comm {
     warned_relay_compression: AtomicBool,
     /// Which ranks share a host.
     layout: Layout,
+    /// The address the other ranks reach this one on (see [`Comm::local_ip`]).
+    local_ip: Option<std::net::IpAddr>,
     /// Host and inter-host communicators, when the layout is hierarchical (see
     /// [`crate::hier`]); every collective then runs through them.
     hier: Option<Hierarchy>,
@@ -201,6 +203,7 @@ impl Comm {
         let broken = Arc::new(AtomicBool::new(false));
         let mut mesh = crate::net::bootstrap::rendezvous(size, id, rank, &config)?;
         let job = mesh.job;
+        let local_ip = mesh.local_ip;
         let mut config = config;
         let assignment = if config.validator.is_some()
             && config.relays.is_empty()
@@ -247,6 +250,7 @@ impl Comm {
             shm: false,
             warned_relay_compression: AtomicBool::new(false),
             layout: Layout::single(size, rank),
+            local_ip,
             hier: None,
         };
         if size > 1 {
@@ -397,6 +401,12 @@ impl Comm {
     /// Which ranks share a host (see [`crate::layout`]).
     pub fn layout(&self) -> &Layout {
         &self.layout
+    }
+
+    /// The address this rank advertised and the other ranks reach it on (`None` in a
+    /// single-rank job).
+    pub fn local_ip(&self) -> Option<std::net::IpAddr> {
+        self.local_ip
     }
 
     /// This rank's position among the ranks on its host.

@@ -102,7 +102,12 @@ impl Hierarchy {
         let layout = parent.layout().clone();
         let (rank, size) = (parent.rank(), parent.size());
         let leader = layout.local_rank() == 0;
-        let base = parent.config().clone();
+        let mut base = parent.config().clone();
+        // The sub-communicators' bootstrap listeners must be reachable where this rank is:
+        // on the address the parent's ranks already reach it on, unless one was configured.
+        if base.bind_addr.is_none() && base.ifname.is_none() {
+            base.bind_addr = parent.local_ip();
+        }
         // Inside a host: shared memory (TCP among the host's ranks if it cannot be had),
         // never relays.
         let local_cfg = Config {

@@ -278,6 +278,9 @@ pub struct Mesh {
     pub conns: Vec<(Endpoint, TcpStream)>,
     /// Frame keys of each connection, in the order of `conns`.
     pub keys: Vec<SessionKeys>,
+    /// The address this rank advertised to the others (its data listener's), which they
+    /// reach it on; `None` for a single-rank job.
+    pub local_ip: Option<std::net::IpAddr>,
 }
 
 /// How many streams connect ranks `a` and `b`: `streams` between ring neighbours (they carry
@@ -489,6 +492,7 @@ pub fn rendezvous(size: usize, id: &UniqueId, rank: usize, config: &Config) -> R
             job: info.job,
             conns: Vec::new(),
             keys: Vec::new(),
+            local_ip: None,
         });
     }
     let (listener, addrs) = if rank == 0 {
@@ -507,6 +511,7 @@ pub fn rendezvous(size: usize, id: &UniqueId, rank: usize, config: &Config) -> R
     } else {
         join_rank0(size, rank, &key, &info, config, deadline)?
     };
+    let local_ip = listener.local_addr().ok().map(|a| a.ip());
     let (conns, keys) = connect_mesh(size, rank, &listener, &addrs, &key, &info, config, deadline)?
         .into_iter()
         .unzip();
@@ -516,6 +521,7 @@ pub fn rendezvous(size: usize, id: &UniqueId, rank: usize, config: &Config) -> R
         job: info.job,
         conns,
         keys,
+        local_ip,
     })
 }
 

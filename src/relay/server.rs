@@ -666,7 +666,11 @@ impl Relay {
         };
         let _ = self.poll.registry().deregister(&mut c.stream);
         let _ = c.stream.shutdown(std::net::Shutdown::Both);
-        if warn && self.rejects.record(self.now, reject_class(reason)) {
+        // A connection that never sent a byte (a port probe, a health check) is no news.
+        let probe = matches!(c.state, State::AwaitHello { .. })
+            && c.last_read == c.accepted
+            && matches!(c.read, ReadState::Header { got: 0, .. });
+        if warn && !probe && self.rejects.record(self.now, reject_class(reason)) {
             log::warn!("closed connection from {}: {reason}", c.peer);
         } else {
             log::debug!("closed connection from {}: {reason}", c.peer);
