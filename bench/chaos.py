@@ -101,9 +101,21 @@ def rank_main(args):
 # Driver side
 # --------------------------------------------------------------------------------------------
 
-def start_relay(relayd, token, logdir, i):
+def free_addr():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return "127.0.0.1:%d" % s.getsockname()[1]
+
+
+def start_relay(relayd, secret, logdir, i):
+    """A relay holding only its own token, derived from the job secret and its address."""
     log = open(os.path.join(logdir, "relay-%d.log" % i), "w+")
-    p = subprocess.Popen([relayd, "--listen", "127.0.0.1:0", "--token", token],
+    addr = free_addr()
+    token = subprocess.run([relayd, "token", "--job-token", secret, "--relay", addr],
+                           check=True, capture_output=True, text=True).stdout.strip()
+    p = subprocess.Popen([relayd, "--listen", addr, "--token", token],
                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log,
                          env=dict(os.environ, MR_LOG="info"))
     deadline = time.time() + 10
