@@ -4,8 +4,9 @@
 //! mismatched formats are named.
 
 use mapreduce::compress::Compression;
-use mapreduce::{Comm, Config, ErrorKind, ReduceOp, UniqueId};
-use std::sync::{Arc, Mutex};
+mod threaded;
+
+use mapreduce::{Comm, Config, ErrorKind, ReduceOp};
 
 fn config(shm: bool, compress: Compression) -> Config {
     Config {
@@ -18,30 +19,13 @@ fn config(shm: bool, compress: Compression) -> Config {
     }
 }
 
-/// Run `f` on every rank of an `n`-rank job; returns what each rank returned, in rank order.
-fn run<T, F>(n: usize, cfg: Config, per_rank: impl Fn(usize) -> Config, f: F) -> Vec<T>
+/// Run `f` on every rank of an `n`-rank job, rank r configured by `per_rank(r)`.
+fn run<T, F>(n: usize, _cfg: Config, per_rank: impl Fn(usize) -> Config, f: F) -> Vec<T>
 where
     T: Send + 'static,
     F: Fn(&Comm) -> T + Send + Sync + Clone + 'static,
 {
-    let id = UniqueId::new(&cfg).unwrap();
-    let out = Arc::new(Mutex::new((0..n).map(|_| None).collect::<Vec<Option<T>>>()));
-    let handles: Vec<_> = (0..n)
-        .map(|r| {
-            let (cfg, f, out) = (per_rank(r), f.clone(), out.clone());
-            std::thread::spawn(move || {
-                let comm = Comm::init(n, &id, r, cfg).unwrap();
-                let v = f(&comm);
-                comm.destroy().unwrap();
-                out.lock().unwrap()[r] = Some(v);
-            })
-        })
-        .collect();
-    for h in handles {
-        h.join().unwrap();
-    }
-    let mut out = out.lock().unwrap();
-    out.iter_mut().map(|v| v.take().unwrap()).collect()
+    threaded::run_ranks(n, per_rank, f)
 }
 
 /// Rank r's contribution at element i: magnitude below 4, varied within every int8 block.

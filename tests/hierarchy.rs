@@ -3,8 +3,9 @@
 //! form; random data bitwise identical on every rank; uneven layouts; counts 0, 1, fewer than
 //! the ranks, odd; `MR_HIERARCHY=0` stays flat.
 
-use mapreduce::{Comm, Config, ReduceOp, UniqueId};
-use std::sync::{Arc, Mutex};
+mod threaded;
+
+use mapreduce::{Comm, Config, ReduceOp};
 
 const LAYOUTS: &[&[&str]] = &[
     &["a", "a", "b", "b"],
@@ -33,27 +34,7 @@ fn run<T: Send + 'static>(
     hierarchy: bool,
     f: impl Fn(&Comm) -> T + Send + Sync + Clone + 'static,
 ) -> Vec<T> {
-    let n = hosts.len();
-    let id = UniqueId::new(&config("x", hierarchy)).unwrap();
-    let out = Arc::new(Mutex::new((0..n).map(|_| None).collect::<Vec<Option<T>>>()));
-    let joins: Vec<_> = hosts
-        .iter()
-        .enumerate()
-        .map(|(r, h)| {
-            let (cfg, f, out) = (config(h, hierarchy), f.clone(), out.clone());
-            std::thread::spawn(move || {
-                let comm = Comm::init(n, &id, r, cfg).unwrap();
-                let v = f(&comm);
-                comm.destroy().unwrap();
-                out.lock().unwrap()[r] = Some(v);
-            })
-        })
-        .collect();
-    for j in joins {
-        j.join().unwrap();
-    }
-    let mut out = out.lock().unwrap();
-    out.iter_mut().map(|v| v.take().unwrap()).collect()
+    threaded::run_ranks(hosts.len(), |r| config(hosts[r], hierarchy), f)
 }
 
 fn value(r: usize, i: usize) -> i64 {

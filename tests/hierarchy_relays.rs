@@ -3,44 +3,28 @@
 //! identical on every rank, and a relay killed in the middle of an op is replaced.
 
 mod relay_util;
+mod threaded;
 
-use mapreduce::{Comm, Config, ReduceOp, UniqueId};
+use mapreduce::{Comm, Config, ReduceOp};
 use relay_util::{relay_config, RelayProc, TOKEN};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-/// Run `f` on every rank of a job laid out as `hosts`, with `cfg` plus each rank's host id.
+/// Run `f` on every rank of a job laid out as `hosts`, with `cfg` plus each rank's host id;
+/// every rank must run hierarchically.
 fn run<T: Send + 'static>(
     hosts: &[&str],
     cfg: Config,
     f: impl Fn(&Comm) -> T + Send + Sync + Clone + 'static,
 ) -> Vec<T> {
-    let n = hosts.len();
-    let id = UniqueId::new(&cfg).unwrap();
-    let out = Arc::new(Mutex::new((0..n).map(|_| None).collect::<Vec<Option<T>>>()));
-    let joins: Vec<_> = hosts
-        .iter()
-        .enumerate()
-        .map(|(r, h)| {
-            let cfg = Config {
-                host_id: Some(h.to_string()),
-                ..cfg.clone()
-            };
-            let (f, out) = (f.clone(), out.clone());
-            std::thread::spawn(move || {
-                let comm = Comm::init(n, &id, r, cfg).unwrap();
-                assert!(comm.uses_hierarchy());
-                let v = f(&comm);
-                comm.destroy().unwrap();
-                out.lock().unwrap()[r] = Some(v);
-            })
-        })
-        .collect();
-    for j in joins {
-        j.join().unwrap();
-    }
-    let mut out = out.lock().unwrap();
-    out.iter_mut().map(|v| v.take().unwrap()).collect()
+    let config = |r: usize| Config {
+        host_id: Some(hosts[r].to_string()),
+        ..cfg.clone()
+    };
+    threaded::run_ranks(hosts.len(), config, move |comm| {
+        assert!(comm.uses_hierarchy());
+        f(comm)
+    })
 }
 
 fn value(r: usize, i: usize) -> i64 {
