@@ -422,6 +422,27 @@ fn non_negative(what: &str, v: c_int) -> Result<usize> {
     usize::try_from(v).map_err(|_| Error::invalid(format!("{what} {v} is negative")))
 }
 
+/// Write `get(comm)` to the `int` at `out` (named `what` in errors): the shape of every
+/// `mr_comm_*` query.
+///
+/// # Safety
+/// As for [`comm_ref`]; `out` is NULL or valid for writing one `int`.
+unsafe fn write_comm_int(
+    comm: *const mr_comm,
+    what: &str,
+    out: *mut c_int,
+    get: fn(&Comm) -> usize,
+) -> Result<()> {
+    non_null(&format!("{what} (output)"), out)?;
+    // SAFETY: the caller's contract makes a non-NULL handle a live one.
+    let c = unsafe { comm_ref(comm) }?;
+    let value =
+        c_int::try_from(get(c)).map_err(|_| Error::internal(format!("{what} exceeds int")))?;
+    // SAFETY: non-NULL (checked above) and valid for one int by the caller's contract.
+    unsafe { out.write(value) };
+    Ok(())
+}
+
 /// Borrow the communicator behind a handle.
 ///
 /// # Safety
@@ -554,13 +575,8 @@ pub unsafe extern "C" fn mr_comm_init_env(comm: *mut *mut mr_comm) -> mr_result 
 #[no_mangle]
 pub unsafe extern "C" fn mr_comm_rank(comm: *const mr_comm, rank: *mut c_int) -> mr_result {
     ffi_boundary!("mr_comm_rank", {
-        non_null("rank (output)", rank)?;
-        // SAFETY: the C contract makes a non-NULL handle a live one.
-        let c = unsafe { comm_ref(comm) }?;
-        let value = c_int::try_from(c.rank()).map_err(|_| Error::internal("rank exceeds int"))?;
-        // SAFETY: non-NULL and, by the C contract, valid for writing one int.
-        unsafe { rank.write(value) };
-        Ok(())
+        // SAFETY: forwarded from this function's C contract.
+        unsafe { write_comm_int(comm, "rank", rank, Comm::rank) }
     })
 }
 
@@ -568,13 +584,8 @@ pub unsafe extern "C" fn mr_comm_rank(comm: *const mr_comm, rank: *mut c_int) ->
 #[no_mangle]
 pub unsafe extern "C" fn mr_comm_size(comm: *const mr_comm, size: *mut c_int) -> mr_result {
     ffi_boundary!("mr_comm_size", {
-        non_null("size (output)", size)?;
-        // SAFETY: the C contract makes a non-NULL handle a live one.
-        let c = unsafe { comm_ref(comm) }?;
-        let value = c_int::try_from(c.size()).map_err(|_| Error::internal("size exceeds int"))?;
-        // SAFETY: non-NULL and, by the C contract, valid for writing one int.
-        unsafe { size.write(value) };
-        Ok(())
+        // SAFETY: forwarded from this function's C contract.
+        unsafe { write_comm_int(comm, "size", size, Comm::size) }
     })
 }
 
@@ -586,14 +597,8 @@ pub unsafe extern "C" fn mr_comm_local_rank(
     local_rank: *mut c_int,
 ) -> mr_result {
     ffi_boundary!("mr_comm_local_rank", {
-        non_null("local_rank (output)", local_rank)?;
-        // SAFETY: the C contract makes a non-NULL handle a live one.
-        let c = unsafe { comm_ref(comm) }?;
-        let value = c_int::try_from(c.local_rank())
-            .map_err(|_| Error::internal("local rank exceeds int"))?;
-        // SAFETY: non-NULL and, by the C contract, valid for writing one int.
-        unsafe { local_rank.write(value) };
-        Ok(())
+        // SAFETY: forwarded from this function's C contract.
+        unsafe { write_comm_int(comm, "local_rank", local_rank, Comm::local_rank) }
     })
 }
 
@@ -604,14 +609,8 @@ pub unsafe extern "C" fn mr_comm_local_size(
     local_size: *mut c_int,
 ) -> mr_result {
     ffi_boundary!("mr_comm_local_size", {
-        non_null("local_size (output)", local_size)?;
-        // SAFETY: the C contract makes a non-NULL handle a live one.
-        let c = unsafe { comm_ref(comm) }?;
-        let value = c_int::try_from(c.local_size())
-            .map_err(|_| Error::internal("local size exceeds int"))?;
-        // SAFETY: non-NULL and, by the C contract, valid for writing one int.
-        unsafe { local_size.write(value) };
-        Ok(())
+        // SAFETY: forwarded from this function's C contract.
+        unsafe { write_comm_int(comm, "local_size", local_size, Comm::local_size) }
     })
 }
 
@@ -619,14 +618,8 @@ pub unsafe extern "C" fn mr_comm_local_size(
 #[no_mangle]
 pub unsafe extern "C" fn mr_comm_host_count(comm: *const mr_comm, hosts: *mut c_int) -> mr_result {
     ffi_boundary!("mr_comm_host_count", {
-        non_null("hosts (output)", hosts)?;
-        // SAFETY: the C contract makes a non-NULL handle a live one.
-        let c = unsafe { comm_ref(comm) }?;
-        let value = c_int::try_from(c.host_count())
-            .map_err(|_| Error::internal("host count exceeds int"))?;
-        // SAFETY: non-NULL and, by the C contract, valid for writing one int.
-        unsafe { hosts.write(value) };
-        Ok(())
+        // SAFETY: forwarded from this function's C contract.
+        unsafe { write_comm_int(comm, "hosts", hosts, Comm::host_count) }
     })
 }
 
