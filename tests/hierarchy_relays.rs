@@ -7,8 +7,7 @@ mod threaded;
 
 use mapreduce::{Comm, Config, ReduceOp};
 use relay_util::{relay_config, RelayProc, TOKEN};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Run `f` on every rank of a job laid out as `hosts`, with `cfg` plus each rank's host id;
 /// every rank must run hierarchically.
@@ -89,33 +88,49 @@ fn killed_relay_mid_hierarchical_allreduce_is_replaced() {
         timeout: Duration::from_secs(60),
         ..relay_config(&procs, TOKEN)
     };
-    let (tx, rx) = std::sync::mpsc::channel::<()>();
-    let tx = Arc::new(Mutex::new(tx));
+    // Strike once the victim's status line shows the leaders' data arriving (only the
+    // leaders' job sends it any), so the kill lands in the op between hosts.
     let victim = procs.remove(1);
     let killer = std::thread::spawn(move || {
-        rx.recv().unwrap();
-        std::thread::sleep(Duration::from_millis(50));
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            let flowing = victim
+                .log
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|l| l.contains("status:") && !l.contains("in 0.0 MB"));
+            if flowing {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
         let mut v = victim;
         let _ = v.child.kill();
+        let struck = Instant::now();
         let _ = v.child.wait();
+        struck
     });
     let n = 4;
     let out = run(&["a", "a", "b", "b"], cfg, move |comm| {
         let r = comm.rank();
-        let count = 32 << 20;
+        let count = 64 << 20;
         let mut x: Vec<f32> = (0..count).map(|i| ((i % 1000) * (r + 1)) as f32).collect();
-        if r == 0 {
-            let _ = tx.lock().unwrap().send(());
-        }
         comm.allreduce(&mut x, ReduceOp::Sum).unwrap();
+        let done = Instant::now();
         let tri = (n * (n + 1) / 2) as f32;
-        x.iter()
+        let exact = x
+            .iter()
             .enumerate()
-            .all(|(i, v)| *v == (i % 1000) as f32 * tri)
+            .all(|(i, v)| *v == (i % 1000) as f32 * tri);
+        (exact, done)
     });
-    killer.join().unwrap();
-    assert!(
-        out.iter().all(|ok| *ok),
-        "exact result on every rank after the kill"
-    );
+    let struck = killer.join().unwrap();
+    for (r, (exact, done)) in out.iter().enumerate() {
+        assert!(*exact, "rank {r}: exact result after the kill");
+        assert!(
+            *done > struck,
+            "rank {r} finished before the relay was killed"
+        );
+    }
 }
