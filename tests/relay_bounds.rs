@@ -221,3 +221,36 @@ fn out_of_descriptors_with_nobody_to_evict_a_newcomer_hears_at_once() {
     };
     assert!(rejoined.is_ok(), "{:?}", rejoined.err());
 }
+
+#[test]
+fn connections_that_never_send_a_byte_are_not_warnings() {
+    // Port probes and readiness checks (the demo's) connect and go; a relay logged each as a
+    // WARN "closed connection ... Connection reset by peer", in the middle of the demo's table.
+    let relay = RelayProc::start(TOKEN);
+    for _ in 0..3 {
+        let s = std::net::TcpStream::connect(&relay.addr).unwrap();
+        // SO_LINGER 0: the close is a reset, as a probe's often is.
+        socket2::SockRef::from(&s)
+            .set_linger(Some(std::time::Duration::ZERO))
+            .unwrap();
+        drop(s);
+    }
+    // A real job afterwards, so the probes' closes have surely been handled.
+    job_uses_relay(&relay);
+    assert!(
+        relay.wait_log("closed connection from"),
+        "the closes were logged"
+    );
+    let warned: Vec<String> = relay
+        .log
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|l| l.contains("WARN") && l.contains("closed connection"))
+        .cloned()
+        .collect();
+    assert!(
+        warned.is_empty(),
+        "probes were logged as warnings: {warned:?}"
+    );
+}
