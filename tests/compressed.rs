@@ -6,7 +6,7 @@
 use mapreduce::compress::Compression;
 mod threaded;
 
-use mapreduce::{Comm, Config, ErrorKind, ReduceOp};
+use mapreduce::{Config, ErrorKind, ReduceOp};
 
 fn config(shm: bool, compress: Compression) -> Config {
     Config {
@@ -17,15 +17,6 @@ fn config(shm: bool, compress: Compression) -> Config {
         chunk_bytes: 4096,
         ..Config::default()
     }
-}
-
-/// Run `f` on every rank of an `n`-rank job, rank r configured by `per_rank(r)`.
-fn run<T, F>(n: usize, _cfg: Config, per_rank: impl Fn(usize) -> Config, f: F) -> Vec<T>
-where
-    T: Send + 'static,
-    F: Fn(&Comm) -> T + Send + Sync + Clone + 'static,
-{
-    threaded::run_ranks(n, per_rank, f)
 }
 
 /// Rank r's contribution at element i: magnitude below 4, varied within every int8 block.
@@ -50,11 +41,9 @@ fn every_format_and_world_size_over_tcp() {
         for z in Compression::ALL {
             // The format comes from the communicator's configuration (MR_COMPRESS).
             let cfg = config(false, z);
-            let c2 = cfg.clone();
-            let results = run(
+            let results = threaded::run_ranks(
                 n,
-                cfg,
-                move |_| c2.clone(),
+                move |_| cfg.clone(),
                 move |comm| {
                     let r = comm.rank();
                     let mut out = Vec::new();
@@ -115,11 +104,9 @@ fn every_format_and_world_size_over_tcp() {
 fn per_call_format_and_exact_paths() {
     let n = 3;
     let cfg = config(false, Compression::None);
-    let c2 = cfg.clone();
-    run(
+    threaded::run_ranks(
         n,
-        cfg,
-        move |_| c2.clone(),
+        move |_| cfg.clone(),
         move |comm| {
             let r = comm.rank();
             // Per call: int8 through the ring is lossy but identical; integer data may not ask.
@@ -144,11 +131,9 @@ fn per_call_format_and_exact_paths() {
     );
     // On shared memory nothing crosses a wire: compressed calls are exact.
     let cfg = config(true, Compression::Int8);
-    let c2 = cfg.clone();
-    run(
+    threaded::run_ranks(
         n,
-        cfg,
-        move |_| c2.clone(),
+        move |_| cfg.clone(),
         move |comm| {
             let r = comm.rank();
             let mut a: Vec<f32> = (0..5000).map(|i| value(r, i) as f32).collect();
@@ -166,10 +151,8 @@ fn per_call_format_and_exact_paths() {
 #[test]
 fn mismatched_formats_are_named_and_the_communicator_survives() {
     let n = 2;
-    let cfg = config(false, Compression::None);
-    let results = run(
+    let results = threaded::run_ranks(
         n,
-        cfg.clone(),
         move |r| {
             config(
                 false,

@@ -2,8 +2,9 @@
 //! every rank learns the same host numbering, its local rank and size; shared memory is used
 //! only when every rank is on one host; collectives stay exact on every layout.
 
-use mapreduce::{Comm, Config, ReduceOp, UniqueId};
-use std::sync::{Arc, Mutex};
+mod threaded;
+
+use mapreduce::{Config, ReduceOp};
 
 /// (host index, local rank, local size, host count, uses shared memory) of every rank.
 type Seen = (usize, usize, usize, usize, bool);
@@ -11,47 +12,29 @@ type Seen = (usize, usize, usize, usize, bool);
 /// Run a job whose rank r is on host `hosts[r]` (an MR_HOST_ID value per rank).
 fn run(hosts: &[&str]) -> Vec<Seen> {
     let n = hosts.len();
-    let base = Config {
+    let config = |r: usize| Config {
         timeout: std::time::Duration::from_secs(20),
+        host_id: Some(hosts[r].to_string()),
         ..Config::default()
     };
-    let id = UniqueId::new(&base).unwrap();
-    let seen = Arc::new(Mutex::new(vec![None; n]));
-    let joins: Vec<_> = hosts
-        .iter()
-        .enumerate()
-        .map(|(r, h)| {
-            let cfg = Config {
-                host_id: Some(h.to_string()),
-                ..base.clone()
-            };
-            let seen = seen.clone();
-            std::thread::spawn(move || {
-                let comm = Comm::init(n, &id, r, cfg).unwrap();
-                // Collectives work on every layout (flat until the host level is used).
-                let mut v: Vec<i64> = (0..100_000).map(|i| i + r as i64).collect();
-                comm.allreduce(&mut v, ReduceOp::Sum).unwrap();
-                let tri = (n * (n - 1) / 2) as i64;
-                assert!(v
-                    .iter()
-                    .enumerate()
-                    .all(|(i, x)| *x == n as i64 * i as i64 + tri));
-                seen.lock().unwrap()[r] = Some((
-                    comm.layout().host(),
-                    comm.local_rank(),
-                    comm.local_size(),
-                    comm.host_count(),
-                    comm.uses_shared_memory(),
-                ));
-                comm.destroy().unwrap();
-            })
-        })
-        .collect();
-    for j in joins {
-        j.join().unwrap();
-    }
-    let seen = seen.lock().unwrap();
-    seen.iter().map(|s| s.unwrap()).collect()
+    threaded::run_ranks(n, config, move |comm| {
+        let r = comm.rank();
+        // Collectives work on every layout.
+        let mut v: Vec<i64> = (0..100_000).map(|i| i + r as i64).collect();
+        comm.allreduce(&mut v, ReduceOp::Sum).unwrap();
+        let tri = (n * (n - 1) / 2) as i64;
+        assert!(v
+            .iter()
+            .enumerate()
+            .all(|(i, x)| *x == n as i64 * i as i64 + tri));
+        (
+            comm.layout().host(),
+            comm.local_rank(),
+            comm.local_size(),
+            comm.host_count(),
+            comm.uses_shared_memory(),
+        )
+    })
 }
 
 #[test]
