@@ -30,15 +30,17 @@ struct Args {
     #[arg(long)]
     listen: Option<SocketAddr>,
     /// Validator to register with: it assigns jobs (with their own tokens) to this relay.
+    /// Repeat it to serve several validators.
     #[arg(long)]
-    validator: Option<String>,
+    validator: Vec<String>,
     /// The relay's identity key (sr25519 seed in hex, or a Bittensor hotkey file), created
     /// with mode 0600 on first start; the relay's id is its public key.
     #[arg(long, default_value = "mr-relayd.key")]
     key_file: std::path::PathBuf,
-    /// The validator's public key (hex); when given, the validator must prove it.
+    /// The validator's public key (hex); when given, the validator must prove it. With several
+    /// `--validator`s, give one key per validator in the same order.
     #[arg(long)]
-    validator_key: Option<String>,
+    validator_key: Vec<String>,
     /// Address peers should connect to (default: the listening address).
     #[arg(long)]
     advertise: Option<String>,
@@ -155,18 +157,25 @@ fn run(args: Args) -> mapreduce::Result<()> {
                 mapreduce::Error::io(format!("cannot read token file {}", f.display()), e)
             })?,
             // With a validator, jobs bring their own tokens; a static token is optional.
-            (None, None) if args.validator.is_some() => String::new(),
+            (None, None) if !args.validator.is_empty() => String::new(),
             (None, None) => return Err(mapreduce::Error::invalid(
                 "a job token is required: pass --token HEX or --token-file FILE (or --validator)",
             )),
         };
     let token = mapreduce::config::parse_hex("token", &hex)?;
-    if token.is_empty() && args.validator.is_none() {
+    if token.is_empty() && args.validator.is_empty() {
         return Err(mapreduce::Error::invalid("the job token is empty"));
     }
-    let identity = match &args.validator {
-        Some(_) => Some(Arc::new(Identity::load_or_create(&args.key_file, "relay")?)),
-        None => None,
+    if !args.validator_key.is_empty() && args.validator_key.len() != args.validator.len() {
+        return Err(mapreduce::Error::invalid(format!(
+            "{} --validator-key for {} --validator: give one key per validator, in order",
+            args.validator_key.len(),
+            args.validator.len()
+        )));
+    }
+    let identity = match args.validator.is_empty() {
+        false => Some(Arc::new(Identity::load_or_create(&args.key_file, "relay")?)),
+        true => None,
     };
     let grants = identity.as_ref().map(|id| Grants::new(Some(id.clone())));
     let secs = |s: u64| Duration::from_secs(s.max(1));
@@ -195,24 +204,26 @@ fn run(args: Args) -> mapreduce::Result<()> {
         "listening on {local} (max memory {} bytes)",
         args.max_memory
     );
-    if let (Some(v), Some(grants), Some(identity)) = (&args.validator, grants, identity) {
-        let validator_key = args
-            .validator_key
-            .as_deref()
-            .map(|k| mapreduce::validator::identity::parse_public("--validator-key", k))
-            .transpose()?;
-        let reg = Registration {
-            validator: v.clone(),
-            validator_key,
-            identity,
-            bind: Some(local.ip()),
-            advertise: args.advertise.clone().unwrap_or_else(|| local.to_string()),
-            capacity: args.max_memory as u64,
-            heartbeat: Duration::from_millis(args.heartbeat_ms.max(10)),
-            grants,
-        };
-        log::info!("relay id {}: registering with validator {v}", reg.id());
-        reg.spawn();
+    if let (Some(grants), Some(identity)) = (grants, identity) {
+        for (i, v) in args.validator.iter().enumerate() {
+            let validator_key = args
+                .validator_key
+                .get(i)
+                .map(|k| mapreduce::validator::identity::parse_public("--validator-key", k))
+                .transpose()?;
+            let reg = Registration {
+                validator: v.clone(),
+                validator_key,
+                identity: identity.clone(),
+                bind: Some(local.ip()),
+                advertise: args.advertise.clone().unwrap_or_else(|| local.to_string()),
+                capacity: args.max_memory as u64,
+                heartbeat: Duration::from_millis(args.heartbeat_ms.max(10)),
+                grants: grants.clone(),
+            };
+            log::info!("relay id {}: registering with validator {v}", reg.id());
+            reg.spawn();
+        }
     }
     relay.run()
 }

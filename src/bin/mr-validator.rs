@@ -1,7 +1,8 @@
 //! `mr-validator`: registry of relays, job assignment, verification by sampling, benchmark
 //! bots and scores. Runs in the foreground and logs to stderr (`MR_LOG`, default `info`).
 //!
-//! `mr-validator --listen ADDR:PORT [--scores FILE] [--key-file FILE] [--config validator.config.json]`
+//! `mr-validator --listen ADDR:PORT [--scores FILE] [--key-file FILE] [--config validator.config.json]
+//!  [--chain FILE]`
 //! `mr-validator status --validator ADDR:PORT` prints the relay table.
 
 use clap::{Parser, Subcommand};
@@ -30,6 +31,11 @@ struct Args {
     /// validator.config.json.
     #[arg(long)]
     config: Option<PathBuf>,
+    /// The subnet's chain file (written by the subnet validator every epoch): only relays
+    /// whose hotkeys serve their address on the subnet are assigned, and the subnet's hotkeys
+    /// are admitted as clients besides `clients` in the config. Re-read when it changes.
+    #[arg(long)]
+    chain: Option<PathBuf>,
     /// Print the relay table of the validator at ADDR and exit.
     #[arg(long, value_name = "ADDR")]
     status: Option<String>,
@@ -159,6 +165,9 @@ fn serve(args: Args) -> mapreduce::Result<()> {
         }
     };
     let v = Validator::bind(listen, config, args.scores.clone(), identity)?;
+    if let Some(chain) = &args.chain {
+        v.state.use_chain_file(chain.clone());
+    }
     log::info!("listening on {}", v.local_addr()?);
     v.run()
 }

@@ -96,6 +96,12 @@ fn bench_relay(state: &Arc<State>, id: &str) -> crate::Result<()> {
         .unwrap_or_default()
         .to_string();
     let relay_memory = (bots * crate::algo::relay::max_window(chunk) * chunk * 4) as u64;
+    // The bots take turns at asking under the configured benchmark identities.
+    static TURN: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let client = match cfg.hotkeys.len() {
+        0 => state.identity.id(),
+        n => cfg.hotkeys[TURN.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % n].clone(),
+    };
     let a = state.assign_to(
         &JobRequest {
             job,
@@ -105,6 +111,7 @@ fn bench_relay(state: &Arc<State>, id: &str) -> crate::Result<()> {
             max_message_bytes: cfg.bytes as u64,
         },
         id,
+        &client,
     )?;
     config.relays = a.relays.iter().map(|r| r.addr.clone()).collect();
     config.granted_token = Some(crate::config::parse_hex("token", &a.token)?);

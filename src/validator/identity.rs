@@ -130,6 +130,27 @@ pub fn parse_public(what: &str, s: &str) -> Result<[u8; PUBLIC_LEN]> {
 mod tests {
     use super::*;
 
+    /// A key pair and signature made by the Bittensor SDK (11.x) from the seed 00 01 .. 1f: the
+    /// same seed gives the same public key here, and the SDK's signature verifies.
+    #[test]
+    fn bittensor_keypairs_and_signatures_line_up() {
+        let seed: [u8; 32] = std::array::from_fn(|i| i as u8);
+        let id = Identity::from_seed(&seed);
+        assert_eq!(
+            id.id(),
+            "e2111779981618705ecacea1af6ff9350bce2b2dccd03e0c3e01eb0c823d2666"
+        );
+        let sig = crate::config::parse_hex(
+            "sig",
+            "baeb3310d054583de5726a6bb6edd785ef7455ed67077cbe601d8b09640bfb60\
+             05ea2ddfd7f4a82c71145a20a15474b02a61d53f14f83571b92bf3c217ac8783",
+        )
+        .unwrap();
+        let sig: [u8; SIGNATURE_LEN] = sig.try_into().unwrap();
+        assert!(verify(&id.public(), b"mapreduce interop", &sig));
+        assert!(!verify(&id.public(), b"mapreduce interoq", &sig));
+    }
+
     #[test]
     fn signatures_verify_only_for_their_key_and_message() {
         let a = Identity::generate();

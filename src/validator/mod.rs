@@ -2,6 +2,7 @@
 //! sums by sampling, benchmark bots and scores.
 //!
 //! * [`identity`] — sr25519 key pairs of relays, clients and the validator;
+//! * [`chain`] — the subnet's word on which relays may serve and which clients may ask;
 //! * [`channel`] — the handshake and the sealed messages after it;
 //! * [`proto`] — the JSON control messages and who proves which key;
 //! * [`probe`] — checking that a relay serves its advertised address;
@@ -14,6 +15,7 @@
 //! The validator never forwards data and never tells a relay a job's verification secret.
 
 pub mod bench;
+pub mod chain;
 pub mod channel;
 pub mod client;
 pub mod evidence;

@@ -12,7 +12,7 @@
 //! address.
 
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -121,6 +121,9 @@ pub struct Registry {
     buckets: HashMap<String, Bucket>,
     /// Enrollments refused by the rate limit (for the log and tests).
     pub refused_enrollments: u64,
+    /// With a chain file (`mr-validator --chain`): the relays the subnet lets serve. `None`
+    /// without one; `Some` with no relays until the file was first read.
+    pub chain: Option<crate::validator::chain::ChainView>,
 }
 
 /// Most IP addresses whose enrollment budget is tracked; full buckets are dropped first.
@@ -355,7 +358,11 @@ impl Registry {
         let mut c: Vec<&RelayEntry> = self
             .relays
             .values()
-            .filter(|e| e.available(now, timeout) && e.free_memory.min(e.score.capacity) >= memory)
+            .filter(|e| {
+                e.available(now, timeout)
+                    && self.on_chain(e)
+                    && e.free_memory.min(e.score.capacity) >= memory
+            })
             .collect();
         c.sort_by(|a, b| {
             b.score
@@ -420,13 +427,42 @@ impl Registry {
         self.rescore();
     }
 
-    /// Recompute raw scores (with the IP split) and normalised weights.
+    /// Whether the subnet lets relay `e` serve: always without a chain file; with one, when
+    /// its hotkey serves the address the relay registered with.
+    pub fn on_chain(&self, e: &RelayEntry) -> bool {
+        self.chain
+            .as_ref()
+            .is_none_or(|c| c.refuse_relay(&e.score.id, &e.score.addr).is_none())
+    }
+
+    /// Why the subnet does not let relay `id` serve, if it does not.
+    pub fn chain_refusal(&self, id: &str) -> Option<String> {
+        let e = self.relays.get(id)?;
+        self.chain
+            .as_ref()
+            .and_then(|c| c.refuse_relay(&e.score.id, &e.score.addr))
+    }
+
+    /// Recompute raw scores (with the IP split) and normalised weights. Relays the subnet
+    /// does not let serve score zero and do not count in the split.
     pub fn rescore(&mut self) {
         let mut per_ip: HashMap<String, usize> = HashMap::new();
+        let eligible: HashSet<String> = self
+            .relays
+            .values()
+            .filter(|e| self.on_chain(e))
+            .map(|e| e.score.id.clone())
+            .collect();
         for e in self.relays.values() {
-            *per_ip.entry(e.score.ip.clone()).or_default() += 1;
+            if eligible.contains(&e.score.id) {
+                *per_ip.entry(e.score.ip.clone()).or_default() += 1;
+            }
         }
         for e in self.relays.values_mut() {
+            if !eligible.contains(&e.score.id) {
+                e.score.score = 0.0;
+                continue;
+            }
             let s = &e.score;
             let gib = s.capacity.min(s.bench_capacity) as f64 / (1u64 << 30) as f64;
             let proven = if s.addr_verified { 1.0 } else { 0.0 };

@@ -7,6 +7,7 @@
 //! verification secret to a relay.
 
 use crate::error::{Error, ErrorKind, Result};
+use crate::validator::chain::{ChainFile, ChainView};
 use crate::validator::channel::{self, Channel, ChannelWriter};
 use crate::validator::identity::Identity;
 use crate::validator::proto::{
@@ -43,6 +44,10 @@ pub struct BenchConfig {
     pub concurrency: usize,
     /// Most bytes per second the bots may move in total (0: unlimited).
     pub max_bandwidth: u64,
+    /// Client identities (public keys, hex) the bots' benchmark jobs are requested under, in
+    /// turn: the subnet's `benchmark_hotkeys`. Empty: the validator's own.
+    #[serde(default)]
+    pub hotkeys: Vec<String>,
 }
 
 impl Default for BenchConfig {
@@ -53,6 +58,7 @@ impl Default for BenchConfig {
             bots: 2,
             concurrency: 1,
             max_bandwidth: 0,
+            hotkeys: Vec::new(),
         }
     }
 }
@@ -210,6 +216,10 @@ pub struct State {
     flagged: Mutex<HashMap<String, FlaggedClient>>,
     /// Refused connections, logged at most once per interval.
     refusals: Mutex<RateLog>,
+    /// The subnet's chain file, when the validator runs under one (`--chain`).
+    chain: Mutex<Option<ChainFile>>,
+    /// Failed reads of the chain file, logged at most once per interval.
+    chain_errors: Mutex<RateLog>,
 }
 
 impl State {
@@ -270,9 +280,83 @@ impl State {
         self.jobs.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
 
-    /// Whether `key` may request jobs.
+    /// Whether `key` may request jobs: it is in `clients`, or, under a chain file, a hotkey
+    /// registered on the subnet.
     pub fn client_admitted(&self, key: &[u8; 32]) -> bool {
-        self.clients.contains(key)
+        if self.clients.contains(key) {
+            return true;
+        }
+        self.refresh_chain();
+        let chain = self.chain.lock().unwrap_or_else(|e| e.into_inner());
+        chain
+            .as_ref()
+            .and_then(|c| c.view())
+            .is_some_and(|v| v.clients.contains(key))
+    }
+
+    /// Run under the chain file at `path`: from now on only relays whose hotkeys serve their
+    /// address on the subnet are assigned, and the subnet's hotkeys are admitted as clients.
+    pub fn use_chain_file(&self, path: PathBuf) {
+        log::info!(
+            "relays and clients come from the chain file {}",
+            path.display()
+        );
+        *self.chain.lock().unwrap_or_else(|e| e.into_inner()) = Some(ChainFile::new(path));
+        self.registry
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .chain = Some(ChainView::default());
+        self.refresh_chain();
+    }
+
+    /// Read the chain file again if it changed, and apply it.
+    pub fn refresh_chain(&self) {
+        let mut guard = self.chain.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(file) = guard.as_mut() else { return };
+        match file.refresh() {
+            Ok(false) => {}
+            Ok(true) => {
+                let view = file.view().cloned().unwrap_or_default();
+                drop(guard);
+                log::info!(
+                    "chain file: subnet {} at block {}: {} relays served, {} client hotkeys",
+                    view.subnet(),
+                    view.block.map_or_else(|| "?".into(), |b| b.to_string()),
+                    view.relays.len(),
+                    view.clients.len()
+                );
+                let mut reg = self.registry.lock().unwrap_or_else(|e| e.into_inner());
+                for id in reg.relays.keys() {
+                    if let Some(why) = view.refuse_relay(id, &reg.relays[id].score.addr) {
+                        log::info!("not assigned: {why}");
+                    }
+                }
+                reg.chain = Some(view);
+                reg.rescore();
+            }
+            Err(e) => self
+                .chain_errors
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .warn(format_args!("{e}; keeping the last good reading")),
+        }
+    }
+
+    /// The refusal for a client that is not admitted.
+    fn client_refusal(&self, client: &str) -> String {
+        let chain = self.chain.lock().unwrap_or_else(|e| e.into_inner());
+        match chain.as_ref() {
+            Some(c) => format!(
+                "client {client} is not admitted: its hotkey is not registered on subnet {} \
+                 (per {}) and it is not in `clients` of validator.config.json",
+                c.view().map_or_else(|| "?".into(), |v| v.subnet()),
+                c.path().display()
+            ),
+            None => format!(
+                "client {client} is not admitted by this validator (its operator adds the \
+                 client's public key to `clients` in validator.config.json)"
+            ),
+        }
     }
 
     /// Tell relay `id` to accept `job`; wait for its acknowledgement.
@@ -337,6 +421,7 @@ impl State {
                 )));
             }
         }
+        self.refresh_chain();
         let candidates = self
             .registry
             .lock()
@@ -345,9 +430,9 @@ impl State {
         self.assign_among(req, job, candidates, client)
     }
 
-    /// Assign a job to relay `id` alone (benchmarks).
-    pub fn assign_to(&self, req: &JobRequest, id: &str) -> Result<Assignment> {
-        self.assign_among(req, req.job.clone(), vec![id.to_string()], "")
+    /// Assign a job of `client` to relay `id` alone (benchmarks).
+    pub fn assign_to(&self, req: &JobRequest, id: &str, client: &str) -> Result<Assignment> {
+        self.assign_among(req, req.job.clone(), vec![id.to_string()], client)
     }
 
     fn assign_among(
@@ -614,6 +699,8 @@ impl Validator {
                 handshakes: Mutex::new(VecDeque::new()),
                 live: AtomicUsize::new(0),
                 refusals: Mutex::new(RateLog::new(Duration::from_secs(5))),
+                chain: Mutex::new(None),
+                chain_errors: Mutex::new(RateLog::new(Duration::from_secs(60))),
                 flagged: Mutex::new(HashMap::new()),
                 save_errors: Mutex::new(RateLog::new(Duration::from_secs(30))),
             }),
@@ -634,6 +721,7 @@ impl Validator {
             std::thread::sleep(period);
             let now = Instant::now();
             state.expire_jobs(now);
+            state.refresh_chain();
             let mut reg = state.registry.lock().unwrap_or_else(|e| e.into_inner());
             reg.tick(now, state.timeout());
             reg.prune(now);
@@ -783,13 +871,7 @@ fn serve_conn(state: &Arc<State>, conn: u64, stream: TcpStream, peer: SocketAddr
             };
             let client = crate::config::to_hex(&key);
             if !state.client_admitted(&key) {
-                return Err(pending.refuse(
-                    ErrorKind::Auth,
-                    &format!(
-                        "client {client} is not admitted by this validator (its operator adds the \
-                         client's public key to `clients` in validator.config.json)"
-                    ),
-                ));
+                return Err(pending.refuse(ErrorKind::Auth, &state.client_refusal(&client)));
             }
             let flags = state.flags_of(&client);
             let limit = state.config.client_flag_limit;
