@@ -432,7 +432,7 @@ impl Registry {
     pub fn on_chain(&self, e: &RelayEntry) -> bool {
         self.chain
             .as_ref()
-            .is_none_or(|c| c.refuse_relay(&e.score.id, &e.score.addr).is_none())
+            .map_or(true, |c| c.refuse_relay(&e.score.id, &e.score.addr).is_none())
     }
 
     /// Why the subnet does not let relay `id` serve, if it does not.
