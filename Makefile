@@ -3,6 +3,7 @@
 #   make build      release library (libmapreduce.so/.a), programs, C examples
 #   make test       everything below, as CI runs it (.ci/run)
 #   make demo       a whole local job on loopback, verified, with throughput
+#   make subnet-demo  a whole subnet (validator, miners, a peer job) on a fake chain
 #   make header     regenerate include/mapreduce.h with the pinned cbindgen
 #   make install PREFIX=/usr/local [DESTDIR=...]
 #
@@ -54,7 +55,8 @@ TEST_ENV := MR_TIMEOUT_MS=60000
 EXAMPLE_RANKS ?= 4
 
 .PHONY: build lib c-examples test check-header cargo-test c-test c-test-kills c-test-valgrind \
-	check-install torch-install test-torch demo bench bench-torch header install venv lint \
+	check-install torch-install test-torch subnet-install test-subnet subnet-demo demo bench \
+	bench-torch header install venv lint \
 	clean distclean
 
 # ---------------------------------------------------------------------------------------------
@@ -97,7 +99,7 @@ check-header: $(CBINDGEN_STAMP)
 # ---------------------------------------------------------------------------------------------
 # Tests
 
-test: build check-header cargo-test c-test c-test-valgrind check-install test-torch
+test: build check-header cargo-test c-test c-test-valgrind check-install test-torch test-subnet
 
 # The dev profile (optimised, with debug assertions): the relay's fault-injection hooks that
 # the fail-over, weighting and validator tests use exist only in builds with debug assertions.
@@ -159,6 +161,22 @@ torch-install: build venv
 # The PyTorch backend's tests, in the local virtualenv.
 test-torch: torch-install
 	$(TEST_ENV) $(VENV)/bin/python -m pytest -q torch-extension/tests
+
+# The subnet layer (subnet/, on the Bittensor SDK), installed editable into the venv so that it
+# finds this tree's programs; its tests run a whole subnet on a fake chain. The dishonest
+# miner runs the dev-profile relay (its fault hooks exist only with debug assertions).
+subnet-install: venv
+	@$(VENV)/bin/python -c 'import bittensor' 2>/dev/null || \
+		$(VENV)/bin/python -m pip install 'bittensor>=11,<12'
+	$(VENV)/bin/python -m pip install --quiet --no-build-isolation --no-deps -e ./subnet
+
+test-subnet: lib torch-install subnet-install
+	$(CARGO) build --bins
+	$(TEST_ENV) $(VENV)/bin/python -m pytest -q subnet/tests
+
+# A whole subnet on this machine on a fake chain: a validator, three miners, a peer job.
+subnet-demo: lib torch-install subnet-install
+	$(VENV)/bin/python -m mapreduce_subnet.local
 
 # ---------------------------------------------------------------------------------------------
 # Programs
