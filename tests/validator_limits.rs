@@ -267,3 +267,70 @@ fn jobs_expire() {
         .expect("an expired job still accepts reports");
     assert!(err.message.contains("not a member"), "{err}");
 }
+
+/// Threads of process `pid`.
+fn threads(pid: u32) -> usize {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    s.lines()
+        .find(|l| l.starts_with("Threads:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|n| n.parse().ok())
+        .unwrap()
+}
+
+/// Authenticated sessions that stay open (status readers here; relays and report connections
+/// alike) are served by a fixed set of threads: a thousand of them cost no thread each, and
+/// the validator keeps answering status and jobs.
+#[test]
+fn open_sessions_do_not_each_hold_a_thread() {
+    let dir = tmpdir("sessions");
+    let v = validator(
+        &dir,
+        "127.0.0.1:0",
+        r#"{"heartbeat_timeout_ms": 3000, "default_relays": 1, "bench": {"interval_secs": 0}}"#,
+    );
+    let _r = relay(&v, &dir.join("r.key"), "127.0.0.1:0", &[]);
+    wait_status(&v, "relay registered", |r| up(r) == 1);
+    let idle_threads = threads(v.child.id());
+    let per = 250;
+    let openers: Vec<_> = (0..4)
+        .map(|_| {
+            let addr = v.addr.clone();
+            std::thread::spawn(move || {
+                (0..per)
+                    .filter_map(|_| {
+                        channel::connect(
+                            &addr,
+                            &Intro::Status,
+                            Credential::None,
+                            None,
+                            Duration::from_secs(20),
+                        )
+                        .ok()
+                    })
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    let sessions: Vec<_> = openers
+        .into_iter()
+        .flat_map(|t| t.join().unwrap())
+        .collect();
+    assert!(
+        sessions.len() >= 4 * per - 10,
+        "only {} sessions",
+        sessions.len()
+    );
+    serves(&v);
+    let busy_threads = threads(v.child.id());
+    eprintln!(
+        "{} open sessions: validator threads {idle_threads} -> {busy_threads}",
+        sessions.len()
+    );
+    assert!(
+        busy_threads <= idle_threads + 8,
+        "{} open sessions took the validator from {idle_threads} to {busy_threads} threads",
+        sessions.len()
+    );
+    drop(sessions);
+}

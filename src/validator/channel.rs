@@ -152,8 +152,38 @@ pub struct ChannelWriter {
 /// Receiving half of a channel.
 pub struct ChannelReader {
     stream: TcpStream,
-    open: Seal,
+    opener: Opener,
     pub what: String,
+}
+
+/// Opens a channel's sealed frames in order and joins them into messages; no I/O, so a
+/// blocking reader and the validator's event loop share it.
+pub struct Opener {
+    open: Seal,
+    body: Vec<u8>,
+    what: String,
+}
+
+impl Opener {
+    /// Take the payload of one `Control` frame; the whole message once its last fragment is in.
+    pub fn frame(&mut self, sealed: &[u8]) -> Result<Option<Vec<u8>>> {
+        let frame = self.open.open(sealed, &self.what)?;
+        let (&more, part) = frame
+            .split_first()
+            .ok_or_else(|| Error::remote(format!("{}: empty frame", self.what)))?;
+        if self.body.len() + part.len() > MAX_MESSAGE {
+            return Err(Error::remote(format!(
+                "{}: a message over the {MAX_MESSAGE} byte limit",
+                self.what
+            )));
+        }
+        self.body.extend_from_slice(part);
+        Ok((more == 0).then(|| std::mem::take(&mut self.body)))
+    }
+
+    pub fn what(&self) -> &str {
+        &self.what
+    }
 }
 
 impl ChannelWriter {
@@ -193,7 +223,6 @@ impl ChannelWriter {
 impl ChannelReader {
     pub fn recv<T: DeserializeOwned>(&mut self, timeout: Duration) -> Result<T> {
         let deadline = Instant::now() + timeout;
-        let mut body = Vec::new();
         loop {
             let (_, sealed) = FrameIo {
                 stream: &mut self.stream,
@@ -201,22 +230,15 @@ impl ChannelReader {
                 what: self.what.clone(),
             }
             .expect(FrameKind::Control)?;
-            let frame = self.open.open(&sealed, &self.what)?;
-            let (&more, part) = frame
-                .split_first()
-                .ok_or_else(|| Error::remote(format!("{}: empty frame", self.what)))?;
-            if body.len() + part.len() > MAX_MESSAGE {
-                return Err(Error::remote(format!(
-                    "{}: a message over the {MAX_MESSAGE} byte limit",
-                    self.what
-                )));
-            }
-            body.extend_from_slice(part);
-            if more == 0 {
-                break;
+            if let Some(body) = self.opener.frame(&sealed)? {
+                return crate::validator::proto::parse(&body, &self.what);
             }
         }
-        crate::validator::proto::parse(&body, &self.what)
+    }
+
+    /// The connection and the opener, for reading without blocking elsewhere.
+    pub fn into_parts(self) -> (TcpStream, Opener) {
+        (self.stream, self.opener)
     }
 }
 
@@ -242,7 +264,11 @@ impl Channel {
         Ok(Channel {
             reader: ChannelReader {
                 stream: other,
-                open: Seal::new(recv),
+                opener: Opener {
+                    open: Seal::new(recv),
+                    body: Vec::new(),
+                    what: what.clone(),
+                },
                 what: what.clone(),
             },
             writer: ChannelWriter {
@@ -343,7 +369,7 @@ pub fn connect_from<I: Serialize>(
     }
     let mut ch = Channel::new(stream, &c2v, &v2c, what, Some(v.try_into().expect("32")))?;
     // The welcome used sequence number 0 of the validator's direction.
-    ch.reader.open.seq = 1;
+    ch.reader.opener.open.seq = 1;
     Ok(ch)
 }
 
@@ -378,6 +404,38 @@ pub struct Pending {
     dh: [u8; 32],
 }
 
+/// The validator's opening of a handshake: what it sends, and what it keeps to check the answer.
+pub struct Challenge {
+    ns: [u8; 32],
+    ve: [u8; 32],
+    ve_secret: Scalar,
+    v: [u8; PUBLIC_LEN],
+}
+
+impl Challenge {
+    pub fn new(me: &Identity) -> Challenge {
+        let (ve_secret, ve) = ephemeral();
+        Challenge {
+            ns: crate::wire::nonce(),
+            ve,
+            ve_secret,
+            v: me.public(),
+        }
+    }
+
+    /// The whole Challenge frame, header included.
+    pub fn frame(&self) -> Vec<u8> {
+        let mut body = self.ns.to_vec();
+        body.extend_from_slice(&self.ve);
+        body.extend_from_slice(&self.v);
+        let mut out = FrameHeader::new(FrameKind::Challenge, body.len())
+            .encode()
+            .to_vec();
+        out.extend_from_slice(&body);
+        out
+    }
+}
+
 /// Run the validator's half of the handshake up to the connector's Hello (within `timeout`).
 pub fn accept(
     mut stream: TcpStream,
@@ -385,49 +443,59 @@ pub fn accept(
     peer: &str,
     timeout: Duration,
 ) -> Result<Pending> {
-    let (ve_secret, ve) = ephemeral();
-    let ns = crate::wire::nonce();
-    let v = me.public();
+    let challenge = Challenge::new(me);
     let mut io = FrameIo {
         stream: &mut stream,
         deadline: Instant::now() + timeout,
         what: format!("validator connection from {peer}"),
     };
-    let mut ch = ns.to_vec();
-    ch.extend_from_slice(&ve);
-    ch.extend_from_slice(&v);
-    io.send(FrameHeader::new(FrameKind::Challenge, ch.len()), &ch)?;
+    crate::net::conn::send_all(io.stream, &challenge.frame())
+        .map_err(|e| Error::io(format!("{}: send", io.what), e))?;
     let (_, hello) = io.expect(FrameKind::Hello)?;
-    let mut r = BodyReader::new(&hello, "validator hello");
-    let intro = r.bytes()?.to_vec();
-    let ce = r.bytes()?;
-    let nc = r.bytes()?;
-    let key = r.bytes()?;
-    let proof = r.bytes()?.to_vec();
-    let key = match key.len() {
-        0 => None,
-        PUBLIC_LEN => Some(key.try_into().expect("32")),
-        n => return Err(Error::auth(format!("a {n}-byte public key"))),
-    };
-    let t = transcript(
-        &ns,
-        &ve,
-        &v,
-        ce,
-        nc,
-        key.as_ref().map_or(&[][..], |k: &[u8; 32]| &k[..]),
-        &intro,
-    );
-    let dh = shared(&ve_secret, ce)?;
-    Ok(Pending {
-        stream,
-        peer: peer.to_string(),
-        intro,
-        key,
-        proof,
-        t,
-        dh,
-    })
+    Pending::from_hello(stream, &challenge, peer, &hello)
+}
+
+impl Pending {
+    /// Check the form of a connector's Hello (the payload of its Hello frame) against the
+    /// `challenge` sent on `stream`.
+    pub fn from_hello(
+        stream: TcpStream,
+        challenge: &Challenge,
+        peer: &str,
+        hello: &[u8],
+    ) -> Result<Pending> {
+        let (ns, ve, v) = (&challenge.ns, &challenge.ve, &challenge.v);
+        let mut r = BodyReader::new(hello, "validator hello");
+        let intro = r.bytes()?.to_vec();
+        let ce = r.bytes()?;
+        let nc = r.bytes()?;
+        let key = r.bytes()?;
+        let proof = r.bytes()?.to_vec();
+        let key = match key.len() {
+            0 => None,
+            PUBLIC_LEN => Some(key.try_into().expect("32")),
+            n => return Err(Error::auth(format!("a {n}-byte public key"))),
+        };
+        let t = transcript(
+            ns,
+            ve,
+            v,
+            ce,
+            nc,
+            key.as_ref().map_or(&[][..], |k: &[u8; 32]| &k[..]),
+            &intro,
+        );
+        let dh = shared(&challenge.ve_secret, ce)?;
+        Ok(Pending {
+            stream,
+            peer: peer.to_string(),
+            intro,
+            key,
+            proof,
+            t,
+            dh,
+        })
+    }
 }
 
 impl Pending {

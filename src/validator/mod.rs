@@ -9,7 +9,8 @@
 //! * [`registry`] — relays, pinned keys, liveness and scores (no I/O);
 //! * [`verify`] — sample positions and the bit-exact recomputation (no I/O);
 //! * [`evidence`] — judging a reported op on the relays' signed receipts (no I/O);
-//! * [`server`] — the daemon; [`bench`] — its benchmark bots;
+//! * [`hub`] — the event loop holding every connection; [`server`] — the daemon and its
+//!   workers; [`bench`] — its benchmark bots;
 //! * [`client`], [`peer`] — the peers' side: asking for relays, recording and reporting samples.
 //!
 //! The validator never forwards data and never tells a relay a job's verification secret.
@@ -19,6 +20,7 @@ pub mod chain;
 pub mod channel;
 pub mod client;
 pub mod evidence;
+pub mod hub;
 pub mod identity;
 pub mod peer;
 pub mod probe;

@@ -430,9 +430,9 @@ impl Registry {
     /// Whether the subnet lets relay `e` serve: always without a chain file; with one, when
     /// its hotkey serves the address the relay registered with.
     pub fn on_chain(&self, e: &RelayEntry) -> bool {
-        self.chain
-            .as_ref()
-            .map_or(true, |c| c.refuse_relay(&e.score.id, &e.score.addr).is_none())
+        self.chain.as_ref().map_or(true, |c| {
+            c.refuse_relay(&e.score.id, &e.score.addr).is_none()
+        })
     }
 
     /// Why the subnet does not let relay `id` serve, if it does not.

@@ -1,7 +1,8 @@
-//! The validator daemon: a blocking server with a bounded number of connection threads
-//! (relays hold one connection each; job requests, reports and status queries are short).
-//! Connections still in the handshake have their own cap; when it is full the oldest one is
-//! dropped for the newcomer, so idle sockets cannot lock honest clients out.
+//! The validator daemon: one event loop holds every connection ([`crate::validator::hub`]) and
+//! a fixed pool of workers serves what they ask (this module): relay registration, job
+//! assignment, report judging, status pages. Connections still in the handshake have their own
+//! cap; when it is full the oldest one is dropped for the newcomer, so idle sockets cannot lock
+//! honest clients out.
 //!
 //! Never does: forward data, send a secret outside a sealed channel, or send a job's
 //! verification secret to a relay.
@@ -9,6 +10,7 @@
 use crate::error::{Error, ErrorKind, Result};
 use crate::validator::chain::{ChainFile, ChainView};
 use crate::validator::channel::{self, Channel, ChannelWriter};
+use crate::validator::hub::{Hub, Kind, Note, Notes, Task};
 use crate::validator::identity::Identity;
 use crate::validator::proto::{
     self, AssignedRelay, Assignment, Intro, JobRequest, Refusal, RelayEvidence, RelayMsg,
@@ -18,17 +20,11 @@ use crate::validator::registry::{Limits, Offer, Registry};
 use crate::validator::verify::{self, OpRecord};
 use crate::wire;
 use serde::{Deserialize, Serialize};
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
-
-/// A connection must finish the handshake within this time.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Stack of a connection thread, bytes.
-const CONN_STACK: usize = 256 << 10;
 
 /// Benchmark bots (validator.config.json `bench`).
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -82,6 +78,9 @@ pub struct ValidatorConfig {
     /// Most connections served at once (relays, reports, requests): each registered relay
     /// holds one, so this also bounds the relays connected at once.
     pub max_connections: usize,
+    /// Worker threads (checking handshakes, assigning jobs, judging reports, answering status
+    /// queries); open connections cost no thread.
+    pub workers: usize,
     /// Most connections in the handshake at once; past it the oldest is dropped.
     pub max_handshakes: usize,
     /// Seconds a job (its secrets and pending reports) is kept, and relays keep its grant.
@@ -112,6 +111,7 @@ impl Default for ValidatorConfig {
             bench: BenchConfig::default(),
             clients: Vec::new(),
             max_connections: 4096,
+            workers: 16,
             max_handshakes: 256,
             job_ttl_secs: 24 * 3600,
             max_jobs: 100_000,
@@ -134,7 +134,7 @@ impl ValidatorConfig {
 }
 
 /// A registered relay's live connection, for sending it jobs.
-struct RelayLink {
+pub struct RelayLink {
     writer: Mutex<ChannelWriter>,
     acks: Mutex<HashSet<String>>,
     acked: Condvar,
@@ -208,10 +208,6 @@ pub struct State {
     saved: Mutex<Saved>,
     /// Failed writes of the scores file, logged at most once per interval.
     save_errors: Mutex<RateLog>,
-    /// Connections in the handshake: id → a handle to shut it down when evicted.
-    handshakes: Mutex<VecDeque<(u64, TcpStream)>>,
-    /// Connections being served.
-    live: AtomicUsize,
     /// Clients whose reports did not check out.
     flagged: Mutex<HashMap<String, FlaggedClient>>,
     /// Refused connections, logged at most once per interval.
@@ -696,8 +692,6 @@ impl Validator {
                     at: None,
                     digest: [0; 32],
                 }),
-                handshakes: Mutex::new(VecDeque::new()),
-                live: AtomicUsize::new(0),
                 refusals: Mutex::new(RateLog::new(Duration::from_secs(5))),
                 chain: Mutex::new(None),
                 chain_errors: Mutex::new(RateLog::new(Duration::from_secs(60))),
@@ -730,101 +724,162 @@ impl Validator {
         if self.state.config.bench.interval_secs > 0.0 {
             crate::validator::bench::spawn(self.state.clone());
         }
-        let mut accept_log = RateLog::new(Duration::from_secs(10));
-        let mut cap_log = RateLog::new(Duration::from_secs(10));
-        let mut backoff = Duration::from_millis(10);
-        let mut next_id = 0u64;
-        loop {
-            let (stream, peer) = match self.listener.accept() {
-                Ok(c) => c,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    // Out of descriptors (EMFILE) and the like: wait for connections to end
-                    // instead of spinning.
-                    accept_log.warn(format_args!(
-                        "accept failed: {e}; retrying in {} ms",
-                        backoff.as_millis()
-                    ));
-                    std::thread::sleep(backoff);
-                    backoff = (backoff * 2).min(Duration::from_secs(1));
-                    continue;
+        let (tasks, queue) = crossbeam_channel::unbounded();
+        let hub = Hub::new(self.state.clone(), self.listener, tasks)?;
+        for i in 0..self.state.config.workers.max(1) {
+            let (state, queue, notes) = (self.state.clone(), queue.clone(), hub.notes());
+            std::thread::Builder::new()
+                .name(format!("mr-validator-worker-{i}"))
+                .spawn(move || work(&state, &queue, &notes))
+                .map_err(|e| Error::io("cannot start the validator's workers", e))?;
+        }
+        hub.run()
+    }
+}
+
+/// A worker: take tasks until the loop is gone.
+fn work(state: &Arc<State>, queue: &crossbeam_channel::Receiver<Task>, notes: &Notes) {
+    while let Ok(task) = queue.recv() {
+        match task {
+            Task::Hello {
+                stream,
+                challenge,
+                hello,
+                peer,
+            } => match on_hello(state, stream, &challenge, &hello, peer) {
+                Ok(Some((reader, kind))) => {
+                    let (stream, opener) = reader.into_parts();
+                    notes.send(Note::Session {
+                        stream,
+                        opener,
+                        kind,
+                        peer,
+                    });
                 }
-            };
-            backoff = Duration::from_millis(10);
-            let live = self.state.live.load(Ordering::SeqCst);
-            if live >= self.state.config.max_connections.max(1) {
-                cap_log.warn(format_args!(
-                    "{live} connections, the limit: refusing {peer}"
-                ));
-                continue;
+                Ok(None) => notes.send(Note::Ended),
+                Err(e) => {
+                    if e.kind == ErrorKind::Auth {
+                        state
+                            .refusal_log()
+                            .warn(format_args!("connection from {peer}: {e}"));
+                    } else {
+                        log::debug!("connection from {peer}: {e}");
+                    }
+                    notes.send(Note::Ended);
+                }
+            },
+            Task::Report {
+                token,
+                job,
+                body,
+                peer,
+            } => {
+                let what = format!("report for job {job} from {peer}");
+                match proto::parse::<ReportMsg>(&body, &what) {
+                    Ok(msg) => {
+                        if let Err(e) = state.report(&job, msg) {
+                            log::warn!("{what}: {e}");
+                        }
+                        notes.send(Note::Done(token));
+                    }
+                    Err(e) => {
+                        log::debug!("{e}");
+                        notes.send(Note::Close(token));
+                    }
+                }
             }
-            next_id += 1;
-            let id = next_id;
-            self.state.admit_handshake(id, &stream);
-            self.state.live.fetch_add(1, Ordering::SeqCst);
-            let state = self.state.clone();
-            let spawned = std::thread::Builder::new()
-                .name("mr-validator-conn".into())
-                .stack_size(CONN_STACK)
-                .spawn(move || {
-                    serve(&state, id, stream, peer);
-                    state.end_handshake(id);
-                    state.live.fetch_sub(1, Ordering::SeqCst);
+            Task::Status {
+                token,
+                writer,
+                body,
+            } => {
+                let answered = proto::parse::<StatusQuery>(&body, "status query").and_then(|q| {
+                    let page = status_page(state, &q);
+                    writer
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .send(&page, Duration::from_secs(30))
                 });
-            if let Err(e) = spawned {
-                self.state.end_handshake(id);
-                self.state.live.fetch_sub(1, Ordering::SeqCst);
-                cap_log.warn(format_args!("cannot start a connection thread: {e}"));
+                notes.send(match answered {
+                    Ok(()) => Note::Done(token),
+                    Err(_) => Note::Close(token),
+                });
             }
         }
     }
 }
 
 impl State {
-    /// Track connection `id` in the handshake; when too many are, drop the oldest.
-    fn admit_handshake(&self, id: u64, stream: &TcpStream) {
-        let mut hs = self.handshakes.lock().unwrap_or_else(|e| e.into_inner());
-        while hs.len() >= self.config.max_handshakes.max(1) {
-            if let Some((_, old)) = hs.pop_front() {
-                let _ = old.shutdown(std::net::Shutdown::Both);
+    /// How long a relay may stay silent.
+    pub fn relay_timeout(&self) -> Duration {
+        self.timeout()
+    }
+
+    /// The log of refused connections (rate-limited).
+    pub fn refusal_log(&self) -> std::sync::MutexGuard<'_, RateLog> {
+        self.refusals.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A registered relay's message (heartbeat, job acknowledgement).
+    pub fn on_relay_message(
+        &self,
+        id: &str,
+        generation: u64,
+        link: &RelayLink,
+        msg: RelayMsg,
+    ) -> Result<()> {
+        match msg {
+            RelayMsg::Heartbeat { free_memory, .. } => {
+                self.registry
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .heartbeat(id, generation, free_memory, Instant::now());
+                Ok(())
             }
-        }
-        if let Ok(s) = stream.try_clone() {
-            hs.push_back((id, s));
+            RelayMsg::JobAck { job } => {
+                let mut acks = link.acks.lock().unwrap_or_else(|e| e.into_inner());
+                if acks.len() < 1024 {
+                    acks.insert(job);
+                }
+                link.acked.notify_all();
+                Ok(())
+            }
+            other => Err(Error::remote(format!(
+                "relay {id}: unexpected message {other:?}"
+            ))),
         }
     }
 
-    /// Connection `id` finished (or gave up) its handshake.
-    fn end_handshake(&self, id: u64) {
-        let mut hs = self.handshakes.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(i) = hs.iter().position(|(c, _)| *c == id) {
-            hs.remove(i);
+    /// Relay `id`'s connection `generation` ended: it is unavailable until it registers again.
+    pub fn relay_lost(&self, id: &str, generation: u64, link: &Arc<RelayLink>) {
+        log::warn!("relay {id}: lost; marked unavailable");
+        self.registry
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .disconnected(id, generation);
+        let mut links = self.links.lock().unwrap_or_else(|e| e.into_inner());
+        if links.get(id).is_some_and(|l| Arc::ptr_eq(l, link)) {
+            links.remove(id);
         }
+        drop(links);
+        link.writer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .shutdown();
     }
 }
 
-fn serve(state: &Arc<State>, id: u64, stream: TcpStream, peer: SocketAddr) {
-    let _ = stream.set_nodelay(true);
-    if let Err(e) = serve_conn(state, id, stream, peer) {
-        if e.kind == ErrorKind::Auth {
-            state
-                .refusals
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .warn(format_args!("connection from {peer}: {e}"));
-        } else {
-            log::debug!("connection from {peer}: {e}");
-        }
-    }
-}
-
-fn serve_conn(state: &Arc<State>, conn: u64, stream: TcpStream, peer: SocketAddr) -> Result<()> {
-    let pending = channel::accept(
-        stream,
-        &state.identity,
-        &peer.to_string(),
-        HANDSHAKE_TIMEOUT,
-    )?;
+/// A connector's Hello: check it and serve what it asks. `Some` hands a session that stays
+/// open (relay, reports, status) back to the event loop.
+fn on_hello(
+    state: &Arc<State>,
+    stream: TcpStream,
+    challenge: &channel::Challenge,
+    hello: &[u8],
+    peer: SocketAddr,
+) -> Result<Option<(channel::ChannelReader, Kind)>> {
+    // Workers' writes wait at most this long (the loop never writes).
+    let pending = channel::Pending::from_hello(stream, challenge, &peer.to_string(), hello)?;
     let intro: Intro = proto::parse(&pending.intro, &format!("hello from {peer}"))?;
     match intro {
         Intro::Relay {
@@ -857,10 +912,39 @@ fn serve_conn(state: &Arc<State>, conn: u64, stream: TcpStream, peer: SocketAddr
                 Ok(g) => g,
                 Err(msg) => return Err(pending.refuse(ErrorKind::Auth, &msg)),
             };
-            let ch = pending.welcome(&state.identity, None)?;
-            state.end_handshake(conn);
+            let Channel { reader, writer, .. } = pending.welcome(&state.identity, None)?;
             log::info!("relay {id} registered from {peer}, serving at {addr}");
-            relay_session(state, ch, &id, generation, &addr)
+            let link = Arc::new(RelayLink {
+                writer: Mutex::new(writer),
+                acks: Mutex::new(HashSet::new()),
+                acked: Condvar::new(),
+            });
+            state
+                .links
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(id.clone(), link.clone());
+            let proven =
+                crate::validator::probe::prove_address(&addr, &key, Duration::from_secs(5));
+            if let Err(e) = &proven {
+                log::warn!("relay {id}: not assigned until it proves its key at {addr}: {e}");
+            } else {
+                log::info!("relay {id}: proved its key at {addr}");
+            }
+            let mut reg = state.registry.lock().unwrap_or_else(|e| e.into_inner());
+            reg.address_checked(&id, generation, &addr, proven.is_ok());
+            if let Some(why) = reg.chain_refusal(&id) {
+                log::info!("not assigned: {why}");
+            }
+            drop(reg);
+            Ok(Some((
+                reader,
+                Kind::Relay {
+                    id,
+                    generation,
+                    link,
+                },
+            )))
         }
         Intro::Job(req) => {
             let Some(key) = pending.key.filter(|_| pending.signed()) else {
@@ -885,14 +969,14 @@ fn serve_conn(state: &Arc<State>, conn: u64, stream: TcpStream, peer: SocketAddr
                 ));
             }
             let mut ch = pending.welcome(&state.identity, None)?;
-            state.end_handshake(conn);
             match state.assign(&req, &client) {
-                Ok(a) => ch.send(&a, Duration::from_secs(30)),
+                Ok(a) => ch.send(&a, Duration::from_secs(30))?,
                 Err(e) => {
                     log::warn!("job request from client {client} at {peer}: {e}");
-                    ch.send(&Refusal { error: e.message }, Duration::from_secs(30))
+                    ch.send(&Refusal { error: e.message }, Duration::from_secs(30))?
                 }
             }
+            Ok(None)
         }
         Intro::Report { job } => {
             let secret = state
@@ -904,48 +988,40 @@ fn serve_conn(state: &Arc<State>, conn: u64, stream: TcpStream, peer: SocketAddr
             let Some(secret) = secret.filter(|s| pending.knows(s)) else {
                 return Err(pending.refuse(ErrorKind::Auth, &format!("not a member of job {job}")));
             };
-            let mut ch = pending.welcome(&state.identity, Some(&secret))?;
-            state.end_handshake(conn);
-            loop {
-                let msg: ReportMsg = match ch.recv(Duration::from_secs(3600)) {
-                    Ok(m) => m,
-                    Err(e) if e.kind == ErrorKind::Auth => return Err(e),
-                    Err(_) => return Ok(()),
-                };
-                if let Err(e) = state.report(&job, msg) {
-                    log::warn!("report for job {job} from {peer}: {e}");
-                }
-            }
+            let ch = pending.welcome(&state.identity, Some(&secret))?;
+            Ok(Some((ch.reader, Kind::Report { job })))
         }
         Intro::Status => {
-            let mut ch = pending.welcome(&state.identity, None)?;
-            state.end_handshake(conn);
-            loop {
-                let q: StatusQuery = match ch.recv(Duration::from_secs(30)) {
-                    Ok(q) => q,
-                    Err(_) => return Ok(()),
-                };
-                let rows = status_rows(state);
-                let page = StatusPage {
-                    flagged_clients: if q.offset == 0 {
-                        state
-                            .flagged_clients()
-                            .into_iter()
-                            .take(STATUS_PAGE)
-                            .collect()
-                    } else {
-                        Vec::new()
-                    },
-                    total: rows.len(),
-                    rows: rows
-                        .into_iter()
-                        .skip(q.offset)
-                        .take(q.limit.clamp(1, STATUS_PAGE))
-                        .collect(),
-                };
-                ch.send(&page, Duration::from_secs(30))?;
-            }
+            let ch = pending.welcome(&state.identity, None)?;
+            Ok(Some((
+                ch.reader,
+                Kind::Status {
+                    writer: Arc::new(Mutex::new(ch.writer)),
+                },
+            )))
         }
+    }
+}
+
+/// One page of the relay table.
+fn status_page(state: &State, q: &StatusQuery) -> StatusPage<StatusRow> {
+    let rows = status_rows(state);
+    StatusPage {
+        flagged_clients: if q.offset == 0 {
+            state
+                .flagged_clients()
+                .into_iter()
+                .take(STATUS_PAGE)
+                .collect()
+        } else {
+            Vec::new()
+        },
+        total: rows.len(),
+        rows: rows
+            .into_iter()
+            .skip(q.offset)
+            .take(q.limit.clamp(1, STATUS_PAGE))
+            .collect(),
     }
 }
 
@@ -977,72 +1053,4 @@ pub fn status_rows(state: &State) -> Vec<StatusRow> {
             .then(a.score.id.cmp(&b.score.id))
     });
     rows
-}
-
-/// A registered relay's connection: check its advertised address, then heartbeats and job
-/// acknowledgements in, jobs out.
-fn relay_session(
-    state: &Arc<State>,
-    ch: Channel,
-    id: &str,
-    generation: u64,
-    addr: &str,
-) -> Result<()> {
-    let Channel {
-        mut reader, writer, ..
-    } = ch;
-    let link = Arc::new(RelayLink {
-        writer: Mutex::new(writer),
-        acks: Mutex::new(HashSet::new()),
-        acked: Condvar::new(),
-    });
-    state
-        .links
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .insert(id.to_string(), link.clone());
-    let key = crate::validator::identity::parse_public("relay id", id)?;
-    let proven = crate::validator::probe::prove_address(addr, &key, Duration::from_secs(5));
-    if let Err(e) = &proven {
-        log::warn!("relay {id}: not assigned until it proves its key at {addr}: {e}");
-    } else {
-        log::info!("relay {id}: proved its key at {addr}");
-    }
-    state
-        .registry
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .address_checked(id, generation, addr, proven.is_ok());
-    let result = loop {
-        match reader.recv::<RelayMsg>(state.timeout()) {
-            Ok(RelayMsg::Heartbeat { free_memory, .. }) => state
-                .registry
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .heartbeat(id, generation, free_memory, Instant::now()),
-            Ok(RelayMsg::JobAck { job }) => {
-                let mut acks = link.acks.lock().unwrap_or_else(|e| e.into_inner());
-                if acks.len() < 1024 {
-                    acks.insert(job);
-                }
-                link.acked.notify_all();
-            }
-            Ok(other) => break Err(Error::remote(format!("unexpected message {other:?}"))),
-            Err(e) => break Err(e),
-        }
-    };
-    log::warn!(
-        "relay {id}: lost ({}); marked unavailable",
-        result.as_ref().err().map_or("", |e| e.message.as_str())
-    );
-    state
-        .registry
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .disconnected(id, generation);
-    let mut links = state.links.lock().unwrap_or_else(|e| e.into_inner());
-    if links.get(id).is_some_and(|l| Arc::ptr_eq(l, &link)) {
-        links.remove(id);
-    }
-    result
 }
