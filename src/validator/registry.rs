@@ -57,6 +57,19 @@ pub struct RelayScore {
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct ScoresFile {
     pub relays: Vec<RelayScore>,
+    /// Clients whose reports did not check out (older files have none).
+    #[serde(default)]
+    pub flagged_clients: Vec<FlaggedClient>,
+}
+
+/// A client whose reports did not check out against the relays' signatures.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct FlaggedClient {
+    pub client: String,
+    /// Reports that did not check out.
+    pub reports: u64,
+    /// `"<evidence id>: <evidence>"` of the last one.
+    pub last_evidence: String,
 }
 
 /// A registered relay.
@@ -121,6 +134,8 @@ pub struct Registry {
     buckets: HashMap<String, Bucket>,
     /// Enrollments refused by the rate limit (for the log and tests).
     pub refused_enrollments: u64,
+    /// Clients whose reports did not check out, by client (the entries' `client` is unused).
+    pub flagged: HashMap<String, FlaggedClient>,
     /// With a chain file (`mr-validator --chain`): the relays the subnet lets serve. `None`
     /// without one; `Some` with no relays until the file was first read.
     pub chain: Option<crate::validator::chain::ChainView>,
@@ -164,6 +179,9 @@ impl Registry {
             crate::Error::invalid(format!("{} is not a scores file: {e}", scores.display()))
         })?;
         let now = Instant::now();
+        for f in file.flagged_clients {
+            reg.flagged.insert(f.client.clone(), f);
+        }
         for s in file.relays {
             let Ok(key) = crate::validator::identity::parse_public("relay id", &s.id) else {
                 log::warn!(
@@ -191,8 +209,17 @@ impl Registry {
     pub fn encode(&self) -> Vec<u8> {
         let mut file = ScoresFile {
             relays: self.relays.values().map(|e| e.score.clone()).collect(),
+            flagged_clients: self
+                .flagged
+                .iter()
+                .map(|(k, f)| FlaggedClient {
+                    client: k.clone(),
+                    ..f.clone()
+                })
+                .collect(),
         };
         file.relays.sort_by(|a, b| a.id.cmp(&b.id));
+        file.flagged_clients.sort_by(|a, b| a.client.cmp(&b.client));
         serde_json::to_vec_pretty(&file).expect("json")
     }
 
@@ -588,6 +615,30 @@ mod tests {
             e.last_seen = None;
         }
         assert_eq!(reg.prune(later + Duration::from_secs(61)), 50);
+    }
+
+    #[test]
+    fn flagged_clients_survive_a_reload() {
+        let mut reg = Registry::default();
+        reg.flagged.insert(
+            "ab".repeat(32),
+            FlaggedClient {
+                client: String::new(),
+                reports: 3,
+                last_evidence: "e1: job x: forged".into(),
+            },
+        );
+        let dir = std::env::temp_dir().join(format!("mr-flags-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("scores.json");
+        reg.save(&path).unwrap();
+        let back = Registry::load(&path).unwrap();
+        let f = &back.flagged[&"ab".repeat(32)];
+        assert_eq!(
+            (f.reports, f.last_evidence.as_str()),
+            (3, "e1: job x: forged")
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -208,8 +208,6 @@ pub struct State {
     saved: Mutex<Saved>,
     /// Failed writes of the scores file, logged at most once per interval.
     save_errors: Mutex<RateLog>,
-    /// Clients whose reports did not check out.
-    flagged: Mutex<HashMap<String, FlaggedClient>>,
     /// Refused connections, logged at most once per interval.
     refusals: Mutex<RateLog>,
     /// The subnet's chain file, when the validator runs under one (`--chain`).
@@ -593,27 +591,32 @@ impl State {
         log::warn!(
             "client {client} flagged: a report does not check out; evidence {eid}: {evidence}"
         );
-        let mut f = self.flagged.lock().unwrap_or_else(|e| e.into_inner());
+        let mut reg = self.registry.lock().unwrap_or_else(|e| e.into_inner());
+        let f = &mut reg.flagged;
         if f.len() < MAX_FLAGGED || f.contains_key(client) {
             let e = f.entry(client.to_string()).or_default();
             e.reports += 1;
             e.last_evidence = format!("{eid}: {evidence}");
         }
+        // Kept in the scores file, so a restart does not wipe the record.
+        self.save_locked(&reg, true);
     }
 
     /// How many of `client`'s reports did not check out.
     pub fn flags_of(&self, client: &str) -> u64 {
-        self.flagged
+        self.registry
             .lock()
             .unwrap_or_else(|e| e.into_inner())
+            .flagged
             .get(client)
             .map_or(0, |f| f.reports)
     }
 
     /// Clients whose reports did not check out, with the count and the last evidence.
     pub fn flagged_clients(&self) -> Vec<FlaggedClient> {
-        let f = self.flagged.lock().unwrap_or_else(|e| e.into_inner());
-        let mut v: Vec<FlaggedClient> = f
+        let reg = self.registry.lock().unwrap_or_else(|e| e.into_inner());
+        let mut v: Vec<FlaggedClient> = reg
+            .flagged
             .iter()
             .map(|(k, e)| FlaggedClient {
                 client: k.clone(),
@@ -630,15 +633,7 @@ const MAX_PENDING_OPS: usize = 8;
 /// Flagged clients remembered.
 const MAX_FLAGGED: usize = 10_000;
 
-/// A client whose reports did not check out against the relays' signatures.
-#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
-pub struct FlaggedClient {
-    pub client: String,
-    /// Reports that did not check out.
-    pub reports: u64,
-    /// `"<evidence id>: <evidence>"` of the last one.
-    pub last_evidence: String,
-}
+pub use crate::validator::registry::FlaggedClient;
 
 /// The running validator.
 pub struct Validator {
@@ -695,7 +690,6 @@ impl Validator {
                 refusals: Mutex::new(RateLog::new(Duration::from_secs(5))),
                 chain: Mutex::new(None),
                 chain_errors: Mutex::new(RateLog::new(Duration::from_secs(60))),
-                flagged: Mutex::new(HashMap::new()),
                 save_errors: Mutex::new(RateLog::new(Duration::from_secs(30))),
             }),
         })
