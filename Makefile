@@ -166,8 +166,8 @@ test-torch: torch-install
 # finds this tree's programs; its tests run a whole subnet on a fake chain. The dishonest
 # miner runs the dev-profile relay (its fault hooks exist only with debug assertions).
 subnet-install: venv
-	@$(VENV)/bin/python -c 'import bittensor' 2>/dev/null || \
-		$(VENV)/bin/python -m pip install 'bittensor>=11,<12'
+	@$(VENV)/bin/python -c 'import bittensor, bittensor_wallet' 2>/dev/null || \
+		$(VENV)/bin/python -m pip install 'bittensor>=11,<12' bittensor-wallet
 	$(VENV)/bin/python -m pip install --quiet --no-build-isolation --no-deps -e ./subnet
 
 test-subnet: lib torch-install subnet-install

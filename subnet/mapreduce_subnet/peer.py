@@ -39,8 +39,9 @@ class Peer(_TorchPeer):
         rank: 1..peer_count; rank 1 asks the validator for relays and is the broadcast source.
         peer_count: number of peers.
         bandwidth: largest tensor in bytes that broadcast/all_reduce accept (None: no limit).
-        wallet: a Bittensor wallet (``bittensor.Wallet``), a :class:`mapreduce_subnet.Wallet`,
-            or ``"name/hotkey"``; its hotkey identifies the peer to the validator.
+        wallet: a Bittensor wallet (``bittensor.Wallet`` or ``bittensor_wallet.Wallet``), a
+            :class:`mapreduce_subnet.Wallet`, or ``"name/hotkey"``; its hotkey identifies the
+            peer to the validator.
         validator_uid: the validator's uid on the subnet.
         netuid: the subnet.
         network: ``finney``, ``test``, ``local``, an endpoint, or ``fake:FILE``.

@@ -133,3 +133,16 @@ def _sample(name):
     if name.endswith("stake") or name == "emission":
         return bt.Balance.from_tao(12.5) if hasattr(bt.Balance, "from_tao") else bt.tao(12.5)
     return 0
+
+
+def test_wallets_from_the_bittensor_wallet_package(tmp_path):
+    """Hotkeys made by ``bittensor-wallet`` (the wallet package of the SDK 9-10 line) work too:
+    same layout, and the Rust programs read the same ``secretSeed``."""
+    bw = pytest.importorskip("bittensor_wallet")
+    w = bw.Wallet(name="cold", hotkey="hot", path=str(tmp_path))
+    w.create_new_hotkey(use_password=False, overwrite=True, suppress=True)
+    ours = as_wallet(w)
+    assert ours.hotkey_file == tmp_path / "cold" / "hotkeys" / "hot"
+    assert ours.ss58_address == w.hotkey.ss58_address
+    assert ours.public_key == bytes(w.hotkey.public_key).hex()
+    assert "secretSeed" in json.loads(ours.hotkey_file.read_text())
