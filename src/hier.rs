@@ -384,8 +384,37 @@ impl Levels {
     }
 }
 
+/// Bytes of one piece of a pipelined hierarchical all-reduce: large enough that per-op costs
+/// stay small, small enough that the phases overlap over most of the buffer.
+const PIECE_MIN: usize = 4 << 20;
+/// Most pieces an all-reduce is cut into.
+const PIECES_MAX: usize = 8;
+
+/// Element ranges of the pieces of an all-reduce of `count` elements of `size` bytes: a function
+/// of the count and the type only, so every rank cuts the same pieces. Pieces are whole
+/// compression blocks.
+fn pieces(count: usize, size: usize) -> Vec<std::ops::Range<usize>> {
+    if count == 0 {
+        return vec![0..0];
+    }
+    let block = crate::compress::INT8_BLOCK;
+    let bytes = count * size;
+    let n = (bytes / PIECE_MIN).clamp(1, PIECES_MAX);
+    let per = count.div_ceil(n).div_ceil(block) * block;
+    (0..count)
+        .step_by(per.max(1))
+        .map(|a| a..(a + per).min(count))
+        .collect()
+}
+
 /// Sum (or reduce) inside the host, across hosts between leaders, then hand the leader's bytes
-/// to the host.
+/// to the host; piece by piece, so that while the leaders exchange piece k the host already
+/// reduces piece k+1 and hands out piece k-1.
+///
+/// Every rank of a host issues the host's ops in one order: reduce 0, reduce 1, hand out 0,
+/// reduce 2, hand out 1, ..., hand out the last. The leader waits for the leaders' exchange of
+/// piece k before it issues "hand out k", which the host's communicator then runs after
+/// "reduce k+1". The result of each piece is what the unpipelined order gives for that piece.
 fn allreduce(
     lv: &Levels,
     data: &mut [u8],
@@ -394,35 +423,98 @@ fn allreduce(
     op: ReduceOp,
     compress: crate::compress::Compression,
 ) -> Result<()> {
+    let mut pending: Vec<Request> = Vec::new();
+    let r = allreduce_pieces(lv, data, count, dtype, op, compress, &mut pending);
+    if r.is_err() {
+        // Requests still in flight write into `data`: end them before it is given back.
+        lv.abort();
+    }
+    for q in pending {
+        let _ = q.wait();
+    }
+    r
+}
+
+fn allreduce_pieces(
+    lv: &Levels,
+    data: &mut [u8],
+    count: usize,
+    dtype: DType,
+    op: ReduceOp,
+    compress: crate::compress::Compression,
+    pending: &mut Vec<Request>,
+) -> Result<()> {
     let level_op = if op == ReduceOp::Avg {
         ReduceOp::Sum
     } else {
         op
     };
-    if let Some(l) = &lv.local {
-        // SAFETY: `data` is borrowed for the whole call and the request is waited for.
-        unsafe { l.iallreduce_raw(data.as_mut_ptr(), count, dtype, level_op)? }
-            .wait()
-            .map_err(|e| e.context(lv.inside()))?;
-    }
-    if let Some(l) = &lv.leaders {
-        // SAFETY: as above.
-        unsafe {
-            l.iallreduce_compressed_raw(data.as_mut_ptr(), count, dtype, level_op, compress)?
+    let size = dtype.size();
+    let ranges = pieces(count, size);
+    let base = data.as_mut_ptr();
+    // SAFETY (for every `at`): the ranges lie inside `data`, which outlives every request
+    // (the caller waits for all of them); pieces do not overlap, and each piece is used by one
+    // op at a time (reduce k, then between hosts k, then hand out k, each waited for before
+    // the next is issued on that piece).
+    let at = |r: &std::ops::Range<usize>| unsafe { base.add(r.start * size) };
+    let reduce = |k: usize, pending: &mut Vec<Request>| -> Result<()> {
+        if let Some(l) = &lv.local {
+            let r = &ranges[k];
+            // SAFETY: see `at`.
+            pending.push(unsafe { l.iallreduce_raw(at(r), r.len(), dtype, level_op)? });
         }
-        .wait()
-        .map_err(|e| e.context(BETWEEN))?;
-        if op == ReduceOp::Avg {
-            reduce::divide(dtype, data, lv.world);
+        Ok(())
+    };
+    let hand_out = |k: usize, pending: &mut Vec<Request>| -> Result<()> {
+        if let Some(l) = &lv.local {
+            let r = &ranges[k];
+            // SAFETY: see `at`.
+            pending.push(unsafe { l.ibroadcast_raw(at(r), r.len(), dtype, 0)? });
         }
+        Ok(())
+    };
+    // Local requests finish in issue order; wait for the oldest ones as needed.
+    let wait_local = |pending: &mut Vec<Request>, keep: usize| -> Result<()> {
+        while pending.len() > keep {
+            pending
+                .remove(0)
+                .wait()
+                .map_err(|e| e.context(lv.inside()))?;
+        }
+        Ok(())
+    };
+    reduce(0, pending)?;
+    for k in 0..ranges.len() {
+        // Wait until piece k is reduced on this host; "hand out k-1", issued after it, stays
+        // in flight beside the leaders' exchange of piece k.
+        wait_local(pending, usize::from(k > 0))?;
+        let between = match &lv.leaders {
+            Some(l) => {
+                let r = &ranges[k];
+                // SAFETY: see `at`.
+                Some(unsafe {
+                    l.iallreduce_compressed_raw(at(r), r.len(), dtype, level_op, compress)?
+                })
+            }
+            None => None,
+        };
+        if k + 1 < ranges.len() {
+            reduce(k + 1, pending)?;
+        }
+        if let Some(b) = between {
+            b.wait().map_err(|e| e.context(BETWEEN))?;
+            if op == ReduceOp::Avg {
+                let r = &ranges[k];
+                // SAFETY: see `at`; piece k is in no request now.
+                let piece = unsafe { std::slice::from_raw_parts_mut(at(r), r.len() * size) };
+                reduce::divide(dtype, piece, lv.world);
+            }
+        }
+        hand_out(k, pending)?;
+        // In flight now: "reduce k+1" and "hand out k"; "hand out k-1" is waited for.
+        wait_local(pending, 2)?;
     }
-    if let Some(l) = &lv.local {
-        // SAFETY: as above.
-        unsafe { l.ibroadcast_raw(data.as_mut_ptr(), count, dtype, 0)? }
-            .wait()
-            .map_err(|e| e.context(lv.inside()))?;
-    }
-    Ok(())
+    wait_local(pending, 0)
 }
 
 /// Root's host first (local broadcast from the root), then between leaders, then inside the
@@ -498,6 +590,24 @@ fn allgather(lv: &Levels, input: &[u8], out: &mut [u8]) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pieces_cover_the_buffer_in_whole_blocks() {
+        assert_eq!(pieces(0, 4), vec![0..0]);
+        assert_eq!(pieces(10, 4), vec![0..10]);
+        let n = (64 << 20) / 4;
+        let p = pieces(n, 4);
+        assert_eq!(p.len(), 8);
+        assert_eq!(p[0].start, 0);
+        assert_eq!(p.last().unwrap().end, n);
+        for w in p.windows(2) {
+            assert_eq!(w[0].end, w[1].start);
+            assert_eq!(w[0].len() % crate::compress::INT8_BLOCK, 0);
+        }
+        let odd = pieces(3 * (4 << 20) / 8 + 77, 8);
+        assert_eq!(odd.len(), 3);
+        assert_eq!(odd.last().unwrap().end, 3 * (4 << 20) / 8 + 77);
+    }
 
     #[test]
     fn ptr_is_send() {
