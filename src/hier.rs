@@ -424,18 +424,63 @@ fn allreduce(
     op: ReduceOp,
     compress: crate::compress::Compression,
 ) -> Result<()> {
-    let mut pending: Vec<Request> = Vec::new();
-    let r = allreduce_pieces(lv, data, count, dtype, op, compress, &mut pending);
+    let mut pending: Vec<(Request, Option<usize>)> = Vec::new();
+    // Boxed: requests write into them while the Vec grows.
+    #[allow(clippy::vec_box)]
+    let mut statuses: Vec<Box<[u8; STATUS_LEN]>> = Vec::new();
+    let r = allreduce_pieces(
+        lv,
+        data,
+        count,
+        dtype,
+        op,
+        compress,
+        &mut pending,
+        &mut statuses,
+    );
     if r.is_err() {
-        // Requests still in flight write into `data`: end them before it is given back.
+        // Requests still in flight write into `data` and `statuses`: end them before those
+        // are given back.
         lv.abort();
     }
-    for q in pending {
+    for (q, _) in pending {
         let _ = q.wait();
     }
     r
 }
 
+/// Bytes of the leader's word to its host before each hand-out: ok, or its error.
+const STATUS_LEN: usize = 256;
+
+/// The leader's word: byte 0 is 0 (ok) or 1 + the error's kind; then the message, truncated.
+fn encode_status(r: &Result<()>) -> Box<[u8; STATUS_LEN]> {
+    let mut s = Box::new([0u8; STATUS_LEN]);
+    if let Err(e) = r {
+        s[0] = 1 + e.kind as u8;
+        let m = e.message.as_bytes();
+        let n = m.len().min(STATUS_LEN - 3);
+        s[1..3].copy_from_slice(&(n as u16).to_le_bytes());
+        s[3..3 + n].copy_from_slice(&m[..n]);
+    }
+    s
+}
+
+fn decode_status(s: &[u8; STATUS_LEN]) -> Result<()> {
+    if s[0] == 0 {
+        return Ok(());
+    }
+    let n = usize::from(u16::from_le_bytes([s[1], s[2]])).min(STATUS_LEN - 3);
+    Err(Error::new(
+        ErrorKind::from_u8(s[0] - 1),
+        format!(
+            "the host's leader failed: {}",
+            String::from_utf8_lossy(&s[3..3 + n])
+        ),
+    ))
+}
+
+// The words are boxed so their bytes stay put while requests write them and the Vec grows.
+#[allow(clippy::too_many_arguments, clippy::vec_box)]
 fn allreduce_pieces(
     lv: &Levels,
     data: &mut [u8],
@@ -443,7 +488,8 @@ fn allreduce_pieces(
     dtype: DType,
     op: ReduceOp,
     compress: crate::compress::Compression,
-    pending: &mut Vec<Request>,
+    pending: &mut Vec<(Request, Option<usize>)>,
+    statuses: &mut Vec<Box<[u8; STATUS_LEN]>>,
 ) -> Result<()> {
     let level_op = if op == ReduceOp::Avg {
         ReduceOp::Sum
@@ -458,29 +504,51 @@ fn allreduce_pieces(
     // op at a time (reduce k, then between hosts k, then hand out k, each waited for before
     // the next is issued on that piece).
     let at = |r: &std::ops::Range<usize>| unsafe { base.add(r.start * size) };
-    let reduce = |k: usize, pending: &mut Vec<Request>| -> Result<()> {
+    let reduce = |k: usize, pending: &mut Vec<(Request, Option<usize>)>| -> Result<()> {
         if let Some(l) = &lv.local {
             let r = &ranges[k];
             // SAFETY: see `at`.
-            pending.push(unsafe { l.iallreduce_raw(at(r), r.len(), dtype, level_op)? });
+            pending.push((
+                unsafe { l.iallreduce_raw(at(r), r.len(), dtype, level_op)? },
+                None,
+            ));
         }
         Ok(())
     };
-    let hand_out = |k: usize, pending: &mut Vec<Request>| -> Result<()> {
+    // The leader's word (ok or its error), then piece k, to the host.
+    let hand_out = |k: usize,
+                    word: Box<[u8; STATUS_LEN]>,
+                    pending: &mut Vec<(Request, Option<usize>)>,
+                    statuses: &mut Vec<Box<[u8; STATUS_LEN]>>|
+     -> Result<()> {
         if let Some(l) = &lv.local {
+            statuses.push(word);
+            let i = statuses.len() - 1;
+            let p = statuses[i].as_mut_ptr();
+            // SAFETY: the box's heap bytes stay put while `statuses` grows and live until the
+            // caller has waited for every request.
+            pending.push((
+                unsafe { l.ibroadcast_raw(p, STATUS_LEN, DType::U8, 0)? },
+                Some(i),
+            ));
             let r = &ranges[k];
             // SAFETY: see `at`.
-            pending.push(unsafe { l.ibroadcast_raw(at(r), r.len(), dtype, 0)? });
+            pending.push((unsafe { l.ibroadcast_raw(at(r), r.len(), dtype, 0)? }, None));
         }
         Ok(())
     };
-    // Local requests finish in issue order; wait for the oldest ones as needed.
-    let wait_local = |pending: &mut Vec<Request>, keep: usize| -> Result<()> {
+    // Local requests finish in issue order; wait for the oldest ones as needed. A word from
+    // the leader that says it failed ends the op here with its error.
+    let wait_local = |pending: &mut Vec<(Request, Option<usize>)>,
+                      statuses: &Vec<Box<[u8; STATUS_LEN]>>,
+                      keep: usize|
+     -> Result<()> {
         while pending.len() > keep {
-            pending
-                .remove(0)
-                .wait()
-                .map_err(|e| e.context(lv.inside()))?;
+            let (q, word) = pending.remove(0);
+            q.wait().map_err(|e| e.context(lv.inside()))?;
+            if let Some(i) = word {
+                decode_status(&statuses[i]).map_err(|e| e.context(lv.inside()))?;
+            }
         }
         Ok(())
     };
@@ -488,7 +556,8 @@ fn allreduce_pieces(
     for k in 0..ranges.len() {
         // Wait until piece k is reduced on this host; "hand out k-1", issued after it, stays
         // in flight beside the leaders' exchange of piece k.
-        wait_local(pending, usize::from(k > 0))?;
+        let keep = if k > 0 { 2 } else { 0 };
+        wait_local(pending, statuses, keep)?;
         let between = match &lv.leaders {
             Some(l) => {
                 let r = &ranges[k];
@@ -502,20 +571,30 @@ fn allreduce_pieces(
         if k + 1 < ranges.len() {
             reduce(k + 1, pending)?;
         }
-        if let Some(b) = between {
-            b.wait().map_err(|e| e.context(BETWEEN))?;
-            if op == ReduceOp::Avg {
-                let r = &ranges[k];
-                // SAFETY: see `at`; piece k is in no request now.
-                let piece = unsafe { std::slice::from_raw_parts_mut(at(r), r.len() * size) };
-                reduce::divide(dtype, piece, lv.world);
+        let word = match between {
+            Some(b) => {
+                let got = b.wait().map_err(|e| e.context(BETWEEN));
+                if got.is_ok() && op == ReduceOp::Avg {
+                    let r = &ranges[k];
+                    // SAFETY: see `at`; piece k is in no request now.
+                    let piece = unsafe { std::slice::from_raw_parts_mut(at(r), r.len() * size) };
+                    reduce::divide(dtype, piece, lv.world);
+                }
+                if let Err(e) = got {
+                    // Tell the host why before leaving, so its ranks fail with the reason.
+                    hand_out(k, encode_status(&Err(e.clone())), pending, statuses)?;
+                    let _ = wait_local(pending, statuses, 0);
+                    return Err(e);
+                }
+                encode_status(&Ok(()))
             }
-        }
-        hand_out(k, pending)?;
-        // In flight now: "reduce k+1" and "hand out k"; "hand out k-1" is waited for.
-        wait_local(pending, 2)?;
+            None => encode_status(&Ok(())),
+        };
+        hand_out(k, word, pending, statuses)?;
+        // In flight now: "reduce k+1", the word and "hand out k"; "hand out k-1" is done.
+        wait_local(pending, statuses, 3)?;
     }
-    wait_local(pending, 0)
+    wait_local(pending, statuses, 0)
 }
 
 /// Root's host first (local broadcast from the root), then between leaders, then inside the

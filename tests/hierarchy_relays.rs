@@ -134,3 +134,58 @@ fn killed_relay_mid_hierarchical_allreduce_is_replaced() {
         );
     }
 }
+
+/// `MR_VERIFY=1` in a hierarchical job with a relay that corrupts every chunk: every rank of
+/// every host fails with `Verify` naming the relay and the level between hosts, and none
+/// returns a wrong sum. The first exchange through the relays is already caught: the job's own
+/// agreement on its relays at init, which runs hierarchically; so is any later all-reduce.
+#[test]
+fn verify_catches_a_corrupting_relay_in_a_hierarchical_job() {
+    let bad = RelayProc::start_with_env(TOKEN, &[], &[("MR_RELAY_TEST_CORRUPT", "1")]);
+    let cfg = Config {
+        verify: true,
+        timeout: Duration::from_secs(30),
+        ..relay_config(std::slice::from_ref(&bad), TOKEN)
+    };
+    let hosts = ["a", "a", "b", "b"];
+    let n = hosts.len();
+    let id = mapreduce::UniqueId::new(&cfg).unwrap();
+    let ranks: Vec<_> = (0..n)
+        .map(|r| {
+            let cfg = Config {
+                host_id: Some(hosts[r].to_string()),
+                ..cfg.clone()
+            };
+            std::thread::spawn(move || {
+                let comm = match Comm::init(n, &id, r, cfg) {
+                    Ok(c) => c,
+                    Err(e) => return (Err(e.kind), e.message),
+                };
+                assert!(comm.uses_hierarchy());
+                let mut x: Vec<f32> = (0..100_000).map(|i| ((i % 100) * (r + 1)) as f32).collect();
+                let got = match comm.allreduce(&mut x, ReduceOp::Sum) {
+                    Ok(()) => {
+                        let tri = (n * (n + 1) / 2) as f32;
+                        let exact = x
+                            .iter()
+                            .enumerate()
+                            .all(|(i, v)| *v == (i % 100) as f32 * tri);
+                        (Ok(exact), String::new())
+                    }
+                    Err(e) => (Err(e.kind), e.message),
+                };
+                let _ = comm.destroy();
+                got
+            })
+        })
+        .collect();
+    for (r, t) in ranks.into_iter().enumerate() {
+        let (o, msg) = t.join().unwrap();
+        assert_ne!(o, Ok(false), "rank {r} returned a wrong sum");
+        assert_eq!(o, Err(mapreduce::ErrorKind::Verify), "rank {r}: {msg}");
+        assert!(
+            msg.contains("between hosts") && msg.contains("relay 0"),
+            "rank {r}: {msg}"
+        );
+    }
+}
