@@ -9,6 +9,10 @@
 //!   relay did not sign, chunk bytes that do not hash to what the relay signed for) on the
 //!   rank that sent it, never on the relay;
 //! * credits a relay when at least one chunk was recomputed and matched.
+//!
+//! Chunks of a compressed op are the encoded bytes on the wire: each rank's input chunk is
+//! decoded, the chunks are folded in rank order in f32 and the result encoded once
+//! ([`crate::compress::reduce_encoded`]), exactly as the relay must have done.
 
 use crate::relay::receipts::{Kind, Receipt};
 use crate::types::{DType, ReduceOp};
@@ -68,6 +72,9 @@ pub fn judge(
     };
     let world = reports.len();
     let seq = first.seq;
+    let Some(z) = crate::compress::Compression::from_u8(first.compress as u8) else {
+        return j;
+    };
     for (k, key) in relay_keys.iter().enumerate() {
         // What the relay signed, merged over every rank's copy.
         let mut signed: BTreeMap<Key, (u32, [u8; 32])> = BTreeMap::new();
@@ -176,13 +183,22 @@ pub fn judge(
                 .map(|r| bytes.get(&(Kind::Input, r, o)).map(Vec::as_slice))
                 .collect();
             let Some(inputs) = inputs else { continue };
-            if inputs
-                .iter()
-                .any(|x| x.len() != inputs[0].len() || x.len() % dtype.size() != 0)
-            {
-                continue;
-            }
-            let sum = *blake3::hash(&reduce_chunk(dtype, op, &inputs)).as_bytes();
+            let reduced = match z {
+                crate::compress::Compression::None => {
+                    if inputs
+                        .iter()
+                        .any(|x| x.len() != inputs[0].len() || x.len() % dtype.size() != 0)
+                    {
+                        continue;
+                    }
+                    reduce_chunk(dtype, op, &inputs)
+                }
+                z => match crate::compress::reduce_encoded(z, op, &inputs) {
+                    Some(r) => r,
+                    None => continue,
+                },
+            };
+            let sum = *blake3::hash(&reduced).as_bytes();
             let mut any = false;
             for r in 0..world as u32 {
                 if let Some(&(_, d)) = signed.get(&(Kind::Result, r, o)) {
@@ -262,6 +278,7 @@ mod tests {
                     inputs: String::new(),
                     results: String::new(),
                     digests: vec![],
+                    compress: 0,
                 };
                 let chunks = vec![
                     ChunkBytes {
