@@ -549,7 +549,9 @@ impl Comm {
                     .filter_map(|&r| links.get(r))
                     .map(|l| (l.rate, l.min_rtt_us))
                     .collect();
-                crate::algo::relay::relay_window(&used, self.config.relay_chunk_bytes)
+                let chunk = self.config.relay_chunk_bytes;
+                let window = crate::algo::relay::relay_window(&used, chunk);
+                crate::algo::relay::compressed_window(window, desc.compress, chunk)
             };
             Work::Schedule(crate::algo::plan::build_with_relays(
                 &desc,

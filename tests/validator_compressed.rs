@@ -59,7 +59,10 @@ fn a_corrupting_relay_is_convicted_under_compression() {
             &[("MR_RELAY_TEST_CORRUPT", "1")],
             6,
         );
-        assert!(failed >= 5, "{z}: only {failed} of 6 ops convicted the relay");
+        assert!(
+            failed >= 5,
+            "{z}: only {failed} of 6 ops convicted the relay"
+        );
         assert!(!flagged, "{z}: a client was flagged for honest evidence");
     }
 }

@@ -92,6 +92,21 @@ pub fn relay_window(links: &[(u64, u32)], chunk_bytes: usize) -> usize {
     (DEFAULT_WINDOW as u128 + extra).min(max_window(chunk_bytes) as u128) as usize
 }
 
+/// The window of a compressed all-reduce whose exact window would be `window` chunks of
+/// `chunk_bytes`: compressed chunks carry as many elements as exact float32 chunks but fewer
+/// wire bytes, so the window grows by the format's ratio (keeping the bytes in flight, which
+/// the link's delay needs), up to what peers announce to relays ([`max_window`]). Relay
+/// memory stays within the job's reservation: an open compressed chunk holds one float32
+/// accumulator and encoded contributions.
+pub fn compressed_window(window: usize, z: Compression, chunk_bytes: usize) -> usize {
+    if z == Compression::None {
+        return window;
+    }
+    let f32_bytes = crate::relay::compressed_chunk_bytes(chunk_bytes);
+    let wire = z.encoded_len(f32_bytes / 4).max(1);
+    (window * f32_bytes / wire).clamp(window, max_window(chunk_bytes).max(window))
+}
+
 /// Largest input backup kept for the next op (see [`SPARE_BACKUP`]).
 pub const MAX_SPARE_BACKUP: usize = 256 << 20;
 
@@ -919,6 +934,17 @@ mod tests {
     use crate::buffer::RawBuf;
     use crate::types::{DType, ReduceOp};
     use std::collections::HashMap;
+
+    #[test]
+    fn compressed_windows_keep_the_bytes_in_flight() {
+        let chunk = 64 << 10;
+        assert_eq!(compressed_window(4, Compression::None, chunk), 4);
+        assert_eq!(compressed_window(4, Compression::Bf16, chunk), 8);
+        assert_eq!(compressed_window(4, Compression::Int8, chunk), 15);
+        assert_eq!(compressed_window(40, Compression::Int8, chunk), 64);
+        // Never beyond the window announced to relays.
+        assert_eq!(compressed_window(4, Compression::Int8, 1 << 20), 4);
+    }
 
     #[test]
     fn windows_cover_the_bandwidth_delay_product() {
