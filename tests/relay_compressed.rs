@@ -217,7 +217,8 @@ fn a_relay_killed_mid_op_under_int8() {
         let cfg = mapreduce::Config {
             compress: Compression::Int8,
             timeout: Duration::from_secs(60),
-            // Slow relays, so the kill lands while data flows.
+            // Paced ranks (3 MB of int8 each at 20 MB/s), so the kill lands while data flows.
+            max_rate: Some(20_000_000),
             ..relay_config(&relays, TOKEN)
         };
         let id = UniqueId::new(&cfg).unwrap();
@@ -228,6 +229,7 @@ fn a_relay_killed_mid_op_under_int8() {
                 std::thread::spawn(move || {
                     let comm = Comm::init(n, &id, r, cfg).unwrap();
                     let mut out = Vec::new();
+                    let mut first_done = None;
                     for op in 0..3 {
                         let mut a: Vec<f32> = (0..count).map(|i| value(r + op, i) as f32).collect();
                         if op == 0 {
@@ -235,10 +237,11 @@ fn a_relay_killed_mid_op_under_int8() {
                         }
                         comm.allreduce(&mut a, ReduceOp::Sum)
                             .unwrap_or_else(|e| panic!("rank {r} op {op}: {e}"));
+                        first_done.get_or_insert_with(std::time::Instant::now);
                         out.push(a);
                     }
                     comm.destroy().unwrap();
-                    out
+                    (out, first_done.unwrap())
                 })
             })
             .collect();
@@ -246,8 +249,14 @@ fn a_relay_killed_mid_op_under_int8() {
             rx.recv().unwrap();
         }
         std::thread::sleep(Duration::from_millis(20));
+        let struck = std::time::Instant::now();
         relays[kill - 1].child.kill().unwrap();
-        let results: Vec<Vec<Vec<f32>>> = joins.into_iter().map(|j| j.join().unwrap()).collect();
+        let (results, done): (Vec<Vec<Vec<f32>>>, Vec<std::time::Instant>) =
+            joins.into_iter().map(|j| j.join().unwrap()).unzip();
+        assert!(
+            done.iter().all(|t| *t > struck),
+            "relays={nrelays}: the kill came after the first op had ended on some rank"
+        );
         // With the only relay gone the op finishes on the compressed ring, whose partial sums
         // are encoded at every hop: n encodings of magnitude up to 3n.
         let bound = relay_bound(Compression::Int8, n)
