@@ -881,13 +881,20 @@ impl Comm {
         }
         // SAFETY: forwarded from this function's contract.
         let mem = OpMemory::new(unsafe { RawBuf::new(buf, bytes) });
-        self.submit(
+        // Relays forward a broadcast's bytes as they are: exact.
+        let z = match self.relayed(bytes) {
+            true => Compression::None,
+            false => self.wire_format(self.config.compress, dtype, bytes, "MR_COMPRESS"),
+        };
+        self.submit_with(
             Collective::Broadcast,
             dtype,
             ReduceOp::Sum,
             count,
             root,
+            z,
             mem,
+            &mut |_| {},
         )
     }
 
@@ -922,7 +929,17 @@ impl Comm {
         let mut mem = OpMemory::new(unsafe { RawBuf::new(recv, total) });
         // SAFETY: forwarded from this function's contract; the input is only read.
         mem.input = unsafe { RawBuf::new(send as *mut u8, bytes) };
-        self.submit(Collective::AllGather, dtype, ReduceOp::Sum, count, 0, mem)
+        let z = self.wire_format(self.config.compress, dtype, total, "MR_COMPRESS");
+        self.submit_with(
+            Collective::AllGather,
+            dtype,
+            ReduceOp::Sum,
+            count,
+            0,
+            z,
+            mem,
+            &mut |_| {},
+        )
     }
 
     /// Start a reduce-scatter: every rank's `send` holds `recv_count × size` elements; rank r's
@@ -958,7 +975,17 @@ impl Comm {
         let mut mem = OpMemory::new(unsafe { RawBuf::new(recv, bytes) });
         // SAFETY: forwarded from this function's contract; the input is only read.
         mem.input = unsafe { RawBuf::new(send as *mut u8, total) };
-        self.submit(Collective::ReduceScatter, dtype, op, recv_count, 0, mem)
+        let z = self.wire_format(self.config.compress, dtype, total, "MR_COMPRESS");
+        self.submit_with(
+            Collective::ReduceScatter,
+            dtype,
+            op,
+            recv_count,
+            0,
+            z,
+            mem,
+            &mut |_| {},
+        )
     }
 
     /// Submit a direct exchange ([`crate::algo::exchange`]). It always travels over the
