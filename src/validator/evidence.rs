@@ -244,6 +244,17 @@ mod tests {
         claimed: [&[u8]; 2],
     ) -> Vec<(OpRecord, Vec<RelayEvidence>)> {
         let inputs = [f32s(&[1.0, 2.0]), f32s(&[3.0, 4.0])];
+        reports_of(relay, &inputs, results, claimed, 0)
+    }
+
+    /// As [`reports`], with the ranks' input chunks (as on the wire) and the op's format.
+    fn reports_of(
+        relay: &Identity,
+        inputs: &[Vec<u8>; 2],
+        results: [&[u8]; 2],
+        claimed: [&[u8]; 2],
+        compress: u32,
+    ) -> Vec<(OpRecord, Vec<RelayEvidence>)> {
         let e = |kind, rank: u32, b: &[u8]| Entry {
             kind,
             rank,
@@ -278,7 +289,7 @@ mod tests {
                     inputs: String::new(),
                     results: String::new(),
                     digests: vec![],
-                    compress: 0,
+                    compress,
                 };
                 let chunks = vec![
                     ChunkBytes {
@@ -300,6 +311,49 @@ mod tests {
                 (rec, vec![ev])
             })
             .collect()
+    }
+
+    /// Compressed chunks: the validator decodes the signed inputs, folds them in f32 and
+    /// encodes once, as the relay must; the relay's encoded sum checks out, bytes that decode
+    /// differently convict it.
+    #[test]
+    fn compressed_chunks_are_recomputed_in_wire_terms() {
+        use crate::compress::Compression;
+        let relay = Identity::generate();
+        let key = [relay.public()];
+        for z in [Compression::Bf16, Compression::Int8] {
+            let enc = |x: &[f32]| {
+                let mut w = vec![0u8; z.encoded_len(x.len())];
+                z.encode(x, &mut w);
+                w
+            };
+            let a: Vec<f32> = (0..300).map(|i| (i % 17) as f32 * 0.3).collect();
+            let b: Vec<f32> = (0..300).map(|i| (i % 5) as f32 - 1.5).collect();
+            let inputs = [enc(&a), enc(&b)];
+            let refs: Vec<&[u8]> = inputs.iter().map(Vec::as_slice).collect();
+            let sum = crate::compress::reduce_encoded(z, ReduceOp::Sum, &refs).unwrap();
+            let mut wrong = sum.clone();
+            wrong[9] ^= 1;
+            let r = reports_of(&relay, &inputs, [&sum, &sum], [&sum, &sum], z as u32);
+            let j = judge(&[1; 16], &r, &key);
+            assert_eq!(j.verified, vec![0], "{z}: {j:?}");
+            assert!(
+                j.convicted.is_empty() && j.false_reports.is_empty(),
+                "{z}: {j:?}"
+            );
+            let r = reports_of(
+                &relay,
+                &inputs,
+                [&wrong, &wrong],
+                [&wrong, &wrong],
+                z as u32,
+            );
+            let j = judge(&[1; 16], &r, &key);
+            assert_eq!(j.convicted.len(), 1, "{z}: {j:?}");
+            // Judged as exact float32 data the same honest chunk would not check out.
+            let r = reports_of(&relay, &inputs, [&sum, &sum], [&sum, &sum], 0);
+            assert_eq!(judge(&[1; 16], &r, &key).convicted.len(), 1, "{z}");
+        }
     }
 
     #[test]
