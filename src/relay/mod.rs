@@ -159,4 +159,28 @@ mod tests {
         assert!(JobHello::decode(&bad.encode()).is_err());
         assert!(JobHello::decode(&h.encode()[..10]).is_err());
     }
+
+    /// A compressed chunk holds at least one int8 block of float32, so tiny announced chunks
+    /// reserve that much; larger ones are unchanged.
+    #[test]
+    fn the_reservation_covers_compressed_chunks() {
+        assert_eq!(compressed_chunk_bytes(64), 1024);
+        assert_eq!(compressed_chunk_bytes(4096), 4096);
+        assert_eq!(compressed_chunk_bytes(5000), 4096);
+        let h = JobHello {
+            job: [7; 16],
+            rank: 0,
+            world: 3,
+            stream: 0,
+            streams: 1,
+            chunk_bytes: 64,
+            window: 4,
+        };
+        assert_eq!(h.budget(), 3 * 4 * 1024 * 4);
+        let big = JobHello {
+            chunk_bytes: 1 << 20,
+            ..h
+        };
+        assert_eq!(big.budget(), 3 * 4 * (1 << 20) * 4);
+    }
 }
