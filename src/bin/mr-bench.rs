@@ -667,7 +667,8 @@ fn demo(args: &Args) {
     );
     println!(
         "  emulated links: each peer's and relay's sends capped at 1 Gbit/s (MR_MAX_RATE=125M); \
-         bound = the least time its bytes need at that rate (relay D/rate, ring 2(P-1)/P x D/rate)"
+         bound = the least time its bytes need at that rate (relay D/rate, ring 2(P-1)/P x D/rate, \
+         times the wire bytes per float32: 1/2 for bf16, 264/1024 for int8)"
     );
     println!(
         "{:<11} {:<10} {:>6} {:>8} {:>8} {:>9} {:>8} {:>9}",
