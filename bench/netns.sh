@@ -4,6 +4,7 @@
 # direction. Runs mapreduce's ring and relay all-reduce (and gloo's, when the project's .venv
 # has torch) and reports each time against its bound:
 #   relay: D / rate          ring: 2(P-1)/P * D / rate
+# (with -z, each scaled by the format's wire bytes per float32: 1/2 for bf16, 264/1024 for int8)
 # Traffic stays inside the namespaces this script creates; it removes them on exit.
 # Needs root, iproute2 and a release build (make build).
 #
@@ -12,7 +13,7 @@
 #                       [-M MTU]                 (link MTU, default 1500)
 #                       [-d RTT_MS]              (round-trip delay between any two hosts)
 #                       [-l RANKS_PER_HOST]      (ranks sharing each peer host's namespace and link)
-#                       [-z "bf16 int8"]         (also run the ring with these MR_COMPRESS formats)
+#                       [-z "bf16 int8"]         (also run the ring and the relays with these MR_COMPRESS formats)
 # With -l L > 1 every peer host runs L ranks (one job of PEERS x L ranks); the modes
 # ring-flat and relay-flat run the same job with MR_HIERARCHY=0 for comparison. Bounds are
 # per host link: relay D / rate, ring 2(H-1)/H * D / rate with H = PEERS hosts.
@@ -155,7 +156,9 @@ printf "%-12s %12s %10s %10s %8s\n" mode size time_s bound_s of_bound
 report() { # mode size seconds
   local bound wire=1
   case $1 in *-bf16|*-fp16) wire=0.5 ;; *-int8) wire=$(awk 'BEGIN{print 264/1024}') ;; esac
-  if [ "${1%-flat}" = relay ]; then bound=$(awk -v d="$2" -v r="$RATE" 'BEGIN{print d*8/(r*1e6)}')
+  local relayed=0
+  case $1 in relay|relay-flat|relay-bf16|relay-fp16|relay-int8) relayed=1 ;; esac
+  if [ "$relayed" = 1 ]; then bound=$(awk -v d="$2" -v r="$RATE" -v w="$wire" 'BEGIN{print w*d*8/(r*1e6)}')
   else bound=$(awk -v d="$2" -v r="$RATE" -v p="$PEERS" -v w="$wire" 'BEGIN{print w*2*(p-1)/p*d*8/(r*1e6)}'); fi
   awk -v m="$1" -v s="$2" -v t="$3" -v b="$bound" 'BEGIN{printf "%-12s %12d %10.3f %10.3f %7.1f%%\n", m, s, t, b, 100*b/t}'
 }
@@ -186,6 +189,9 @@ if { want relay || want relay-flat; } && [ "$RELAYS" -gt 0 ] && [ -x "$RELAYD" ]
   sleep 1
   if want relay; then
     run_peers relay MR_RELAYS="$RELAY_LIST" MR_TOKEN="$TOKEN" | while read -r algo size secs; do report relay "$size" "$secs"; done
+    for z in $COMPRESS; do
+      run_peers relay MR_RELAYS="$RELAY_LIST" MR_TOKEN="$TOKEN" MR_COMPRESS="$z" | while read -r algo size secs; do report "relay-$z" "$size" "$secs"; done
+    done
   fi
   if want relay-flat && [ "$LOCAL" -gt 1 ]; then
     run_peers relay MR_RELAYS="$RELAY_LIST" MR_TOKEN="$TOKEN" MR_HIERARCHY=0 | while read -r algo size secs; do report relay-flat "$size" "$secs"; done

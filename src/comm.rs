@@ -65,8 +65,6 @@ pub struct Comm {
     /// Every rank mapped the job's shared-memory segment (all on one host): all-reduce,
     /// broadcast, all-gather, reduce-scatter and barrier go through it unless they use relays.
     shm: bool,
-    /// A compressed all-reduce through relays was asked for and logged once.
-    warned_relay_compression: AtomicBool,
     /// Which ranks share a host.
     layout: Layout,
     /// The address the other ranks reach this one on (see [`Comm::local_ip`]).
@@ -248,7 +246,6 @@ impl Comm {
             relay_weights: Mutex::new(RelayWeights::default()),
             p2p_seq: Mutex::new(vec![(1, 1); size]),
             shm: false,
-            warned_relay_compression: AtomicBool::new(false),
             layout: Layout::single(size, rank),
             local_ip,
             hier: None,
@@ -552,7 +549,9 @@ impl Comm {
                     .filter_map(|&r| links.get(r))
                     .map(|l| (l.rate, l.min_rtt_us))
                     .collect();
-                crate::algo::relay::relay_window(&used, self.config.relay_chunk_bytes)
+                let chunk = self.config.relay_chunk_bytes;
+                let window = crate::algo::relay::relay_window(&used, chunk);
+                crate::algo::relay::compressed_window(window, desc.compress, chunk)
             };
             Work::Schedule(crate::algo::plan::build_with_relays(
                 &desc,
@@ -656,6 +655,7 @@ impl Comm {
     /// before submitting; afterwards report the record to the validator (when the request is
     /// seen to complete) or, with `MR_VERIFY=1`, check it with the other peers before
     /// returning.
+    #[allow(clippy::too_many_arguments)]
     fn iallreduce_verified(
         &self,
         v: &Arc<JobVerify>,
@@ -663,6 +663,7 @@ impl Comm {
         count: usize,
         dtype: DType,
         op: ReduceOp,
+        z: Compression,
         mem: OpMemory,
     ) -> Result<Request> {
         let bytes = count * dtype.size();
@@ -673,14 +674,14 @@ impl Comm {
             op,
             count,
             0,
-            Compression::None,
+            z,
             mem,
             &mut |seq| {
                 if v.wants(seq) {
                     // SAFETY: the caller's contract keeps `buf` valid for `bytes` bytes until
                     // the request completes; the engine has not been given the op yet.
                     let input = unsafe { std::slice::from_raw_parts(buf, bytes) };
-                    recorded = Some(v.record(seq, input, count, dtype, op));
+                    recorded = Some(v.record(seq, input, count, dtype, op, z));
                 }
             },
         )?;
@@ -818,10 +819,10 @@ impl Comm {
         }
         // SAFETY: forwarded from this function's contract.
         let mem = OpMemory::new(unsafe { RawBuf::new(buf, bytes) });
-        if let Some(v) = self.verify.as_ref().filter(|_| self.relayed(bytes)) {
-            return self.iallreduce_verified(v, buf, count, dtype, op, mem);
-        }
         let z = self.wire_format(z, dtype, bytes, asked_by);
+        if let Some(v) = self.verify.as_ref().filter(|_| self.relayed(bytes)) {
+            return self.iallreduce_verified(v, buf, count, dtype, op, z, mem);
+        }
         self.submit_with(
             Collective::AllReduce,
             dtype,
@@ -835,8 +836,8 @@ impl Comm {
     }
 
     /// The wire format an all-reduce of `bytes` actually uses when `z` is asked for: exact
-    /// for integer and 16-bit data, on shared memory (nothing crosses a wire) and through
-    /// relays (which sum exact data). Depends only on what every rank has alike.
+    /// for integer and 16-bit data and on shared memory (nothing crosses a wire); `z` over
+    /// the ring and through relays. Depends only on what every rank has alike.
     fn wire_format(
         &self,
         z: Compression,
@@ -844,19 +845,10 @@ impl Comm {
         bytes: usize,
         asked_by: &str,
     ) -> Compression {
-        if z == Compression::None || !z.applies_to(dtype) || self.shm {
+        if z == Compression::None || !z.applies_to(dtype) || (self.shm && !self.relayed(bytes)) {
             return Compression::None;
         }
-        if self.relayed(bytes) {
-            if !self.warned_relay_compression.swap(true, Ordering::Relaxed) {
-                log::warn!(
-                    "rank {}: {z} compression ({asked_by}) is not supported through relays yet; \
-                     relay all-reduces stay exact",
-                    self.rank
-                );
-            }
-            return Compression::None;
-        }
+        log::trace!("rank {}: {z} on the wire ({asked_by})", self.rank);
         z
     }
 
@@ -889,13 +881,20 @@ impl Comm {
         }
         // SAFETY: forwarded from this function's contract.
         let mem = OpMemory::new(unsafe { RawBuf::new(buf, bytes) });
-        self.submit(
+        // Relays forward a broadcast's bytes as they are: exact.
+        let z = match self.relayed(bytes) {
+            true => Compression::None,
+            false => self.wire_format(self.config.compress, dtype, bytes, "MR_COMPRESS"),
+        };
+        self.submit_with(
             Collective::Broadcast,
             dtype,
             ReduceOp::Sum,
             count,
             root,
+            z,
             mem,
+            &mut |_| {},
         )
     }
 
@@ -930,7 +929,17 @@ impl Comm {
         let mut mem = OpMemory::new(unsafe { RawBuf::new(recv, total) });
         // SAFETY: forwarded from this function's contract; the input is only read.
         mem.input = unsafe { RawBuf::new(send as *mut u8, bytes) };
-        self.submit(Collective::AllGather, dtype, ReduceOp::Sum, count, 0, mem)
+        let z = self.wire_format(self.config.compress, dtype, total, "MR_COMPRESS");
+        self.submit_with(
+            Collective::AllGather,
+            dtype,
+            ReduceOp::Sum,
+            count,
+            0,
+            z,
+            mem,
+            &mut |_| {},
+        )
     }
 
     /// Start a reduce-scatter: every rank's `send` holds `recv_count × size` elements; rank r's
@@ -966,7 +975,17 @@ impl Comm {
         let mut mem = OpMemory::new(unsafe { RawBuf::new(recv, bytes) });
         // SAFETY: forwarded from this function's contract; the input is only read.
         mem.input = unsafe { RawBuf::new(send as *mut u8, total) };
-        self.submit(Collective::ReduceScatter, dtype, op, recv_count, 0, mem)
+        let z = self.wire_format(self.config.compress, dtype, total, "MR_COMPRESS");
+        self.submit_with(
+            Collective::ReduceScatter,
+            dtype,
+            op,
+            recv_count,
+            0,
+            z,
+            mem,
+            &mut |_| {},
+        )
     }
 
     /// Submit a direct exchange ([`crate::algo::exchange`]). It always travels over the

@@ -36,6 +36,14 @@
 //! **Error on a path.** Each encoding adds at most its own bound; an element that is encoded k
 //! times on its way (a ring's reduce-scatter re-encodes a partial sum at every hop) is off by at
 //! most the sum of the k bounds, each taken for the block it was in at that hop.
+//!
+//! | path | encodings of an element | bound (besides f32 rounding of the sums) |
+//! |---|---|---|
+//! | ring, n ranks | n: n − 1 partial sums, one result | Σ over the hops of the bound for that hop's block of partial sums |
+//! | relays, n ranks | n + 1: each rank's input once, the relay's sum once | Σ over the ranks of the bound for its input block, plus the bound for the block of sums |
+//!
+//! Through relays each rank's input block is encoded once by its owner and the sum once by
+//! the relay ([`reduce_encoded`]); a verifier repeats exactly that arithmetic.
 
 use crate::error::{Error, Result};
 use crate::reduce;
@@ -45,6 +53,8 @@ use crate::types::{DType, ReduceOp};
 pub const INT8_BLOCK: usize = 256;
 /// Bytes of an int8 block's header: `mid` and `step`, little-endian f32.
 pub const INT8_HEADER: usize = 8;
+/// Wire bytes of a whole int8 block.
+pub const INT8_WIRE_BLOCK: usize = INT8_BLOCK + INT8_HEADER;
 
 /// How floating-point data travels on the wire.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
@@ -107,6 +117,35 @@ impl Compression {
             Compression::None => elems * 4,
             Compression::Bf16 | Compression::Fp16 => elems * 2,
             Compression::Int8 => elems + elems.div_ceil(INT8_BLOCK) * INT8_HEADER,
+        }
+    }
+
+    /// Elements in a run of `len` wire bytes that starts at a block boundary: the inverse of
+    /// [`Self::encoded_len`]. `None` when no element count encodes to exactly `len` bytes (an
+    /// int8 run whose last block has a header but no codes, or half a 16-bit element).
+    pub fn decoded_len(self, len: usize) -> Option<usize> {
+        match self {
+            Compression::None => (len % 4 == 0).then_some(len / 4),
+            Compression::Bf16 | Compression::Fp16 => (len % 2 == 0).then_some(len / 2),
+            Compression::Int8 => {
+                let (full, rem) = (len / INT8_WIRE_BLOCK, len % INT8_WIRE_BLOCK);
+                match rem {
+                    0 => Some(full * INT8_BLOCK),
+                    r if r > INT8_HEADER => Some(full * INT8_BLOCK + r - INT8_HEADER),
+                    _ => None,
+                }
+            }
+        }
+    }
+
+    /// Elements before wire offset `offset` in the encoded image of a buffer, when `offset`
+    /// is where an element (16-bit formats) or an int8 block starts; `None` otherwise.
+    pub fn elems_before(self, offset: usize) -> Option<usize> {
+        match self {
+            Compression::Int8 => {
+                (offset % INT8_WIRE_BLOCK == 0).then_some(offset / INT8_WIRE_BLOCK * INT8_BLOCK)
+            }
+            z => z.decoded_len(offset),
         }
     }
 
@@ -200,6 +239,64 @@ impl Compression {
         }
     }
 
+    /// Encode `src`, the little-endian bytes of float32 or float64 elements at any alignment
+    /// (float64 rounded to f32 first, as [`Self::encode_f64`]).
+    ///
+    /// # Panics
+    /// If `dtype` is neither float, or `dst` has the wrong length.
+    pub fn encode_bytes(self, dtype: DType, src: &[u8], dst: &mut [u8]) {
+        let size = float_size(dtype);
+        let elems = src.len() / size;
+        check_len("encode_bytes", self, elems, dst.len());
+        if let (4, Ok(x)) = (size, bytemuck::try_cast_slice::<u8, f32>(src)) {
+            return self.encode(x, dst);
+        }
+        let mut stage = [0f32; STAGE];
+        let mut at = 0;
+        for s in src.chunks(STAGE * size) {
+            let st = &mut stage[..s.len() / size];
+            for (d, x) in st.iter_mut().zip(s.chunks_exact(size)) {
+                *d = match size {
+                    8 => f64::from_le_bytes(x.try_into().unwrap()) as f32,
+                    _ => f32::from_le_bytes(x.try_into().unwrap()),
+                };
+            }
+            let n = self.encoded_len(st.len());
+            self.encode(st, &mut dst[at..at + n]);
+            at += n;
+        }
+    }
+
+    /// Decode into `dst`, the little-endian bytes of float32 or float64 elements at any
+    /// alignment (the decoded f32 values, widened exactly for float64).
+    ///
+    /// # Panics
+    /// If `dtype` is neither float, or `src` has the wrong length.
+    pub fn decode_bytes(self, dtype: DType, src: &[u8], dst: &mut [u8]) {
+        let size = float_size(dtype);
+        let elems = dst.len() / size;
+        check_len("decode_bytes", self, elems, src.len());
+        if size == 4 {
+            if let Ok(y) = bytemuck::try_cast_slice_mut::<u8, f32>(dst) {
+                return self.decode(src, y);
+            }
+        }
+        let mut stage = [0f32; STAGE];
+        let mut at = 0;
+        for d in dst.chunks_mut(STAGE * size) {
+            let st = &mut stage[..d.len() / size];
+            let n = self.encoded_len(st.len());
+            self.decode(&src[at..at + n], st);
+            at += n;
+            for (y, x) in d.chunks_exact_mut(size).zip(st.iter()) {
+                match size {
+                    8 => y.copy_from_slice(&f64::from(*x).to_le_bytes()),
+                    _ => y.copy_from_slice(&x.to_le_bytes()),
+                }
+            }
+        }
+    }
+
     /// The most that one encoding may move each element of `block` (a whole int8 block, or
     /// any run of elements for the 16-bit formats), element by element. `None` for elements
     /// whose encoding is not bounded (non-finite values, fp16 overflow).
@@ -240,6 +337,55 @@ impl Compression {
     }
 }
 
+/// Fold one encoded contribution into the f32 partial results `acc` (`acc op decode(src)`),
+/// exactly as a relay folds the ranks' chunks: a sum adds the decoded values
+/// ([`Compression::decode_add`]); other reductions decode into `stage` first.
+pub fn fold_encoded(
+    z: Compression,
+    op: ReduceOp,
+    acc: &mut [f32],
+    src: &[u8],
+    stage: &mut Vec<f32>,
+) {
+    match op {
+        ReduceOp::Sum | ReduceOp::Avg => z.decode_add(src, acc),
+        _ => {
+            stage.resize(acc.len(), 0.0);
+            z.decode(src, stage);
+            reduce::reduce(
+                DType::F32,
+                op,
+                bytemuck::cast_slice_mut(acc),
+                bytemuck::cast_slice(stage),
+            );
+        }
+    }
+}
+
+/// A relay's result for one chunk from every rank's encoded contribution, in rank order:
+/// decode rank 0's, fold the others in with [`fold_encoded`] in f32, divide for an average,
+/// and encode once. Verifiers recompute a relay's result with this. `None` when the inputs
+/// are not all the same whole number of elements in `z`.
+pub fn reduce_encoded(z: Compression, op: ReduceOp, inputs: &[&[u8]]) -> Option<Vec<u8>> {
+    let first = inputs.first()?;
+    let elems = z.decoded_len(first.len())?;
+    if inputs.iter().any(|x| x.len() != first.len()) {
+        return None;
+    }
+    let mut acc = vec![0f32; elems];
+    let mut stage = Vec::new();
+    z.decode(first, &mut acc);
+    for x in &inputs[1..] {
+        fold_encoded(z, op, &mut acc, x, &mut stage);
+    }
+    if op == ReduceOp::Avg {
+        reduce::divide(DType::F32, bytemuck::cast_slice_mut(&mut acc), inputs.len());
+    }
+    let mut out = vec![0u8; first.len()];
+    z.encode(&acc, &mut out);
+    Some(out)
+}
+
 impl std::fmt::Display for Compression {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.name())
@@ -249,6 +395,16 @@ impl std::fmt::Display for Compression {
 /// Elements staged per step when converting f64, a multiple of [`INT8_BLOCK`] so int8 blocks
 /// line up with the stages.
 const STAGE: usize = 16 * INT8_BLOCK;
+
+/// Bytes of a float32 or float64 element.
+#[track_caller]
+fn float_size(dtype: DType) -> usize {
+    match dtype {
+        DType::F32 => 4,
+        DType::F64 => 8,
+        other => panic!("compress: {other} data does not compress"),
+    }
+}
 
 #[track_caller]
 fn check_len(what: &str, z: Compression, elems: usize, bytes: usize) {
@@ -504,6 +660,17 @@ mod tests {
         assert_eq!(Compression::Int8.encoded_len(257), 273);
         assert_eq!(Compression::Bf16.encoded_len(3), 6);
         assert_eq!(Compression::None.encoded_len(3), 12);
+        for z in Compression::ALL {
+            for n in [0, 1, 2, 255, 256, 257, 511, 512, 513, 1000] {
+                assert_eq!(z.decoded_len(z.encoded_len(n)), Some(n), "{z} {n}");
+            }
+        }
+        assert_eq!(Compression::Int8.decoded_len(264 + 8), None);
+        assert_eq!(Compression::Int8.decoded_len(5), None);
+        assert_eq!(Compression::Bf16.decoded_len(3), None);
+        assert_eq!(Compression::Int8.elems_before(528), Some(512));
+        assert_eq!(Compression::Int8.elems_before(9), None);
+        assert_eq!(Compression::Fp16.elems_before(10), Some(5));
     }
 
     #[test]
@@ -624,6 +791,37 @@ mod tests {
             let mut back32 = vec![0f32; x.len()];
             z.decode(&wire, &mut back32);
             assert!(back.iter().zip(&back32).all(|(a, b)| *a == f64::from(*b)));
+        }
+    }
+
+    #[test]
+    fn byte_forms_match_the_typed_kernels_at_any_alignment() {
+        let x: Vec<f64> = (0..5000).map(|i| (i as f64 * 0.013).cos() * 9.0).collect();
+        let x32: Vec<f32> = x.iter().map(|v| *v as f32).collect();
+        for z in Compression::ALL {
+            let mut want = vec![0u8; z.encoded_len(x.len())];
+            z.encode(&x32, &mut want);
+            let mut back = vec![0f32; x.len()];
+            z.decode(&want, &mut back);
+            for (dtype, raw) in [
+                (DType::F32, bytemuck::cast_slice::<f32, u8>(&x32).to_vec()),
+                (DType::F64, bytemuck::cast_slice::<f64, u8>(&x).to_vec()),
+            ] {
+                // One byte off: never aligned for the direct path.
+                let mut buf = vec![0u8; raw.len() + 1];
+                buf[1..].copy_from_slice(&raw);
+                let mut wire = vec![0u8; want.len()];
+                z.encode_bytes(dtype, &buf[1..], &mut wire);
+                assert_eq!(wire, want, "{z} {dtype}");
+                z.decode_bytes(dtype, &wire, &mut buf[1..]);
+                for (i, e) in buf[1..].chunks_exact(dtype.size()).enumerate() {
+                    let v = match dtype {
+                        DType::F64 => f64::from_le_bytes(e.try_into().unwrap()),
+                        _ => f64::from(f32::from_le_bytes(e.try_into().unwrap())),
+                    };
+                    assert_eq!(v, f64::from(back[i]), "{z} {dtype} element {i}");
+                }
+            }
         }
     }
 

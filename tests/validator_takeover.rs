@@ -82,6 +82,7 @@ fn record(rank: usize, seq: u64, relays: usize, digest: &str) -> OpRecord {
         inputs: to_hex(&1f32.to_le_bytes()),
         results: to_hex(&2f32.to_le_bytes()),
         digests: vec![digest.to_string(); relays],
+        compress: 0,
     }
 }
 

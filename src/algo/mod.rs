@@ -114,7 +114,8 @@ pub struct OpDesc {
     /// Broadcast, gather and scatter root.
     pub root: usize,
     /// Wire format of the op's float data ([`Compression::None`] for every op but a
-    /// compressed float all-reduce). Travels in the high nibble of [`FrameHeader::redop`].
+    /// compressed float all-reduce, all-gather or broadcast). Travels in the high nibble of
+    /// [`FrameHeader::redop`].
     pub compress: Compression,
 }
 
@@ -136,17 +137,23 @@ impl std::fmt::Display for OpDesc {
                 }
                 f.write_str(")")
             }
-            Collective::Broadcast => write!(
-                f,
-                "broadcast(seq {}, {} x {}, root {})",
-                self.seq, self.count, self.dtype, self.root
-            ),
-            Collective::AllGather => {
-                write!(
-                    f,
-                    "allgather(seq {}, {} x {})",
-                    self.seq, self.count, self.dtype
-                )
+            Collective::Broadcast | Collective::AllGather => {
+                match self.coll {
+                    Collective::Broadcast => write!(
+                        f,
+                        "broadcast(seq {}, {} x {}, root {}",
+                        self.seq, self.count, self.dtype, self.root
+                    )?,
+                    _ => write!(
+                        f,
+                        "allgather(seq {}, {} x {}",
+                        self.seq, self.count, self.dtype
+                    )?,
+                }
+                if self.compress != Compression::None {
+                    write!(f, ", {} on the wire", self.compress)?;
+                }
+                f.write_str(")")
             }
             Collective::Barrier => write!(f, "barrier(seq {})", self.seq),
             Collective::Gather | Collective::Scatter => write!(

@@ -6,7 +6,7 @@
 //! * a **segment** is the unit of pipelining: at most `chunk_bytes` of one block, in whole
 //!   elements ([`segments`]). Each segment travels as one data frame.
 
-use crate::algo::compressed::CompressedRing;
+use crate::algo::compressed::{CompressedRing, EncodedCopy};
 use crate::algo::relay::{RelaySchedule, DEFAULT_WINDOW};
 use crate::algo::ring::{Broadcast, RecursiveDoubling, RingGather, RingReduce};
 use crate::algo::{Collective, OpDesc, Schedule};
@@ -116,11 +116,21 @@ pub fn build_with_relays(
                 Box::new(RingReduce::new(*desc, rank, size, chunk, true, mem))
             }
         }
+        Collective::ReduceScatter if desc.compress != Compression::None && size > 1 => {
+            Box::new(CompressedRing::new(*desc, rank, size, chunk, mem)?)
+        }
         Collective::ReduceScatter => {
             mem.acc = Some(Scratch::zeroed(desc.count * size * acc_size)?);
             Box::new(RingReduce::new(*desc, rank, size, chunk, false, mem))
         }
+        Collective::AllGather if desc.compress != Compression::None && size > 1 => {
+            Box::new(EncodedCopy::new(*desc, rank, size, chunk, false, mem)?)
+        }
         Collective::AllGather => Box::new(RingGather::new(*desc, rank, size, chunk, mem)),
+        Collective::Broadcast if desc.compress != Compression::None && size > 1 => {
+            let tree = desc.count * desc.dtype.size() < config.small_bytes;
+            Box::new(EncodedCopy::new(*desc, rank, size, chunk, tree, mem)?)
+        }
         Collective::Broadcast => {
             if desc.count * desc.dtype.size() < config.small_bytes {
                 Box::new(Broadcast::tree(*desc, rank, size, chunk))

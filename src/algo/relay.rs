@@ -17,6 +17,12 @@
 //! [`crate::comm`]). The schedule only needs every rank to pass the same weights, which the
 //! integer arithmetic of the split then turns into the same segments everywhere.
 //!
+//! Compressed all-reduce (`desc.compress`): chunks are cut on whole int8 blocks
+//! ([`chunk_ranges`]) and sent encoded, frame offsets and lengths in the encoded image of the
+//! buffer; the relay answers with its encoded rank-order sum, which every peer decodes into
+//! its buffer, so all peers hold the same bits. Inputs are encoded afresh at every send (from
+//! the backup once a result overwrote them), and a fallback runs the compressed ring.
+//!
 //! Flow control: at most `window` chunks per lane are unanswered at a time (a result for
 //! all-reduce, an empty acknowledgement for the broadcast root), so a relay holds at most
 //! `peers × window` chunks of a lane whatever the tensor size.
@@ -46,10 +52,12 @@
 //! joins. Frames from ranks carry either a ring step (small) or a notice (`aux` at the top of
 //! the range), so the two cannot be confused.
 
+use crate::algo::compressed::CompressedRing;
 use crate::algo::plan::{block, bytes, segments};
 use crate::algo::ring::{Broadcast, RingReduce};
 use crate::algo::{Collective, Endpoint, OpDesc, Schedule, Transmit};
 use crate::buffer::{OpMemory, Region, Scratch};
+use crate::compress::{Compression, INT8_BLOCK};
 use crate::error::{Error, Result};
 use crate::wire::FrameHeader;
 use std::collections::{BTreeMap, VecDeque};
@@ -82,6 +90,21 @@ pub fn relay_window(links: &[(u64, u32)], chunk_bytes: usize) -> usize {
         .unwrap_or(0);
     let extra = (3 * bdp).div_ceil(chunk_bytes.max(1) as u128);
     (DEFAULT_WINDOW as u128 + extra).min(max_window(chunk_bytes) as u128) as usize
+}
+
+/// The window of a compressed all-reduce whose exact window would be `window` chunks of
+/// `chunk_bytes`: compressed chunks carry as many elements as exact float32 chunks but fewer
+/// wire bytes, so the window grows by the format's ratio (keeping the bytes in flight, which
+/// the link's delay needs), up to what peers announce to relays ([`max_window`]). Relay
+/// memory stays within the job's reservation: an open compressed chunk holds one float32
+/// accumulator and encoded contributions.
+pub fn compressed_window(window: usize, z: Compression, chunk_bytes: usize) -> usize {
+    if z == Compression::None {
+        return window;
+    }
+    let f32_bytes = crate::relay::compressed_chunk_bytes(chunk_bytes);
+    let wire = z.encoded_len(f32_bytes / 4).max(1);
+    (window * f32_bytes / wire).clamp(window, max_window(chunk_bytes).max(window))
 }
 
 /// Largest input backup kept for the next op (see [`SPARE_BACKUP`]).
@@ -145,6 +168,44 @@ pub fn segment_ranges(count: usize, parts: usize, weights: &[u64]) -> Vec<Range<
     out
 }
 
+/// The chunks of each relay's segment, as element ranges. Exact data: the segments of
+/// [`segment_ranges`] in chunks of at most `chunk_bytes` (elements of `elem` bytes, at least
+/// one per chunk). Compressed data (`z`): segments and
+/// chunks cut on whole int8 blocks ([`INT8_BLOCK`] elements, for every format, so every
+/// relay checks frames the same way), each chunk at most
+/// [`crate::relay::compressed_chunk_bytes`] as float32; only the buffer's last chunk may end
+/// in a short block.
+pub fn chunk_ranges(
+    count: usize,
+    z: Compression,
+    parts: usize,
+    weights: &[u64],
+    elem: usize,
+    chunk_bytes: usize,
+) -> Vec<Vec<Range<usize>>> {
+    if z == Compression::None {
+        let per = (chunk_bytes / elem).max(1);
+        return segment_ranges(count, parts, weights)
+            .iter()
+            .map(|seg| segments(seg.clone(), 1, per).collect())
+            .collect();
+    }
+    let per = crate::relay::compressed_chunk_bytes(chunk_bytes) / 4;
+    segment_ranges(count.div_ceil(INT8_BLOCK), parts, weights)
+        .iter()
+        .map(|u| {
+            let (lo, hi) = (
+                (u.start * INT8_BLOCK).min(count),
+                (u.end * INT8_BLOCK).min(count),
+            );
+            (lo..hi)
+                .step_by(per)
+                .map(|s| s..(s + per).min(hi))
+                .collect()
+        })
+        .collect()
+}
+
 /// A relay's weight is never below the mean rate divided by this: a relay measured slow still
 /// gets bytes, so its rate keeps being measured and it can win its share back.
 pub const MIN_SHARE_DIVISOR: u64 = 8;
@@ -187,7 +248,11 @@ fn path_of(origin: usize, index: usize, dead: &[bool]) -> Option<Vec<usize>> {
 }
 
 struct Chunk {
+    /// Bytes on the wire: the frame's `offset` and `len` (the caller's bytes, or their
+    /// place in the encoded image of the buffer for a compressed all-reduce).
     range: Range<usize>,
+    /// Bytes in the caller's buffer.
+    user: Range<usize>,
     origin: usize,
     index: usize,
     /// Lane serving the chunk now, and its place in that lane.
@@ -238,6 +303,9 @@ pub struct RelaySchedule {
     world: usize,
     chunk_bytes: usize,
     window: usize,
+    /// Wire format of the chunks and results ([`Compression::None`] but for a compressed
+    /// float all-reduce).
+    z: Compression,
     relays: Vec<usize>,
     dead: Vec<bool>,
     chunks: Vec<Chunk>,
@@ -277,16 +345,25 @@ impl RelaySchedule {
             Collective::Broadcast => Role::Receiver,
             other => panic!("relays do not serve {}", other.name()),
         };
+        let z = match role {
+            Role::AllReduce if desc.compress.applies_to(desc.dtype) => desc.compress,
+            _ => Compression::None,
+        };
         let mut chunks = Vec::new();
         let mut lanes = Vec::new();
-        for (k, seg) in segment_ranges(desc.count, relays.len(), weights)
-            .iter()
+        for (k, elems) in chunk_ranges(desc.count, z, relays.len(), weights, size, chunk_bytes)
+            .into_iter()
             .enumerate()
         {
             let first = chunks.len();
-            for (index, range) in segments(bytes(seg, size), size, chunk_bytes).enumerate() {
+            for (index, e) in elems.into_iter().enumerate() {
+                let user = bytes(&e, size);
                 chunks.push(Chunk {
-                    range,
+                    range: match z {
+                        Compression::None => user.clone(),
+                        z => z.encoded_len(e.start)..z.encoded_len(e.end),
+                    },
+                    user,
                     origin: k,
                     index,
                     lane: lanes.len(),
@@ -304,6 +381,7 @@ impl RelaySchedule {
             world,
             chunk_bytes,
             window: window.max(1),
+            z,
             dead: vec![false; relays.len()],
             relays: relays.to_vec(),
             chunks,
@@ -442,22 +520,33 @@ impl RelaySchedule {
                 if let Some(b) = &self.backup {
                     let user = mem.user.as_mut_slice();
                     for c in self.chunks.iter().filter(|c| c.saved) {
-                        user[c.range.clone()].copy_from_slice(&b.as_slice()[c.range.clone()]);
+                        user[c.user.clone()].copy_from_slice(&b.as_slice()[c.user.clone()]);
                     }
                 }
-                if desc.dtype.accumulator() != desc.dtype {
-                    mem.acc = Some(Scratch::zeroed(
-                        desc.count * desc.dtype.accumulator().size(),
-                    )?);
+                if self.z != Compression::None {
+                    // The same format over the ring: still identical bits on every rank.
+                    Box::new(CompressedRing::new(
+                        desc,
+                        self.rank,
+                        self.world,
+                        self.chunk_bytes,
+                        mem,
+                    )?)
+                } else {
+                    if desc.dtype.accumulator() != desc.dtype {
+                        mem.acc = Some(Scratch::zeroed(
+                            desc.count * desc.dtype.accumulator().size(),
+                        )?);
+                    }
+                    Box::new(RingReduce::new(
+                        desc,
+                        self.rank,
+                        self.world,
+                        self.chunk_bytes,
+                        true,
+                        mem,
+                    ))
                 }
-                Box::new(RingReduce::new(
-                    desc,
-                    self.rank,
-                    self.world,
-                    self.chunk_bytes,
-                    true,
-                    mem,
-                ))
             }
             Role::Root | Role::Receiver => Box::new(Broadcast::chain(
                 desc,
@@ -536,6 +625,7 @@ impl RelaySchedule {
             ));
         };
         let r = self.chunks[c].range.clone();
+        let u = self.chunks[c].user.clone();
         let expect_len = if self.role == Role::Root { 0 } else { r.len() };
         if payload.len() != expect_len {
             return bad(format!(
@@ -574,10 +664,20 @@ impl RelaySchedule {
             }
             return Ok(());
         }
+        let (z, dtype) = (self.z, self.desc.dtype);
         let user = mem.user.as_mut_slice();
         if self.chunks[c].done {
-            // Redone after a loss: a relay sums in rank order, so the bytes must agree.
-            if user[r.clone()] != *payload {
+            // Redone after a loss: a relay sums in rank order, so the bytes must agree (for
+            // compressed data, what they decode to).
+            let same = match z {
+                Compression::None => user[r.clone()] == *payload,
+                z => {
+                    let mut again = vec![0u8; u.len()];
+                    z.decode_bytes(dtype, payload, &mut again);
+                    user[u.clone()] == again[..]
+                }
+            };
+            if !same {
                 return bad(format!(
                     "answered bytes {}..{} differently from the relay that answered them first",
                     r.start, r.end
@@ -589,8 +689,11 @@ impl RelaySchedule {
             self.backup = Some(take_backup(user.len())?);
         }
         let backup = self.backup.as_mut().expect("backup").as_mut_slice();
-        backup[r.clone()].copy_from_slice(&user[r.clone()]);
-        user[r].copy_from_slice(payload);
+        backup[u.clone()].copy_from_slice(&user[u.clone()]);
+        match z {
+            Compression::None => user[u].copy_from_slice(payload),
+            z => z.decode_bytes(dtype, payload, &mut user[u]),
+        }
         self.chunks[c].saved = true;
         self.chunks[c].done = true;
         self.done_count += 1;
@@ -642,15 +745,27 @@ impl Schedule for RelaySchedule {
             lane.next_send += 1;
             lane.in_flight += 1;
             self.turn = (k + 1) % n;
-            let r = ch.range.clone();
+            let (r, u) = (ch.range.clone(), ch.user.clone());
             let mut header = self.desc.header(aux, r.start, r.len());
             header.aux = aux;
-            let region = match (&self.backup, ch.saved) {
-                (Some(b), true) => Region::Inline(b.as_slice()[r].to_vec()),
-                _ => Region::User {
-                    offset: r.start,
-                    len: r.len(),
+            let input = match (&self.backup, ch.saved) {
+                (Some(b), true) => Some(&b.as_slice()[u.clone()]),
+                _ => None,
+            };
+            let region = match (self.z, input) {
+                (Compression::None, Some(b)) => Region::Inline(b.to_vec()),
+                (Compression::None, None) => Region::User {
+                    offset: u.start,
+                    len: u.len(),
                 },
+                // Encoded afresh from the input each time it is sent: encoding is
+                // deterministic, so a chunk redone through another relay carries the same bytes.
+                (z, input) => {
+                    let mut wire = vec![0u8; r.len()];
+                    let src = input.unwrap_or(&mem.user.as_slice()[u]);
+                    z.encode_bytes(self.desc.dtype, src, &mut wire);
+                    Region::Inline(wire)
+                }
             };
             return Some(Transmit {
                 to: Endpoint::Relay(self.relays[lane.target()]),
@@ -819,6 +934,17 @@ mod tests {
     use crate::buffer::RawBuf;
     use crate::types::{DType, ReduceOp};
     use std::collections::HashMap;
+
+    #[test]
+    fn compressed_windows_keep_the_bytes_in_flight() {
+        let chunk = 64 << 10;
+        assert_eq!(compressed_window(4, Compression::None, chunk), 4);
+        assert_eq!(compressed_window(4, Compression::Bf16, chunk), 8);
+        assert_eq!(compressed_window(4, Compression::Int8, chunk), 15);
+        assert_eq!(compressed_window(40, Compression::Int8, chunk), 64);
+        // Never beyond the window announced to relays.
+        assert_eq!(compressed_window(4, Compression::Int8, 1 << 20), 4);
+    }
 
     #[test]
     fn windows_cover_the_bandwidth_delay_product() {
@@ -1020,6 +1146,17 @@ mod tests {
             parts[from] = Some(payload);
             if parts.iter().all(|p| p.is_some()) {
                 let parts = self.relays[k].parts.remove(&h.offset).unwrap();
+                if let Some(z) =
+                    Compression::from_u8(h.redop >> 4).filter(|&z| z != Compression::None)
+                {
+                    let refs: Vec<&[u8]> = parts.iter().map(|p| p.as_deref().unwrap()).collect();
+                    let op = crate::types::ReduceOp::from_raw(u32::from(h.redop & 0x0f)).unwrap();
+                    let bytes = crate::compress::reduce_encoded(z, op, &refs).unwrap();
+                    for r in 0..world {
+                        self.net.push(Msg::FromRelay(k, r, h, bytes.clone()));
+                    }
+                    return;
+                }
                 let mut sum = vec![0i32; h.len as usize / 4];
                 for p in parts {
                     for (s, x) in sum.iter_mut().zip(p.unwrap().chunks_exact(4)) {
@@ -1188,6 +1325,56 @@ mod tests {
             );
         }
         check_sum(&sim, count);
+    }
+
+    /// A compressed all-reduce through relays lost at any moment (or all of them, then the
+    /// compressed ring): every peer ends with the same bits, within the bound of the path.
+    #[test]
+    fn compressed_allreduce_survives_lost_relays_with_identical_bits() {
+        let (world, count) = (3, 5 * INT8_BLOCK + 33);
+        let val = |r: usize, i: usize| ((i * 7 + r * 5) % 23) as f32 * 0.25 - 2.0;
+        for z in [Compression::Bf16, Compression::Int8] {
+            for seed in 0..24u64 {
+                let mut d = desc(Collective::AllReduce, count, 0);
+                d.dtype = DType::F32;
+                d.compress = z;
+                let inputs: Vec<Vec<u8>> = (0..world)
+                    .map(|r| (0..count).flat_map(|i| val(r, i).to_le_bytes()).collect())
+                    .collect();
+                let mut sim = RelaySim::new(d, world, 3, inputs, seed);
+                let at = (seed as usize * 5) % 40;
+                let kills: Vec<(usize, usize)> = match seed % 3 {
+                    0 => vec![],
+                    1 => vec![(at, 1)],
+                    _ => vec![(at, 0), (at + 2, 1), (at + 4, 2)],
+                };
+                for &(at, k) in &kills {
+                    sim.kill(k, at, 10);
+                    sim.relays[k].dead = false;
+                }
+                sim.drive(kills);
+                for p in 1..world {
+                    assert_eq!(
+                        sim.user(p),
+                        sim.user(0),
+                        "{z} seed {seed}: rank {p} differs"
+                    );
+                }
+                // Relay path: 3 inputs and the sum encoded; ring: 3 partial sums.
+                let tol = match z {
+                    Compression::Int8 => 4.0 * 2.0 * 7.0 / 255.0 * 1.01,
+                    _ => 4.0 * 7.0 / 256.0,
+                };
+                for (i, b) in sim.user(0).chunks_exact(4).enumerate() {
+                    let x = f32::from_le_bytes(b.try_into().unwrap());
+                    let exact: f32 = (0..world).map(|r| val(r, i)).sum();
+                    assert!(
+                        (x - exact).abs() <= tol,
+                        "{z} seed {seed} [{i}]: {x} vs {exact}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]

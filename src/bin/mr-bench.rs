@@ -72,8 +72,8 @@ struct Args {
     #[arg(long)]
     kernels: bool,
     /// The demo: a whole local job on loopback with every peer's sends capped at 1 Gbit/s;
-    /// 256 MiB broadcast and all-reduce through relays and the TCP ring, compressed ring
-    /// all-reduces, and shared memory, verified, summarised in a table with their bounds.
+    /// 256 MiB broadcast and all-reduce through relays and the TCP ring, compressed relay and
+    /// ring all-reduces, and shared memory, verified, summarised in a table with their bounds.
     #[arg(long)]
     demo: bool,
     /// Peers for --demo.
@@ -652,8 +652,9 @@ fn print_kernels() {
 }
 
 /// The demo: 256 MiB broadcast and all-reduce through relays and through the TCP ring, with
-/// every rank's sends capped at 1 Gbit/s to emulate the links relays are for; compressed ring
-/// all-reduces beside them; then shared memory, which needs no link at all.
+/// every rank's sends capped at 1 Gbit/s to emulate the links relays are for; compressed
+/// all-reduces (bf16, int8) through the relays and the ring beside them; then shared memory,
+/// which needs no link at all.
 fn demo(args: &Args) {
     let peers = args.demo_peers;
     let relays = 4;
@@ -666,15 +667,18 @@ fn demo(args: &Args) {
     );
     println!(
         "  emulated links: each peer's and relay's sends capped at 1 Gbit/s (MR_MAX_RATE=125M); \
-         bound = the least time its bytes need at that rate (relay D/rate, ring 2(P-1)/P x D/rate)"
+         bound = the least time its bytes need at that rate (relay D/rate, ring 2(P-1)/P x D/rate, \
+         times the wire bytes per float32: 1/2 for bf16, 264/1024 for int8)"
     );
     println!(
-        "{:<10} {:<10} {:>6} {:>8} {:>8} {:>9} {:>8} {:>9}",
+        "{:<11} {:<10} {:>6} {:>8} {:>8} {:>9} {:>8} {:>9}",
         "mode", "op", "size", "time_s", "bound_s", "of_bound", "busbw", "verified"
     );
     let ring_bound = 2.0 * (peers as f64 - 1.0) / peers as f64 * d / rate as f64;
-    let modes: [(&str, usize, &str, &str, bool); 5] = [
+    let modes: [(&str, usize, &str, &str, bool); 7] = [
         ("relay", relays, "relay", "none", true),
+        ("relay+bf16", relays, "relay", "bf16", true),
+        ("relay+int8", relays, "relay", "int8", true),
         ("ring", 0, "ring", "none", true),
         ("ring+bf16", 0, "ring", "bf16", true),
         ("ring+int8", 0, "ring", "int8", true),
@@ -705,11 +709,15 @@ fn demo(args: &Args) {
                     for (op, secs, verified) in rows {
                         let algbw = d / secs / 1e9;
                         let busbw = algbw * bus_factor(op, peers);
-                        let bound = match (mode, op) {
-                            (_, Op::Broadcast) | ("relay", _) => d / rate as f64,
-                            ("ring+bf16", _) => ring_bound / 2.0,
-                            ("ring+int8", _) => ring_bound * (1.0 + 8.0 / 256.0) / 4.0,
-                            _ => ring_bound,
+                        // Exact bytes, scaled by the format's wire bytes per float32.
+                        let bound = match (r, op) {
+                            (_, Op::Broadcast) => d / rate as f64,
+                            (0, _) => ring_bound,
+                            _ => d / rate as f64,
+                        } * match compress {
+                            "bf16" => 0.5,
+                            "int8" => (1.0 + 8.0 / 256.0) / 4.0,
+                            _ => 1.0,
                         };
                         let (bound_s, of_bound) = if capped {
                             (
@@ -720,7 +728,7 @@ fn demo(args: &Args) {
                             ("-".to_string(), "-".to_string())
                         };
                         println!(
-                            "{:<10} {:<10} {:>6} {:>8.3} {:>8} {:>9} {:>8.3} {:>9}",
+                            "{:<11} {:<10} {:>6} {:>8.3} {:>8} {:>9} {:>8.3} {:>9}",
                             mode,
                             op_name(op),
                             format!("{}M", args.demo_bytes >> 20),
@@ -743,7 +751,8 @@ fn demo(args: &Args) {
     }
     println!(
         "  relays' sends are capped alike (--max-rate); shm: one host, no link, not capped. \
-         Compression through relays is not built yet."
+         Compressed rows: bf16 and int8 on the wire, results within the format's bound \
+         (relays: each input and the sum encoded once)."
     );
     std::process::exit(if all_ok { 0 } else { 1 });
 }
@@ -783,7 +792,8 @@ fn demo_rank(comm: &Comm, count: usize) -> Result<Vec<(Op, f64, bool)>, mapreduc
     comm.allreduce(&mut secs, ReduceOp::Max)?;
     let tri = (n * (n + 1) / 2) as f32;
     // Exact, or within n encodings of half an int8 step: partial sums span at most
-    // tri * 7, so a block's step is at most that / 255.
+    // tri * 7, so a block's step is at most that / 255. (Through relays: one encoding of each
+    // rank's input, whose steps add up to at most tri * 6 / 255, and one of the sum.)
     let tol = match compress {
         mapreduce::compress::Compression::Int8 => n as f32 * tri * 7.0 / 255.0 / 2.0 * 1.01,
         _ => 0.0,

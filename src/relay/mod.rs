@@ -13,6 +13,12 @@
 //!    (`aux` = root) it forwards the root's chunk to every other peer and, once the copies are
 //!    written, acknowledges the chunk to the root with an empty frame (same header, `len` 0).
 //!
+//! A compressed all-reduce ([`crate::compress`]; the format in the high nibble of `redop`)
+//! goes the same way, with `offset` and `len` in the encoded image of the buffer: each peer
+//! sends its chunk encoded; the relay decodes each rank's chunk, folds them in rank order in
+//! f32, encodes the result once and sends those same bytes to every peer, which all decode
+//! them alike ([`sums`]).
+//!
 //! A peer keeps at most `window` chunks per relay unanswered, so a relay holds at most
 //! `world × window` chunks per job: memory is bounded independently of the tensor size.
 
@@ -31,6 +37,15 @@ use crate::wire::{BodyReader, BodyWriter};
 pub const MAX_WORLD: usize = 1 << 16;
 /// Largest window (chunks in flight per peer and relay) a relay accepts.
 pub const MAX_WINDOW: usize = 64;
+
+/// Most float32 bytes of one compressed all-reduce chunk in a job that announced
+/// `chunk_bytes`: whole int8 blocks of at most `chunk_bytes` as float32, and at least one
+/// block. Peers cut compressed chunks this way, and relays size (and refuse) them by it, so a
+/// compressed chunk never needs more relay memory than an exact float32 chunk of the job.
+pub fn compressed_chunk_bytes(chunk_bytes: usize) -> usize {
+    use crate::compress::INT8_BLOCK;
+    (chunk_bytes / 4 / INT8_BLOCK).max(1) * INT8_BLOCK * 4
+}
 
 /// What a peer announces about itself and its job when it connects to a relay.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -100,10 +115,15 @@ impl JobHello {
 
     /// The most memory the relay may need for this job: every peer's window of chunks staged,
     /// plus f32 accumulators (twice the wire size for 16-bit floats), plus results queued.
+    /// Compressed chunks are staged and queued encoded, and their accumulators hold at most
+    /// [`compressed_chunk_bytes`] (never below one int8 block of float32, even for tiny chunks).
     pub fn budget(&self) -> usize {
         self.world
             .saturating_mul(self.window)
-            .saturating_mul(self.chunk_bytes)
+            .saturating_mul(
+                self.chunk_bytes
+                    .max(compressed_chunk_bytes(self.chunk_bytes)),
+            )
             .saturating_mul(4)
     }
 }
@@ -138,5 +158,29 @@ mod tests {
         };
         assert!(JobHello::decode(&bad.encode()).is_err());
         assert!(JobHello::decode(&h.encode()[..10]).is_err());
+    }
+
+    /// A compressed chunk holds at least one int8 block of float32, so tiny announced chunks
+    /// reserve that much; larger ones are unchanged.
+    #[test]
+    fn the_reservation_covers_compressed_chunks() {
+        assert_eq!(compressed_chunk_bytes(64), 1024);
+        assert_eq!(compressed_chunk_bytes(4096), 4096);
+        assert_eq!(compressed_chunk_bytes(5000), 4096);
+        let h = JobHello {
+            job: [7; 16],
+            rank: 0,
+            world: 3,
+            stream: 0,
+            streams: 1,
+            chunk_bytes: 64,
+            window: 4,
+        };
+        assert_eq!(h.budget(), 3 * 4 * 1024 * 4);
+        let big = JobHello {
+            chunk_bytes: 1 << 20,
+            ..h
+        };
+        assert_eq!(big.budget(), 3 * 4 * (1 << 20) * 4);
     }
 }

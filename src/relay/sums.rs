@@ -5,6 +5,7 @@
 
 use crate::algo::Collective;
 use crate::buffer::Scratch;
+use crate::compress::{self, Compression, INT8_BLOCK};
 use crate::error::{Error, Result};
 use crate::reduce;
 use crate::types::{DType, ReduceOp};
@@ -26,10 +27,37 @@ pub struct DataFrame {
     pub coll: Collective,
     pub dtype: DType,
     pub op: ReduceOp,
+    /// Wire format of the payload (from the high nibble of the header's `redop`).
+    pub compress: Compression,
+    /// Elements the payload carries.
+    pub elems: usize,
+}
+
+/// How a frame header describes its op, for mismatch errors.
+fn describe(h: &FrameHeader) -> String {
+    let dtype =
+        DType::from_raw(u32::from(h.dtype)).map_or(format!("dtype {}", h.dtype), |d| d.to_string());
+    let op = ReduceOp::from_raw(u32::from(h.redop & 0x0f))
+        .map_or(format!("op {}", h.redop & 0x0f), |o| o.to_string());
+    let z =
+        Compression::from_u8(h.redop >> 4).map_or(format!("wire format {}", h.redop >> 4), |z| {
+            match z {
+                Compression::None => "exact".to_string(),
+                z => format!("{z} on the wire"),
+            }
+        });
+    format!("{} x {dtype} {op}, {z}", h.count)
 }
 
 /// Check a data header from `rank` against the job's announced sizes, before its payload is
 /// read. `chunk_bytes` is the job's announced chunk size.
+///
+/// A compressed all-reduce frame ([`Compression`] in the high nibble of `redop`) carries
+/// whole int8 blocks (or 16-bit elements) of the encoded image of the op's buffer: its
+/// `offset` is where a block starts in that image, its `len` encodes whole blocks (only the
+/// op's last chunk may end in a short block), and its elements take at most
+/// [`super::compressed_chunk_bytes`]`(chunk_bytes)` as float32 — what the relay allocates to
+/// sum them.
 pub fn check_data_header(
     h: &FrameHeader,
     rank: usize,
@@ -46,7 +74,16 @@ pub fn check_data_header(
         }
     };
     let dtype = DType::from_raw(h.dtype as u32)?;
-    let op = ReduceOp::from_raw(h.redop as u32)?;
+    let op = ReduceOp::from_raw(u32::from(h.redop & 0x0f))?;
+    let compress = Compression::from_u8(h.redop >> 4).ok_or_else(|| {
+        Error::remote(format!(
+            "rank {rank}: data frame in wire format {}, which this relay does not know",
+            h.redop >> 4
+        ))
+    })?;
+    if compress != Compression::None {
+        return check_compressed(h, rank, coll, dtype, op, compress, chunk_bytes);
+    }
     let size = dtype.size() as u64;
     let total = h
         .count
@@ -71,7 +108,83 @@ pub fn check_data_header(
             h.aux
         )));
     }
-    Ok(DataFrame { coll, dtype, op })
+    Ok(DataFrame {
+        coll,
+        dtype,
+        op,
+        compress,
+        elems: (h.len / size) as usize,
+    })
+}
+
+/// [`check_data_header`] for a frame in a compressed wire format.
+fn check_compressed(
+    h: &FrameHeader,
+    rank: usize,
+    coll: Collective,
+    dtype: DType,
+    op: ReduceOp,
+    z: Compression,
+    chunk_bytes: usize,
+) -> Result<DataFrame> {
+    let bad = |what: String| Err(Error::remote(format!("rank {rank}: {z} data frame {what}")));
+    if coll != Collective::AllReduce {
+        return bad(format!(
+            "for a {}: only all-reduce data travels compressed",
+            coll.name()
+        ));
+    }
+    if !z.applies_to(dtype) {
+        return bad(format!(
+            "for {dtype} data: only float32 and float64 compress"
+        ));
+    }
+    // Element counts whose float32 image could not be addressed are refused before any
+    // size is computed from them.
+    let count = usize::try_from(h.count)
+        .ok()
+        .filter(|c| c.checked_mul(8).is_some())
+        .ok_or_else(|| {
+            Error::remote(format!("rank {rank}: element count {} overflows", h.count))
+        })?;
+    let total = z.encoded_len(count) as u64;
+    let end = h.offset.saturating_add(h.len);
+    let max = super::compressed_chunk_bytes(chunk_bytes);
+    if h.len == 0 || end > total {
+        return bad(format!(
+            "of {} bytes at {}: outside the op's {total} wire bytes ({count} elements)",
+            h.len, h.offset
+        ));
+    }
+    let (offset, len) = (h.offset as usize, h.len as usize);
+    let Some(start) = z.elems_before(offset) else {
+        return bad(format!(
+            "at wire offset {offset}, where no {z} block starts"
+        ));
+    };
+    let elems = match z.decoded_len(len) {
+        Some(e) if e * 4 > max => {
+            return bad(format!(
+                "of {e} elements: the job announced chunks of at most {} float32 elements",
+                max / 4
+            ))
+        }
+        // Only the op's last chunk may end in a short int8 block.
+        Some(e) if z == Compression::Int8 && e % INT8_BLOCK != 0 && start + e != count => None,
+        e => e,
+    };
+    let Some(elems) = elems else {
+        return bad(format!(
+            "of {len} bytes at wire offset {offset}: not whole {z} blocks of the op's {count} elements"
+        ));
+    };
+    Ok(DataFrame {
+        coll,
+        dtype,
+        op,
+        compress: z,
+        elems,
+    })
 }
 
 /// One chunk being summed.
@@ -79,6 +192,10 @@ struct Chunk {
     header: FrameHeader,
     dtype: DType,
     op: ReduceOp,
+    /// Wire format of the contributions and the result; compressed ones are staged encoded
+    /// and summed into an f32 accumulator of `elems` elements.
+    z: Compression,
+    elems: usize,
     /// Running fold of ranks `0..next`, in the accumulator dtype.
     acc: Option<Scratch>,
     next: usize,
@@ -143,6 +260,9 @@ pub struct Sums {
     /// Most bytes of accumulators and staged contributions this job may hold.
     limit: usize,
     chunks: HashMap<(u64, u64), Chunk>,
+    /// Per op, the first rank that sent a frame of it and that frame's header: every later
+    /// frame of the op must describe it the same way (count, dtype, reduction, wire format).
+    ops: HashMap<u64, (usize, FrameHeader)>,
     held: usize,
     /// High-water mark of `held`.
     pub peak: usize,
@@ -157,6 +277,7 @@ impl Sums {
             world,
             limit,
             chunks: HashMap::new(),
+            ops: HashMap::new(),
             held: 0,
             peak: 0,
             pool: Pool::new(pool_limit),
@@ -185,10 +306,16 @@ impl Sums {
         let key = (h.seq, h.offset);
         let world = self.world;
         let header = FrameHeader { aux: 0, ..*h };
+        if let Err(e) = self.check_op(rank, h) {
+            self.drop_seq(h.seq);
+            return Err(Fault::Op(h.seq, e));
+        }
         let chunk = self.chunks.entry(key).or_insert_with(|| Chunk {
             header,
             dtype: f.dtype,
             op: f.op,
+            z: f.compress,
+            elems: f.elems,
             acc: None,
             next: 0,
             staged: (0..world).map(|_| None).collect(),
@@ -197,10 +324,13 @@ impl Sums {
         });
         if chunk.header != header {
             let msg = format!(
-                "mismatched collective calls: rank {rank} sent op seq {} ({}x dtype {} op {}, {} bytes at {}) \
-                 but another rank sent ({}x dtype {} op {}, {} bytes)",
-                h.seq, h.count, h.dtype, h.redop, h.len, h.offset,
-                chunk.header.count, chunk.header.dtype, chunk.header.redop, chunk.header.len
+                "mismatched collective calls: rank {rank} sent {} bytes at offset {} of op seq {} ({}) \
+                 but another rank sent {} bytes there",
+                h.len,
+                h.offset,
+                h.seq,
+                describe(h),
+                chunk.header.len
             );
             self.drop_seq(h.seq);
             return Err(Fault::Op(h.seq, Error::invalid(msg)));
@@ -214,7 +344,13 @@ impl Sums {
             ))));
         }
         let added = payload.len();
-        if self.held + added > self.limit {
+        // A compressed chunk's f32 accumulator is allocated with its first fold: count it now.
+        let acc_to_come = if chunk.z != Compression::None && chunk.acc.is_none() {
+            chunk.elems * 4
+        } else {
+            0
+        };
+        if self.held + added + acc_to_come > self.limit {
             return Err(Fault::Conn(Error::remote(format!(
                 "rank {rank} exceeded the job's memory budget of {} bytes (more chunks in flight than its window allows)",
                 self.limit
@@ -248,6 +384,47 @@ impl Sums {
         Ok(Some((header, out)))
     }
 
+    /// Check that `h` describes its op as the op's first frame did; remember that frame.
+    fn check_op(&mut self, rank: usize, h: &FrameHeader) -> Result<()> {
+        let same = |a: &FrameHeader| {
+            (a.coll, a.dtype, a.redop, a.count) == (h.coll, h.dtype, h.redop, h.count)
+        };
+        match self.ops.get(&h.seq) {
+            Some((_, first)) if same(first) => Ok(()),
+            Some((first_rank, first)) => {
+                let (zf, zh) = (first.redop >> 4, h.redop >> 4);
+                let what = if zf != zh {
+                    let name = |v: u8| Compression::from_u8(v).map_or("unknown", |z| z.name());
+                    format!(
+                        "rank {rank} sends op seq {} in wire format {} but rank {first_rank} sent it in {}",
+                        h.seq,
+                        name(zh),
+                        name(zf)
+                    )
+                } else {
+                    format!(
+                        "rank {rank} sent op seq {} as ({}) but rank {first_rank} sent it as ({})",
+                        h.seq,
+                        describe(h),
+                        describe(first)
+                    )
+                };
+                Err(Error::invalid(format!(
+                    "mismatched collective calls: {what}"
+                )))
+            }
+            None => {
+                // Sequence numbers only grow: ops far behind the newest are over.
+                if self.ops.len() >= 64 {
+                    let newest = self.ops.keys().copied().max().unwrap_or(0).max(h.seq);
+                    self.ops.retain(|&seq, _| seq + 32 > newest);
+                }
+                self.ops.insert(h.seq, (rank, *h));
+                Ok(())
+            }
+        }
+    }
+
     /// Forget every chunk of op `seq` (the op failed).
     pub fn drop_seq(&mut self, seq: u64) {
         let mut freed = 0;
@@ -271,6 +448,30 @@ impl Sums {
 
 /// Fold the contribution of rank `chunk.next` into the accumulator; spent buffers go to `pool`.
 fn fold(chunk: &mut Chunk, payload: Scratch, pool: &mut Pool) -> Result<()> {
+    if chunk.z != Compression::None {
+        match chunk.acc.as_mut() {
+            None => {
+                // `decode` writes every element, so a reused buffer needs no zeroing.
+                let mut acc = pool.take(chunk.elems * 4)?;
+                chunk.z.decode(
+                    payload.as_slice(),
+                    bytemuck::cast_slice_mut(acc.as_mut_slice()),
+                );
+                chunk.held += acc.len();
+                chunk.acc = Some(acc);
+            }
+            Some(acc) => compress::fold_encoded(
+                chunk.z,
+                chunk.op,
+                bytemuck::cast_slice_mut(acc.as_mut_slice()),
+                payload.as_slice(),
+                &mut Vec::new(),
+            ),
+        }
+        pool.give(payload);
+        chunk.next += 1;
+        return Ok(());
+    }
     let widened = chunk.dtype.accumulator() != chunk.dtype;
     match chunk.acc.as_mut() {
         None if !widened => {
@@ -308,6 +509,19 @@ fn fold(chunk: &mut Chunk, payload: Scratch, pool: &mut Pool) -> Result<()> {
 /// once from f32.
 fn finish(chunk: Chunk, world: usize, pool: &mut Pool) -> Result<Scratch> {
     let mut acc = chunk.acc.expect("a finished chunk has an accumulator");
+    if chunk.z != Compression::None {
+        // Summed in f32 from the decoded contributions; encoded once, for every peer.
+        if chunk.op == ReduceOp::Avg {
+            reduce::divide(DType::F32, acc.as_mut_slice(), world);
+        }
+        // `encode` writes every byte, so a reused buffer needs no zeroing.
+        let mut out = pool.take(chunk.z.encoded_len(chunk.elems))?;
+        chunk
+            .z
+            .encode(bytemuck::cast_slice(acc.as_slice()), out.as_mut_slice());
+        pool.give(acc);
+        return Ok(out);
+    }
     let acc_dtype = chunk.dtype.accumulator();
     if chunk.op == ReduceOp::Avg {
         reduce::divide(acc_dtype, acc.as_mut_slice(), world);
@@ -394,6 +608,130 @@ mod tests {
         let sum = (x[0].to_f32() + x[1].to_f32()) + x[2].to_f32();
         let expect = half::f16::from_f32(sum / 3.0);
         assert_eq!(out.unwrap().1.as_slice(), &expect.to_bits().to_le_bytes());
+    }
+
+    fn encoded(z: Compression, x: &[f32]) -> Vec<u8> {
+        let mut w = vec![0u8; z.encoded_len(x.len())];
+        z.encode(x, &mut w);
+        w
+    }
+
+    /// Compressed chunks: decoded, folded in rank order in f32 whatever the arrival order,
+    /// encoded once; the same bytes a verifier recomputes with `reduce_encoded`.
+    #[test]
+    fn compressed_chunks_fold_decoded_in_rank_order_and_encode_once() {
+        let world = 3;
+        let count = 2 * INT8_BLOCK + 7;
+        for z in [Compression::Bf16, Compression::Fp16, Compression::Int8] {
+            for op in [ReduceOp::Sum, ReduceOp::Avg, ReduceOp::Max] {
+                let mut d = desc(DType::F64, op, count);
+                d.compress = z;
+                let xs: Vec<Vec<f32>> = (0..world)
+                    .map(|r| {
+                        (0..count)
+                            .map(|i| ((i * 13 + r * 7) % 97) as f32 * 0.37 - 11.0)
+                            .collect()
+                    })
+                    .collect();
+                // The last chunk: the op's short tail block.
+                let start = 2 * INT8_BLOCK;
+                let wires: Vec<Vec<u8>> = xs.iter().map(|x| encoded(z, &x[start..])).collect();
+                let h = d.header(0, z.encoded_len(start), wires[0].len());
+                let f = check_data_header(&h, 0, world, 4096).unwrap();
+                assert_eq!((f.compress, f.elems), (z, 7));
+                let refs: Vec<&[u8]> = wires.iter().map(Vec::as_slice).collect();
+                let want = crate::compress::reduce_encoded(z, op, &refs).unwrap();
+                let mut sums = Sums::new(world, 1 << 20, 1 << 20);
+                let mut out = None;
+                for r in [2, 0, 1] {
+                    out = sums
+                        .contribute(r, &h, f, scratch(&wires[r]))
+                        .unwrap()
+                        .or(out);
+                }
+                let (rh, res) = out.unwrap();
+                assert_eq!(rh.len, h.len);
+                assert_eq!(res.as_slice(), &want[..], "{z} {op}");
+                assert_eq!(sums.held(), 0);
+            }
+        }
+    }
+
+    #[test]
+    fn compressed_headers_are_checked_against_the_op_before_any_allocation() {
+        let mut d = desc(DType::F32, ReduceOp::Sum, 3 * INT8_BLOCK + 5);
+        d.compress = Compression::Int8;
+        let ok = |off: usize, len: usize| check_data_header(&d.header(0, off, len), 1, 2, 1024);
+        // One whole block, the short tail block, and both.
+        assert_eq!(ok(0, 264).unwrap().elems, 256);
+        assert_eq!(ok(3 * 264, 13).unwrap().elems, 5);
+        assert!(ok(3 * 264, 12).is_err(), "tail of the wrong length");
+        // Not at a block boundary; a short block that is not the op's last; past the end.
+        assert!(ok(8, 264)
+            .unwrap_err()
+            .message
+            .contains("no int8 block starts"));
+        assert!(ok(0, 100).is_err());
+        assert!(ok(2 * 264, 264 + 13 + 264).is_err());
+        // More elements than the job's chunks hold (1024 bytes: one block of f32).
+        let e = ok(0, 2 * 264).unwrap_err();
+        assert!(e.message.contains("at most 256 float32"), "{}", e.message);
+        // Tiny announced chunks still take one whole block.
+        assert!(check_data_header(&d.header(0, 0, 264), 1, 2, 64).is_ok());
+        // Only float all-reduce compresses; unknown formats are named.
+        let mut b = d;
+        b.coll = Collective::Broadcast;
+        assert!(check_data_header(&b.header(1, 0, 264), 1, 2, 1024).is_err());
+        let mut i = d;
+        i.dtype = DType::I32;
+        assert!(check_data_header(&i.header(0, 0, 264), 1, 2, 1024).is_err());
+        let mut h = d.header(0, 0, 264);
+        h.redop |= 0x70;
+        let e = check_data_header(&h, 1, 2, 1024).unwrap_err();
+        assert!(e.message.contains("wire format 7"), "{}", e.message);
+        let mut h = d.header(0, 0, 264);
+        h.count = u64::MAX;
+        assert!(check_data_header(&h, 1, 2, 1024).is_err());
+    }
+
+    #[test]
+    fn a_format_mismatch_names_the_ranks_and_formats_and_memory_counts_accumulators() {
+        let mut a = desc(DType::F32, ReduceOp::Sum, 4 * INT8_BLOCK);
+        a.compress = Compression::Int8;
+        let mut b = a;
+        b.compress = Compression::Bf16;
+        let mut sums = Sums::new(3, 1 << 20, 0);
+        let ha = a.header(0, 0, 264);
+        let fa = check_data_header(&ha, 0, 3, 1024).unwrap();
+        sums.contribute(0, &ha, fa, scratch(&[0; 264])).unwrap();
+        // Rank 0's chunk holds its f32 accumulator (1024 bytes) besides nothing staged.
+        assert_eq!(sums.held(), 1024);
+        // Another chunk of the op in another format, at an offset no int8 chunk uses.
+        let hb = b.header(0, 512, 512);
+        let fb = check_data_header(&hb, 2, 3, 1024).unwrap();
+        match sums.contribute(2, &hb, fb, scratch(&[0; 512])) {
+            Err(Fault::Op(1, e)) => {
+                assert!(
+                    e.message
+                        .contains("rank 2 sends op seq 1 in wire format bf16")
+                        && e.message.contains("rank 0 sent it in int8"),
+                    "{}",
+                    e.message
+                );
+            }
+            other => panic!("{:?}", other.map(|o| o.is_some())),
+        }
+        assert_eq!(sums.held(), 0);
+        // A budget too small for the accumulator a first contribution brings.
+        let mut tight = Sums::new(3, 264 + 1000, 0);
+        let mut c = a;
+        c.seq = 2;
+        let hc = c.header(0, 0, 264);
+        let fc = check_data_header(&hc, 0, 3, 1024).unwrap();
+        assert!(matches!(
+            tight.contribute(1, &hc, fc, scratch(&[0; 264])),
+            Err(Fault::Conn(_))
+        ));
     }
 
     #[test]

@@ -9,6 +9,10 @@
 //!   relay did not sign, chunk bytes that do not hash to what the relay signed for) on the
 //!   rank that sent it, never on the relay;
 //! * credits a relay when at least one chunk was recomputed and matched.
+//!
+//! Chunks of a compressed op are the encoded bytes on the wire: each rank's input chunk is
+//! decoded, the chunks are folded in rank order in f32 and the result encoded once
+//! ([`crate::compress::reduce_encoded`]), exactly as the relay must have done.
 
 use crate::relay::receipts::{Kind, Receipt};
 use crate::types::{DType, ReduceOp};
@@ -68,6 +72,9 @@ pub fn judge(
     };
     let world = reports.len();
     let seq = first.seq;
+    let Some(z) = crate::compress::Compression::from_u8(first.compress as u8) else {
+        return j;
+    };
     for (k, key) in relay_keys.iter().enumerate() {
         // What the relay signed, merged over every rank's copy.
         let mut signed: BTreeMap<Key, (u32, [u8; 32])> = BTreeMap::new();
@@ -176,13 +183,22 @@ pub fn judge(
                 .map(|r| bytes.get(&(Kind::Input, r, o)).map(Vec::as_slice))
                 .collect();
             let Some(inputs) = inputs else { continue };
-            if inputs
-                .iter()
-                .any(|x| x.len() != inputs[0].len() || x.len() % dtype.size() != 0)
-            {
-                continue;
-            }
-            let sum = *blake3::hash(&reduce_chunk(dtype, op, &inputs)).as_bytes();
+            let reduced = match z {
+                crate::compress::Compression::None => {
+                    if inputs
+                        .iter()
+                        .any(|x| x.len() != inputs[0].len() || x.len() % dtype.size() != 0)
+                    {
+                        continue;
+                    }
+                    reduce_chunk(dtype, op, &inputs)
+                }
+                z => match crate::compress::reduce_encoded(z, op, &inputs) {
+                    Some(r) => r,
+                    None => continue,
+                },
+            };
+            let sum = *blake3::hash(&reduced).as_bytes();
             let mut any = false;
             for r in 0..world as u32 {
                 if let Some(&(_, d)) = signed.get(&(Kind::Result, r, o)) {
@@ -228,6 +244,17 @@ mod tests {
         claimed: [&[u8]; 2],
     ) -> Vec<(OpRecord, Vec<RelayEvidence>)> {
         let inputs = [f32s(&[1.0, 2.0]), f32s(&[3.0, 4.0])];
+        reports_of(relay, &inputs, results, claimed, 0)
+    }
+
+    /// As [`reports`], with the ranks' input chunks (as on the wire) and the op's format.
+    fn reports_of(
+        relay: &Identity,
+        inputs: &[Vec<u8>; 2],
+        results: [&[u8]; 2],
+        claimed: [&[u8]; 2],
+        compress: u32,
+    ) -> Vec<(OpRecord, Vec<RelayEvidence>)> {
         let e = |kind, rank: u32, b: &[u8]| Entry {
             kind,
             rank,
@@ -262,6 +289,7 @@ mod tests {
                     inputs: String::new(),
                     results: String::new(),
                     digests: vec![],
+                    compress,
                 };
                 let chunks = vec![
                     ChunkBytes {
@@ -283,6 +311,49 @@ mod tests {
                 (rec, vec![ev])
             })
             .collect()
+    }
+
+    /// Compressed chunks: the validator decodes the signed inputs, folds them in f32 and
+    /// encodes once, as the relay must; the relay's encoded sum checks out, bytes that decode
+    /// differently convict it.
+    #[test]
+    fn compressed_chunks_are_recomputed_in_wire_terms() {
+        use crate::compress::Compression;
+        let relay = Identity::generate();
+        let key = [relay.public()];
+        for z in [Compression::Bf16, Compression::Int8] {
+            let enc = |x: &[f32]| {
+                let mut w = vec![0u8; z.encoded_len(x.len())];
+                z.encode(x, &mut w);
+                w
+            };
+            let a: Vec<f32> = (0..300).map(|i| (i % 17) as f32 * 0.3).collect();
+            let b: Vec<f32> = (0..300).map(|i| (i % 5) as f32 - 1.5).collect();
+            let inputs = [enc(&a), enc(&b)];
+            let refs: Vec<&[u8]> = inputs.iter().map(Vec::as_slice).collect();
+            let sum = crate::compress::reduce_encoded(z, ReduceOp::Sum, &refs).unwrap();
+            let mut wrong = sum.clone();
+            wrong[9] ^= 1;
+            let r = reports_of(&relay, &inputs, [&sum, &sum], [&sum, &sum], z as u32);
+            let j = judge(&[1; 16], &r, &key);
+            assert_eq!(j.verified, vec![0], "{z}: {j:?}");
+            assert!(
+                j.convicted.is_empty() && j.false_reports.is_empty(),
+                "{z}: {j:?}"
+            );
+            let r = reports_of(
+                &relay,
+                &inputs,
+                [&wrong, &wrong],
+                [&wrong, &wrong],
+                z as u32,
+            );
+            let j = judge(&[1; 16], &r, &key);
+            assert_eq!(j.convicted.len(), 1, "{z}: {j:?}");
+            // Judged as exact float32 data the same honest chunk would not check out.
+            let r = reports_of(&relay, &inputs, [&sum, &sum], [&sum, &sum], 0);
+            assert_eq!(judge(&[1; 16], &r, &key).convicted.len(), 1, "{z}");
+        }
     }
 
     #[test]

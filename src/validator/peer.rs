@@ -7,7 +7,15 @@
 //! then asks each relay for its signed receipt of the op at those positions and sends the
 //! receipts with the chunks they cover ([`EvidenceTask`]). A receipt that does not match what
 //! this rank sent or received is not reported (it would count against this rank) but logged.
+//!
+//! A compressed op's relays signed what was on the wire, so its evidence is kept in wire
+//! terms: the encoded image of this rank's input around each sample (encoding is
+//! deterministic, so it is exactly what this rank sent), at wire positions. The encoded
+//! results are not kept (this rank holds only what they decode to), so its evidence carries
+//! input chunks only: the validator recomputes the encoded result from every rank's inputs
+//! and compares it with the result digests the relay signed.
 
+use crate::compress::Compression;
 use crate::error::{Error, Result};
 use crate::net::bootstrap::FrameIo;
 use crate::relay::receipts::{self, Kind, Receipt};
@@ -40,6 +48,14 @@ fn windows(buf: &[u8], elem: usize, positions: &[u64], reach: usize) -> Windows 
         }
     }
     out
+}
+
+/// Where elements `positions` lie in the encoded image of a buffer in format `z`.
+fn wire_positions(z: Compression, positions: &[u64]) -> Vec<u64> {
+    positions
+        .iter()
+        .map(|&p| z.encoded_len(p as usize) as u64)
+        .collect()
 }
 
 /// `len` bytes at `offset`, if one window holds them all.
@@ -176,10 +192,13 @@ pub struct Recorded {
     pub dtype: DType,
     pub op: ReduceOp,
     pub count: usize,
+    /// Wire format of the op.
+    pub z: Compression,
     pub positions: Vec<u64>,
     pub inputs: Vec<u8>,
     pub started: Instant,
-    /// This rank's input bytes around the samples (ops reported to the validator).
+    /// This rank's input bytes around the samples (ops reported to the validator), in wire
+    /// terms for a compressed op.
     pub windows: Windows,
 }
 
@@ -250,19 +269,27 @@ impl JobVerify {
         count: usize,
         dtype: DType,
         op: ReduceOp,
+        z: Compression,
     ) -> Recorded {
         let positions = verify::positions(&self.secret, seq, count, self.samples);
-        let windows = if self.reported(seq) {
-            windows(buf, dtype.size(), &positions, self.chunk_bytes)
-        } else {
-            Vec::new()
+        let windows = match (self.reported(seq), z) {
+            (false, _) => Vec::new(),
+            (true, Compression::None) => windows(buf, dtype.size(), &positions, self.chunk_bytes),
+            (true, z) => {
+                let mut wire = vec![0u8; z.encoded_len(count)];
+                z.encode_bytes(dtype, buf, &mut wire);
+                // A compressed chunk holds up to this many float32 bytes, so fewer wire bytes.
+                let reach = crate::relay::compressed_chunk_bytes(self.chunk_bytes);
+                windows(&wire, 1, &wire_positions(z, &positions), reach)
+            }
         };
         Recorded {
             seq,
             dtype,
             op,
             count,
-            inputs: verify::gather(buf, dtype.size(), &positions),
+            z,
+            inputs: verify::gather_inputs(buf, dtype.size(), z, count, &positions),
             positions,
             started: Instant::now(),
             windows,
@@ -273,7 +300,10 @@ impl JobVerify {
     pub fn complete(&self, rank: usize, r: &Recorded, buf: &[u8]) -> OpRecord {
         let elem = r.dtype.size();
         if !r.windows.is_empty() {
-            let results = windows(buf, elem, &r.positions, self.chunk_bytes);
+            let results = match r.z {
+                Compression::None => windows(buf, elem, &r.positions, self.chunk_bytes),
+                _ => Vec::new(),
+            };
             let mut kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
             // Bounded: reports are sent in order, so only a stalled reporter leaves these.
             if kept.len() >= 64 {
@@ -292,7 +322,8 @@ impl JobVerify {
             inputs: crate::config::to_hex(&r.inputs),
             results: crate::config::to_hex(&verify::gather(buf, elem, &r.positions)),
             positions: r.positions.clone(),
-            digests: verify::digests(buf, r.count, elem, relays),
+            digests: verify::digests(buf, r.count, elem, r.z, relays),
+            compress: r.z as u32,
         }
     }
 
@@ -317,7 +348,10 @@ impl JobVerify {
                     .enumerate()
                     .filter_map(|(k, &i)| self.relay_addrs.get(i).map(|a| (k, a.clone())))
                     .collect(),
-                positions: record.positions.iter().map(|&p| p * elem).collect(),
+                positions: match Compression::from_u8(record.compress as u8) {
+                    Some(z) if z != Compression::None => wire_positions(z, &record.positions),
+                    _ => record.positions.iter().map(|&p| p * elem).collect(),
+                },
                 inputs,
                 results,
             });
@@ -347,13 +381,14 @@ impl JobVerify {
 
     /// Rebuild rank `rank`'s record from its packed form, given this rank's `mine`.
     pub fn unpack(&self, mine: &OpRecord, rank: usize, packed: &[u8]) -> OpRecord {
-        let n = mine.positions.len() * DType::from_raw(mine.dtype).map_or(1, |d| d.size());
+        let elem = DType::from_raw(mine.dtype).map_or(1, |d| d.size());
+        let (i, n) = (verify::inputs_len(mine, elem), mine.positions.len() * elem);
         let hex = crate::config::to_hex;
         OpRecord {
             rank,
-            inputs: hex(&packed[..n]),
-            results: hex(&packed[n..2 * n]),
-            digests: packed[2 * n..].chunks(32).map(hex).collect(),
+            inputs: hex(&packed[..i]),
+            results: hex(&packed[i..i + n]),
+            digests: packed[i + n..].chunks(32).map(hex).collect(),
             ..mine.clone()
         }
     }

@@ -8,8 +8,16 @@
 //! records of all peers a verifier recomputes the rank-ordered reduction at each position
 //! bit-exactly with the same kernels the relays use ([`crate::reduce`]) and checks that every
 //! peer received identical segments. This module does no I/O.
+//!
+//! Compressed ops ([`Compression`]): a relay's result depends on whole int8 blocks (their
+//! extremes set every element's step), so a peer records its inputs over the whole block
+//! around each sample position ([`input_span`]); the verifier encodes each rank's block as
+//! the peer did, decodes, folds in rank order in f32, encodes the result once
+//! ([`crate::compress::reduce_encoded`]) and compares what that decodes to with every rank's
+//! result at the position. For bf16 and fp16 the span is the element itself.
 
 use crate::algo::plan::{block, bytes};
+use crate::compress::{Compression, INT8_BLOCK};
 use crate::reduce;
 use crate::types::{DType, ReduceOp};
 use serde::{Deserialize, Serialize};
@@ -37,6 +45,45 @@ pub struct OpRecord {
     pub results: String,
     /// blake3 of each relay's result segment, hex.
     pub digests: Vec<String>,
+    /// Wire format of the op ([`Compression`] as a number; 0, exact, when absent).
+    #[serde(default)]
+    pub compress: u32,
+}
+
+/// Elements of the input recorded for sample position `pos` of an op of `count` elements in
+/// wire format `z`: the whole int8 block holding it, or the element itself.
+pub fn input_span(z: Compression, count: usize, pos: usize) -> Range<usize> {
+    match z {
+        Compression::Int8 => {
+            let start = pos / INT8_BLOCK * INT8_BLOCK;
+            start..(start + INT8_BLOCK).min(count)
+        }
+        _ => pos..pos + 1,
+    }
+}
+
+/// This rank's input bytes over the spans of `positions` ([`input_span`]), concatenated.
+pub fn gather_inputs(
+    buf: &[u8],
+    elem: usize,
+    z: Compression,
+    count: usize,
+    positions: &[u64],
+) -> Vec<u8> {
+    let mut out = Vec::new();
+    for &p in positions {
+        out.extend_from_slice(&buf[bytes(&input_span(z, count, p as usize), elem)]);
+    }
+    out
+}
+
+/// Bytes of a record's `inputs` (every rank's alike).
+pub fn inputs_len(rec: &OpRecord, elem: usize) -> usize {
+    let z = Compression::from_u8(rec.compress as u8).unwrap_or_default();
+    rec.positions
+        .iter()
+        .map(|&p| input_span(z, rec.count as usize, p as usize).len() * elem)
+        .sum()
 }
 
 /// A relay found at fault, with the evidence.
@@ -91,28 +138,80 @@ pub fn gather(buf: &[u8], elem: usize, positions: &[u64]) -> Vec<u8> {
     out
 }
 
+/// Elements of relay `k`'s segment when `count` elements are cut across `relays` relays in
+/// wire format `z` (the same cut as the relay schedule with equal weights: compressed
+/// segments are cut on whole int8 blocks).
+pub fn segment_elems(count: usize, z: Compression, relays: usize, k: usize) -> Range<usize> {
+    match z {
+        Compression::None => block(count, relays, k),
+        _ => {
+            let u = block(count.div_ceil(INT8_BLOCK), relays, k);
+            (u.start * INT8_BLOCK).min(count)..(u.end * INT8_BLOCK).min(count)
+        }
+    }
+}
+
 /// Byte range of relay `k`'s segment when `count` elements of `elem` bytes are cut across
 /// `relays` relays (the same cut as the relay schedule).
-pub fn segment(count: usize, elem: usize, relays: usize, k: usize) -> Range<usize> {
-    bytes(&block(count, relays, k), elem)
+pub fn segment(count: usize, elem: usize, z: Compression, relays: usize, k: usize) -> Range<usize> {
+    bytes(&segment_elems(count, z, relays, k), elem)
 }
 
 /// Which relay summed element `pos`.
-pub fn relay_of(count: usize, relays: usize, pos: usize) -> usize {
+pub fn relay_of(count: usize, z: Compression, relays: usize, pos: usize) -> usize {
     (0..relays)
-        .find(|&k| block(count, relays, k).contains(&pos))
+        .find(|&k| segment_elems(count, z, relays, k).contains(&pos))
         .unwrap_or(0)
 }
 
 /// blake3 of each relay's segment of `buf`, hex.
-pub fn digests(buf: &[u8], count: usize, elem: usize, relays: usize) -> Vec<String> {
+pub fn digests(
+    buf: &[u8],
+    count: usize,
+    elem: usize,
+    z: Compression,
+    relays: usize,
+) -> Vec<String> {
     (0..relays)
         .map(|k| {
-            blake3::hash(&buf[segment(count, elem, relays, k)])
+            blake3::hash(&buf[segment(count, elem, z, relays, k)])
                 .to_hex()
                 .to_string()
         })
         .collect()
+}
+
+/// A relay's result for sample position `pos` of a compressed op, from every rank's input
+/// span around it ([`input_span`], in `dtype`): the element of the rank-ordered reduction of
+/// the encoded spans, decoded, in `dtype`. `None` for malformed spans.
+pub fn reduce_element_compressed(
+    z: Compression,
+    dtype: DType,
+    op: ReduceOp,
+    span: &Range<usize>,
+    pos: usize,
+    inputs: &[&[u8]],
+) -> Option<Vec<u8>> {
+    let elem = dtype.size();
+    if !matches!(dtype, DType::F32 | DType::F64)
+        || inputs.iter().any(|x| x.len() != span.len() * elem)
+    {
+        return None;
+    }
+    let wires: Vec<Vec<u8>> = inputs
+        .iter()
+        .map(|x| {
+            let mut w = vec![0u8; z.encoded_len(span.len())];
+            z.encode_bytes(dtype, x, &mut w);
+            w
+        })
+        .collect();
+    let refs: Vec<&[u8]> = wires.iter().map(Vec::as_slice).collect();
+    let sum = crate::compress::reduce_encoded(z, op, &refs)?;
+    let mut out = vec![0u8; span.len() * elem];
+    z.decode_bytes(dtype, &sum, &mut out);
+    let at = (pos - span.start) * elem;
+    Some(out[at..at + elem].to_vec())
 }
 
 /// The rank-ordered reduction of one element, exactly as a relay computes it: fold
@@ -161,6 +260,15 @@ pub fn check(records: &[OpRecord]) -> std::result::Result<Vec<Fault>, String> {
     let elem = dtype.size();
     let k = first.positions.len();
     let relays = first.relays.max(1);
+    let z = Compression::from_u8(first.compress as u8)
+        .filter(|z| z.applies_to(dtype))
+        .ok_or_else(|| {
+            format!(
+                "op seq {}: unknown wire format {}",
+                first.seq, first.compress
+            )
+        })?;
+    let in_len = inputs_len(first, elem);
     let mut inputs = Vec::with_capacity(world);
     let mut results = Vec::with_capacity(world);
     for (r, rec) in records.iter().enumerate() {
@@ -171,6 +279,7 @@ pub fn check(records: &[OpRecord]) -> std::result::Result<Vec<Fault>, String> {
             || rec.op != first.op
             || rec.relays != first.relays
             || rec.positions != first.positions
+            || rec.compress != first.compress
             || rec.digests.len() != relays
         {
             return Err(format!(
@@ -178,7 +287,7 @@ pub fn check(records: &[OpRecord]) -> std::result::Result<Vec<Fault>, String> {
                 first.seq
             ));
         }
-        let i = unhex(&rec.inputs).filter(|v| v.len() == k * elem);
+        let i = unhex(&rec.inputs).filter(|v| v.len() == in_len);
         let o = unhex(&rec.results).filter(|v| v.len() == k * elem);
         match (i, o) {
             (Some(i), Some(o)) => {
@@ -206,18 +315,30 @@ pub fn check(records: &[OpRecord]) -> std::result::Result<Vec<Fault>, String> {
             );
         }
     }
+    let mut in_at = 0;
     for (j, &pos) in first.positions.iter().enumerate() {
         let at = j * elem..(j + 1) * elem;
-        let xs: Vec<&[u8]> = inputs.iter().map(|v| &v[at.clone()]).collect();
-        let want = reduce_element(dtype, op, &xs);
+        let span = input_span(z, first.count as usize, pos as usize);
+        let ins = in_at..in_at + span.len() * elem;
+        in_at = ins.end;
+        let xs: Vec<&[u8]> = inputs.iter().map(|v| &v[ins.clone()]).collect();
+        let want = match z {
+            Compression::None => reduce_element(dtype, op, &xs),
+            z => reduce_element_compressed(z, dtype, op, &span, pos as usize, &xs)
+                .ok_or_else(|| format!("op seq {}: malformed {z} samples", first.seq))?,
+        };
         for (r, res) in results.iter().enumerate() {
             if res[at.clone()] != want[..] {
-                let relay = relay_of(first.count as usize, relays, pos as usize);
+                let relay = relay_of(first.count as usize, z, relays, pos as usize);
                 blame(
                     relay,
                     format!(
-                        "op seq {}: element {pos} ({dtype}) on rank {r} is {} but the rank-ordered reduction of the inputs is {}",
+                        "op seq {}: element {pos} ({dtype}{}) on rank {r} is {} but the rank-ordered reduction of the inputs is {}",
                         first.seq,
+                        match z {
+                            Compression::None => String::new(),
+                            z => format!(", {z} on the wire"),
+                        },
                         crate::config::to_hex(&res[at.clone()]),
                         crate::config::to_hex(&want)
                     ),
@@ -245,7 +366,8 @@ mod tests {
             positions: pos.to_vec(),
             inputs: crate::config::to_hex(&gather(&ib, 4, pos)),
             results: crate::config::to_hex(&gather(&rb, 4, pos)),
-            digests: digests(&rb, input.len(), 4, relays),
+            digests: digests(&rb, input.len(), 4, Compression::None, relays),
+            compress: 0,
         }
     }
 

@@ -17,8 +17,10 @@ Usage::
 
 The hook averages gradients like DDP's default. The all-reduce goes through a process group of
 backend ``mapreduce`` whose communicator was created with ``MR_COMPRESS`` set to the chosen
-format, so partial sums travel in that format between ranks (over the TCP ring; ops over shared
-memory on one host, or through relays, stay exact — see the README).
+format, so partial sums travel in that format between ranks (over the TCP ring or through
+relays; ops over shared memory on one host stay exact — see the README). The group's
+broadcasts, all-gathers and reduce-scatters of float data travel in the format too, so keep
+exact traffic (such as DDP's initial parameter broadcast) on another group.
 """
 
 import os

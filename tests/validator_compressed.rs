@@ -1,0 +1,78 @@
+//! The validator judging compressed relay all-reduces on the relays' signed receipts, with
+//! real `mr-validator` and `mr-relayd` processes: the receipts digest the encoded bytes on the
+//! wire, the peers bring their encoded input chunks, and the validator recomputes the relay's
+//! encoded result. A relay that corrupts its results is convicted under bf16 and int8; an
+//! honest one is credited and never convicted, and no client is flagged.
+
+mod validator_util;
+use mapreduce::compress::Compression;
+use mapreduce::Config;
+use validator_util::*;
+
+const CONFIG: &str = r#"{"heartbeat_timeout_ms": 3000, "report_fraction": 1.0, "samples": 4, "bench": {"interval_secs": 0}}"#;
+
+/// `MR_RELAY_COUNT` is process-wide: one test at a time sets it.
+static RELAY_COUNT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Run `ops` all-reduces in format `z` through one relay started with `env`; returns the
+/// relay's (verified_ops, failed_ops) once the validator's counts stop moving, and whether it
+/// flagged a client.
+fn judged(name: &str, z: Compression, env: &[(&str, &str)], ops: usize) -> (u64, u64, bool) {
+    let _one = RELAY_COUNT.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tmpdir(name);
+    let v = validator(&dir, "127.0.0.1:0", CONFIG);
+    let _relay = relay(&v, &dir.join("r.key"), "127.0.0.1:0", env);
+    wait_status(&v, "relay registered", |r| up(r) == 1);
+    std::env::set_var("MR_RELAY_COUNT", "1");
+    let cfg = Config {
+        compress: z,
+        ..job_config(&v, false)
+    };
+    // 8 chunks of 1024 float32 per op (4 KiB chunks), the last one ending in a short block.
+    let results = run_job(2, cfg, ops, 8 * 1024 - 100);
+    std::env::remove_var("MR_RELAY_COUNT");
+    for (r, res) in results.iter().enumerate() {
+        assert_eq!(res.len(), ops, "rank {r}: {res:?}");
+        assert!(res.iter().all(|o| o.is_ok()), "rank {r}: {res:?}");
+    }
+    // Reports arrive in the background: wait until the counts stop moving.
+    let mut last = (u64::MAX, u64::MAX);
+    for _ in 0..100 {
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let s = &status(&v)[0].score;
+        let now = (s.verified_ops, s.failed_ops);
+        if now == last && now.0 + now.1 > 0 {
+            break;
+        }
+        last = now;
+    }
+    let flagged = v.has_log("flagged");
+    (last.0, last.1, flagged)
+}
+
+#[test]
+fn a_corrupting_relay_is_convicted_under_compression() {
+    for z in [Compression::Bf16, Compression::Int8] {
+        let (_, failed, flagged) = judged(
+            &format!("corrupt-{z}"),
+            z,
+            &[("MR_RELAY_TEST_CORRUPT", "1")],
+            6,
+        );
+        assert!(
+            failed >= 5,
+            "{z}: only {failed} of 6 ops convicted the relay"
+        );
+        assert!(!flagged, "{z}: a client was flagged for honest evidence");
+    }
+}
+
+#[test]
+fn an_honest_relay_under_compression_is_verified_and_never_convicted() {
+    for z in [Compression::Bf16, Compression::Fp16, Compression::Int8] {
+        let (verified, failed, flagged) = judged(&format!("honest-{z}"), z, &[], 6);
+        assert_eq!(failed, 0, "{z}");
+        assert!(verified >= 5, "{z}: only {verified} of 6 ops verified");
+        assert!(!flagged, "{z}: a client was flagged");
+    }
+}
