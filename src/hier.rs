@@ -268,9 +268,10 @@ impl Levels {
 fn run(levels: &Levels, rx: Receiver<Job>) {
     for job in rx {
         let r = run_op(levels, &job.op);
-        if r.is_err() {
+        if r.as_ref().is_err_and(|e| e.kind != ErrorKind::Verify) {
             // The other ranks may be waiting on us in either level: break both so they learn
-            // at once instead of after their timeout.
+            // at once instead of after their timeout. (A failed verification leaves both
+            // levels in step: every rank learns it through the op itself.)
             levels.abort();
         }
         job.done.complete(r);
@@ -438,9 +439,10 @@ fn allreduce(
         &mut pending,
         &mut statuses,
     );
-    if r.is_err() {
+    if r.as_ref().is_err_and(|e| e.kind != ErrorKind::Verify) {
         // Requests still in flight write into `data` and `statuses`: end them before those
-        // are given back.
+        // are given back. (After a failed verification every rank issued the same ops, which
+        // all complete: both levels stay usable, as a flat communicator does.)
         lv.abort();
     }
     for (q, _) in pending {
@@ -554,9 +556,10 @@ fn allreduce_pieces(
     };
     reduce(0, pending)?;
     for k in 0..ranges.len() {
-        // Wait until piece k is reduced on this host; "hand out k-1", issued after it, stays
+        // Wait until piece k is reduced on this host and the leader's word on piece k-1 is
+        // in (so no rank issues more than the leader did when it fails); "hand out k-1" stays
         // in flight beside the leaders' exchange of piece k.
-        let keep = if k > 0 { 2 } else { 0 };
+        let keep = usize::from(k > 0);
         wait_local(pending, statuses, keep)?;
         let between = match &lv.leaders {
             Some(l) => {
