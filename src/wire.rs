@@ -17,7 +17,12 @@
 //!
 //! After the handshake every frame in both directions carries a [`TAG_LEN`]-byte trailer right
 //! after its payload: a keyed-blake3 tag ([`FrameTag`]) over an implicit frame counter, the
-//! header and the payload. Each direction of each connection has its own key
+//! header and the payload's blake3 digest (`tag = blake3_keyed(key, counter ‖ header ‖
+//! blake3(payload))`, truncated). Hashing the payload unkeyed lets one digest serve every copy
+//! of a payload a relay fans out to several peers, and the relay's signed receipts (which
+//! record the same digest), so a relay hashes each chunk once instead of once per peer and
+//! once more for its receipt; forging a tag still needs the key or a blake3 collision. Each
+//! direction of each connection has its own key
 //! ([`SessionKeys`]), derived from the handshake key and both nonces, and its own counter
 //! (0 for the first frame after the handshake, +1 per frame), so a flipped bit, a replayed,
 //! dropped or reordered frame, or a frame reflected back to its sender fails its tag. The
@@ -257,11 +262,14 @@ impl TagStream {
 
     /// Start the tag of the next frame in this direction, whose header is `header`.
     pub fn begin(&mut self, header: &[u8; HEADER_LEN]) -> FrameTag {
-        let mut h = blake3::Hasher::new_keyed(&self.key);
-        h.update(&self.next.to_le_bytes());
-        h.update(header);
+        let mut mac = blake3::Hasher::new_keyed(&self.key);
+        mac.update(&self.next.to_le_bytes());
+        mac.update(header);
         self.next += 1;
-        FrameTag(h)
+        FrameTag {
+            mac,
+            body: blake3::Hasher::new(),
+        }
     }
 
     /// The whole tag of the next frame (header and payload at hand).
@@ -270,19 +278,41 @@ impl TagStream {
         t.update(payload);
         t.finish()
     }
+
+    /// The tag of the next frame from its payload's blake3 digest (computed once for a
+    /// payload sent on several connections).
+    pub fn tag_digest(&mut self, header: &[u8; HEADER_LEN], digest: &[u8; 32]) -> [u8; TAG_LEN] {
+        self.begin(header).finish_with(digest)
+    }
 }
 
 /// The running tag of one frame: fed the payload as it moves, finished after its last byte.
 #[derive(Clone)]
-pub struct FrameTag(blake3::Hasher);
+pub struct FrameTag {
+    /// Keyed, over the counter and the header so far; the payload digest closes it.
+    mac: blake3::Hasher,
+    /// Unkeyed, over the payload.
+    body: blake3::Hasher,
+}
 
 impl FrameTag {
     pub fn update(&mut self, bytes: &[u8]) {
-        self.0.update(bytes);
+        self.body.update(bytes);
+    }
+
+    /// The blake3 digest of the payload fed so far.
+    pub fn digest(&self) -> [u8; 32] {
+        *self.body.finalize().as_bytes()
     }
 
     pub fn finish(&self) -> [u8; TAG_LEN] {
-        self.0.finalize().as_bytes()[..TAG_LEN]
+        self.finish_with(&self.digest())
+    }
+
+    fn finish_with(&self, digest: &[u8; 32]) -> [u8; TAG_LEN] {
+        let mut mac = self.mac.clone();
+        mac.update(digest);
+        mac.finalize().as_bytes()[..TAG_LEN]
             .try_into()
             .expect("blake3 output is 32 bytes")
     }
@@ -488,6 +518,20 @@ mod tests {
         assert_ne!(SessionKeys::derive(&key, &nonce(), &nc, true), a);
         assert_ne!(SessionKeys::derive(&key, &ns, &nonce(), true), a);
         assert_ne!(SessionKeys::derive(&mac_key(b"other"), &ns, &nc, true), a);
+    }
+
+    #[test]
+    fn a_tag_from_the_payload_digest_equals_the_tag_from_the_payload() {
+        let key = [7u8; 32];
+        let (mut a, mut b) = (TagStream::new(key), TagStream::new(key));
+        let h = FrameHeader::new(FrameKind::Data, 5).encode();
+        let d = *blake3::hash(b"hello").as_bytes();
+        assert_eq!(a.tag(&h, b"hello"), b.tag_digest(&h, &d));
+        assert_ne!(a.tag(&h, b"hello"), b.tag_digest(&h, &[0; 32]));
+        let mut t = TagStream::new(key).begin(&h);
+        t.update(b"hel");
+        t.update(b"lo");
+        assert_eq!(t.digest(), d);
     }
 
     #[test]

@@ -86,6 +86,9 @@ pub struct FrameOut {
     /// frame numbering and must go out whole, or the connection is done.
     numbered: bool,
     tag: [u8; TAG_LEN],
+    /// The payload's blake3 digest when the sender has it already (one payload fanned out to
+    /// several connections is hashed once).
+    digest: Option<[u8; 32]>,
     pub written: usize,
 }
 
@@ -96,7 +99,16 @@ impl FrameOut {
             tagged,
             numbered: false,
             tag: [0; TAG_LEN],
+            digest: None,
             written: 0,
+        }
+    }
+
+    /// As [`FrameOut::new`], for a payload whose blake3 digest is `digest`.
+    pub fn with_digest(header: &FrameHeader, tagged: bool, digest: [u8; 32]) -> FrameOut {
+        FrameOut {
+            digest: Some(digest),
+            ..FrameOut::new(header, tagged)
         }
     }
 
@@ -135,7 +147,10 @@ impl FrameOut {
         max: usize,
     ) -> io::Result<usize> {
         if self.tagged && !self.numbered {
-            self.tag = tx.tag(&self.header, payload);
+            self.tag = match &self.digest {
+                Some(d) => tx.tag_digest(&self.header, d),
+                None => tx.tag(&self.header, payload),
+            };
             self.numbered = true;
         }
         let tag: &[u8] = if self.tagged { &self.tag } else { &[] };
@@ -234,6 +249,12 @@ impl FrameIn {
     /// After [`Self::is_whole`]: whether the frame is intact (always true untagged).
     pub fn verify(&self) -> bool {
         self.tag.as_ref().map_or(true, |t| t.verify(&self.trailer))
+    }
+
+    /// After [`Self::is_whole`] on a tagged connection: the payload's blake3 digest, computed
+    /// as it arrived.
+    pub fn payload_digest(&self) -> Option<[u8; 32]> {
+        self.tag.as_ref().map(FrameTag::digest)
     }
 }
 

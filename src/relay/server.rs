@@ -708,10 +708,26 @@ impl Relay {
         payload: Payload,
         fanout: Option<Rc<Fanout>>,
     ) {
+        self.enqueue_digest(id, header, payload, fanout, None);
+    }
+
+    /// As [`Self::enqueue`], with the payload's blake3 digest when it is already known (one
+    /// payload fanned out to several peers is hashed once for all their tags).
+    fn enqueue_digest(
+        &mut self,
+        id: usize,
+        header: FrameHeader,
+        payload: Payload,
+        fanout: Option<Rc<Fanout>>,
+        digest: Option<[u8; 32]>,
+    ) {
         let Some(c) = self.conns.get_mut(&id) else {
             return;
         };
-        let frame = FrameOut::new(&header, c.tagged);
+        let frame = match digest {
+            Some(d) => FrameOut::with_digest(&header, c.tagged, d),
+            None => FrameOut::new(&header, c.tagged),
+        };
         if c.out.is_empty() {
             // A backlog's deadline counts from when it began.
             c.last_write = self.now;
@@ -896,7 +912,10 @@ impl Relay {
                         h.len
                     )))
                 }
-                ReadState::Payload { frame, buf } => self.on_frame(id, frame.header, buf),
+                ReadState::Payload { frame, buf } => {
+                    let digest = frame.payload_digest();
+                    self.on_frame(id, frame.header, buf, digest)
+                }
             };
             if let Err(e) = res {
                 self.close(id, &e.message, true);
@@ -945,7 +964,14 @@ impl Relay {
         Ok(())
     }
 
-    fn on_frame(&mut self, id: usize, h: FrameHeader, payload: Scratch) -> Result<()> {
+    /// A whole frame; `digest`: its payload's blake3 digest when the tag check computed it.
+    fn on_frame(
+        &mut self,
+        id: usize,
+        h: FrameHeader,
+        payload: Scratch,
+        digest: Option<[u8; 32]>,
+    ) -> Result<()> {
         let c = self.conns.get_mut(&id).expect("connection");
         match c.state {
             State::AwaitHello { nonce, .. } => self.on_hello(id, nonce, payload.as_slice()),
@@ -960,7 +986,7 @@ impl Relay {
                     self.close(id, "peer said goodbye", false);
                     Ok(())
                 }
-                _ => self.on_data(job, rank, id, h, payload),
+                _ => self.on_data(job, rank, id, h, payload, digest),
             },
             State::Closing { .. } => Ok(()),
         }
@@ -1145,6 +1171,7 @@ impl Relay {
         id: usize,
         h: FrameHeader,
         payload: Scratch,
+        digest: Option<[u8; 32]>,
     ) -> Result<()> {
         let Some(j) = self.jobs.get_mut(&job) else {
             return Err(Error::internal("connection of a job that ended"));
@@ -1158,7 +1185,8 @@ impl Relay {
         let world = j.hello.world;
         if !matches!(f.coll, Collective::Broadcast) {
             if let Some(g) = self.config.grants.as_ref().filter(|g| g.keeps_receipts()) {
-                let d = *blake3::hash(payload.as_slice()).as_bytes();
+                // The tag check hashed the payload as it arrived: the receipt reuses it.
+                let d = digest.unwrap_or_else(|| *blake3::hash(payload.as_slice()).as_bytes());
                 g.note(&job, h.seq, Kind::Input, rank, h.offset, payload.len(), d);
             }
         }
@@ -1178,9 +1206,12 @@ impl Relay {
                     root_conn: id,
                     ack,
                 });
+                // Forwarded unchanged: the digest its tag check computed serves every copy.
+                let d = digest.unwrap_or_else(|| *blake3::hash(payload.as_slice()).as_bytes());
                 let shared = Rc::new(payload);
                 for t in targets {
-                    self.enqueue(t, h, Payload::Shared(shared.clone()), Some(fan.clone()));
+                    let p = Payload::Shared(shared.clone());
+                    self.enqueue_digest(t, h, p, Some(fan.clone()), Some(d));
                 }
                 Ok(())
             }
@@ -1202,22 +1233,27 @@ impl Relay {
                     let targets: Vec<(usize, usize)> = (0..world)
                         .filter_map(|r| self.stream_of(&self.jobs[&job], r).map(|t| (r, t)))
                         .collect();
+                    // One hash of the result serves every peer's tag and the receipts.
+                    let first = *blake3::hash(shared.as_slice()).as_bytes();
+                    let rest = if Rc::ptr_eq(&shared, &others) {
+                        first
+                    } else {
+                        *blake3::hash(others.as_slice()).as_bytes()
+                    };
                     if let Some(g) = self.config.grants.as_ref().filter(|g| g.keeps_receipts()) {
                         // What each rank is sent, as sent.
-                        let first = *blake3::hash(shared.as_slice()).as_bytes();
-                        let rest = if Rc::ptr_eq(&shared, &others) {
-                            first
-                        } else {
-                            *blake3::hash(others.as_slice()).as_bytes()
-                        };
                         for &(r, _) in &targets {
                             let d = if r == 0 { first } else { rest };
                             g.note(&job, rh.seq, Kind::Result, r, rh.offset, shared.len(), d);
                         }
                     }
                     for (r, t) in targets {
-                        let p = if r == 0 { &shared } else { &others };
-                        self.enqueue(t, rh, Payload::Shared(p.clone()), None);
+                        let (p, d) = if r == 0 {
+                            (&shared, first)
+                        } else {
+                            (&others, rest)
+                        };
+                        self.enqueue_digest(t, rh, Payload::Shared(p.clone()), None, Some(d));
                     }
                     Ok(())
                 }
