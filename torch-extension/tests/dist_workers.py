@@ -663,3 +663,32 @@ def powersgd_buckets_compare(rank, world, port, steps, bucket_cap_mb, layers):
     flat = torch.cat([p.flatten() for p in mr_params])
     dist.destroy_process_group()
     return {"max_diff_vs_gloo": max_diff, "digest": digest(flat), "buckets": len(seen)}
+
+
+def callback_waits_for_a_later_op(rank, world, port, timeout_s):
+    """A callback of op A waits for op B, which the same thread issued after A: B starts only
+    once A's callbacks ran, so they wait on each other. Rank 1 starts late, so A is still
+    pending on rank 0 when the callback is added. The wait must end within the timeout (plus
+    grace) with an error naming what B waited behind, not hang."""
+    init(rank, world, port, timeout_s=timeout_s)
+    if rank == 1:
+        time.sleep(1.0)
+    a = torch.ones(N)
+    b = torch.ones(N)
+    fa = dist.all_reduce(a, async_op=True).get_future()
+    wb = dist.all_reduce(b, async_op=True)
+
+    def callback(fut):
+        wb.wait()
+        return fut.value()[0]
+
+    started = time.monotonic()
+    chained = fa.then(callback)
+    try:
+        chained.wait()
+        message = None
+    except RuntimeError as e:
+        message = str(e)
+    elapsed = time.monotonic() - started
+    dist.destroy_process_group()
+    return {"message": message, "elapsed": elapsed}

@@ -44,6 +44,16 @@ def test_powersgd_several_buckets_matches_gloo(world, bucket_cap_mb, layers, min
         assert r["max_diff_vs_gloo"] <= 1e-5, f"rank {rank}: {r['max_diff_vs_gloo']} away from gloo"
 
 
+def test_callback_waiting_for_a_later_op_of_its_thread_errors_within_the_timeout():
+    timeout_s = 3
+    results = run_ranks(dist_workers.callback_waits_for_a_later_op, 2, free_port(), timeout_s, timeout=HANG_S)
+    first = results[0]
+    assert first["message"] is not None, "rank 0's callback should not have finished"
+    assert "it never started: it waited for the Future callbacks of the earlier allreduce" in first["message"], first
+    # Work.wait's bound: the process-group timeout plus 5 s of grace (and a loaded machine).
+    assert first["elapsed"] < timeout_s + 5 + 10, first
+
+
 def test_ddp_logs_backend_name():
     results = run_ranks(dist_workers.powersgd_compare, 2, free_port(), 1, 25, timeout=HANG_S)
     assert [r["backend_name"] for r in results] == ["mapreduce", "mapreduce"]
