@@ -74,7 +74,9 @@ def rank_main(rank, world, port, backend, cap, steps, timeout_s, results):
         results.put((rank, "ok", len(buckets), flat.double().sum().item()))
         dist.destroy_process_group()
     except Exception as e:  # noqa: BLE001 - reported as the trial's outcome
-        results.put((rank, "error", 0, str(e).splitlines()[0][:160]))
+        # The innermost error of callback chains ("...: RuntimeError: [file:line] what").
+        text = str(e).splitlines()[0].split("Error: ")[-1]
+        results.put((rank, "error", 0, text.split("] ")[-1][:160]))
     # Flush the report, then leave without interpreter teardown (a failed group may hang it).
     results.close()
     results.join_thread()
