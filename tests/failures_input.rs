@@ -4,7 +4,10 @@
 
 mod support;
 
+use mapreduce::comm::P2pCall;
+use mapreduce::net::engine::Completion;
 use mapreduce::{DType, ReduceOp, Request};
+use std::sync::Arc;
 use std::time::Duration;
 use support::{err, ok, report, say, Ctx, Job, RankSpec};
 
@@ -19,6 +22,7 @@ fn play(ctx: Ctx) {
         "join" => support::join_and_check(ctx),
         "bad_args" => bad_args(ctx),
         "mismatch" => mismatch(ctx),
+        "p2p_mismatch" => p2p_mismatch(ctx),
         s => panic!("unknown scenario {s}"),
     }
 }
@@ -142,6 +146,65 @@ fn mismatch(mut ctx: Ctx) {
     let _ = comm.destroy();
 }
 
+/// Ranks 0 and 1 exchange `MRT_BASE` f32 elements each way in one group (many frames); rank
+/// 1's receive expects the wrong tag. Then the pair exchanges another message and both
+/// all-reduce.
+fn p2p_mismatch(mut ctx: Ctx) {
+    let Ok(comm) = ctx.init() else { return };
+    let base: usize = std::env::var("MRT_BASE").unwrap().parse().unwrap();
+    let (r, other) = (comm.rank(), 1 - comm.rank());
+    let out = vec![1.0f32; base];
+    let mut v = vec![0.0f32; base];
+    let started = std::time::Instant::now();
+    // One group each way: a send with tag 5 and a receive expecting tag 5 (rank 0) or 6.
+    let calls = [
+        P2pCall {
+            send: true,
+            peer: other,
+            tag: 5,
+            buf: out.as_ptr().cast_mut().cast(),
+            count: base,
+            dtype: DType::F32,
+        },
+        P2pCall {
+            send: false,
+            peer: other,
+            tag: if r == 0 { 5 } else { 6 },
+            buf: v.as_mut_ptr().cast(),
+            count: base,
+            dtype: DType::F32,
+        },
+    ];
+    // SAFETY: both buffers outlive the request, which is waited for at once; `out` is only
+    // read.
+    let res =
+        unsafe { comm.submit_p2p(&calls, Arc::new(Completion::default())) }.and_then(Request::wait);
+    report("mismatched", &res);
+    ok("mismatched_ms", started.elapsed().as_millis());
+    // The next message between the pair goes through (the rest of the failed one does not
+    // stand in its way), then a collective.
+    let mut w: Vec<f32> = (0..base).map(|i| (i % 251) as f32).collect();
+    if comm.rank() == 1 {
+        w.fill(0.0);
+    }
+    // SAFETY: `w` outlives the request, which is waited for at once.
+    let res = unsafe {
+        if comm.rank() == 0 {
+            comm.isend_raw(w.as_ptr().cast(), base, DType::F32, 1, 7)
+        } else {
+            comm.irecv_raw(w.as_mut_ptr().cast(), base, DType::F32, 0, 7)
+        }
+    }
+    .and_then(Request::wait);
+    match res {
+        Ok(()) if w.iter().enumerate().all(|(i, &x)| x == (i % 251) as f32) => ok("p2p_after", ""),
+        Ok(()) => say("ERR p2p_after WrongResult"),
+        Err(e) => err("p2p_after", &e),
+    }
+    support::check_allreduce(&comm, "allreduce_after");
+    report("destroy", &comm.destroy());
+}
+
 // ---------------------------------------------------------------------------------------
 // Parent side
 // ---------------------------------------------------------------------------------------
@@ -242,6 +305,45 @@ fn mismatched_counts_with_recursive_doubling_are_reported() {
 #[test]
 fn mismatched_dtypes_are_reported() {
     run_mismatch("dtype", 1000, 0, "ring");
+}
+
+/// Two ranks exchange 64 MiB each way in one group (4 KiB frames, far more than the sockets
+/// buffer); rank 1's receive expects another tag. Rank 1 fails at the first frame naming both
+/// sides and stops sending; it tells rank 0, naming the messages, and rank 0's group (still
+/// waiting for rank 1's message) fails with that report instead of waiting for
+/// `MR_TIMEOUT_MS`. The rest of rank 0's message is dropped at rank 1, so the pair's next
+/// message and the next collective go through: before, it stayed in the socket for good and
+/// the next op between the pair waited for the timeout. The job's deadline is shorter than
+/// `MR_TIMEOUT_MS`.
+#[test]
+fn mismatched_large_send_and_recv_fail_promptly_and_leave_the_pair_usable() {
+    let e = vec![
+        ("MR_TIMEOUT_MS", "60000".to_string()),
+        ("MRT_BASE", (16usize << 20).to_string()),
+        ("MR_CHUNK_BYTES", "4096".to_string()),
+    ];
+    let out = support::run_job("p2p_mismatch", 2, &e, Duration::from_secs(40));
+    let named = "mismatched send/recv: rank 0 sent 16777216 x float32 with tag 5";
+    for o in &out {
+        assert!(
+            o.done() && o.code == Some(0),
+            "no crash, no hang\n{}",
+            o.story()
+        );
+        let (kind, msg) = o.err_of("mismatched");
+        assert!(msg.contains(named), "rank {}: {kind}: {msg}", o.rank);
+        if o.rank == 0 {
+            assert!(msg.contains("rank 1 reported"), "{msg}");
+        }
+        eprintln!(
+            "rank {} after {} ms: {kind}: {msg}",
+            o.rank,
+            o.ok_detail("mismatched_ms")
+        );
+        o.ok_detail("p2p_after");
+        o.ok_detail("allreduce_after");
+        o.ok_detail("destroy");
+    }
 }
 
 #[test]

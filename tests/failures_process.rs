@@ -21,6 +21,7 @@ fn play(ctx: Ctx) {
         "allreduce_loop" => allreduce_loop(ctx),
         "abort" => abort(ctx),
         "peer_exits" => peer_exits(ctx),
+        "p2p_loop" => p2p_loop(ctx),
         s => panic!("unknown scenario {s}"),
     }
 }
@@ -44,6 +45,35 @@ fn allreduce_loop(mut ctx: Ctx) {
             return;
         }
         v.fill(1.0);
+    }
+    ok("all_completed", "");
+}
+
+/// Rank 0 sends 64 MiB to rank 1 again and again (each message many frames), rank 1 receives
+/// them, until something fails; both announce `STARTED` before the first message.
+fn p2p_loop(mut ctx: Ctx) {
+    let Ok(comm) = ctx.init() else { return };
+    report("barrier", &comm.barrier());
+    let mut v = vec![1.0f32; BIG_COUNT];
+    say("STARTED");
+    for k in 0..200 {
+        // SAFETY: `v` outlives the request, which is waited for at once, and nothing else
+        // touches it meanwhile.
+        let request = unsafe {
+            if comm.rank() == 0 {
+                comm.isend_raw(v.as_ptr().cast(), v.len(), mapreduce::DType::F32, 1, 7)
+            } else {
+                comm.irecv_raw(v.as_mut_ptr().cast(), v.len(), mapreduce::DType::F32, 0, 7)
+            }
+        };
+        if let Err(e) = request.and_then(|r| r.wait()) {
+            ok("completed_before_error", k);
+            err("p2p", &e);
+            let started = Instant::now();
+            report("destroy", &comm.destroy());
+            ok("destroy_ms", started.elapsed().as_millis());
+            return;
+        }
     }
     ok("all_completed", "");
 }
@@ -191,6 +221,46 @@ fn kill_mid_allreduce(victim: usize, algo: &str) {
         ));
     }
     eprintln!("{}", detail.join("\n"));
+}
+
+/// Kill one rank of a 2-rank job in the middle of a stream of 64 MiB sends from rank 0 to rank
+/// 1: the survivor's send or receive fails with Remote or Timeout before the job deadline
+/// (shorter than `MR_TIMEOUT_MS`), as a collective's would.
+fn kill_mid_p2p(victim: usize) {
+    let env = vec![("MR_TIMEOUT_MS", "60000".to_string())];
+    let mut job = Job::new("p2p_loop", &env, Duration::from_secs(30));
+    job.spawn_all(2);
+    let started = job.wait_line(|r, l| r == victim && l == "STARTED");
+    assert!(started.is_some(), "victim never started");
+    std::thread::sleep(Duration::from_millis(400));
+    let killed = Instant::now();
+    job.kill(victim);
+    let out = job.finish();
+    for o in &out {
+        if o.rank == victim {
+            assert!(o.killed && o.code.is_none(), "{}", o.story());
+            continue;
+        }
+        let msg = assert_kind(o, "p2p", &["Remote", "Timeout"]);
+        assert!(o.done(), "survivor finished its scenario\n{}", o.story());
+        eprintln!(
+            "rank {} ({}) after {} messages, {} ms after the kill: {msg}",
+            o.rank,
+            if o.rank == 0 { "sender" } else { "receiver" },
+            o.ok_detail("completed_before_error"),
+            killed.elapsed().as_millis()
+        );
+    }
+}
+
+#[test]
+fn killed_receiver_fails_the_sender_promptly() {
+    kill_mid_p2p(1);
+}
+
+#[test]
+fn killed_sender_fails_the_receiver_promptly() {
+    kill_mid_p2p(0);
 }
 
 #[test]

@@ -344,4 +344,11 @@ pub trait Schedule: Send {
     fn accepts_p2p(&self, _from: Endpoint, _header: &FrameHeader) -> bool {
         false
     }
+
+    /// The point-to-point messages of this op, per peer and direction (empty for
+    /// collectives). Its failure notices go to those peers and name these messages; once it
+    /// ended here, frames of the messages it received are stale.
+    fn p2p_ranges(&self) -> Vec<p2p::PairRange> {
+        Vec::new()
+    }
 }

@@ -52,9 +52,48 @@ impl Incoming {
     }
 }
 
+/// The messages a group exchanges with one peer in one direction: pair sequences `lo..=hi`
+/// (a group's messages to or from one peer are numbered consecutively).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PairRange {
+    pub peer: usize,
+    /// Messages this rank sends to `peer` (else receives from it).
+    pub sends: bool,
+    pub lo: u64,
+    pub hi: u64,
+}
+
+impl PairRange {
+    /// Whether this range and `other`'s messages overlap: the same peer and direction and
+    /// a common pair sequence.
+    pub fn overlaps(&self, peer: usize, sends: bool, lo: u64, hi: u64) -> bool {
+        self.peer == peer && self.sends == sends && self.lo <= hi && lo <= self.hi
+    }
+}
+
+fn ranges(msgs: &[Message], sends: bool) -> Vec<PairRange> {
+    let mut out: Vec<PairRange> = Vec::new();
+    for m in msgs {
+        match out.iter_mut().find(|r| r.peer == m.peer) {
+            Some(r) => {
+                r.lo = r.lo.min(m.seq);
+                r.hi = r.hi.max(m.seq);
+            }
+            None => out.push(PairRange {
+                peer: m.peer,
+                sends,
+                lo: m.seq,
+                hi: m.seq,
+            }),
+        }
+    }
+    out
+}
+
 /// Runs a group of sends and receives. Poll order as for every schedule.
 pub struct PointToPoint {
     desc: OpDesc,
+    ranges: Vec<PairRange>,
     queue: VecDeque<Transmit>,
     unsent_frames: usize,
     incoming: Vec<Incoming>,
@@ -65,6 +104,8 @@ impl PointToPoint {
     /// sequence (the group takes none of its own).
     pub fn new(desc: OpDesc, chunk_bytes: usize, sends: Vec<Message>, recvs: Vec<Message>) -> Self {
         debug_assert_eq!(desc.coll, Collective::PointToPoint);
+        let mut pair_ranges = ranges(&sends, true);
+        pair_ranges.extend(ranges(&recvs, false));
         let mut queue = VecDeque::new();
         for m in &sends {
             let elem = m.dtype.size();
@@ -100,6 +141,7 @@ impl PointToPoint {
         }
         PointToPoint {
             desc,
+            ranges: pair_ranges,
             unsent_frames: queue.len(),
             queue,
             incoming: recvs
@@ -248,5 +290,9 @@ impl Schedule for PointToPoint {
 
     fn accepts_p2p(&self, from: Endpoint, h: &FrameHeader) -> bool {
         self.find(from, h).is_some()
+    }
+
+    fn p2p_ranges(&self) -> Vec<PairRange> {
+        self.ranges.clone()
     }
 }

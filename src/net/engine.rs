@@ -23,6 +23,7 @@
 //! the time from the op's start to that relay's last byte) into [`RelayRates`], smoothed over
 //! ops. The communicator turns those rates into segment weights (see [`crate::comm`]).
 
+use crate::algo::p2p::PairRange;
 use crate::algo::{Endpoint, OpDesc, Schedule, Transmit};
 use crate::buffer::{OpMemory, Region};
 use crate::config::Config;
@@ -193,6 +194,8 @@ impl Engine {
             pending: VecDeque::new(),
             last_seq: 0,
             remote_failures: HashMap::new(),
+            p2p_retired: HashMap::new(),
+            p2p_failures: Vec::new(),
             timeout: config.timeout,
             dead_relays: BTreeSet::new(),
             relay_heard: HashMap::new(),
@@ -425,6 +428,14 @@ struct Loop {
     last_seq: u64,
     /// Ops that peers reported failed before they started here.
     remote_failures: HashMap<u64, Error>,
+    /// Per peer and direction (sends to it: true), the pair sequence after the last
+    /// point-to-point message of an op that has ended here. Frames of earlier messages from a
+    /// peer (the rest of a message whose op failed) are read and dropped instead of parking
+    /// the connection for good.
+    p2p_retired: HashMap<(usize, bool), u64>,
+    /// Point-to-point messages a peer reported failed before the op holding them started
+    /// here, in this rank's terms: that op fails when it starts.
+    p2p_failures: Vec<(PairRange, Error)>,
     timeout: Duration,
     /// Relays lost on this rank: later ops start without them.
     dead_relays: BTreeSet<usize>,
@@ -569,8 +580,18 @@ impl Loop {
                 let seq = op.desc().seq;
                 if let Some(err) = self.remote_failures.remove(&seq) {
                     self.last_seq = seq;
+                    if let Work::Schedule(s) = &op.work {
+                        self.retire_p2p(s.as_ref());
+                    }
                     op.done.complete(Err(err));
                     continue;
+                }
+                if let Work::Schedule(s) = &op.work {
+                    if let Some(err) = self.reported_p2p_failure(s.as_ref()) {
+                        self.retire_p2p(s.as_ref());
+                        op.done.complete(Err(err));
+                        continue;
+                    }
                 }
                 log::debug!("rank {}: starting {}", self.rank, op.desc());
                 let PendingOp { work, mem, done } = op;
@@ -668,6 +689,7 @@ impl Loop {
             if a.op.schedule.is_complete() {
                 let a = self.current.take().expect("current op");
                 self.last_seq = a.op.schedule.desc().seq;
+                self.retire_p2p(a.op.schedule.as_ref());
                 self.fold_relay_rates(a.started);
                 a.op.done.complete(Ok(()));
                 continue;
@@ -976,7 +998,13 @@ impl Loop {
         let current_seq = self.current.as_ref().map(|a| a.op.schedule.desc().seq);
         match h.kind() {
             FrameKind::Data | FrameKind::OpError => {
-                let sink = if h.kind() == FrameKind::OpError {
+                let sink = if h.kind() == FrameKind::OpError
+                    && h.coll == crate::algo::Collective::PointToPoint as u8
+                {
+                    // A point-to-point group failed at `ep`: only the op exchanging messages
+                    // with it now is concerned (read in deliver); nothing waits for it later.
+                    Sink::Buffer
+                } else if h.kind() == FrameKind::OpError {
                     if Some(h.seq) != current_seq && h.seq > self.last_seq {
                         // A failure report for an op not started here: read it when it starts.
                         self.conns[i].read = ReadState::Parked(frame);
@@ -986,7 +1014,8 @@ impl Loop {
                 } else if h.coll == crate::algo::Collective::PointToPoint as u8 {
                     // Routed by its peer pair's own sequence (algo::p2p): deliver it to the
                     // current op if that op receives it, else leave it in the socket until the
-                    // op that does starts.
+                    // op that does starts; the rest of a message whose op ended is dropped.
+                    let stale = self.p2p_stale(ep, &h);
                     match self.current.as_mut() {
                         Some(a) if a.op.schedule.accepts_p2p(ep, &h) => {
                             match a.op.schedule.recv_in_place(ep, &h) {
@@ -998,6 +1027,7 @@ impl Loop {
                                 }
                             }
                         }
+                        _ if stale => Sink::Discard,
                         _ => {
                             self.conns[i].read = ReadState::Parked(frame);
                             return Ok(false);
@@ -1052,6 +1082,41 @@ impl Loop {
                 ErrorKind::from_u8(h.aux as u8),
                 format!("{ep} reported: {msg}"),
             );
+            if h.coll == crate::algo::Collective::PointToPoint as u8 {
+                // `ep` was sending us (redop 1) or receiving from us (redop 0) messages
+                // seq..=count; in this rank's terms:
+                let Endpoint::Rank(peer) = ep else { return };
+                let failed = PairRange {
+                    peer,
+                    sends: h.redop == 0,
+                    lo: h.seq,
+                    hi: h.count,
+                };
+                let concerned = self.current.as_ref().is_some_and(|a| {
+                    a.op.schedule
+                        .p2p_ranges()
+                        .iter()
+                        .any(|r| r.overlaps(failed.peer, failed.sends, failed.lo, failed.hi))
+                });
+                let retired = self
+                    .p2p_retired
+                    .get(&(failed.peer, failed.sends))
+                    .copied()
+                    .unwrap_or(0);
+                log::debug!(
+                    "rank {}: {ep} reports point-to-point messages {failed:?} failed \
+                     (current op concerned: {concerned}, retired up to {retired}): {}",
+                    self.rank,
+                    err.message
+                );
+                if concerned {
+                    self.end_current(Err(err), false);
+                } else if failed.hi >= retired {
+                    // Its op has not started here yet.
+                    self.p2p_failures.push((failed, err));
+                }
+                return;
+            }
             let current_seq = self.current.as_ref().map(|a| a.op.schedule.desc().seq);
             if Some(h.seq) == current_seq {
                 self.end_current(Err(err), false);
@@ -1130,24 +1195,81 @@ impl Loop {
         let seq = a.op.schedule.desc().seq;
         self.last_seq = seq;
         self.release(&a.op);
+        self.retire_p2p(a.op.schedule.as_ref());
         if let (Err(e), true) = (&result, tell_peers) {
             log::warn!("rank {}: {} failed: {e}", self.rank, a.op.schedule.desc());
             let msg = format!("rank {}: {}", self.rank, e.message);
-            let mut first: Vec<usize> = Vec::new();
-            for streams in self.by_endpoint.values() {
-                if let Some(&s) = streams.iter().find(|&&s| !self.conns[s].closed) {
-                    first.push(s);
+            let first_open = |conns: &[Conn], streams: &Vec<usize>| {
+                streams.iter().copied().find(|&s| !conns[s].closed)
+            };
+            let mut notices: Vec<(usize, FrameHeader)> = Vec::new();
+            if a.op.schedule.desc().coll == crate::algo::Collective::PointToPoint {
+                // Only the ranks the group exchanges messages with, naming those messages, so
+                // a notice never ends a collective, another pair's messages or later ones.
+                for r in a.op.schedule.p2p_ranges() {
+                    let Some(streams) = self.by_endpoint.get(&Endpoint::Rank(r.peer)) else {
+                        continue;
+                    };
+                    if let Some(s) = first_open(&self.conns, streams) {
+                        let mut header = FrameHeader::op_error(r.lo, e.kind, msg.len());
+                        header.coll = crate::algo::Collective::PointToPoint as u8;
+                        header.redop = u8::from(r.sends);
+                        header.count = r.hi;
+                        notices.push((s, header));
+                    }
+                }
+            } else {
+                for streams in self.by_endpoint.values() {
+                    if let Some(s) = first_open(&self.conns, streams) {
+                        notices.push((s, FrameHeader::op_error(seq, e.kind, msg.len())));
+                    }
                 }
             }
-            for s in first {
-                self.enqueue_control(
-                    s,
-                    FrameHeader::op_error(seq, e.kind, msg.len()),
-                    msg.clone().into_bytes(),
-                );
+            for (s, header) in notices {
+                self.enqueue_control(s, header, msg.clone().into_bytes());
             }
         }
         a.op.done.complete(result);
+    }
+
+    /// An op ended here: the point-to-point messages it received (or was to receive) are
+    /// over, and what still arrives of them is stale.
+    fn retire_p2p(&mut self, schedule: &dyn Schedule) {
+        let ranges = schedule.p2p_ranges();
+        if ranges.is_empty() {
+            return;
+        }
+        for r in ranges {
+            let next = self.p2p_retired.entry((r.peer, r.sends)).or_insert(0);
+            *next = (*next).max(r.hi + 1);
+        }
+        let retired = &self.p2p_retired;
+        self.p2p_failures
+            .retain(|(f, _)| f.hi >= retired.get(&(f.peer, f.sends)).copied().unwrap_or(0));
+    }
+
+    /// Whether a point-to-point frame from `ep` belongs to a message whose op ended here.
+    fn p2p_stale(&self, ep: Endpoint, h: &FrameHeader) -> bool {
+        match ep {
+            Endpoint::Rank(r) => self
+                .p2p_retired
+                .get(&(r, false))
+                .is_some_and(|&next| h.seq < next),
+            Endpoint::Relay(_) => false,
+        }
+    }
+
+    /// A failure a peer reported for messages of this op before it started here.
+    fn reported_p2p_failure(&self, schedule: &dyn Schedule) -> Option<Error> {
+        let ranges = schedule.p2p_ranges();
+        self.p2p_failures
+            .iter()
+            .find(|(f, _)| {
+                ranges
+                    .iter()
+                    .any(|r| r.overlaps(f.peer, f.sends, f.lo, f.hi))
+            })
+            .map(|(_, e)| e.clone())
     }
 
     /// Before an op's memory goes back to the caller: drop its unsent frames, copy the rest of

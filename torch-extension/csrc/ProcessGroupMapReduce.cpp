@@ -1,5 +1,6 @@
 #include "ProcessGroupMapReduce.hpp"
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <optional>
@@ -504,6 +505,8 @@ mr_unique_id exchangeUniqueId(c10d::Store& store, int rank, int size, std::chron
 namespace {
 // 0 on user threads; k+1 on lane k's thread.
 thread_local size_t completerDepth = 0;
+// Library groups (mr_group_start) open on this thread through startCoalescing.
+thread_local int coalescingDepth = 0;
 } // namespace
 
 struct FutureCompleter::Lane {
@@ -627,7 +630,18 @@ std::vector<at::Tensor> MapReduceWork::result() {
 }
 
 c10::intrusive_ptr<c10::ivalue::Future> MapReduceWork::getFuture() {
+  expose();
   return future_;
+}
+
+void MapReduceWork::setHeldBehind(std::string earlier) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  heldBehind_ = std::move(earlier);
+}
+
+void MapReduceWork::setStarted() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  heldBehind_.clear();
 }
 
 // Added to the process-group timeout for waits without their own: the library bounds every wait
@@ -644,6 +658,14 @@ bool MapReduceWork::wait(std::chrono::milliseconds timeout) {
   if (!bounded) {
     cv_.wait(lock, [this] { return completed_; });
   } else if (!cv_.wait_for(lock, timeout, [this] { return completed_; })) {
+    std::string held;
+    if (!heldBehind_.empty()) {
+      held = c10::str(
+          " (it never started: it waited for the Future callbacks of the earlier ",
+          heldBehind_,
+          ", issued from the same thread, to finish; a callback that waits for an op issued after "
+          "its own cannot)");
+    }
     lock.unlock();
     if (auto comm = comm_.lock()) {
       comm->abort();
@@ -655,7 +677,9 @@ bool MapReduceWork::wait(std::chrono::milliseconds timeout) {
             description_,
             " did not complete within ",
             timeout.count(),
-            " ms; the communicator was aborted and this process group can no longer be used"));
+            " ms",
+            held,
+            "; the communicator was aborted and this process group can no longer be used"));
   }
   if (exception_) {
     std::rethrow_exception(exception_);
@@ -723,6 +747,12 @@ void StagedWork::copyBack(c10::ivalue::Future& hostFuture) {
   }
 }
 
+c10::intrusive_ptr<c10::ivalue::Future> StagedWork::getFuture() {
+  // This Future's callbacks run inside the host op's completion (copyBack).
+  hostWork_->getFuture();
+  return future_;
+}
+
 bool StagedWork::wait(std::chrono::milliseconds timeout) {
   hostWork_->wait(timeout);
   {
@@ -771,6 +801,7 @@ ProcessGroupMapReduce::ProcessGroupMapReduce(
     checkLibrary(c10::str("mr_comm_init_rank (rank ", rank, " of ", size, ")"), mr_comm_init_rank(&raw, size, &id, rank));
   }
   comm_ = std::make_shared<Communicator>(raw);
+  owner_->backend = this;
   completer_ = std::make_unique<FutureCompleter>();
   completionThread_ = std::thread([this] { completionLoop(); });
   init();
@@ -808,6 +839,39 @@ void ProcessGroupMapReduce::close(bool abortFirst) {
   if (abortFirst && comm) {
     comm->abort();
   }
+  {
+    // Ops held back behind callbacks start as those callbacks finish (graceful shutdown, bounded
+    // by the timeout); the rest fail. Not from a completer lane: a callback that closes the group
+    // may be what they wait for.
+    std::unique_lock<std::mutex> issue(issueMutex_);
+    const auto noneHeld = [this] {
+      return std::all_of(contexts_.begin(), contexts_.end(), [](const Context& c) { return c.held.empty(); });
+    };
+    if (!abortFirst && completerDepth == 0) {
+      settled_.wait_for(issue, options_->timeout, noneHeld);
+    }
+    for (Context& context : contexts_) {
+      for (auto& op : context.held) {
+        std::lock_guard<std::mutex> lock(mutex_);
+        queue_.push_back(PendingOp{
+            nullptr,
+            op,
+            std::make_exception_ptr(c10::DistBackendError(
+                {__func__, __FILE__, static_cast<uint32_t>(__LINE__)},
+                c10::str(
+                    "mapreduce: ",
+                    op->work->description(),
+                    ": the process group was ",
+                    abortFirst ? "aborted" : "shut down",
+                    " before it started (it waited for the Future callbacks of an earlier op)")))});
+      }
+      context.held.clear();
+    }
+  }
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    stopCompletion_ = true;
+  }
   queueChanged_.notify_all();
   if (completionThread_.joinable()) {
     completionThread_.join();
@@ -816,6 +880,11 @@ void ProcessGroupMapReduce::close(bool abortFirst) {
   // group leaves its own lane to finish by itself).
   if (completer_) {
     completer_->stop();
+  }
+  {
+    // From here on, completer tasks still running leave the backend alone.
+    std::lock_guard<std::mutex> lock(owner_->mutex);
+    owner_->backend = nullptr;
   }
   comm.reset();
   std::lock_guard<std::mutex> lock(mutex_);
@@ -886,8 +955,11 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupMapReduce::onHost(
   }
   auto work =
       c10::make_intrusive<StagedWork>(rank_, opType, *device, hostWork, outputs, std::move(hostOutputs));
-  // Runs on the host op's completer lane (or here, if it already completed).
-  hostWork->getFuture()->addCallback([work](c10::ivalue::Future& f) { work->copyBack(f); });
+  // Runs on the host op's completer lane (or here, if it already completed). Not through
+  // getFuture(): nobody else can add callbacks to the host op's Future.
+  auto* host = dynamic_cast<MapReduceWork*>(hostWork.get());
+  TORCH_INTERNAL_ASSERT(host != nullptr, "mapreduce ", collective, ": the host op is not a MapReduceWork");
+  host->future()->addCallback([work](c10::ivalue::Future& f) { work->copyBack(f); });
   return work;
 }
 
@@ -909,7 +981,8 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupMapReduce::enqueue(
         ": the process group has been shut down or aborted");
     comm = comm_;
   }
-  auto work = c10::make_intrusive<MapReduceWork>(
+  auto op = std::make_shared<IssuedOp>();
+  op->work = c10::make_intrusive<MapReduceWork>(
       rank_,
       opType,
       profilingTitle,
@@ -917,53 +990,133 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupMapReduce::enqueue(
       std::move(outputs),
       std::weak_ptr<Communicator>(comm),
       options_->timeout);
-  mr_request* request = nullptr;
-  if (start) {
-    checkLibrary(description, start(comm->get(), &request));
-    TORCH_INTERNAL_ASSERT(request != nullptr, "mapreduce: ", description, " returned no request");
+  op->start = start;
+  op->finish = std::move(finish);
+  op->lane = FutureCompleter::laneForCaller();
+  Context& context = contexts_[op->lane];
+  // Inside a library group the op must start now; startCoalescing waited for the context.
+  if (coalescingDepth == 0) {
+    for (const auto& earlier : context.unsettled) {
+      if (earlier->work->exposed()) {
+        op->gates.push_back(earlier);
+      }
+    }
   }
+  context.unsettled.push_back(op);
+  if (coalescingDepth == 0 && (!context.held.empty() || !op->gates.empty())) {
+    op->work->setHeldBehind(
+        op->gates.empty() ? context.held.back()->work->description() : op->gates.back()->work->description());
+    context.held.push_back(op);
+    return op->work;
+  }
+  try {
+    startLocked(op, /*rethrow=*/true);
+  } catch (...) {
+    context.unsettled.pop_back();
+    throw;
+  }
+  return op->work;
+}
+
+bool ProcessGroupMapReduce::mustWaitLocked(const Context& context) {
+  return !context.held.empty() ||
+      std::any_of(context.unsettled.begin(), context.unsettled.end(), [](const auto& op) {
+           return op->work->exposed();
+         });
+}
+
+void ProcessGroupMapReduce::startLocked(const std::shared_ptr<IssuedOp>& op, bool rethrow) {
+  std::shared_ptr<Communicator> comm;
   {
     std::lock_guard<std::mutex> lock(mutex_);
-    queue_.push_back(PendingOp{request, work, std::move(finish), FutureCompleter::laneForCaller()});
+    comm = comm_;
+  }
+  mr_request* request = nullptr;
+  std::exception_ptr error;
+  if (op->start) {
+    const mr_result rc = comm ? op->start(comm->get(), &request) : MR_ERR_ABORTED;
+    if (rc != MR_OK) {
+      if (rethrow) {
+        checkLibrary(op->work->description(), rc);
+      }
+      error = libraryError(op->work->description(), rc);
+    } else {
+      TORCH_INTERNAL_ASSERT(request != nullptr, "mapreduce: ", op->work->description(), " returned no request");
+    }
+  }
+  op->start = nullptr;
+  op->gates.clear();
+  op->work->setStarted();
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    queue_.push_back(PendingOp{request, op, error});
   }
   queueChanged_.notify_one();
-  return work;
+}
+
+void ProcessGroupMapReduce::settle(const std::shared_ptr<IssuedOp>& op) {
+  {
+    std::lock_guard<std::mutex> issue(issueMutex_);
+    op->settled = true;
+    Context& context = contexts_[op->lane];
+    auto& unsettled = context.unsettled;
+    unsettled.erase(std::remove(unsettled.begin(), unsettled.end(), op), unsettled.end());
+    while (!context.held.empty()) {
+      const auto& gates = context.held.front()->gates;
+      if (!std::all_of(gates.begin(), gates.end(), [](const auto& g) { return g->settled; })) {
+        break;
+      }
+      const std::shared_ptr<IssuedOp> next = context.held.front();
+      context.held.pop_front();
+      startLocked(next, /*rethrow=*/false);
+    }
+  }
+  settled_.notify_all();
 }
 
 void ProcessGroupMapReduce::completionLoop() {
   // Copies back into caller tensors must not be recorded by autograd.
   at::NoGradGuard noGrad;
   for (;;) {
-    PendingOp op;
+    PendingOp pending;
     {
       std::unique_lock<std::mutex> lock(mutex_);
-      queueChanged_.wait(lock, [this] { return !queue_.empty() || closing_; });
+      queueChanged_.wait(lock, [this] { return !queue_.empty() || stopCompletion_; });
       if (queue_.empty()) {
         return;
       }
-      op = std::move(queue_.front());
+      pending = std::move(queue_.front());
       queue_.pop_front();
     }
-    std::exception_ptr error;
-    // No request: a marker that completes once every op queued before it has.
-    const mr_result rc = op.request == nullptr ? MR_OK : mr_wait(op.request);
-    if (rc != MR_OK) {
-      error = libraryError(op.work->description(), rc);
-    } else if (op.finish) {
-      try {
-        op.finish();
-      } catch (...) {
-        error = std::current_exception();
+    std::shared_ptr<IssuedOp> op = std::move(pending.op);
+    std::exception_ptr error = pending.error;
+    if (!error) {
+      // No request: a marker that completes once every op queued before it has.
+      const mr_result rc = pending.request == nullptr ? MR_OK : mr_wait(pending.request);
+      if (rc != MR_OK) {
+        error = libraryError(op->work->description(), rc);
+      } else if (op->finish) {
+        try {
+          op->finish();
+        } catch (...) {
+          error = std::current_exception();
+        }
       }
     }
     // Staging buffers are released before anyone is woken up.
-    op.finish = nullptr;
+    op->finish = nullptr;
     // Never run user callbacks here: one may wait for an op that only this thread can finish.
-    completer_->post(op.lane, [work = std::move(op.work), error] {
+    const size_t lane = op->lane;
+    completer_->post(lane, [owner = owner_, op = std::move(op), error] {
       try {
-        work->complete(error);
+        op->work->complete(error);
       } catch (const std::exception& e) {
-        TORCH_WARN("mapreduce: a completion callback of ", work->description(), " threw: ", errorText(e));
+        TORCH_WARN("mapreduce: a completion callback of ", op->work->description(), " threw: ", errorText(e));
+      }
+      // The callbacks ran: ops held back behind them may start.
+      std::lock_guard<std::mutex> lock(owner->mutex);
+      if (owner->backend != nullptr) {
+        owner->backend->settle(op);
       }
     });
   }
@@ -1726,11 +1879,30 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupMapReduce::recv(
 }
 
 void ProcessGroupMapReduce::startCoalescing() {
+  {
+    // The group's ops start as they are issued: let what is held back start first.
+    std::unique_lock<std::mutex> issue(issueMutex_);
+    const Context& context = contexts_[FutureCompleter::laneForCaller()];
+    const std::chrono::milliseconds timeout =
+        options_->timeout.count() > 0 ? options_->timeout : std::chrono::hours(24 * 365);
+    if (!settled_.wait_for(issue, timeout, [&] { return !mustWaitLocked(context); })) {
+      C10_THROW_ERROR(
+          DistBackendError,
+          c10::str(
+              "mapreduce: coalescing could not begin within ",
+              timeout.count(),
+              " ms: the Future callbacks of an earlier op issued from this thread did not finish"));
+    }
+  }
   checkLibrary("mr_group_start", mr_group_start());
+  ++coalescingDepth;
 }
 
 c10::intrusive_ptr<c10d::Work> ProcessGroupMapReduce::endCoalescing() {
   // Sends the group's sends and receives; their Works complete with it.
+  if (coalescingDepth > 0) {
+    --coalescingDepth;
+  }
   checkLibrary("mr_group_end (end of coalescing)", mr_group_end());
   return enqueue(c10d::OpType::COALESCED, "mapreduce:coalesced", "coalesced ops", {}, nullptr, nullptr);
 }

@@ -1,8 +1,9 @@
 // c10d backend "mapreduce": torch.distributed collectives on CPU tensors through libmapreduce's
 // C ABI.
 //
-// Every collective is issued with the library's non-blocking call (mr_iallreduce, ...) on the
-// caller's thread and returns at once with a MapReduceWork. One completion thread per backend
+// Every collective returns at once with a MapReduceWork and is started with the library's
+// non-blocking call (mr_iallreduce, ...) on the caller's thread, or later on a completer lane when
+// it was held back (below). One completion thread per backend
 // waits on the library requests in issue order (a communicator completes its ops in that order)
 // and copies staged results back into the caller's tensors. It never runs user code: marking a
 // Work's Future completed (which runs the Future's callbacks) is handed to a FutureCompleter,
@@ -10,16 +11,22 @@
 // it (DDP's PowerSGD hook does): the completion thread stays free to finish that op, and its
 // Future is marked by the completer lane after the callback's own.
 //
-// Collectives are matched across ranks by the order they are issued in, so collectives issued
-// from callbacks must be issued in the same order on every rank. The lanes run callbacks one at a
-// time in op order, which keeps callbacks' own collectives in order; collectives that a callback
-// issues while a user thread issues others (PowerSGD with several buckets: a bucket's callback
-// runs while backward still issues the next buckets' all-reduces) race, as they do under gloo.
+// Collectives are matched across ranks by the order they are issued in, so an op that a
+// callback issues must take the same place in that order on every rank, although when the
+// callback runs (on a completer lane, or inline on the thread that adds it to an already completed
+// Future) depends on timing. The backend therefore starts ops in a fixed order: within one issuing
+// context (user threads; each completer lane's callbacks), an op is held back, unstarted, while an
+// earlier op of that context whose Future had been handed out (getFuture) when it was issued has
+// not yet run its callbacks; the ops those callbacks issue start first. That is the order NCCL
+// gives (its Futures complete at issue, so callbacks run inline): every op's callback chain comes
+// right after it. DDP's PowerSGD hook with several buckets depends on it; gloo, whose callbacks
+// run inline or on its worker threads as timing has it, fails there.
 //
 // This file must never depend on private PyTorch symbols: only the public c10d Backend/Work/Store
 // interfaces, so the extension keeps building as PyTorch moves.
 #pragma once
 
+#include <atomic>
 #include <condition_variable>
 #include <optional>
 #include <deque>
@@ -43,9 +50,9 @@ namespace mapreduce_torch {
 //
 // Futures complete in lanes. An op issued by a user thread completes in lane 0; an op issued
 // from a callback running in lane k completes in lane k+1. Each lane is one thread that runs its
-// tasks in issue order, so callbacks that issue collectives do so in the same order on every rank
-// (collectives are matched by order), and a callback that waits for the op it issued never waits
-// on its own thread: that op's Future is marked by the next lane.
+// tasks in issue order, and a callback that waits for the op it issued never waits on its own
+// thread: that op's Future is marked by the next lane. A lane is also an issuing context for the
+// backend's ordering of ops (see the top of this file).
 class FutureCompleter {
  public:
   // Lanes beyond this share the last one (a callback chain nested that deep could then wait on
@@ -104,7 +111,22 @@ class MapReduceWork : public c10d::Work {
       std::chrono::milliseconds timeout);
 
   std::vector<at::Tensor> result() override;
+  // Hands the Future out: from now on callbacks may be added to it, so later ops of the context
+  // that issued this one wait until those callbacks ran (see the top of this file).
   c10::intrusive_ptr<c10::ivalue::Future> getFuture() override;
+  // The Future, for the backend's own callbacks (not handed out).
+  const c10::intrusive_ptr<c10::ivalue::Future>& future() const {
+    return future_;
+  }
+  void expose() {
+    exposed_.store(true);
+  }
+  bool exposed() const {
+    return exposed_.load();
+  }
+  // Set while the op is held back behind `earlier`'s callbacks; cleared once started.
+  void setHeldBehind(std::string earlier);
+  void setStarted();
   // If the op is not done within `timeout` (without one: the process group's timeout plus a
   // grace period, so that the library's own timeout, which names the silent peer, comes first),
   // the communicator is aborted (its buffers could otherwise still be written after we return)
@@ -126,6 +148,9 @@ class MapReduceWork : public c10d::Work {
   const c10::intrusive_ptr<c10::ivalue::Future> future_;
   const std::weak_ptr<Communicator> comm_;
   const std::chrono::milliseconds timeout_;
+  std::atomic<bool> exposed_{false};
+  // Guarded by c10d::Work::mutex_.
+  std::string heldBehind_;
 };
 
 // A collective on CUDA tensors, run on pinned host copies. The copies to the host were made on
@@ -149,9 +174,8 @@ class StagedWork : public c10d::Work {
   std::vector<at::Tensor> result() override {
     return deviceOutputs_;
   }
-  c10::intrusive_ptr<c10::ivalue::Future> getFuture() override {
-    return future_;
-  }
+  // Handing this Future out exposes the host op's, whose completion runs this one's callbacks.
+  c10::intrusive_ptr<c10::ivalue::Future> getFuture() override;
   bool wait(std::chrono::milliseconds timeout = kNoTimeout) override;
   void abort() override {
     hostWork_->abort();
@@ -272,7 +296,9 @@ class ProcessGroupMapReduce : public c10d::Backend {
   // Coalescing (batch_isend_irecv, _coalescing_manager) is a library group (mr_group_start /
   // mr_group_end) on the calling thread: sends and receives issued in between go out as one
   // op; collectives run as usual. The Work of endCoalescing completes once every op issued
-  // before it has (a communicator completes its ops in order).
+  // before it has (a communicator completes its ops in order). Ops inside a group start at
+  // once, so startCoalescing first waits (up to the timeout) until no op of the calling
+  // context is held back.
   bool supportsCoalescing() const override {
     return true;
   }
@@ -289,15 +315,35 @@ class ProcessGroupMapReduce : public c10d::Backend {
   void abort() override;
 
  private:
-  // One issued op waiting for completion.
-  struct PendingOp {
-    mr_request* request = nullptr;
+  // An op from its issue until its Future's callbacks have run ("settled").
+  struct IssuedOp {
     c10::intrusive_ptr<MapReduceWork> work;
+    // Calls one mr_i* function; empty for a marker (endCoalescing) that completes once every op
+    // started before it has. Cleared once started.
+    std::function<mr_result(mr_comm*, mr_request**)> start;
     // Runs on the completion thread after a successful wait: copies staging buffers back into
     // the caller's tensors. Holds every tensor the library reads or writes, keeping it alive.
     std::function<void()> finish;
-    // The FutureCompleter lane its Future completes in.
+    // The issuing context, which is also the FutureCompleter lane its Future completes in.
     size_t lane = 0;
+    // Earlier ops of the same context whose Futures were handed out and had not settled when
+    // this one was issued: it starts only once they have.
+    std::vector<std::shared_ptr<IssuedOp>> gates;
+    bool settled = false;
+  };
+
+  // The ops of one issuing context that have not settled, and those not started yet.
+  struct Context {
+    std::vector<std::shared_ptr<IssuedOp>> unsettled;
+    std::deque<std::shared_ptr<IssuedOp>> held;
+  };
+
+  // One started op waiting for completion.
+  struct PendingOp {
+    mr_request* request = nullptr;
+    std::shared_ptr<IssuedOp> op;
+    // Set when the op could not be started after being held (it completes with this error).
+    std::exception_ptr error;
   };
 
   // Run `run` (a CPU op) on pinned host copies of the CUDA tensors in `args`, which are
@@ -320,8 +366,17 @@ class ProcessGroupMapReduce : public c10d::Backend {
       const std::function<mr_result(mr_comm*, mr_request**)>& start,
       std::function<void()> finish);
 
+  // Start `op` (its mr_i* call) and queue it for completion. With issueMutex_ held. Throws the
+  // library's error if `rethrow`; otherwise the op completes with it.
+  void startLocked(const std::shared_ptr<IssuedOp>& op, bool rethrow);
+  // After `op`'s Future ran its callbacks (on its completer lane): start the ops of its context
+  // that no longer wait for anything.
+  void settle(const std::shared_ptr<IssuedOp>& op);
+  // Whether an op issued now in `context` would be held back. With issueMutex_ held.
+  static bool mustWaitLocked(const Context& context);
   void completionLoop();
-  // Stop accepting ops, drain the queue, join the completion thread, destroy the communicator.
+  // Stop accepting ops, start or fail the held ones, drain the queue, join the completion
+  // thread, destroy the communicator.
   void close(bool abortFirst);
 
   c10::intrusive_ptr<Options> options_;
@@ -334,13 +389,29 @@ class ProcessGroupMapReduce : public c10d::Backend {
   std::mutex mutex_;
   std::condition_variable queueChanged_;
   std::deque<PendingOp> queue_;
+  // No new ops (close() began).
   bool closing_ = false;
   bool closed_ = false;
+  // The completion thread ends once the queue is empty.
+  bool stopCompletion_ = false;
   std::thread completionThread_;
   // Stopped (and drained) in close() after the completion thread.
   std::unique_ptr<FutureCompleter> completer_;
-  // Serialises mr_i* calls with queue pushes so that queue order equals issue order.
+  // Serialises starting ops with queue pushes (queue order is start order) and guards contexts_.
+  // Taken before mutex_.
   std::mutex issueMutex_;
+  // Signalled whenever an op settles.
+  std::condition_variable settled_;
+  // Indexed by issuing context (FutureCompleter lane).
+  std::vector<Context> contexts_ = std::vector<Context>(FutureCompleter::kMaxLanes);
+
+  // Completer tasks reach the backend through this, and only while close() has not finished: a
+  // task can outlive the backend when a callback shut the group down from its own lane.
+  struct Owner {
+    std::mutex mutex;
+    ProcessGroupMapReduce* backend = nullptr;
+  };
+  std::shared_ptr<Owner> owner_ = std::make_shared<Owner>();
 };
 
 // Entry point for torch.distributed.Backend.register_backend.

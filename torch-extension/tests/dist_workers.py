@@ -585,7 +585,10 @@ def nested_collective_in_callback(rank, world, port):
     return True
 
 
-def _train_powersgd(model, group, steps, rank, world, bucket_cap_mb):
+def _train_powersgd(model, group, steps, rank, world, bucket_cap_mb, synchronous=False, buckets=None):
+    """DDP with PowerSGD. ``synchronous``: each bucket's hook waits for its own result before
+    backward goes on (same arithmetic, but every rank issues the all-reduces in one order whatever
+    the backend does with callbacks). ``buckets``: a set that collects the bucket indices seen."""
     from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as powerSGD
     from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -596,7 +599,16 @@ def _train_powersgd(model, group, steps, rank, world, bucket_cap_mb):
         start_powerSGD_iter=2,
         min_compression_rate=0.5,
     )
-    ddp.register_comm_hook(state, powerSGD.powerSGD_hook)
+
+    def hook(state, bucket):
+        if buckets is not None:
+            buckets.add(bucket.index())
+        fut = powerSGD.powerSGD_hook(state, bucket)
+        if synchronous:
+            fut.wait()
+        return fut
+
+    ddp.register_comm_hook(state, hook)
     opt = torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9)
     gen = torch.Generator().manual_seed(99)
     for _ in range(steps):
@@ -619,3 +631,64 @@ def powersgd_compare(rank, world, port, steps, bucket_cap_mb):
     flat = torch.cat([p.flatten() for p in mr_params])
     dist.destroy_process_group()
     return {"max_diff_vs_gloo": max_diff, "digest": digest(flat), "backend_name": backend_name}
+
+
+def _deep_mlp(seed, layers):
+    torch.manual_seed(seed)
+    mods = [torch.nn.Linear(32, 64), torch.nn.ReLU()]
+    for _ in range(layers):
+        mods += [torch.nn.Linear(64, 64), torch.nn.ReLU()]
+    mods.append(torch.nn.Linear(64, 4))
+    return torch.nn.Sequential(*mods)
+
+
+def powersgd_buckets_compare(rank, world, port, steps, bucket_cap_mb, layers):
+    """DDP with the PowerSGD hook and several buckets over mapreduce, against gloo.
+
+    Under mapreduce the stock (asynchronous) hook runs: bucket b's callbacks issue its P and Q
+    all-reduces while backward issues the next buckets' all-reduces. gloo cannot run that (its
+    callbacks run inline or on its worker threads as timing has it, so ranks issue the
+    all-reduces in different orders and gloo times out; see the README), so its reference run
+    waits for each bucket's hook: the same arithmetic in a fixed order."""
+    init(rank, world, port, backend="gloo", timeout_s=60)
+    mapreduce_group = dist.new_group(backend="mapreduce", timeout=timedelta(seconds=60))
+    seen = set()
+    mr_params, _ = _train_powersgd(
+        _deep_mlp(rank, layers), mapreduce_group, steps, rank, world, bucket_cap_mb, buckets=seen
+    )
+    gloo_params, _ = _train_powersgd(
+        _deep_mlp(rank, layers), None, steps, rank, world, bucket_cap_mb, synchronous=True
+    )
+    max_diff = max((a - b).abs().max().item() for a, b in zip(mr_params, gloo_params))
+    flat = torch.cat([p.flatten() for p in mr_params])
+    dist.destroy_process_group()
+    return {"max_diff_vs_gloo": max_diff, "digest": digest(flat), "buckets": len(seen)}
+
+
+def callback_waits_for_a_later_op(rank, world, port, timeout_s):
+    """A callback of op A waits for op B, which the same thread issued after A: B starts only
+    once A's callbacks ran, so they wait on each other. Rank 1 starts late, so A is still
+    pending on rank 0 when the callback is added. The wait must end within the timeout (plus
+    grace) with an error naming what B waited behind, not hang."""
+    init(rank, world, port, timeout_s=timeout_s)
+    if rank == 1:
+        time.sleep(1.0)
+    a = torch.ones(N)
+    b = torch.ones(N)
+    fa = dist.all_reduce(a, async_op=True).get_future()
+    wb = dist.all_reduce(b, async_op=True)
+
+    def callback(fut):
+        wb.wait()
+        return fut.value()[0]
+
+    started = time.monotonic()
+    chained = fa.then(callback)
+    try:
+        chained.wait()
+        message = None
+    except RuntimeError as e:
+        message = str(e)
+    elapsed = time.monotonic() - started
+    dist.destroy_process_group()
+    return {"message": message, "elapsed": elapsed}
