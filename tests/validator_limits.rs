@@ -334,3 +334,86 @@ fn open_sessions_do_not_each_hold_a_thread() {
     );
     drop(sessions);
 }
+
+/// Peak resident memory of process `pid`, bytes.
+fn peak_rss(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    s.lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|kb| kb.parse::<u64>().ok())
+        .unwrap()
+        * 1024
+}
+
+/// A status session needs no credential, so what one may make the validator hold must be
+/// small: a status query of megabytes (a message split over many sealed frames) ends the
+/// session instead of being assembled. Many such sessions at once leave the peak memory flat.
+#[test]
+fn unauthenticated_sessions_cannot_make_the_validator_buffer_megabytes() {
+    #[derive(serde::Serialize)]
+    struct Padded {
+        offset: usize,
+        limit: usize,
+        pad: String,
+    }
+    let dir = tmpdir("bigstatus");
+    let v = validator(
+        &dir,
+        "127.0.0.1:0",
+        r#"{"heartbeat_timeout_ms": 3000, "default_relays": 1, "bench": {"interval_secs": 0}}"#,
+    );
+    let _r = relay(&v, &dir.join("r.key"), "127.0.0.1:0", &[]);
+    wait_status(&v, "relay registered", |r| up(r) == 1);
+    serves(&v);
+    let before = peak_rss(v.child.id());
+    let sessions = 24;
+    let big = 12 << 20;
+    let senders: Vec<_> = (0..sessions)
+        .map(|_| {
+            let addr = v.addr.clone();
+            std::thread::spawn(move || {
+                let mut ch = channel::connect(
+                    &addr,
+                    &Intro::Status,
+                    Credential::None,
+                    None,
+                    Duration::from_secs(20),
+                )
+                .expect("status session");
+                let q = Padded {
+                    offset: 0,
+                    limit: 1,
+                    pad: "x".repeat(big),
+                };
+                // Refused or not, the bytes go out; an answer means it was assembled.
+                let sent = ch.send(&q, Duration::from_secs(60));
+                let answered = sent.is_ok()
+                    && ch
+                        .recv::<serde_json::Value>(Duration::from_secs(30))
+                        .is_ok();
+                (ch, answered)
+            })
+        })
+        .collect();
+    let results: Vec<_> = senders.into_iter().map(|t| t.join().unwrap()).collect();
+    let answered = results.iter().filter(|r| r.1).count();
+    let after = peak_rss(v.child.id());
+    eprintln!(
+        "{sessions} status sessions sending {} MiB each: {answered} answered, validator peak RSS \
+         {} -> {} MiB",
+        big >> 20,
+        before >> 20,
+        after >> 20
+    );
+    assert_eq!(
+        answered, 0,
+        "a {big} byte status query was assembled and answered"
+    );
+    assert!(
+        after < before + (64 << 20),
+        "peak RSS {before} -> {after}: status sessions buffered their messages"
+    );
+    drop(results);
+    serves(&v);
+}

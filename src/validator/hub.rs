@@ -11,7 +11,8 @@
 //!
 //! Bounds: `max_connections` in all (a connection past it is closed at once), `max_handshakes`
 //! in the handshake (a newcomer evicts the oldest), a deadline for the handshake and an idle
-//! deadline per session, one frame of buffer per connection; accept errors (out of
+//! deadline per session, one frame of buffer per connection (and one frame of message for relay
+//! and status sessions; a report session assembles up to `MAX_MESSAGE`); accept errors (out of
 //! descriptors) back off and are logged once per interval.
 //!
 //! Never does: block on a socket, or wait for a worker.
@@ -60,7 +61,19 @@ impl Kind {
             Kind::Status { .. } => Duration::from_secs(30),
         }
     }
+
+    /// Largest message the session may send. Relays send heartbeats and acknowledgements and
+    /// status readers send queries, all far under one frame; only reports carry chunk bytes.
+    /// (A status reader proves nothing: without this, each could make the loop assemble
+    /// [`MAX_MESSAGE`](crate::validator::channel::MAX_MESSAGE) bytes.)
+    fn max_message(&self) -> usize {
+        match self {
+            Kind::Report { .. } => crate::validator::channel::MAX_MESSAGE,
+            Kind::Relay { .. } | Kind::Status { .. } => MAX_CONTROL_PAYLOAD,
+        }
+    }
 }
+
 
 /// Work for the pool.
 pub enum Task {
@@ -545,11 +558,12 @@ impl Hub {
         match note {
             Note::Session {
                 stream,
-                opener,
+                mut opener,
                 kind,
                 peer,
             } => {
                 self.at_workers = self.at_workers.saturating_sub(1);
+                opener.limit_to(kind.max_message());
                 let token = self.token();
                 if let Err(e) = self.poll.registry().register(
                     &mut SourceFd(&stream.as_raw_fd()),
