@@ -417,3 +417,71 @@ fn unauthenticated_sessions_cannot_make_the_validator_buffer_megabytes() {
     drop(results);
     serves(&v);
 }
+
+/// Status readers that ask and never read their pages: once the validator's writes to them
+/// block, they must not take the workers that check handshakes and assign jobs.
+#[test]
+fn status_readers_that_never_read_do_not_stall_job_requests() {
+    let dir = tmpdir("stuckstatus");
+    let v = validator(
+        &dir,
+        "127.0.0.1:0",
+        r#"{"heartbeat_timeout_ms": 3000, "default_relays": 1, "workers": 4,
+            "bench": {"interval_secs": 0}}"#,
+    );
+    let _r = relay(&v, &dir.join("r.key"), "127.0.0.1:0", &[]);
+    wait_status(&v, "relay registered", |r| up(r) == 1);
+    serves(&v);
+    let stuck: Vec<_> = (0..8)
+        .map(|_| {
+            let addr = v.addr.clone();
+            std::thread::spawn(move || {
+                let ch = channel::connect(
+                    &addr,
+                    &Intro::Status,
+                    Credential::None,
+                    None,
+                    Duration::from_secs(20),
+                )
+                .expect("status session");
+                let channel::Channel {
+                    reader, mut writer, ..
+                } = ch;
+                let (stream, _) = reader.into_parts();
+                // A small receive buffer that is never read: the validator's writes block soon.
+                let _ = socket2::SockRef::from(&stream).set_recv_buffer_size(4096);
+                let q = mapreduce::validator::proto::StatusQuery {
+                    offset: 0,
+                    limit: 64,
+                };
+                // Ask until the validator stops reading (its worker is stuck writing to us).
+                let mut asked = 0;
+                while asked < 100_000 && writer.send(&q, Duration::from_secs(2)).is_ok() {
+                    asked += 1;
+                }
+                (stream, writer, asked)
+            })
+        })
+        .collect();
+    let stuck: Vec<_> = stuck.into_iter().map(|t| t.join().unwrap()).collect();
+    eprintln!(
+        "queries sent before the validator stopped reading: {:?}",
+        stuck.iter().map(|s| s.2).collect::<Vec<_>>()
+    );
+    // Let the pages already accepted go out, so every worker that will block has blocked.
+    std::thread::sleep(Duration::from_secs(2));
+    let t = Instant::now();
+    let a = client::request_as(
+        &v.addr,
+        &client_identity(),
+        &job_request(),
+        Duration::from_secs(10),
+    );
+    eprintln!("job request with 8 stuck status readers: {:?}", t.elapsed());
+    assert!(
+        a.is_ok(),
+        "a job request failed while status readers held the workers: {}",
+        a.err().unwrap()
+    );
+    drop(stuck);
+}

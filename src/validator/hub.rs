@@ -74,7 +74,6 @@ impl Kind {
     }
 }
 
-
 /// Work for the pool.
 pub enum Task {
     /// A connector's Hello arrived: check it, answer it, serve what it asked.
@@ -214,6 +213,9 @@ pub struct Hub {
     poll: Poll,
     listener: TcpListener,
     tasks: Sender<Task>,
+    /// Status queries go to their own workers: writing a page may block on a reader that does
+    /// not read, and must not hold the workers that check handshakes and judge reports.
+    status_tasks: Sender<Task>,
     notes_rx: Receiver<Note>,
     notes: Notes,
     conns: HashMap<Token, Conn>,
@@ -232,8 +234,14 @@ pub struct Hub {
 }
 
 impl Hub {
-    /// A loop on `listener`, feeding `tasks` to the workers.
-    pub fn new(state: Arc<State>, listener: TcpListener, tasks: Sender<Task>) -> Result<Hub> {
+    /// A loop on `listener`, feeding `tasks` to the workers and status queries to
+    /// `status_tasks`.
+    pub fn new(
+        state: Arc<State>,
+        listener: TcpListener,
+        tasks: Sender<Task>,
+        status_tasks: Sender<Task>,
+    ) -> Result<Hub> {
         let poll = Poll::new().map_err(|e| Error::io("validator event loop", e))?;
         listener
             .set_nonblocking(true)
@@ -254,6 +262,7 @@ impl Hub {
             poll,
             listener,
             tasks,
+            status_tasks,
             notes_rx,
             notes: Notes { tx, waker },
             conns: HashMap::new(),
@@ -544,7 +553,7 @@ impl Hub {
             }
             Kind::Status { writer } => {
                 *busy = true;
-                let _ = self.tasks.send(Task::Status {
+                let _ = self.status_tasks.send(Task::Status {
                     token,
                     writer: writer.clone(),
                     body,

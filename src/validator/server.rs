@@ -719,13 +719,24 @@ impl Validator {
             crate::validator::bench::spawn(self.state.clone());
         }
         let (tasks, queue) = crossbeam_channel::unbounded();
-        let hub = Hub::new(self.state.clone(), self.listener, tasks)?;
-        for i in 0..self.state.config.workers.max(1) {
-            let (state, queue, notes) = (self.state.clone(), queue.clone(), hub.notes());
-            std::thread::Builder::new()
-                .name(format!("mr-validator-worker-{i}"))
-                .spawn(move || work(&state, &queue, &notes))
-                .map_err(|e| Error::io("cannot start the validator's workers", e))?;
+        let (status_tasks, status_queue) = crossbeam_channel::unbounded();
+        let hub = Hub::new(self.state.clone(), self.listener, tasks, status_tasks)?;
+        let workers = self.state.config.workers.max(1);
+        // A status reader that stops reading holds a status worker for up to a write timeout;
+        // it never holds one of the workers that admit relays and clients.
+        let status_workers = (workers / 4).clamp(1, 4);
+        let pools = [
+            ("worker", workers, queue),
+            ("status", status_workers, status_queue),
+        ];
+        for (name, n, queue) in pools {
+            for i in 0..n {
+                let (state, queue, notes) = (self.state.clone(), queue.clone(), hub.notes());
+                std::thread::Builder::new()
+                    .name(format!("mr-validator-{name}-{i}"))
+                    .spawn(move || work(&state, &queue, &notes))
+                    .map_err(|e| Error::io("cannot start the validator's workers", e))?;
+            }
         }
         hub.run()
     }
