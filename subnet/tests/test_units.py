@@ -146,3 +146,31 @@ def test_wallets_from_the_bittensor_wallet_package(tmp_path):
     assert ours.ss58_address == w.hotkey.ss58_address
     assert ours.public_key == bytes(w.hotkey.public_key).hex()
     assert "secretSeed" in json.loads(ours.hotkey_file.read_text())
+
+
+def test_a_transport_failure_setting_weights_is_a_chain_error():
+    """The validator and the miner retry a ChainError next epoch; any other exception ends
+    them (and their daemon). A dropped connection to the chain must be the former, as it is
+    for the metagraph."""
+    from types import SimpleNamespace
+
+    class SdkError(Exception):
+        pass
+
+    def execute(intent, wallet):
+        raise ConnectionError("websocket closed")
+
+    chain = SdkChain.__new__(SdkChain)
+    chain._bt = SimpleNamespace(
+        ChainError=SdkError,
+        Wallet=lambda *a, **k: object(),
+        SetWeights=lambda **k: k,
+        ServeAxon=lambda **k: k,
+    )
+    chain.network, chain.netuid = "finney", 10
+    chain._sub = SimpleNamespace(execute=execute)
+    wallet = Wallet("w", "h", "/nonexistent")
+    with pytest.raises(ChainError, match="websocket closed"):
+        chain.set_weights(wallet, [1], [1.0])
+    with pytest.raises(ChainError, match="websocket closed"):
+        chain.serve_axon(wallet, "127.0.0.1", 7000)
