@@ -485,3 +485,64 @@ fn status_readers_that_never_read_do_not_stall_job_requests() {
     );
     drop(stuck);
 }
+
+/// A relay that takes no job (stopped here: its connection open and its heartbeats not yet
+/// overdue) costs each job request that tries it the announcement's 5 s wait at a worker. It
+/// must cost that once, not on every request: else a few requests hold every worker, and
+/// registrations and other job requests wait behind them.
+#[test]
+fn a_relay_that_never_acknowledges_does_not_hold_the_workers() {
+    let dir = tmpdir("noack");
+    let v = validator(
+        &dir,
+        "127.0.0.1:0",
+        r#"{"heartbeat_timeout_ms": 60000, "default_relays": 1, "workers": 2,
+            "bench": {"interval_secs": 0}}"#,
+    );
+    let r1 = relay(&v, &dir.join("r1.key"), "127.0.0.1:0", &[]);
+    let r2 = relay(&v, &dir.join("r2.key"), "127.0.0.1:0", &[]);
+    wait_status(&v, "relays registered", |r| up(r) == 2);
+    let first = client::request_as(
+        &v.addr,
+        &client_identity(),
+        &job_request(),
+        Duration::from_secs(10),
+    )
+    .expect("job request");
+    // Candidates keep their order: the relay assigned first is tried first again.
+    let chosen = &first.relays[0].addr;
+    let stopped = [&r1, &r2]
+        .into_iter()
+        .find(|r| mapreduce::validator::chain::same_endpoint(&r.addr, chosen))
+        .expect("the assigned relay is one of ours");
+    // SAFETY: kill(2) on our own child's pid; no memory is involved.
+    assert_eq!(
+        unsafe { libc::kill(stopped.child.id() as i32, libc::SIGSTOP) },
+        0
+    );
+    let requests: Vec<_> = (0..8)
+        .map(|_| {
+            let addr = v.addr.clone();
+            std::thread::spawn(move || {
+                let t = Instant::now();
+                let a = client::request_as(
+                    &addr,
+                    &client_identity(),
+                    &job_request(),
+                    Duration::from_secs(10),
+                );
+                (a.map(|a| a.relays[0].addr.clone()), t.elapsed())
+            })
+        })
+        .collect();
+    let results: Vec<_> = requests.into_iter().map(|t| t.join().unwrap()).collect();
+    // SAFETY: as above.
+    unsafe { libc::kill(stopped.child.id() as i32, libc::SIGCONT) };
+    eprintln!("8 job requests with a stopped relay first in line: {results:?}");
+    let failed: Vec<_> = results.iter().filter(|r| r.0.is_err()).collect();
+    assert!(
+        failed.is_empty(),
+        "{} of 8 job requests failed behind a relay that takes no job: {failed:?}",
+        failed.len()
+    );
+}

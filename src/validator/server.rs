@@ -362,24 +362,38 @@ impl State {
             .get(id)
             .cloned()
             .ok_or_else(|| Error::remote(format!("relay {id} is not connected")))?;
-        link.writer
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .send(
-                &RelayMsg::Job {
-                    job: job.into(),
-                    token: token.into(),
-                    world,
-                    ttl_secs: self.config.job_ttl_secs,
-                },
-                Duration::from_secs(5),
-            )
-            .map_err(|e| e.context(format!("job announcement to relay {id}")))?;
+        // A relay that does not take a job in time has its connection dropped (it is
+        // unavailable until it registers again): otherwise every job request would try it
+        // again and spend a worker on its timeout.
+        let drop_link = || {
+            log::warn!("relay {id}: did not take job {job} in time; dropping its connection");
+            link.writer
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .shutdown();
+        };
+        let mut writer = link.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let sent = writer.send(
+            &RelayMsg::Job {
+                job: job.into(),
+                token: token.into(),
+                world,
+                ttl_secs: self.config.job_ttl_secs,
+            },
+            Duration::from_secs(5),
+        );
+        if sent.is_err() {
+            writer.shutdown();
+        }
+        drop(writer);
+        sent.map_err(|e| e.context(format!("job announcement to relay {id}")))?;
         let deadline = Instant::now() + Duration::from_secs(5);
         let mut acks = link.acks.lock().unwrap_or_else(|e| e.into_inner());
         while !acks.remove(job) {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
+                drop(acks);
+                drop_link();
                 return Err(Error::timeout(format!(
                     "relay {id} did not acknowledge the job"
                 )));
