@@ -546,3 +546,74 @@ fn a_relay_that_never_acknowledges_does_not_hold_the_workers() {
         failed.len()
     );
 }
+
+/// A registered relay's address is checked by connecting to it, which may take the probe's
+/// whole timeout (an address that accepts and never answers). One relay key re-registering
+/// over and over with such an address must not hold the workers that admit clients.
+#[test]
+fn relays_whose_address_never_answers_do_not_hold_the_workers() {
+    let dir = tmpdir("slowprobe");
+    let v = validator(
+        &dir,
+        "127.0.0.1:0",
+        r#"{"heartbeat_timeout_ms": 3000, "default_relays": 1, "workers": 2,
+            "bench": {"interval_secs": 0}}"#,
+    );
+    let _r = relay(&v, &dir.join("r.key"), "127.0.0.1:0", &[]);
+    wait_status(&v, "relay registered", |r| up(r) == 1);
+    // Accepts connections and never says a word.
+    let tarpit = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let tarpit_addr = tarpit.local_addr().unwrap().to_string();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let attackers: Vec<_> = (0..4)
+        .map(|_| {
+            let (addr, tarpit_addr, stop) = (v.addr.clone(), tarpit_addr.clone(), stop.clone());
+            std::thread::spawn(move || {
+                // One relay key for every attacker: it enrolls once.
+                let me = Identity::from_seed(&[7; 32]);
+                let mut held = Vec::new();
+                let mut n = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) && n < 200 {
+                    if let Ok(ch) = channel::connect(
+                        &addr,
+                        &Intro::Relay {
+                            addr: tarpit_addr.clone(),
+                            capacity: 1 << 30,
+                            free_memory: 1 << 30,
+                        },
+                        Credential::Identity(&me),
+                        None,
+                        Duration::from_secs(10),
+                    ) {
+                        held.push(ch);
+                    }
+                    n += 1;
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                n
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(3));
+    let t = Instant::now();
+    let a = client::request_as(
+        &v.addr,
+        &client_identity(),
+        &job_request(),
+        Duration::from_secs(10),
+    );
+    eprintln!(
+        "job request while a relay key re-registers at a tarpit: {:?}",
+        t.elapsed()
+    );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for a in attackers {
+        let _ = a.join();
+    }
+    drop(tarpit);
+    assert!(
+        a.is_ok(),
+        "a job request failed while address checks held the workers: {}",
+        a.err().unwrap()
+    );
+}

@@ -1,8 +1,8 @@
 //! The validator's connections: one event-loop thread holds every connection — those still in
 //! the handshake and the authenticated sessions that stay open (relays, report streams, status
 //! readers) — and a fixed pool of workers does what takes time: checking a Hello and answering
-//! it, assigning jobs, judging reports, answering status pages, probing a relay's address. An
-//! open connection costs a buffer, never a thread.
+//! it, assigning jobs, judging reports, answering status pages (a pool of its own; relays'
+//! addresses are probed by another). An open connection costs a buffer, never a thread.
 //!
 //! Sockets stay blocking, so the workers' writes keep their timeouts; the loop reads them with
 //! `MSG_DONTWAIT` when epoll (mio) says they are readable. A session has at most one message at
