@@ -617,3 +617,45 @@ fn relays_whose_address_never_answers_do_not_hold_the_workers() {
         a.err().unwrap()
     );
 }
+
+/// Status sessions need no credential and stay open while they ask now and then: they must
+/// not take every connection the validator serves, or relays and clients are refused.
+#[test]
+fn status_sessions_cannot_take_every_connection() {
+    let dir = tmpdir("statusslots");
+    let v = validator(
+        &dir,
+        "127.0.0.1:0",
+        r#"{"heartbeat_timeout_ms": 3000, "default_relays": 1, "max_connections": 64,
+            "bench": {"interval_secs": 0}}"#,
+    );
+    let _r = relay(&v, &dir.join("r.key"), "127.0.0.1:0", &[]);
+    wait_status(&v, "relay registered", |r| up(r) == 1);
+    let sessions: Vec<_> = (0..80)
+        .filter_map(|_| {
+            channel::connect(
+                &v.addr,
+                &Intro::Status,
+                Credential::None,
+                None,
+                Duration::from_secs(10),
+            )
+            .ok()
+        })
+        .collect();
+    eprintln!("{} status sessions opened", sessions.len());
+    std::thread::sleep(Duration::from_millis(500));
+    let a = client::request_as(
+        &v.addr,
+        &client_identity(),
+        &job_request(),
+        Duration::from_secs(10),
+    );
+    assert!(
+        a.is_ok(),
+        "a job request was refused while status sessions held the connections: {}",
+        a.err().unwrap()
+    );
+    assert_eq!(up(&status(&v)), 1, "the relay lost its place");
+    drop(sessions);
+}

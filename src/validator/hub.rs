@@ -222,6 +222,10 @@ pub struct Hub {
     /// Greeting connections, oldest first (tokens of ended ones are skipped).
     greetings: VecDeque<Token>,
     greeting_count: usize,
+    /// Status sessions, oldest first (tokens of ended ones are skipped): they need no
+    /// credential, so they get at most a quarter of `max_connections`, the oldest making room.
+    statuses: VecDeque<Token>,
+    status_count: usize,
     /// Connections at workers (their Hello being served).
     at_workers: usize,
     next_token: usize,
@@ -268,6 +272,8 @@ impl Hub {
             conns: HashMap::new(),
             greetings: VecDeque::new(),
             greeting_count: 0,
+            statuses: VecDeque::new(),
+            status_count: 0,
             at_workers: 0,
             next_token: 2,
             accept_log: RateLog::new(Duration::from_secs(10)),
@@ -573,6 +579,12 @@ impl Hub {
             } => {
                 self.at_workers = self.at_workers.saturating_sub(1);
                 opener.limit_to(kind.max_message());
+                let status = matches!(kind, Kind::Status { .. });
+                if status && !self.room_for_status() {
+                    log::debug!("status session with {peer}: no room; closing it");
+                    let _ = stream.shutdown(std::net::Shutdown::Both);
+                    return;
+                }
                 let token = self.token();
                 if let Err(e) = self.poll.registry().register(
                     &mut SourceFd(&stream.as_raw_fd()),
@@ -585,6 +597,10 @@ impl Hub {
                     return;
                 }
                 let deadline = Instant::now() + kind.idle(&self.state);
+                if status {
+                    self.statuses.push_back(token);
+                    self.status_count += 1;
+                }
                 self.conns.insert(
                     token,
                     Conn {
@@ -618,6 +634,34 @@ impl Hub {
         }
     }
 
+    /// Make room for one more status session by closing the oldest idle ones; false when
+    /// there is none to close.
+    fn room_for_status(&mut self) -> bool {
+        let cap = (self.state.config.max_connections / 4).max(1);
+        let mut tries = self.statuses.len();
+        while self.status_count >= cap && tries > 0 {
+            tries -= 1;
+            let Some(old) = self.statuses.pop_front() else {
+                break;
+            };
+            if let Some(Phase::Session {
+                kind: Kind::Status { .. },
+                busy,
+                ..
+            }) = self.conns.get(&old).map(|c| &c.phase)
+            {
+                if *busy {
+                    // Its worker will send a note about it: keep it.
+                    self.statuses.push_back(old);
+                } else {
+                    log::debug!("closing the oldest status session for a newer one");
+                    self.close(old);
+                }
+            }
+        }
+        self.status_count < cap
+    }
+
     /// Close connections past their deadlines.
     fn sweep(&mut self) {
         let now = Instant::now();
@@ -648,6 +692,32 @@ impl Hub {
             if self.greetings.front() == Some(&token) {
                 self.greetings.pop_front();
             }
+        }
+        if matches!(
+            conn.phase,
+            Phase::Session {
+                kind: Kind::Status { .. },
+                ..
+            }
+        ) {
+            self.status_count -= 1;
+        }
+        if self.statuses.len() > 2 * self.status_count + 64 {
+            let live: VecDeque<Token> = self
+                .statuses
+                .iter()
+                .copied()
+                .filter(|t| {
+                    matches!(
+                        self.conns.get(t).map(|c| &c.phase),
+                        Some(Phase::Session {
+                            kind: Kind::Status { .. },
+                            ..
+                        })
+                    )
+                })
+                .collect();
+            self.statuses = live;
         }
         // Stale tokens at the front go as they come up; keep the queue from growing.
         while self.greetings.len() > 2 * self.greeting_count + 64 {
