@@ -659,3 +659,49 @@ fn status_sessions_cannot_take_every_connection() {
     assert_eq!(up(&status(&v)), 1, "the relay lost its place");
     drop(sessions);
 }
+
+/// A relay key registering again keeps one session: the sessions of its older registrations
+/// end, so one enrolled key cannot hold every connection the validator serves.
+#[test]
+fn one_relay_key_holds_one_session() {
+    let dir = tmpdir("relaysessions");
+    let v = validator(
+        &dir,
+        "127.0.0.1:0",
+        r#"{"heartbeat_timeout_ms": 60000, "default_relays": 1, "max_connections": 32,
+            "bench": {"interval_secs": 0}}"#,
+    );
+    let _r = relay(&v, &dir.join("r.key"), "127.0.0.1:0", &[]);
+    wait_status(&v, "relay registered", |r| up(r) == 1);
+    let me = Identity::from_seed(&[9; 32]);
+    let sessions: Vec<_> = (0..40)
+        .filter_map(|_| {
+            channel::connect(
+                &v.addr,
+                &Intro::Relay {
+                    addr: "127.0.0.1:1".into(),
+                    capacity: 1 << 30,
+                    free_memory: 1 << 30,
+                },
+                Credential::Identity(&me),
+                None,
+                Duration::from_secs(10),
+            )
+            .ok()
+        })
+        .collect();
+    eprintln!("{} sessions of one relay key opened", sessions.len());
+    std::thread::sleep(Duration::from_millis(500));
+    let a = client::request_as(
+        &v.addr,
+        &client_identity(),
+        &job_request(),
+        Duration::from_secs(10),
+    );
+    assert!(
+        a.is_ok(),
+        "a job request was refused while one relay key held the connections: {}",
+        a.err().unwrap()
+    );
+    drop(sessions);
+}

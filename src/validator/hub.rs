@@ -226,6 +226,9 @@ pub struct Hub {
     /// credential, so they get at most a quarter of `max_connections`, the oldest making room.
     statuses: VecDeque<Token>,
     status_count: usize,
+    /// Each relay's session and its registration's generation: a relay registering again
+    /// ends its older session.
+    relay_sessions: HashMap<String, (Token, u64)>,
     /// Connections at workers (their Hello being served).
     at_workers: usize,
     next_token: usize,
@@ -274,6 +277,7 @@ impl Hub {
             greeting_count: 0,
             statuses: VecDeque::new(),
             status_count: 0,
+            relay_sessions: HashMap::new(),
             at_workers: 0,
             next_token: 2,
             accept_log: RateLog::new(Duration::from_secs(10)),
@@ -585,6 +589,19 @@ impl Hub {
                     let _ = stream.shutdown(std::net::Shutdown::Both);
                     return;
                 }
+                // A relay keeps one session: its newest registration's.
+                let mut replaced = None;
+                if let Kind::Relay { id, generation, .. } = &kind {
+                    if let Some(&(old, g)) = self.relay_sessions.get(id) {
+                        if g > *generation {
+                            log::debug!("relay {id}: a newer registration's session is here");
+                            let _ = stream.shutdown(std::net::Shutdown::Both);
+                            self.ended(&kind);
+                            return;
+                        }
+                        replaced = Some(old);
+                    }
+                }
                 let token = self.token();
                 if let Err(e) = self.poll.registry().register(
                     &mut SourceFd(&stream.as_raw_fd()),
@@ -600,6 +617,13 @@ impl Hub {
                 if status {
                     self.statuses.push_back(token);
                     self.status_count += 1;
+                }
+                if let Kind::Relay { id, generation, .. } = &kind {
+                    self.relay_sessions.insert(id.clone(), (token, *generation));
+                    if let Some(old) = replaced {
+                        log::debug!("relay {id} registered again: ending its older session");
+                        self.close(old);
+                    }
                 }
                 self.conns.insert(
                     token,
@@ -693,14 +717,18 @@ impl Hub {
                 self.greetings.pop_front();
             }
         }
-        if matches!(
-            conn.phase,
+        match &conn.phase {
             Phase::Session {
                 kind: Kind::Status { .. },
                 ..
+            } => self.status_count -= 1,
+            Phase::Session {
+                kind: Kind::Relay { id, .. },
+                ..
+            } if self.relay_sessions.get(id).is_some_and(|s| s.0 == token) => {
+                self.relay_sessions.remove(id);
             }
-        ) {
-            self.status_count -= 1;
+            _ => {}
         }
         if self.statuses.len() > 2 * self.status_count + 64 {
             let live: VecDeque<Token> = self
