@@ -334,3 +334,374 @@ fn open_sessions_do_not_each_hold_a_thread() {
     );
     drop(sessions);
 }
+
+/// Peak resident memory of process `pid`, bytes.
+fn peak_rss(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    s.lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|kb| kb.parse::<u64>().ok())
+        .unwrap()
+        * 1024
+}
+
+/// A status session needs no credential, so what one may make the validator hold must be
+/// small: a status query of megabytes (a message split over many sealed frames) ends the
+/// session instead of being assembled. Many such sessions at once leave the peak memory flat.
+#[test]
+fn unauthenticated_sessions_cannot_make_the_validator_buffer_megabytes() {
+    #[derive(serde::Serialize)]
+    struct Padded {
+        offset: usize,
+        limit: usize,
+        pad: String,
+    }
+    let dir = tmpdir("bigstatus");
+    let v = validator(
+        &dir,
+        "127.0.0.1:0",
+        r#"{"heartbeat_timeout_ms": 3000, "default_relays": 1, "bench": {"interval_secs": 0}}"#,
+    );
+    let _r = relay(&v, &dir.join("r.key"), "127.0.0.1:0", &[]);
+    wait_status(&v, "relay registered", |r| up(r) == 1);
+    serves(&v);
+    let before = peak_rss(v.child.id());
+    let sessions = 24;
+    let big = 12 << 20;
+    let senders: Vec<_> = (0..sessions)
+        .map(|_| {
+            let addr = v.addr.clone();
+            std::thread::spawn(move || {
+                let mut ch = channel::connect(
+                    &addr,
+                    &Intro::Status,
+                    Credential::None,
+                    None,
+                    Duration::from_secs(20),
+                )
+                .expect("status session");
+                let q = Padded {
+                    offset: 0,
+                    limit: 1,
+                    pad: "x".repeat(big),
+                };
+                // Refused or not, the bytes go out; an answer means it was assembled.
+                let sent = ch.send(&q, Duration::from_secs(60));
+                let answered = sent.is_ok()
+                    && ch
+                        .recv::<serde_json::Value>(Duration::from_secs(30))
+                        .is_ok();
+                (ch, answered)
+            })
+        })
+        .collect();
+    let results: Vec<_> = senders.into_iter().map(|t| t.join().unwrap()).collect();
+    let answered = results.iter().filter(|r| r.1).count();
+    let after = peak_rss(v.child.id());
+    eprintln!(
+        "{sessions} status sessions sending {} MiB each: {answered} answered, validator peak RSS \
+         {} -> {} MiB",
+        big >> 20,
+        before >> 20,
+        after >> 20
+    );
+    assert_eq!(
+        answered, 0,
+        "a {big} byte status query was assembled and answered"
+    );
+    assert!(
+        after < before + (64 << 20),
+        "peak RSS {before} -> {after}: status sessions buffered their messages"
+    );
+    drop(results);
+    serves(&v);
+}
+
+/// Status readers that ask and never read their pages: once the validator's writes to them
+/// block, they must not take the workers that check handshakes and assign jobs.
+#[test]
+fn status_readers_that_never_read_do_not_stall_job_requests() {
+    let dir = tmpdir("stuckstatus");
+    let v = validator(
+        &dir,
+        "127.0.0.1:0",
+        r#"{"heartbeat_timeout_ms": 3000, "default_relays": 1, "workers": 4,
+            "bench": {"interval_secs": 0}}"#,
+    );
+    let _r = relay(&v, &dir.join("r.key"), "127.0.0.1:0", &[]);
+    wait_status(&v, "relay registered", |r| up(r) == 1);
+    serves(&v);
+    let stuck: Vec<_> = (0..8)
+        .map(|_| {
+            let addr = v.addr.clone();
+            std::thread::spawn(move || {
+                let ch = channel::connect(
+                    &addr,
+                    &Intro::Status,
+                    Credential::None,
+                    None,
+                    Duration::from_secs(20),
+                )
+                .expect("status session");
+                let channel::Channel {
+                    reader, mut writer, ..
+                } = ch;
+                let (stream, _) = reader.into_parts();
+                // A small receive buffer that is never read: the validator's writes block soon.
+                let _ = socket2::SockRef::from(&stream).set_recv_buffer_size(4096);
+                let q = mapreduce::validator::proto::StatusQuery {
+                    offset: 0,
+                    limit: 64,
+                };
+                // Ask until the validator stops reading (its worker is stuck writing to us).
+                let mut asked = 0;
+                while asked < 100_000 && writer.send(&q, Duration::from_secs(2)).is_ok() {
+                    asked += 1;
+                }
+                (stream, writer, asked)
+            })
+        })
+        .collect();
+    let stuck: Vec<_> = stuck.into_iter().map(|t| t.join().unwrap()).collect();
+    eprintln!(
+        "queries sent before the validator stopped reading: {:?}",
+        stuck.iter().map(|s| s.2).collect::<Vec<_>>()
+    );
+    // Let the pages already accepted go out, so every worker that will block has blocked.
+    std::thread::sleep(Duration::from_secs(2));
+    let t = Instant::now();
+    let a = client::request_as(
+        &v.addr,
+        &client_identity(),
+        &job_request(),
+        Duration::from_secs(10),
+    );
+    eprintln!("job request with 8 stuck status readers: {:?}", t.elapsed());
+    assert!(
+        a.is_ok(),
+        "a job request failed while status readers held the workers: {}",
+        a.err().unwrap()
+    );
+    drop(stuck);
+}
+
+/// A relay that takes no job (stopped here: its connection open and its heartbeats not yet
+/// overdue) costs each job request that tries it the announcement's 5 s wait at a worker. It
+/// must cost that once, not on every request: else a few requests hold every worker, and
+/// registrations and other job requests wait behind them.
+#[test]
+fn a_relay_that_never_acknowledges_does_not_hold_the_workers() {
+    let dir = tmpdir("noack");
+    let v = validator(
+        &dir,
+        "127.0.0.1:0",
+        r#"{"heartbeat_timeout_ms": 60000, "default_relays": 1, "workers": 2,
+            "bench": {"interval_secs": 0}}"#,
+    );
+    let r1 = relay(&v, &dir.join("r1.key"), "127.0.0.1:0", &[]);
+    let r2 = relay(&v, &dir.join("r2.key"), "127.0.0.1:0", &[]);
+    wait_status(&v, "relays registered", |r| up(r) == 2);
+    let first = client::request_as(
+        &v.addr,
+        &client_identity(),
+        &job_request(),
+        Duration::from_secs(10),
+    )
+    .expect("job request");
+    // Candidates keep their order: the relay assigned first is tried first again.
+    let chosen = &first.relays[0].addr;
+    let stopped = [&r1, &r2]
+        .into_iter()
+        .find(|r| mapreduce::validator::chain::same_endpoint(&r.addr, chosen))
+        .expect("the assigned relay is one of ours");
+    // SAFETY: kill(2) on our own child's pid; no memory is involved.
+    assert_eq!(
+        unsafe { libc::kill(stopped.child.id() as i32, libc::SIGSTOP) },
+        0
+    );
+    let requests: Vec<_> = (0..8)
+        .map(|_| {
+            let addr = v.addr.clone();
+            std::thread::spawn(move || {
+                let t = Instant::now();
+                let a = client::request_as(
+                    &addr,
+                    &client_identity(),
+                    &job_request(),
+                    Duration::from_secs(10),
+                );
+                (a.map(|a| a.relays[0].addr.clone()), t.elapsed())
+            })
+        })
+        .collect();
+    let results: Vec<_> = requests.into_iter().map(|t| t.join().unwrap()).collect();
+    // SAFETY: as above.
+    unsafe { libc::kill(stopped.child.id() as i32, libc::SIGCONT) };
+    eprintln!("8 job requests with a stopped relay first in line: {results:?}");
+    let failed: Vec<_> = results.iter().filter(|r| r.0.is_err()).collect();
+    assert!(
+        failed.is_empty(),
+        "{} of 8 job requests failed behind a relay that takes no job: {failed:?}",
+        failed.len()
+    );
+}
+
+/// A registered relay's address is checked by connecting to it, which may take the probe's
+/// whole timeout (an address that accepts and never answers). One relay key re-registering
+/// over and over with such an address must not hold the workers that admit clients.
+#[test]
+fn relays_whose_address_never_answers_do_not_hold_the_workers() {
+    let dir = tmpdir("slowprobe");
+    let v = validator(
+        &dir,
+        "127.0.0.1:0",
+        r#"{"heartbeat_timeout_ms": 3000, "default_relays": 1, "workers": 2,
+            "bench": {"interval_secs": 0}}"#,
+    );
+    let _r = relay(&v, &dir.join("r.key"), "127.0.0.1:0", &[]);
+    wait_status(&v, "relay registered", |r| up(r) == 1);
+    // Accepts connections and never says a word.
+    let tarpit = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let tarpit_addr = tarpit.local_addr().unwrap().to_string();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let attackers: Vec<_> = (0..4)
+        .map(|_| {
+            let (addr, tarpit_addr, stop) = (v.addr.clone(), tarpit_addr.clone(), stop.clone());
+            std::thread::spawn(move || {
+                // One relay key for every attacker: it enrolls once.
+                let me = Identity::from_seed(&[7; 32]);
+                let mut held = Vec::new();
+                let mut n = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) && n < 200 {
+                    if let Ok(ch) = channel::connect(
+                        &addr,
+                        &Intro::Relay {
+                            addr: tarpit_addr.clone(),
+                            capacity: 1 << 30,
+                            free_memory: 1 << 30,
+                        },
+                        Credential::Identity(&me),
+                        None,
+                        Duration::from_secs(10),
+                    ) {
+                        held.push(ch);
+                    }
+                    n += 1;
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                n
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(3));
+    let t = Instant::now();
+    let a = client::request_as(
+        &v.addr,
+        &client_identity(),
+        &job_request(),
+        Duration::from_secs(10),
+    );
+    eprintln!(
+        "job request while a relay key re-registers at a tarpit: {:?}",
+        t.elapsed()
+    );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for a in attackers {
+        let _ = a.join();
+    }
+    drop(tarpit);
+    assert!(
+        a.is_ok(),
+        "a job request failed while address checks held the workers: {}",
+        a.err().unwrap()
+    );
+}
+
+/// Status sessions need no credential and stay open while they ask now and then: they must
+/// not take every connection the validator serves, or relays and clients are refused.
+#[test]
+fn status_sessions_cannot_take_every_connection() {
+    let dir = tmpdir("statusslots");
+    let v = validator(
+        &dir,
+        "127.0.0.1:0",
+        r#"{"heartbeat_timeout_ms": 3000, "default_relays": 1, "max_connections": 64,
+            "bench": {"interval_secs": 0}}"#,
+    );
+    let _r = relay(&v, &dir.join("r.key"), "127.0.0.1:0", &[]);
+    wait_status(&v, "relay registered", |r| up(r) == 1);
+    let sessions: Vec<_> = (0..80)
+        .filter_map(|_| {
+            channel::connect(
+                &v.addr,
+                &Intro::Status,
+                Credential::None,
+                None,
+                Duration::from_secs(10),
+            )
+            .ok()
+        })
+        .collect();
+    eprintln!("{} status sessions opened", sessions.len());
+    std::thread::sleep(Duration::from_millis(500));
+    let a = client::request_as(
+        &v.addr,
+        &client_identity(),
+        &job_request(),
+        Duration::from_secs(10),
+    );
+    assert!(
+        a.is_ok(),
+        "a job request was refused while status sessions held the connections: {}",
+        a.err().unwrap()
+    );
+    assert_eq!(up(&status(&v)), 1, "the relay lost its place");
+    drop(sessions);
+}
+
+/// A relay key registering again keeps one session: the sessions of its older registrations
+/// end, so one enrolled key cannot hold every connection the validator serves.
+#[test]
+fn one_relay_key_holds_one_session() {
+    let dir = tmpdir("relaysessions");
+    let v = validator(
+        &dir,
+        "127.0.0.1:0",
+        r#"{"heartbeat_timeout_ms": 60000, "default_relays": 1, "max_connections": 32,
+            "bench": {"interval_secs": 0}}"#,
+    );
+    let _r = relay(&v, &dir.join("r.key"), "127.0.0.1:0", &[]);
+    wait_status(&v, "relay registered", |r| up(r) == 1);
+    let me = Identity::from_seed(&[9; 32]);
+    let sessions: Vec<_> = (0..40)
+        .filter_map(|_| {
+            channel::connect(
+                &v.addr,
+                &Intro::Relay {
+                    addr: "127.0.0.1:1".into(),
+                    capacity: 1 << 30,
+                    free_memory: 1 << 30,
+                },
+                Credential::Identity(&me),
+                None,
+                Duration::from_secs(10),
+            )
+            .ok()
+        })
+        .collect();
+    eprintln!("{} sessions of one relay key opened", sessions.len());
+    std::thread::sleep(Duration::from_millis(500));
+    let a = client::request_as(
+        &v.addr,
+        &client_identity(),
+        &job_request(),
+        Duration::from_secs(10),
+    );
+    assert!(
+        a.is_ok(),
+        "a job request was refused while one relay key held the connections: {}",
+        a.err().unwrap()
+    );
+    drop(sessions);
+}

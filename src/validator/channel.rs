@@ -162,6 +162,8 @@ pub struct Opener {
     open: Seal,
     body: Vec<u8>,
     what: String,
+    /// Largest message taken ([`MAX_MESSAGE`] unless lowered).
+    limit: usize,
 }
 
 impl Opener {
@@ -171,10 +173,10 @@ impl Opener {
         let (&more, part) = frame
             .split_first()
             .ok_or_else(|| Error::remote(format!("{}: empty frame", self.what)))?;
-        if self.body.len() + part.len() > MAX_MESSAGE {
+        if self.body.len() + part.len() > self.limit {
             return Err(Error::remote(format!(
-                "{}: a message over the {MAX_MESSAGE} byte limit",
-                self.what
+                "{}: a message over the {} byte limit",
+                self.what, self.limit
             )));
         }
         self.body.extend_from_slice(part);
@@ -183,6 +185,12 @@ impl Opener {
 
     pub fn what(&self) -> &str {
         &self.what
+    }
+
+    /// Take messages of at most `bytes` from now on (sessions whose messages are small, so a
+    /// peer cannot make this assemble megabytes).
+    pub fn limit_to(&mut self, bytes: usize) {
+        self.limit = bytes.min(MAX_MESSAGE);
     }
 }
 
@@ -268,6 +276,7 @@ impl Channel {
                     open: Seal::new(recv),
                     body: Vec::new(),
                     what: what.clone(),
+                    limit: MAX_MESSAGE,
                 },
                 what: what.clone(),
             },

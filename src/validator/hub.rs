@@ -1,8 +1,8 @@
 //! The validator's connections: one event-loop thread holds every connection — those still in
 //! the handshake and the authenticated sessions that stay open (relays, report streams, status
 //! readers) — and a fixed pool of workers does what takes time: checking a Hello and answering
-//! it, assigning jobs, judging reports, answering status pages, probing a relay's address. An
-//! open connection costs a buffer, never a thread.
+//! it, assigning jobs, judging reports, answering status pages (a pool of its own; relays'
+//! addresses are probed by another). An open connection costs a buffer, never a thread.
 //!
 //! Sockets stay blocking, so the workers' writes keep their timeouts; the loop reads them with
 //! `MSG_DONTWAIT` when epoll (mio) says they are readable. A session has at most one message at
@@ -11,7 +11,8 @@
 //!
 //! Bounds: `max_connections` in all (a connection past it is closed at once), `max_handshakes`
 //! in the handshake (a newcomer evicts the oldest), a deadline for the handshake and an idle
-//! deadline per session, one frame of buffer per connection; accept errors (out of
+//! deadline per session, one frame of buffer per connection (and one frame of message for relay
+//! and status sessions; a report session assembles up to `MAX_MESSAGE`); accept errors (out of
 //! descriptors) back off and are logged once per interval.
 //!
 //! Never does: block on a socket, or wait for a worker.
@@ -58,6 +59,17 @@ impl Kind {
             Kind::Relay { .. } => state.relay_timeout(),
             Kind::Report { .. } => Duration::from_secs(3600),
             Kind::Status { .. } => Duration::from_secs(30),
+        }
+    }
+
+    /// Largest message the session may send. Relays send heartbeats and acknowledgements and
+    /// status readers send queries, all far under one frame; only reports carry chunk bytes.
+    /// (A status reader proves nothing: without this, each could make the loop assemble
+    /// [`MAX_MESSAGE`](crate::validator::channel::MAX_MESSAGE) bytes.)
+    fn max_message(&self) -> usize {
+        match self {
+            Kind::Report { .. } => crate::validator::channel::MAX_MESSAGE,
+            Kind::Relay { .. } | Kind::Status { .. } => MAX_CONTROL_PAYLOAD,
         }
     }
 }
@@ -201,12 +213,22 @@ pub struct Hub {
     poll: Poll,
     listener: TcpListener,
     tasks: Sender<Task>,
+    /// Status queries go to their own workers: writing a page may block on a reader that does
+    /// not read, and must not hold the workers that check handshakes and judge reports.
+    status_tasks: Sender<Task>,
     notes_rx: Receiver<Note>,
     notes: Notes,
     conns: HashMap<Token, Conn>,
     /// Greeting connections, oldest first (tokens of ended ones are skipped).
     greetings: VecDeque<Token>,
     greeting_count: usize,
+    /// Status sessions, oldest first (tokens of ended ones are skipped): they need no
+    /// credential, so they get at most a quarter of `max_connections`, the oldest making room.
+    statuses: VecDeque<Token>,
+    status_count: usize,
+    /// Each relay's session and its registration's generation: a relay registering again
+    /// ends its older session.
+    relay_sessions: HashMap<String, (Token, u64)>,
     /// Connections at workers (their Hello being served).
     at_workers: usize,
     next_token: usize,
@@ -219,8 +241,14 @@ pub struct Hub {
 }
 
 impl Hub {
-    /// A loop on `listener`, feeding `tasks` to the workers.
-    pub fn new(state: Arc<State>, listener: TcpListener, tasks: Sender<Task>) -> Result<Hub> {
+    /// A loop on `listener`, feeding `tasks` to the workers and status queries to
+    /// `status_tasks`.
+    pub fn new(
+        state: Arc<State>,
+        listener: TcpListener,
+        tasks: Sender<Task>,
+        status_tasks: Sender<Task>,
+    ) -> Result<Hub> {
         let poll = Poll::new().map_err(|e| Error::io("validator event loop", e))?;
         listener
             .set_nonblocking(true)
@@ -241,11 +269,15 @@ impl Hub {
             poll,
             listener,
             tasks,
+            status_tasks,
             notes_rx,
             notes: Notes { tx, waker },
             conns: HashMap::new(),
             greetings: VecDeque::new(),
             greeting_count: 0,
+            statuses: VecDeque::new(),
+            status_count: 0,
+            relay_sessions: HashMap::new(),
             at_workers: 0,
             next_token: 2,
             accept_log: RateLog::new(Duration::from_secs(10)),
@@ -531,7 +563,7 @@ impl Hub {
             }
             Kind::Status { writer } => {
                 *busy = true;
-                let _ = self.tasks.send(Task::Status {
+                let _ = self.status_tasks.send(Task::Status {
                     token,
                     writer: writer.clone(),
                     body,
@@ -545,11 +577,31 @@ impl Hub {
         match note {
             Note::Session {
                 stream,
-                opener,
+                mut opener,
                 kind,
                 peer,
             } => {
                 self.at_workers = self.at_workers.saturating_sub(1);
+                opener.limit_to(kind.max_message());
+                let status = matches!(kind, Kind::Status { .. });
+                if status && !self.room_for_status() {
+                    log::debug!("status session with {peer}: no room; closing it");
+                    let _ = stream.shutdown(std::net::Shutdown::Both);
+                    return;
+                }
+                // A relay keeps one session: its newest registration's.
+                let mut replaced = None;
+                if let Kind::Relay { id, generation, .. } = &kind {
+                    if let Some(&(old, g)) = self.relay_sessions.get(id) {
+                        if g > *generation {
+                            log::debug!("relay {id}: a newer registration's session is here");
+                            let _ = stream.shutdown(std::net::Shutdown::Both);
+                            self.ended(&kind);
+                            return;
+                        }
+                        replaced = Some(old);
+                    }
+                }
                 let token = self.token();
                 if let Err(e) = self.poll.registry().register(
                     &mut SourceFd(&stream.as_raw_fd()),
@@ -562,6 +614,17 @@ impl Hub {
                     return;
                 }
                 let deadline = Instant::now() + kind.idle(&self.state);
+                if status {
+                    self.statuses.push_back(token);
+                    self.status_count += 1;
+                }
+                if let Kind::Relay { id, generation, .. } = &kind {
+                    self.relay_sessions.insert(id.clone(), (token, *generation));
+                    if let Some(old) = replaced {
+                        log::debug!("relay {id} registered again: ending its older session");
+                        self.close(old);
+                    }
+                }
                 self.conns.insert(
                     token,
                     Conn {
@@ -595,6 +658,34 @@ impl Hub {
         }
     }
 
+    /// Make room for one more status session by closing the oldest idle ones; false when
+    /// there is none to close.
+    fn room_for_status(&mut self) -> bool {
+        let cap = (self.state.config.max_connections / 4).max(1);
+        let mut tries = self.statuses.len();
+        while self.status_count >= cap && tries > 0 {
+            tries -= 1;
+            let Some(old) = self.statuses.pop_front() else {
+                break;
+            };
+            if let Some(Phase::Session {
+                kind: Kind::Status { .. },
+                busy,
+                ..
+            }) = self.conns.get(&old).map(|c| &c.phase)
+            {
+                if *busy {
+                    // Its worker will send a note about it: keep it.
+                    self.statuses.push_back(old);
+                } else {
+                    log::debug!("closing the oldest status session for a newer one");
+                    self.close(old);
+                }
+            }
+        }
+        self.status_count < cap
+    }
+
     /// Close connections past their deadlines.
     fn sweep(&mut self) {
         let now = Instant::now();
@@ -625,6 +716,36 @@ impl Hub {
             if self.greetings.front() == Some(&token) {
                 self.greetings.pop_front();
             }
+        }
+        match &conn.phase {
+            Phase::Session {
+                kind: Kind::Status { .. },
+                ..
+            } => self.status_count -= 1,
+            Phase::Session {
+                kind: Kind::Relay { id, .. },
+                ..
+            } if self.relay_sessions.get(id).is_some_and(|s| s.0 == token) => {
+                self.relay_sessions.remove(id);
+            }
+            _ => {}
+        }
+        if self.statuses.len() > 2 * self.status_count + 64 {
+            let live: VecDeque<Token> = self
+                .statuses
+                .iter()
+                .copied()
+                .filter(|t| {
+                    matches!(
+                        self.conns.get(t).map(|c| &c.phase),
+                        Some(Phase::Session {
+                            kind: Kind::Status { .. },
+                            ..
+                        })
+                    )
+                })
+                .collect();
+            self.statuses = live;
         }
         // Stale tokens at the front go as they come up; keep the queue from growing.
         while self.greetings.len() > 2 * self.greeting_count + 64 {

@@ -362,24 +362,38 @@ impl State {
             .get(id)
             .cloned()
             .ok_or_else(|| Error::remote(format!("relay {id} is not connected")))?;
-        link.writer
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .send(
-                &RelayMsg::Job {
-                    job: job.into(),
-                    token: token.into(),
-                    world,
-                    ttl_secs: self.config.job_ttl_secs,
-                },
-                Duration::from_secs(5),
-            )
-            .map_err(|e| e.context(format!("job announcement to relay {id}")))?;
+        // A relay that does not take a job in time has its connection dropped (it is
+        // unavailable until it registers again): otherwise every job request would try it
+        // again and spend a worker on its timeout.
+        let drop_link = || {
+            log::warn!("relay {id}: did not take job {job} in time; dropping its connection");
+            link.writer
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .shutdown();
+        };
+        let mut writer = link.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let sent = writer.send(
+            &RelayMsg::Job {
+                job: job.into(),
+                token: token.into(),
+                world,
+                ttl_secs: self.config.job_ttl_secs,
+            },
+            Duration::from_secs(5),
+        );
+        if sent.is_err() {
+            writer.shutdown();
+        }
+        drop(writer);
+        sent.map_err(|e| e.context(format!("job announcement to relay {id}")))?;
         let deadline = Instant::now() + Duration::from_secs(5);
         let mut acks = link.acks.lock().unwrap_or_else(|e| e.into_inner());
         while !acks.remove(job) {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
+                drop(acks);
+                drop_link();
                 return Err(Error::timeout(format!(
                     "relay {id} did not acknowledge the job"
                 )));
@@ -719,20 +733,87 @@ impl Validator {
             crate::validator::bench::spawn(self.state.clone());
         }
         let (tasks, queue) = crossbeam_channel::unbounded();
-        let hub = Hub::new(self.state.clone(), self.listener, tasks)?;
-        for i in 0..self.state.config.workers.max(1) {
-            let (state, queue, notes) = (self.state.clone(), queue.clone(), hub.notes());
+        let (status_tasks, status_queue) = crossbeam_channel::unbounded();
+        let hub = Hub::new(self.state.clone(), self.listener, tasks, status_tasks)?;
+        let workers = self.state.config.workers.max(1);
+        // A status reader that stops reading holds a status worker for up to a write timeout;
+        // it never holds one of the workers that admit relays and clients.
+        let status_workers = (workers / 4).clamp(1, 4);
+        // Checking a relay's address may take the probe's whole timeout (an address that never
+        // answers): it has threads of its own, so re-registering relays cannot hold the
+        // workers that admit clients.
+        let (probes, probe_queue) = crossbeam_channel::unbounded::<Probe>();
+        for i in 0..status_workers {
+            let (state, queue) = (self.state.clone(), probe_queue.clone());
             std::thread::Builder::new()
-                .name(format!("mr-validator-worker-{i}"))
-                .spawn(move || work(&state, &queue, &notes))
+                .name(format!("mr-validator-probe-{i}"))
+                .spawn(move || prove(&state, &queue))
                 .map_err(|e| Error::io("cannot start the validator's workers", e))?;
+        }
+        let pools = [
+            ("worker", workers, queue),
+            ("status", status_workers, status_queue),
+        ];
+        for (name, n, queue) in pools {
+            for i in 0..n {
+                let (state, queue, notes) = (self.state.clone(), queue.clone(), hub.notes());
+                let probes = probes.clone();
+                std::thread::Builder::new()
+                    .name(format!("mr-validator-{name}-{i}"))
+                    .spawn(move || work(&state, &queue, &notes, &probes))
+                    .map_err(|e| Error::io("cannot start the validator's workers", e))?;
+            }
         }
         hub.run()
     }
 }
 
+/// A registered relay's address, to check.
+struct Probe {
+    id: String,
+    key: [u8; 32],
+    addr: String,
+    generation: u64,
+}
+
+/// A prober: check relays' addresses until the workers are gone. A registration that a newer
+/// one replaced is skipped (its result would be ignored anyway).
+fn prove(state: &State, queue: &crossbeam_channel::Receiver<Probe>) {
+    while let Ok(p) = queue.recv() {
+        let current = state
+            .registry
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_current(&p.id, p.generation);
+        if !current {
+            continue;
+        }
+        let proven =
+            crate::validator::probe::prove_address(&p.addr, &p.key, Duration::from_secs(5));
+        let id = &p.id;
+        if let Err(e) = &proven {
+            log::warn!(
+                "relay {id}: not assigned until it proves its key at {}: {e}",
+                p.addr
+            );
+        } else {
+            log::info!("relay {id}: proved its key at {}", p.addr);
+        }
+        let mut reg = state.registry.lock().unwrap_or_else(|e| e.into_inner());
+        reg.address_checked(id, p.generation, &p.addr, proven.is_ok());
+        if let Some(why) = reg.chain_refusal(id) {
+            log::info!("not assigned: {why}");
+        }
+    }
+}
+
 /// A worker: take tasks until the loop is gone.
-fn work(state: &Arc<State>, queue: &crossbeam_channel::Receiver<Task>, notes: &Notes) {
+fn work(
+    state: &Arc<State>,
+    queue: &crossbeam_channel::Receiver<Task>,
+    notes: &Notes,
+    probes: &crossbeam_channel::Sender<Probe>,
+) {
     while let Ok(task) = queue.recv() {
         match task {
             Task::Hello {
@@ -740,7 +821,7 @@ fn work(state: &Arc<State>, queue: &crossbeam_channel::Receiver<Task>, notes: &N
                 challenge,
                 hello,
                 peer,
-            } => match on_hello(state, stream, &challenge, &hello, peer) {
+            } => match on_hello(state, stream, &challenge, &hello, peer, probes) {
                 Ok(Some((reader, kind))) => {
                     let (stream, opener) = reader.into_parts();
                     notes.send(Note::Session {
@@ -871,6 +952,7 @@ fn on_hello(
     challenge: &channel::Challenge,
     hello: &[u8],
     peer: SocketAddr,
+    probes: &crossbeam_channel::Sender<Probe>,
 ) -> Result<Option<(channel::ChannelReader, Kind)>> {
     // Workers' writes wait at most this long (the loop never writes).
     let pending = channel::Pending::from_hello(stream, challenge, &peer.to_string(), hello)?;
@@ -918,19 +1000,13 @@ fn on_hello(
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .insert(id.clone(), link.clone());
-            let proven =
-                crate::validator::probe::prove_address(&addr, &key, Duration::from_secs(5));
-            if let Err(e) = &proven {
-                log::warn!("relay {id}: not assigned until it proves its key at {addr}: {e}");
-            } else {
-                log::info!("relay {id}: proved its key at {addr}");
-            }
-            let mut reg = state.registry.lock().unwrap_or_else(|e| e.into_inner());
-            reg.address_checked(&id, generation, &addr, proven.is_ok());
-            if let Some(why) = reg.chain_refusal(&id) {
-                log::info!("not assigned: {why}");
-            }
-            drop(reg);
+            // Not assigned until the check succeeds (`admit` cleared the address's proof).
+            let _ = probes.send(Probe {
+                id: id.clone(),
+                key,
+                addr,
+                generation,
+            });
             Ok(Some((
                 reader,
                 Kind::Relay {

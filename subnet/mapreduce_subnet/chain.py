@@ -241,6 +241,9 @@ class SdkChain(Chain):
             if "rate" in text.lower() and "limit" in text.lower():
                 raise RateLimited(f"{what}: {text}") from e
             raise ChainError(f"{what}: {text}") from e
+        except Exception as e:
+            # A dropped connection, a timeout: retried next epoch like any failure on the chain.
+            raise ChainError(f"{what}: {type(e).__name__}: {e}") from e
 
     def serve_axon(self, wallet: Wallet, ip: str, port: int) -> None:
         self._execute(self.serve_axon_intent(ip, port), wallet, f"serve axon {ip}:{port}")

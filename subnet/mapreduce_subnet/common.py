@@ -4,6 +4,7 @@ Rust programs, and keeping a daemon running."""
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import shutil
@@ -114,6 +115,18 @@ def find_program(name: str, override: Optional[str] = None) -> str:
     raise SystemExit(f"cannot find {name}: build it with `make` (or put it on PATH, or set MR_BIN_DIR)")
 
 
+def _die_with_parent(parent: int) -> None:
+    """In a daemon's child process before exec: get SIGTERM when the supervisor dies, however
+    it dies (Linux), so an orphan never keeps the daemon's port from the next supervisor's."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # it died before the request took effect
+            os._exit(1)
+
+
 class Daemon:
     """A child program kept running: restarted when it exits, stopped with SIGTERM."""
 
@@ -138,7 +151,7 @@ class Daemon:
     def _start(self) -> None:
         assert self.argv is not None
         log.info("starting %s: %s", self.name, " ".join(self.argv))
-        self.proc = subprocess.Popen(self.argv, env=self.env)
+        self.proc = subprocess.Popen(self.argv, env=self.env, preexec_fn=functools.partial(_die_with_parent, os.getpid()))
 
     def check(self) -> None:
         """Restart the program if it exited (at most once per two seconds)."""

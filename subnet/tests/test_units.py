@@ -146,3 +146,78 @@ def test_wallets_from_the_bittensor_wallet_package(tmp_path):
     assert ours.ss58_address == w.hotkey.ss58_address
     assert ours.public_key == bytes(w.hotkey.public_key).hex()
     assert "secretSeed" in json.loads(ours.hotkey_file.read_text())
+
+
+def test_a_transport_failure_setting_weights_is_a_chain_error():
+    """The validator and the miner retry a ChainError next epoch; any other exception ends
+    them (and their daemon). A dropped connection to the chain must be the former, as it is
+    for the metagraph."""
+    from types import SimpleNamespace
+
+    class SdkError(Exception):
+        pass
+
+    def execute(intent, wallet):
+        raise ConnectionError("websocket closed")
+
+    chain = SdkChain.__new__(SdkChain)
+    chain._bt = SimpleNamespace(
+        ChainError=SdkError,
+        Wallet=lambda *a, **k: object(),
+        SetWeights=lambda **k: k,
+        ServeAxon=lambda **k: k,
+    )
+    chain.network, chain.netuid = "finney", 10
+    chain._sub = SimpleNamespace(execute=execute)
+    wallet = Wallet("w", "h", "/nonexistent")
+    with pytest.raises(ChainError, match="websocket closed"):
+        chain.set_weights(wallet, [1], [1.0])
+    with pytest.raises(ChainError, match="websocket closed"):
+        chain.serve_axon(wallet, "127.0.0.1", 7000)
+
+
+def test_a_daemon_does_not_outlive_its_supervisor(tmp_path):
+    """The miner and the validator keep mr-relayd and mr-validator running. Killed outright
+    (SIGKILL, the OOM killer), they cannot stop them; an orphan left holding the port makes
+    every restart's daemon fail to bind, forever. The daemon must go with its supervisor."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import mapreduce_subnet
+
+    pkg_root = str(Path(mapreduce_subnet.__file__).resolve().parents[1])
+    code = (
+        "import time\n"
+        "from mapreduce_subnet.common import Daemon\n"
+        "d = Daemon('sleeper')\n"
+        "d.run(['sleep', '120'])\n"
+        "print(d.proc.pid, flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    env = dict(os.environ, PYTHONPATH=pkg_root)
+    sup = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, env=env, text=True)
+    try:
+        child = int(sup.stdout.readline())
+        sup.kill()
+        sup.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        alive = True
+        while alive and time.monotonic() < deadline:
+            try:
+                os.kill(child, 0)
+                with open(f"/proc/{child}/stat") as f:
+                    alive = f.read().split(")")[-1].split()[0] != "Z"
+            except (ProcessLookupError, FileNotFoundError):
+                alive = False
+            if alive:
+                time.sleep(0.1)
+        if alive:
+            os.kill(child, signal.SIGKILL)
+        assert not alive, "the daemon outlived its killed supervisor"
+    finally:
+        if sup.poll() is None:
+            sup.kill()
