@@ -705,3 +705,83 @@ fn one_relay_key_holds_one_session() {
     );
     drop(sessions);
 }
+
+/// Job members' report streams may carry messages of up to 16 MiB, but what all sessions hold
+/// of unfinished messages together is capped (`max_assembling`): many members sending large
+/// reports at once cannot add up to gigabytes in the validator.
+#[test]
+fn report_streams_together_hold_at_most_max_assembling() {
+    #[derive(serde::Serialize)]
+    struct Padded {
+        pad: String,
+    }
+    let dir = tmpdir("assembling");
+    let v = validator(
+        &dir,
+        "127.0.0.1:0",
+        &format!(
+            r#"{{"heartbeat_timeout_ms": 3000, "default_relays": 1, "bench": {{"interval_secs": 0}},
+                "clients": ["{}"], "max_assembling": 4194304}}"#,
+            client_identity().id()
+        ),
+    );
+    let _r = relay(&v, &dir.join("r.key"), "127.0.0.1:0", &[]);
+    wait_status(&v, "relay registered", |r| up(r) == 1);
+    let a = client::request_as(
+        &v.addr,
+        &client_identity(),
+        &job_request(),
+        Duration::from_secs(10),
+    )
+    .unwrap();
+    let secret: [u8; 32] = mapreduce::config::parse_hex("s", &a.verify_secret)
+        .unwrap()
+        .try_into()
+        .unwrap();
+    let before = peak_rss(v.child.id());
+    let lines_before = v.log.lock().unwrap().len();
+    let senders: Vec<_> = (0..16)
+        .map(|_| {
+            let (addr, job) = (v.addr.clone(), a.job.clone());
+            std::thread::spawn(move || {
+                let mut ch = channel::connect(
+                    &addr,
+                    &Intro::Report { job },
+                    Credential::Secret(&secret),
+                    None,
+                    Duration::from_secs(20),
+                )
+                .expect("report session");
+                let _ = ch.send(
+                    &Padded {
+                        pad: "x".repeat(8 << 20),
+                    },
+                    Duration::from_secs(60),
+                );
+                ch
+            })
+        })
+        .collect();
+    let held: Vec<_> = senders.into_iter().map(|t| t.join().unwrap()).collect();
+    std::thread::sleep(Duration::from_secs(1));
+    let after = peak_rss(v.child.id());
+    let capped = v
+        .log
+        .lock()
+        .unwrap()
+        .iter()
+        .skip(lines_before)
+        .any(|l| l.contains("max_assembling"));
+    eprintln!(
+        "16 report streams sending 8 MiB each: validator peak RSS {} -> {} MiB, cap hit: {capped}",
+        before >> 20,
+        after >> 20
+    );
+    assert!(capped, "no session was stopped at max_assembling");
+    assert!(
+        after < before + (32 << 20),
+        "peak RSS {before} -> {after}: the report streams' messages added up"
+    );
+    drop(held);
+    serves(&v);
+}

@@ -187,6 +187,11 @@ impl Opener {
         &self.what
     }
 
+    /// Bytes of the message being put together (fragments in, the last one not yet).
+    pub fn assembling(&self) -> usize {
+        self.body.len()
+    }
+
     /// Take messages of at most `bytes` from now on (sessions whose messages are small, so a
     /// peer cannot make this assemble megabytes).
     pub fn limit_to(&mut self, bytes: usize) {

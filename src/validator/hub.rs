@@ -238,6 +238,8 @@ pub struct Hub {
     accept_retry: Option<Instant>,
     /// Where reads land before they are appended to a connection's buffer.
     scratch: Vec<u8>,
+    /// Bytes of messages being put together, over every session (reports span frames).
+    assembling: usize,
 }
 
 impl Hub {
@@ -285,6 +287,7 @@ impl Hub {
             backoff: Duration::from_millis(10),
             accept_retry: None,
             scratch: vec![0; BUFFER],
+            assembling: 0,
         })
     }
 
@@ -473,8 +476,22 @@ impl Hub {
                                 h.kind()
                             )));
                         }
+                        let before = opener.assembling();
                         let msg = opener.frame(&conn.buf[HEADER_LEN..total])?;
+                        let after = opener.assembling();
                         conn.buf.drain(..total);
+                        // What all sessions are putting together is bounded, so admitted
+                        // clients' report streams cannot add up to gigabytes between them.
+                        self.assembling = self.assembling + after - before;
+                        let cap = self.state.config.max_assembling.max(MAX_CONTROL_PAYLOAD);
+                        if self.assembling > cap {
+                            return Err(Error::remote(format!(
+                                "{}: sessions hold {} bytes of unfinished messages, more than \
+                                 the {cap} byte limit (max_assembling)",
+                                what(),
+                                self.assembling
+                            )));
+                        }
                         if conn.buf.is_empty() && conn.buf.capacity() > 4096 {
                             // Idle sessions keep no large buffer.
                             conn.buf = Vec::new();
@@ -769,6 +786,9 @@ impl Hub {
         let Some(conn) = self.remove(token) else {
             return;
         };
+        if let Phase::Session { opener, .. } = &conn.phase {
+            self.assembling -= opener.assembling();
+        }
         // The writer half (a relay's link, a status writer) may outlive this: make the close
         // reach the other end.
         let _ = conn.stream.shutdown(std::net::Shutdown::Both);

@@ -81,6 +81,9 @@ pub struct ValidatorConfig {
     /// Worker threads (checking handshakes, assigning jobs, judging reports, answering status
     /// queries); open connections cost no thread.
     pub workers: usize,
+    /// Most bytes of unfinished messages all sessions may hold together (reports with chunk
+    /// evidence span many frames); a session that would pass it is closed.
+    pub max_assembling: usize,
     /// Most connections in the handshake at once; past it the oldest is dropped.
     pub max_handshakes: usize,
     /// Seconds a job (its secrets and pending reports) is kept, and relays keep its grant.
@@ -112,6 +115,7 @@ impl Default for ValidatorConfig {
             clients: Vec::new(),
             max_connections: 4096,
             workers: 16,
+            max_assembling: 256 << 20,
             max_handshakes: 256,
             job_ttl_secs: 24 * 3600,
             max_jobs: 100_000,
@@ -478,13 +482,19 @@ impl State {
             )));
         }
         let reg = self.registry.lock().unwrap_or_else(|e| e.into_inner());
+        // A relay pruned meanwhile fails the request rather than the worker.
         let relays = chosen
             .iter()
-            .map(|id| AssignedRelay {
-                id: id.clone(),
-                addr: reg.relays[id].score.addr.clone(),
+            .map(|id| {
+                let e = reg.relays.get(id).ok_or_else(|| {
+                    Error::remote(format!("relay {id} left while job {job} was assigned"))
+                })?;
+                Ok(AssignedRelay {
+                    id: id.clone(),
+                    addr: e.score.addr.clone(),
+                })
             })
-            .collect();
+            .collect::<Result<Vec<_>>>()?;
         drop(reg);
         log::info!("job {job}: {} peers, relays {chosen:?}", req.peers);
         self.jobs.lock().unwrap_or_else(|e| e.into_inner()).insert(
@@ -815,6 +825,27 @@ fn work(
     probes: &crossbeam_channel::Sender<Probe>,
 ) {
     while let Ok(task) = queue.recv() {
+        // A task that panics must still give its connection back to the loop.
+        let on_panic = match &task {
+            Task::Hello { .. } => Note::Ended,
+            Task::Report { token, .. } | Task::Status { token, .. } => Note::Close(*token),
+        };
+        let run = std::panic::AssertUnwindSafe(|| serve_task(state, task, notes, probes));
+        if std::panic::catch_unwind(run).is_err() {
+            log::error!("a validator worker's task panicked; its connection is closed");
+            notes.send(on_panic);
+        }
+    }
+}
+
+/// One task of a worker.
+fn serve_task(
+    state: &Arc<State>,
+    task: Task,
+    notes: &Notes,
+    probes: &crossbeam_channel::Sender<Probe>,
+) {
+    {
         match task {
             Task::Hello {
                 stream,
