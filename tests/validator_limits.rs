@@ -45,6 +45,17 @@ fn operator_lines(v: &Proc, from: usize) -> Vec<String> {
         .collect()
 }
 
+/// A job request is answered; `why` says what would have stopped it.
+fn job_request_works(v: &Proc, why: &str) {
+    let a = client::request_as(
+        &v.addr,
+        &client_identity(),
+        &job_request(),
+        Duration::from_secs(10),
+    );
+    assert!(a.is_ok(), "{why}: {}", a.err().unwrap());
+}
+
 /// Status and a real job request both work.
 fn serves(v: &Proc) {
     let rows = client::status(&v.addr, Duration::from_secs(10)).expect("status");
@@ -645,16 +656,9 @@ fn status_sessions_cannot_take_every_connection() {
         .collect();
     eprintln!("{} status sessions opened", sessions.len());
     std::thread::sleep(Duration::from_millis(500));
-    let a = client::request_as(
-        &v.addr,
-        &client_identity(),
-        &job_request(),
-        Duration::from_secs(10),
-    );
-    assert!(
-        a.is_ok(),
-        "a job request was refused while status sessions held the connections: {}",
-        a.err().unwrap()
+    job_request_works(
+        &v,
+        "a job request was refused while status sessions held the connections",
     );
     assert_eq!(up(&status(&v)), 1, "the relay lost its place");
     drop(sessions);
@@ -692,16 +696,9 @@ fn one_relay_key_holds_one_session() {
         .collect();
     eprintln!("{} sessions of one relay key opened", sessions.len());
     std::thread::sleep(Duration::from_millis(500));
-    let a = client::request_as(
-        &v.addr,
-        &client_identity(),
-        &job_request(),
-        Duration::from_secs(10),
-    );
-    assert!(
-        a.is_ok(),
-        "a job request was refused while one relay key held the connections: {}",
-        a.err().unwrap()
+    job_request_works(
+        &v,
+        "a job request was refused while one relay key held the connections",
     );
     drop(sessions);
 }

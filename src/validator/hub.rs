@@ -391,15 +391,13 @@ impl Hub {
                 self.close(old);
             }
         }
-        let token = self.token();
-        if let Err(e) = self.poll.registry().register(
-            &mut SourceFd(&stream.as_raw_fd()),
-            token,
-            Interest::READABLE,
-        ) {
-            log::warn!("connection from {peer}: cannot watch it: {e}");
-            return;
-        }
+        let token = match self.watch(&stream) {
+            Ok(t) => t,
+            Err(e) => {
+                log::warn!("connection from {peer}: cannot watch it: {e}");
+                return;
+            }
+        };
         self.conns.insert(
             token,
             Conn {
@@ -414,6 +412,17 @@ impl Hub {
         self.greetings.push_back(token);
         self.greeting_count += 1;
         self.pump(token);
+    }
+
+    /// Watch `stream` for reads under a new token.
+    fn watch(&mut self, stream: &TcpStream) -> std::io::Result<Token> {
+        let token = self.token();
+        self.poll.registry().register(
+            &mut SourceFd(&stream.as_raw_fd()),
+            token,
+            Interest::READABLE,
+        )?;
+        Ok(token)
     }
 
     fn token(&mut self) -> Token {
@@ -619,17 +628,15 @@ impl Hub {
                         replaced = Some(old);
                     }
                 }
-                let token = self.token();
-                if let Err(e) = self.poll.registry().register(
-                    &mut SourceFd(&stream.as_raw_fd()),
-                    token,
-                    Interest::READABLE,
-                ) {
-                    log::warn!("session with {peer}: cannot watch it: {e}");
-                    let _ = stream.shutdown(std::net::Shutdown::Both);
-                    self.ended(&kind);
-                    return;
-                }
+                let token = match self.watch(&stream) {
+                    Ok(t) => t,
+                    Err(e) => {
+                        log::warn!("session with {peer}: cannot watch it: {e}");
+                        let _ = stream.shutdown(std::net::Shutdown::Both);
+                        self.ended(&kind);
+                        return;
+                    }
+                };
                 let deadline = Instant::now() + kind.idle(&self.state);
                 if status {
                     self.statuses.push_back(token);
