@@ -45,6 +45,15 @@ fn operator_lines(v: &Proc, from: usize) -> Vec<String> {
         .collect()
 }
 
+/// A validator (config JSON `config`) with one relay registered, in a fresh directory.
+fn validator_with_relay(name: &str, config: &str) -> (Proc, Proc) {
+    let dir = tmpdir(name);
+    let v = validator(&dir, "127.0.0.1:0", config);
+    let r = relay(&v, &dir.join("r.key"), "127.0.0.1:0", &[]);
+    wait_status(&v, "relay registered", |r| up(r) == 1);
+    (v, r)
+}
+
 /// A job request is answered; `why` says what would have stopped it.
 fn job_request_works(v: &Proc, why: &str) {
     let a = client::request_as(
@@ -72,14 +81,10 @@ fn serves(v: &Proc) {
 
 #[test]
 fn idle_connections_do_not_lock_out_status_or_jobs() {
-    let dir = tmpdir("idle");
-    let v = validator(
-        &dir,
-        "127.0.0.1:0",
+    let (v, _r) = validator_with_relay(
+        "idle",
         r#"{"heartbeat_timeout_ms": 3000, "default_relays": 1, "bench": {"interval_secs": 0}}"#,
     );
-    let _r = relay(&v, &dir.join("r.key"), "127.0.0.1:0", &[]);
-    wait_status(&v, "relay registered", |r| up(r) == 1);
     serves(&v);
     let before = rss(v.child.id());
     let lines_before = v.log.lock().unwrap().len();
@@ -241,14 +246,10 @@ fn mass_enrollment_from_one_address_is_rate_limited() {
 
 #[test]
 fn jobs_expire() {
-    let dir = tmpdir("expire");
-    let v = validator(
-        &dir,
-        "127.0.0.1:0",
+    let (v, _r) = validator_with_relay(
+        "expire",
         r#"{"heartbeat_timeout_ms": 400, "default_relays": 1, "job_ttl_secs": 1, "bench": {"interval_secs": 0}}"#,
     );
-    let _r = relay(&v, &dir.join("r.key"), "127.0.0.1:0", &[]);
-    wait_status(&v, "relay registered", |r| up(r) == 1);
     let a = client::request_as(
         &v.addr,
         &client_identity(),
@@ -294,14 +295,10 @@ fn threads(pid: u32) -> usize {
 /// the validator keeps answering status and jobs.
 #[test]
 fn open_sessions_do_not_each_hold_a_thread() {
-    let dir = tmpdir("sessions");
-    let v = validator(
-        &dir,
-        "127.0.0.1:0",
+    let (v, _r) = validator_with_relay(
+        "sessions",
         r#"{"heartbeat_timeout_ms": 3000, "default_relays": 1, "bench": {"interval_secs": 0}}"#,
     );
-    let _r = relay(&v, &dir.join("r.key"), "127.0.0.1:0", &[]);
-    wait_status(&v, "relay registered", |r| up(r) == 1);
     let idle_threads = threads(v.child.id());
     let per = 250;
     let openers: Vec<_> = (0..4)
@@ -368,14 +365,10 @@ fn unauthenticated_sessions_cannot_make_the_validator_buffer_megabytes() {
         limit: usize,
         pad: String,
     }
-    let dir = tmpdir("bigstatus");
-    let v = validator(
-        &dir,
-        "127.0.0.1:0",
+    let (v, _r) = validator_with_relay(
+        "bigstatus",
         r#"{"heartbeat_timeout_ms": 3000, "default_relays": 1, "bench": {"interval_secs": 0}}"#,
     );
-    let _r = relay(&v, &dir.join("r.key"), "127.0.0.1:0", &[]);
-    wait_status(&v, "relay registered", |r| up(r) == 1);
     serves(&v);
     let before = peak_rss(v.child.id());
     let sessions = 24;
@@ -433,15 +426,11 @@ fn unauthenticated_sessions_cannot_make_the_validator_buffer_megabytes() {
 /// block, they must not take the workers that check handshakes and assign jobs.
 #[test]
 fn status_readers_that_never_read_do_not_stall_job_requests() {
-    let dir = tmpdir("stuckstatus");
-    let v = validator(
-        &dir,
-        "127.0.0.1:0",
+    let (v, _r) = validator_with_relay(
+        "stuckstatus",
         r#"{"heartbeat_timeout_ms": 3000, "default_relays": 1, "workers": 4,
             "bench": {"interval_secs": 0}}"#,
     );
-    let _r = relay(&v, &dir.join("r.key"), "127.0.0.1:0", &[]);
-    wait_status(&v, "relay registered", |r| up(r) == 1);
     serves(&v);
     let stuck: Vec<_> = (0..8)
         .map(|_| {
@@ -563,15 +552,11 @@ fn a_relay_that_never_acknowledges_does_not_hold_the_workers() {
 /// over and over with such an address must not hold the workers that admit clients.
 #[test]
 fn relays_whose_address_never_answers_do_not_hold_the_workers() {
-    let dir = tmpdir("slowprobe");
-    let v = validator(
-        &dir,
-        "127.0.0.1:0",
+    let (v, _r) = validator_with_relay(
+        "slowprobe",
         r#"{"heartbeat_timeout_ms": 3000, "default_relays": 1, "workers": 2,
             "bench": {"interval_secs": 0}}"#,
     );
-    let _r = relay(&v, &dir.join("r.key"), "127.0.0.1:0", &[]);
-    wait_status(&v, "relay registered", |r| up(r) == 1);
     // Accepts connections and never says a word.
     let tarpit = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let tarpit_addr = tarpit.local_addr().unwrap().to_string();
@@ -633,15 +618,11 @@ fn relays_whose_address_never_answers_do_not_hold_the_workers() {
 /// not take every connection the validator serves, or relays and clients are refused.
 #[test]
 fn status_sessions_cannot_take_every_connection() {
-    let dir = tmpdir("statusslots");
-    let v = validator(
-        &dir,
-        "127.0.0.1:0",
+    let (v, _r) = validator_with_relay(
+        "statusslots",
         r#"{"heartbeat_timeout_ms": 3000, "default_relays": 1, "max_connections": 64,
             "bench": {"interval_secs": 0}}"#,
     );
-    let _r = relay(&v, &dir.join("r.key"), "127.0.0.1:0", &[]);
-    wait_status(&v, "relay registered", |r| up(r) == 1);
     let sessions: Vec<_> = (0..80)
         .filter_map(|_| {
             channel::connect(
@@ -668,15 +649,11 @@ fn status_sessions_cannot_take_every_connection() {
 /// end, so one enrolled key cannot hold every connection the validator serves.
 #[test]
 fn one_relay_key_holds_one_session() {
-    let dir = tmpdir("relaysessions");
-    let v = validator(
-        &dir,
-        "127.0.0.1:0",
+    let (v, _r) = validator_with_relay(
+        "relaysessions",
         r#"{"heartbeat_timeout_ms": 60000, "default_relays": 1, "max_connections": 32,
             "bench": {"interval_secs": 0}}"#,
     );
-    let _r = relay(&v, &dir.join("r.key"), "127.0.0.1:0", &[]);
-    wait_status(&v, "relay registered", |r| up(r) == 1);
     let me = Identity::from_seed(&[9; 32]);
     let sessions: Vec<_> = (0..40)
         .filter_map(|_| {
@@ -712,18 +689,14 @@ fn report_streams_together_hold_at_most_max_assembling() {
     struct Padded {
         pad: String,
     }
-    let dir = tmpdir("assembling");
-    let v = validator(
-        &dir,
-        "127.0.0.1:0",
+    let (v, _r) = validator_with_relay(
+        "assembling",
         &format!(
             r#"{{"heartbeat_timeout_ms": 3000, "default_relays": 1, "bench": {{"interval_secs": 0}},
                 "clients": ["{}"], "max_assembling": 4194304}}"#,
             client_identity().id()
         ),
     );
-    let _r = relay(&v, &dir.join("r.key"), "127.0.0.1:0", &[]);
-    wait_status(&v, "relay registered", |r| up(r) == 1);
     let a = client::request_as(
         &v.addr,
         &client_identity(),
