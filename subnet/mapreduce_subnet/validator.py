@@ -29,7 +29,7 @@ from typing import Optional, Sequence
 
 from . import ss58
 from .chain import ChainError, Neuron, RateLimited, split_endpoint
-from .common import Daemon, Stop, chain_of, find_program, log, parser, registered, setup_logging, setting, wallet_of
+from .common import Daemon, Stop, chain_of, find_program, log, parser, registered, setup_logging, wallet_of
 
 # validator.config.json keys read by this entry point, not by mr-validator.
 SUBNET_KEYS = ("subtensor.network", "netuid", "wallet.name", "wallet.hotkey", "wallet.path",
