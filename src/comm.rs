@@ -25,7 +25,9 @@ use crate::config::Config;
 use crate::error::{Error, ErrorKind, Result};
 use crate::hier::{HierOp, Hierarchy, Ptr};
 use crate::layout::Layout;
-use crate::net::engine::{Completion, Engine, PendingOp, RelayLink, RelayLinks, RelayRates, Work};
+use crate::net::engine::{
+    Completion, Engine, RelayLink, RelayLinks, RelayRates, Submission, Transport,
+};
 use crate::types::{DType, Element, ReduceOp};
 use crate::validator::peer::{JobVerify, Recorded};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -537,8 +539,8 @@ impl Comm {
         let shm = self.shm
             && crate::net::shm::carries(desc.coll)
             && !crate::algo::plan::uses_relays(&desc, &self.config, relays);
-        let work = if shm {
-            Work::SharedMemory(desc)
+        let transport = if shm {
+            Transport::SharedMemory(desc)
         } else {
             let window = if relays.is_empty() {
                 crate::algo::relay::DEFAULT_WINDOW
@@ -553,7 +555,7 @@ impl Comm {
                 let window = crate::algo::relay::relay_window(&used, chunk);
                 crate::algo::relay::compressed_window(window, desc.compress, chunk)
             };
-            Work::Schedule(crate::algo::plan::build_with_relays(
+            Transport::Frames(crate::algo::plan::build_with_relays(
                 &desc,
                 self.rank,
                 self.size,
@@ -566,8 +568,8 @@ impl Comm {
         };
         let done = Arc::new(Completion::default());
         before(*seq);
-        self.engine.submit(PendingOp {
-            work,
+        self.engine.submit(Submission {
+            transport,
             mem,
             done: done.clone(),
         })?;
@@ -1019,8 +1021,8 @@ impl Comm {
         };
         let schedule = Exchange::new(desc, self.config.chunk_bytes, plan, &mut mem);
         let done = Arc::new(Completion::default());
-        self.engine.submit(PendingOp {
-            work: Work::Schedule(Box::new(schedule)),
+        self.engine.submit(Submission {
+            transport: Transport::Frames(Box::new(schedule)),
             mem,
             done: done.clone(),
         })?;
@@ -1109,8 +1111,8 @@ impl Comm {
             compress: Compression::None,
         };
         let schedule = PointToPoint::new(desc, self.config.chunk_bytes, sends, recvs);
-        self.engine.submit(PendingOp {
-            work: Work::Schedule(Box::new(schedule)),
+        self.engine.submit(Submission {
+            transport: Transport::Frames(Box::new(schedule)),
             mem,
             done: done.clone(),
         })?;

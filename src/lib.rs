@@ -25,6 +25,7 @@ pub mod hier;
 pub mod layout;
 pub mod net;
 pub mod pace;
+pub mod policy;
 pub mod reduce;
 pub mod relay;
 pub mod types;
