@@ -168,6 +168,11 @@ pub struct OpMemory {
     pub acc: Option<Scratch>,
     /// Further caller buffers, read or written as [`Region::Buffer`] says.
     pub buffers: Vec<RawBuf>,
+    /// Room for copies of input the op may have to send again after its result overwrote
+    /// it (a relay all-reduce that loses a relay). Its contents are whatever an earlier op
+    /// left: a schedule reads back only what it copied in. The progress loop hands one op's
+    /// backup to the next, so the pages are faulted in once per communicator.
+    pub backup: Option<Scratch>,
 }
 
 impl OpMemory {
@@ -177,6 +182,7 @@ impl OpMemory {
             input: RawBuf::empty(),
             acc: None,
             buffers: Vec::new(),
+            backup: None,
         }
     }
 

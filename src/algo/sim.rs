@@ -1,12 +1,39 @@
-//! Deterministic simulator for schedules: N ranks exchanging frames through in-memory queues,
-//! with a seeded scheduler that reorders deliveries and delays send completions. Nothing
-//! sleeps; [`Sim::drive_bounded`] fails on livelock.
+//! Deterministic simulator for schedules and the policy around them: ranks and relays
+//! exchanging frames through in-memory queues, with a seeded scheduler that reorders
+//! deliveries and delays send completions, and a virtual clock. Nothing sleeps and nothing
+//! reads the real clock; [`Sim::drive_bounded`] fails on livelock.
+//!
+//! Every rank runs the same sans-IO code as the progress loop ([`crate::net::engine`]): its
+//! op's [`Schedule`], a [`Sequencer`] that decides whether a frame belongs to the running op,
+//! must wait for a later one (parked: it stays in the queue) or is stale, and a
+//! [`RelayHealth`] fed with virtual time that finds stalled relays and timed-out ops and
+//! measures relay throughput. A rank may run several ops one after another
+//! ([`SimRank::then`]); relay ops after the first split their segments by the rates the ranks
+//! measured, as the communicator does.
+//!
+//! Relays ([`SimRelay`]) sum in rank order (all-reduce, plain or compressed) or forward
+//! (broadcast). A relay can be killed (its connections break: every rank learns of it within
+//! a chosen number of steps), stalled from a virtual time on (it takes frames and never
+//! answers: only the policy's stall rule notices), or given a rate (it needs `bytes / rate`
+//! of virtual time per answer).
+//!
+//! While something can be delivered now, time stands still; when nothing can, the clock jumps
+//! to the next arrival or the earliest deadline a rank's policy names.
 
-use crate::algo::{Endpoint, OpDesc, Schedule, Transmit};
+use crate::algo::relay::weights_from_rates;
+use crate::algo::{Collective, Endpoint, OpDesc, Schedule, Transmit};
 use crate::buffer::{OpMemory, RawBuf};
+use crate::compress::Compression;
 use crate::config::Config;
-use crate::error::Result;
-use crate::wire::FrameHeader;
+use crate::error::{Error, Result};
+use crate::policy::relays::{smooth_rate, RelayHealth};
+use crate::policy::sequence::{Route, Sequencer};
+use crate::wire::{FrameHeader, HEADER_LEN};
+use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+/// Op timeout of simulated ranks unless a test sets another ([`Sim::set_timeout`]).
+pub const SIM_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Small deterministic PRNG (xorshift64*).
 pub struct Rng(u64);
@@ -26,8 +53,18 @@ impl Rng {
     }
 }
 
-/// One simulated rank: its schedule, its memory (backed by owned vectors) and the transmits
-/// handed out but not yet reported as sent.
+/// Builds a later op of a rank once it starts: given the relay segment weights every rank
+/// adopts for it and the op's memory.
+pub type BuildOp = Box<dyn FnOnce(&[u64], &mut OpMemory) -> Box<dyn Schedule>>;
+
+/// An op a rank runs after its current one.
+pub struct LaterOp {
+    build: BuildOp,
+    user: Vec<u8>,
+}
+
+/// One simulated rank: its schedule, its memory (backed by owned vectors), the transmits
+/// handed out but not yet reported as sent, and its policy.
 pub struct SimRank {
     pub schedule: Box<dyn Schedule>,
     pub mem: OpMemory,
@@ -37,21 +74,107 @@ pub struct SimRank {
     pub error: Option<crate::error::Error>,
     /// Further buffers behind `mem.buffers` (point-to-point groups).
     pub buffers: Vec<Vec<u8>>,
+    /// Ops to run after this one, in order.
+    pub later: VecDeque<LaterOp>,
+    /// Result buffers of the ops that completed here, in order (the current one excluded).
+    pub results: Vec<Vec<u8>>,
+    /// Virtual start and end of each op that ended here.
+    pub op_times: Vec<(Duration, Duration)>,
+    /// Whether the current op started (false once the last op ended).
+    pub running: bool,
+    started_at: Duration,
+    pub health: RelayHealth,
+    pub sequencer: Sequencer,
+    /// Smoothed relay throughput, bytes per second, as the engine keeps it.
+    pub rates: Vec<u64>,
+    /// When this rank dropped each relay, and why.
+    pub relay_drops: Vec<(usize, Duration, String)>,
+}
+
+impl SimRank {
+    pub fn new(
+        schedule: Box<dyn Schedule>,
+        mem: OpMemory,
+        user: Vec<u8>,
+        input: Vec<u8>,
+    ) -> SimRank {
+        SimRank {
+            schedule,
+            mem,
+            user,
+            input,
+            in_flight: Vec::new(),
+            error: None,
+            buffers: Vec::new(),
+            later: VecDeque::new(),
+            results: Vec::new(),
+            op_times: Vec::new(),
+            running: false,
+            started_at: Duration::ZERO,
+            health: RelayHealth::new(SIM_TIMEOUT),
+            sequencer: Sequencer::default(),
+            rates: Vec::new(),
+            relay_drops: Vec::new(),
+        }
+    }
+
+    /// Run the op `build` makes on `user` after the ops queued so far.
+    pub fn then(&mut self, user: Vec<u8>, build: BuildOp) {
+        self.later.push_back(LaterOp { build, user });
+    }
+
+    fn done(&self) -> bool {
+        !self.running && self.later.is_empty()
+    }
+}
+
+/// A simulated relay: all-reduce sums in rank order, broadcast forwards and acknowledges.
+#[derive(Default)]
+pub struct SimRelay {
+    /// Killed: frames to it vanish, its connections are broken.
+    pub dead: bool,
+    /// From this virtual time on it takes frames and never answers.
+    pub stall_from: Option<Duration>,
+    /// Bytes per second it answers at (`None`: at once).
+    pub rate: Option<u64>,
+    busy_until: Duration,
+    parts: HashMap<(u64, u64), Vec<Option<Vec<u8>>>>,
+    /// Frames that reached it, per op sequence number.
+    pub received: HashMap<u64, usize>,
 }
 
 struct Message {
-    from: usize,
-    to: usize,
+    from: Endpoint,
+    to: Endpoint,
     header: FrameHeader,
     payload: Vec<u8>,
+    /// Earliest virtual time it can arrive.
+    at: Duration,
 }
 
 pub struct Sim {
     pub ranks: Vec<SimRank>,
+    pub relays: Vec<SimRelay>,
     net: Vec<Message>,
     rng: Rng,
     /// Ranks that stopped responding (their frames are dropped, they never send).
     pub dead: Vec<bool>,
+    /// Virtual time since the start.
+    pub now: Duration,
+    base: Instant,
+    /// One-way delay of every frame.
+    pub latency: Duration,
+    steps: usize,
+    /// Relays to kill at a step: (step, relay).
+    kills: Vec<(usize, usize)>,
+    /// Ranks learning that a relay's connection broke: (step, rank, relay).
+    notify: Vec<(usize, usize, usize)>,
+    /// Deliveries that had to wait because their op had not started at the receiver.
+    pub parked: usize,
+    /// Every frame sent, in order: sender, receiver, header.
+    pub sent: Vec<(Endpoint, Endpoint, FrameHeader)>,
+    /// Segment weights of each later relay op, fixed when its first rank starts it.
+    weights: HashMap<usize, Vec<u64>>,
 }
 
 impl Sim {
@@ -71,74 +194,436 @@ impl Sim {
                 // SAFETY: the vectors live in the SimRank beside the RawBufs and are never
                 // reallocated while the schedule runs.
                 let mut mem = OpMemory::new(unsafe { RawBuf::new(u.as_mut_ptr(), u.len()) });
+                // SAFETY: as above.
                 mem.input = unsafe { RawBuf::new(i.as_mut_ptr(), i.len()) };
                 let schedule = crate::algo::plan::build(&desc, r, n, config, &mut mem)
                     .expect("build schedule");
-                SimRank {
-                    schedule,
-                    mem,
-                    user: u,
-                    input: i,
-                    in_flight: Vec::new(),
-                    error: None,
-                    buffers: Vec::new(),
-                }
+                SimRank::new(schedule, mem, u, i)
             })
             .collect();
-        Sim {
-            ranks,
-            net: Vec::new(),
-            rng: Rng::new(seed),
-            dead: vec![false; n],
-        }
+        Sim::from_ranks(ranks, seed)
     }
 
     /// A simulation of ranks built by the caller (schedules that need more than an
-    /// [`OpDesc`], such as direct exchanges, or ranks that called differently).
+    /// [`OpDesc`], such as direct exchanges or relay schedules, or ranks that called
+    /// differently).
     pub fn from_ranks(ranks: Vec<SimRank>, seed: u64) -> Sim {
         let n = ranks.len();
-        Sim {
+        let mut sim = Sim {
             ranks,
+            relays: Vec::new(),
             net: Vec::new(),
             rng: Rng::new(seed),
             dead: vec![false; n],
+            now: Duration::ZERO,
+            base: Instant::now(),
+            latency: Duration::ZERO,
+            steps: 0,
+            kills: Vec::new(),
+            notify: Vec::new(),
+            parked: 0,
+            sent: Vec::new(),
+            weights: HashMap::new(),
+        };
+        for r in 0..n {
+            sim.start_current(r);
+        }
+        sim
+    }
+
+    /// Add `n` relays, answering at once.
+    pub fn with_relays(mut self, n: usize) -> Sim {
+        self.relays = (0..n).map(|_| SimRelay::default()).collect();
+        for r in 0..self.ranks.len() {
+            self.ranks[r].rates = vec![0; n];
+            // The first op started before the relays existed: it knows them now.
+            let now = self.instant();
+            self.ranks[r].health.start_op(now, 0..n);
+        }
+        self
+    }
+
+    /// Every rank's op timeout (the relay stall bound follows from it).
+    pub fn set_timeout(&mut self, timeout: Duration) {
+        let now = self.instant();
+        let n = self.relays.len();
+        for k in &mut self.ranks {
+            k.health = RelayHealth::new(timeout);
+            k.health.start_op(now, 0..n);
         }
     }
 
-    fn rank_of(ep: Endpoint) -> usize {
-        match ep {
-            Endpoint::Rank(r) => r,
-            Endpoint::Relay(_) => panic!("the ring simulator has no relays"),
+    /// Kill relay `k` at scheduler step `step`; every rank learns of it within `spread`
+    /// steps after that. Its answers not yet delivered are lost or delivered at random.
+    pub fn kill_relay(&mut self, k: usize, step: usize, spread: usize) {
+        self.kills.push((step, k));
+        for p in 0..self.ranks.len() {
+            let at = step + self.rng.below(spread.max(1));
+            self.notify.push((at, p, k));
+        }
+    }
+
+    fn instant(&self) -> Instant {
+        self.base + self.now
+    }
+
+    /// The virtual instant `t` after the start.
+    pub fn at(&self, t: Duration) -> Instant {
+        self.base + t
+    }
+
+    /// The current op of rank `r` begins: the policy learns of it.
+    fn start_current(&mut self, r: usize) {
+        let now = self.instant();
+        let k = &mut self.ranks[r];
+        k.running = true;
+        k.started_at = self.now;
+        let lost = k.health.start_op(now, 0..self.relays.len());
+        for relay in lost {
+            let err = Error::remote(format!("relay {relay} was lost in an earlier op"));
+            if let Err(e) = k
+                .schedule
+                .handle_endpoint_lost(&mut k.mem, Endpoint::Relay(relay), err)
+            {
+                k.error = Some(e);
+            }
+        }
+    }
+
+    /// Rank `r`'s op completed: record it, start the next one if any.
+    fn finish_current(&mut self, r: usize) {
+        let now = self.now;
+        let n_ops = self.ranks[r].op_times.len();
+        let k = &mut self.ranks[r];
+        k.running = false;
+        k.op_times.push((k.started_at, now));
+        let seq = k.schedule.desc().seq;
+        let p2p = k.schedule.p2p_ranges();
+        k.sequencer.ended(seq, &p2p);
+        for s in k.health.finish_op() {
+            if let Some(rate) = k.rates.get_mut(s.relay) {
+                *rate = smooth_rate(*rate, s.bytes_per_sec);
+            }
+        }
+        let Some(next) = k.later.pop_front() else {
+            return;
+        };
+        // The weights every rank uses for this op: the rates the ranks hold when the first
+        // of them starts it, summed in KiB/s (as the communicator's exchange does).
+        let index = n_ops + 1;
+        let weights = match self.weights.get(&index) {
+            Some(w) => w.clone(),
+            None => {
+                let sums: Vec<u64> = (0..self.relays.len())
+                    .map(|i| self.ranks.iter().map(|k| k.rates[i] / 1024).sum())
+                    .collect();
+                let w = weights_from_rates(&sums);
+                self.weights.insert(index, w.clone());
+                w
+            }
+        };
+        let k = &mut self.ranks[r];
+        let done = std::mem::replace(&mut k.user, next.user);
+        k.results.push(done);
+        // SAFETY: the vector lives in the SimRank beside the RawBuf and is never reallocated
+        // while the op runs.
+        k.mem = OpMemory::new(unsafe { RawBuf::new(k.user.as_mut_ptr(), k.user.len()) });
+        k.schedule = (next.build)(&weights, &mut k.mem);
+        self.start_current(r);
+    }
+
+    /// Rank `p` learns that relay `k` is gone (its connection broke, or it stalled).
+    fn drop_relay(&mut self, p: usize, k: usize, err: Error) {
+        let now = self.now;
+        let rank = &mut self.ranks[p];
+        if !rank.health.lose(k) {
+            return;
+        }
+        rank.relay_drops.push((k, now, err.message.clone()));
+        if !rank.running {
+            return;
+        }
+        if let Err(e) = rank
+            .schedule
+            .handle_endpoint_lost(&mut rank.mem, Endpoint::Relay(k), err)
+        {
+            rank.error = Some(e);
+        }
+    }
+
+    /// Let every rank's policy look at the clock.
+    fn handle_timeouts(&mut self) {
+        let now = self.instant();
+        for p in 0..self.ranks.len() {
+            if self.dead[p] || self.ranks[p].error.is_some() || !self.ranks[p].running {
+                continue;
+            }
+            let k = &mut self.ranks[p];
+            let schedule = &k.schedule;
+            let expired = k
+                .health
+                .handle_timeout(now, |r| schedule.waits_on(Endpoint::Relay(r)));
+            let bound = k.health.stall();
+            for (r, _) in expired.stalled {
+                let msg = format!(
+                    "relay {r} stalled: nothing arrived from it for {} ms",
+                    bound.as_millis()
+                );
+                self.drop_relay(p, r, Error::timeout(msg));
+            }
+            let k = &mut self.ranks[p];
+            if expired.op_timed_out && k.error.is_none() {
+                k.error = Some(Error::timeout(format!(
+                    "{} made no progress: {}",
+                    k.schedule.desc(),
+                    k.schedule.waiting_for()
+                )));
+            }
+        }
+    }
+
+    /// Whether message `m` must wait at its receiver for an op that has not started there.
+    fn parks(&self, m: &Message) -> bool {
+        let Endpoint::Rank(to) = m.to else {
+            return false;
+        };
+        let k = &self.ranks[to];
+        let current = k.running.then(|| k.schedule.desc().seq);
+        let route = k.sequencer.route(m.from, &m.header, current, || {
+            k.running && k.schedule.accepts_p2p(m.from, &m.header)
+        });
+        route == Route::Park
+    }
+
+    /// A frame reaches relay `k`.
+    fn relay_in(&mut self, k: usize, from: Endpoint, h: FrameHeader, payload: Vec<u8>) {
+        let world = self.ranks.len();
+        let now = self.now;
+        let latency = self.latency;
+        let relay = &mut self.relays[k];
+        if relay.dead {
+            return;
+        }
+        *relay.received.entry(h.seq).or_default() += 1;
+        if relay.stall_from.is_some_and(|t| now >= t) {
+            return;
+        }
+        let Endpoint::Rank(from) = from else {
+            panic!("relay {k} got a frame from {from}");
+        };
+        // When answers of `bytes` each to every rank leave.
+        let mut answer_at = |bytes: usize| {
+            let start = now.max(relay.busy_until);
+            let busy = relay.rate.map_or(Duration::ZERO, |rate| {
+                Duration::from_nanos((bytes * world) as u64 * 1_000_000_000 / rate.max(1))
+            });
+            relay.busy_until = start + busy;
+            start + busy + latency
+        };
+        let src = Endpoint::Relay(k);
+        if h.coll == Collective::Broadcast as u8 {
+            let at = answer_at(payload.len());
+            for r in (0..world).filter(|&r| r != from) {
+                self.net.push(Message {
+                    from: src,
+                    to: Endpoint::Rank(r),
+                    header: h,
+                    payload: payload.clone(),
+                    at,
+                });
+            }
+            self.net.push(Message {
+                from: src,
+                to: Endpoint::Rank(from),
+                header: FrameHeader { len: 0, ..h },
+                payload: Vec::new(),
+                at,
+            });
+            return;
+        }
+        let parts = relay
+            .parts
+            .entry((h.seq, h.offset))
+            .or_insert_with(|| vec![None; world]);
+        assert!(
+            parts[from].is_none(),
+            "rank {from} sent op {} offset {} to relay {k} twice",
+            h.seq,
+            h.offset
+        );
+        parts[from] = Some(payload);
+        if parts.iter().any(|p| p.is_none()) {
+            return;
+        }
+        let parts = relay.parts.remove(&(h.seq, h.offset)).expect("parts");
+        let bytes = if let Some(z) =
+            Compression::from_u8(h.redop >> 4).filter(|&z| z != Compression::None)
+        {
+            let refs: Vec<&[u8]> = parts.iter().map(|p| p.as_deref().expect("part")).collect();
+            let op = crate::types::ReduceOp::from_raw(u32::from(h.redop & 0x0f)).expect("op");
+            crate::compress::reduce_encoded(z, op, &refs).expect("reduce encoded")
+        } else {
+            // The simulated jobs sum int32.
+            let mut sum = vec![0i32; h.len as usize / 4];
+            for p in parts {
+                for (s, x) in sum.iter_mut().zip(p.expect("part").chunks_exact(4)) {
+                    *s = s.wrapping_add(i32::from_le_bytes(x.try_into().expect("4 bytes")));
+                }
+            }
+            sum.iter().flat_map(|x| x.to_le_bytes()).collect()
+        };
+        let at = answer_at(bytes.len());
+        for r in 0..world {
+            self.net.push(Message {
+                from: src,
+                to: Endpoint::Rank(r),
+                header: h,
+                payload: bytes.clone(),
+                at,
+            });
+        }
+    }
+
+    /// A frame reaches rank `to`.
+    fn rank_in(&mut self, to: usize, m: Message) {
+        if self.dead[to] {
+            return;
+        }
+        let now = self.instant();
+        let in_place = self.rng.below(2) == 0;
+        let k = &mut self.ranks[to];
+        if k.error.is_some() {
+            return;
+        }
+        if let Endpoint::Relay(r) = m.from {
+            if k.health.is_lost(r) {
+                return; // its connection is closed here
+            }
+        }
+        let current = k.running.then(|| k.schedule.desc().seq);
+        let route = k.sequencer.route(m.from, &m.header, current, || {
+            k.running && k.schedule.accepts_p2p(m.from, &m.header)
+        });
+        match route {
+            Route::ToCurrentOp => {}
+            Route::Discard => return,
+            Route::Park => unreachable!("parked frames are not picked"),
+            Route::Control | Route::Unexpected => {
+                k.error = Some(Error::internal(format!(
+                    "unexpected {:?} frame from {}",
+                    m.header.kind(),
+                    m.from
+                )));
+                return;
+            }
+        }
+        if let Endpoint::Relay(r) = m.from {
+            k.health.heard_from(r, HEADER_LEN + m.payload.len(), now);
+        }
+        k.health.progress(now);
+        // Take the zero-copy path for a random half of the frames that allow it.
+        let result = if in_place {
+            match k.schedule.recv_in_place(m.from, &m.header) {
+                Ok(Some(region)) => {
+                    k.mem.bytes_mut(&region).copy_from_slice(&m.payload);
+                    k.schedule
+                        .handle_frame_in_place(&mut k.mem, m.from, &m.header)
+                }
+                Ok(None) => k
+                    .schedule
+                    .handle_frame(&mut k.mem, m.from, &m.header, &m.payload),
+                Err(e) => Err(e),
+            }
+        } else {
+            k.schedule
+                .handle_frame(&mut k.mem, m.from, &m.header, &m.payload)
+        };
+        if let Err(e) = result {
+            k.error = Some(e);
+        }
+    }
+
+    /// Kills and relay losses due at this step.
+    fn step_events(&mut self) {
+        let step = self.steps;
+        for &(at, k) in &self.kills {
+            if at == step {
+                self.relays[k].dead = true;
+            }
+        }
+        let due: Vec<(usize, usize)> = self
+            .notify
+            .iter()
+            .filter(|n| n.0 == step)
+            .map(|n| (n.1, n.2))
+            .collect();
+        for (p, k) in due {
+            let err = Error::remote(format!("connection closed by relay {k}"));
+            self.drop_relay(p, k, err);
         }
     }
 
     /// One scheduler move; returns whether anything happened.
     pub fn step(&mut self) -> bool {
+        self.step_events();
+        self.steps += 1;
         let n = self.ranks.len();
         let mut moved = false;
-        // Let every live rank hand out what it wants to send.
+        // Let every live rank hand out what it wants to send; start its next op when the
+        // current one completed.
         for r in 0..n {
-            if self.dead[r] || self.ranks[r].error.is_some() {
-                continue;
-            }
-            let rank = &mut self.ranks[r];
-            while let Some(t) = rank.schedule.poll_transmit(&mut rank.mem) {
-                rank.in_flight.push(t);
+            loop {
+                if self.dead[r] || self.ranks[r].error.is_some() || !self.ranks[r].running {
+                    break;
+                }
+                let rank = &mut self.ranks[r];
+                while let Some(ep) = rank.schedule.poll_endpoint_dropped() {
+                    if let Endpoint::Relay(k) = ep {
+                        rank.health.lose(k);
+                    }
+                }
+                while let Some(t) = rank.schedule.poll_transmit(&mut rank.mem) {
+                    if let Endpoint::Relay(k) = t.to {
+                        if rank.health.is_lost(k) {
+                            continue;
+                        }
+                    }
+                    rank.in_flight.push(t);
+                    moved = true;
+                }
+                if !rank.schedule.is_complete() {
+                    break;
+                }
+                self.finish_current(r);
                 moved = true;
             }
         }
+        self.handle_timeouts();
         // Pick a random event: complete a send (copying its bytes only now, so a schedule
-        // that touches a region before handle_sent is caught) or deliver a frame.
-        let sends: usize = self
-            .ranks
-            .iter()
-            .enumerate()
-            .filter(|(r, _)| !self.dead[*r])
-            .map(|(_, k)| k.in_flight.len())
+        // that touches a region before handle_sent is caught) or deliver a frame that is due
+        // and whose op has started at the receiver.
+        let sends: usize = (0..n)
+            .filter(|&r| !self.dead[r])
+            .map(|r| self.ranks[r].in_flight.len())
             .sum();
-        let total = sends + self.net.len();
+        let mut due = Vec::new();
+        for (i, m) in self.net.iter().enumerate() {
+            if m.at > self.now {
+                continue;
+            }
+            if self.parks(m) {
+                self.parked += 1;
+                continue;
+            }
+            due.push(i);
+        }
+        let total = sends + due.len();
         if total == 0 {
-            return moved;
+            // Broken connections are noticed within their steps, before any timer fires.
+            if self.notify.iter().any(|n| n.0 >= self.steps) {
+                return true;
+            }
+            return self.advance_clock() || moved;
         }
         let mut pick = self.rng.below(total);
         if pick < sends {
@@ -146,16 +631,21 @@ impl Sim {
                 if self.dead[r] {
                     continue;
                 }
+                let now = self.instant();
+                let at = self.now + self.latency;
                 let k = &mut self.ranks[r];
                 if pick < k.in_flight.len() {
                     let t = k.in_flight.remove(pick);
                     let payload = k.mem.bytes(&t.region).to_vec();
                     k.schedule.handle_sent(&t);
+                    k.health.progress(now);
+                    self.sent.push((Endpoint::Rank(r), t.to, t.header));
                     self.net.push(Message {
-                        from: r,
-                        to: Self::rank_of(t.to),
+                        from: Endpoint::Rank(r),
+                        to: t.to,
                         header: t.header,
                         payload,
+                        at,
                     });
                     return true;
                 }
@@ -163,52 +653,70 @@ impl Sim {
             }
             unreachable!();
         }
-        let m = self.net.swap_remove(pick - sends);
-        if self.dead[m.to] {
-            return true;
-        }
-        let k = &mut self.ranks[m.to];
-        if k.error.is_none() {
-            let from = Endpoint::Rank(m.from);
-            // Take the zero-copy path for a random half of the frames that allow it.
-            let result = if self.rng.below(2) == 0 {
-                match k.schedule.recv_in_place(from, &m.header) {
-                    Ok(Some(region)) => {
-                        k.mem.bytes_mut(&region).copy_from_slice(&m.payload);
-                        k.schedule
-                            .handle_frame_in_place(&mut k.mem, from, &m.header)
+        let m = self.net.swap_remove(due[pick - sends]);
+        match m.to {
+            Endpoint::Relay(k) => self.relay_in(k, m.from, m.header, m.payload),
+            Endpoint::Rank(to) => {
+                // A dead relay's answers still in flight may or may not arrive.
+                if let Endpoint::Relay(k) = m.from {
+                    if self.relays[k].dead && self.rng.below(2) == 0 {
+                        return true;
                     }
-                    Ok(None) => k
-                        .schedule
-                        .handle_frame(&mut k.mem, from, &m.header, &m.payload),
-                    Err(e) => Err(e),
                 }
-            } else {
-                k.schedule
-                    .handle_frame(&mut k.mem, from, &m.header, &m.payload)
-            };
-            if let Err(e) = result {
-                k.error = Some(e);
+                self.rank_in(to, m);
             }
         }
         true
     }
 
-    pub fn all_complete(&self) -> bool {
-        self.ranks
+    /// Nothing can move now: jump to the next arrival or policy deadline. False if there is
+    /// none (deadlock).
+    fn advance_clock(&mut self) -> bool {
+        let arrival = self
+            .net
+            .iter()
+            .map(|m| m.at)
+            .filter(|&t| t > self.now)
+            .min();
+        let deadline = self
+            .ranks
             .iter()
             .enumerate()
-            .all(|(r, k)| self.dead[r] || k.schedule.is_complete())
+            .filter(|(r, k)| !self.dead[*r] && k.running && k.error.is_none())
+            .filter_map(|(_, k)| k.health.poll_timeout())
+            .map(|t| t.saturating_duration_since(self.base))
+            .min();
+        let next = match (arrival, deadline) {
+            (Some(a), Some(d)) => a.min(d),
+            (a, d) => match a.or(d) {
+                Some(t) => t,
+                None => return false,
+            },
+        };
+        if next <= self.now {
+            return false;
+        }
+        self.now = next;
+        self.handle_timeouts();
+        true
     }
 
-    /// Run until every live rank completes, or fail after `max_steps` moves or when nothing
-    /// can move (livelock/deadlock).
+    pub fn all_complete(&self) -> bool {
+        self.ranks.iter().enumerate().all(|(r, k)| {
+            self.dead[r] || k.done() || (k.later.is_empty() && k.schedule.is_complete())
+        })
+    }
+
+    /// Run until every live rank completed all its ops, or fail after `max_steps` moves or
+    /// when nothing can move (livelock/deadlock).
     pub fn drive_bounded(&mut self, max_steps: usize) -> Result<(), String> {
         for _ in 0..max_steps {
-            if self.all_complete() {
+            let pending_kills = self.notify.iter().any(|n| n.0 >= self.steps);
+            if self.all_complete() && !pending_kills {
+                self.finish_all();
                 return Ok(());
             }
-            if !self.step() && !self.all_complete() {
+            if !self.step() && !self.all_complete() && !pending_kills {
                 let stuck: Vec<String> = self
                     .ranks
                     .iter()
@@ -220,6 +728,20 @@ impl Sim {
             }
         }
         Err(format!("still running after {max_steps} steps"))
+    }
+
+    /// Record the end of every op that completed but was not yet seen to.
+    fn finish_all(&mut self) {
+        for r in 0..self.ranks.len() {
+            if !self.dead[r] && self.ranks[r].running && self.ranks[r].schedule.is_complete() {
+                self.finish_current(r);
+            }
+        }
+    }
+
+    /// Frames waiting in the network.
+    pub fn in_network(&self) -> usize {
+        self.net.len()
     }
 }
 
@@ -596,22 +1118,9 @@ mod tests {
             let mut u = vec![0u8; d.count * 4];
             let mut mem = OpMemory::new(unsafe { RawBuf::new(u.as_mut_ptr(), u.len()) });
             let schedule = crate::algo::plan::build(d, r, n, &cfg, &mut mem).unwrap();
-            ranks.push(SimRank {
-                schedule,
-                mem,
-                user: u,
-                input: Vec::new(),
-                in_flight: Vec::new(),
-                error: None,
-                buffers: Vec::new(),
-            });
+            ranks.push(SimRank::new(schedule, mem, u, Vec::new()));
         }
-        let mut sim = Sim {
-            ranks,
-            net: Vec::new(),
-            rng: Rng::new(5),
-            dead: vec![false; n],
-        };
+        let mut sim = Sim::from_ranks(ranks, 5);
         let _ = sim.drive_bounded(10_000);
         let msgs: Vec<String> = sim
             .ranks
@@ -643,15 +1152,7 @@ mod tests {
         let mut mem = OpMemory::new(unsafe { RawBuf::new(u.as_mut_ptr(), u.len()) });
         mem.input = unsafe { RawBuf::new(i.as_mut_ptr(), i.len()) };
         let schedule = Box::new(Exchange::new(d, chunk, plan, &mut mem));
-        SimRank {
-            schedule,
-            mem,
-            user: u,
-            input: i,
-            in_flight: Vec::new(),
-            error: None,
-            buffers: Vec::new(),
-        }
+        SimRank::new(schedule, mem, u, i)
     }
 
     /// Element `i` of what rank `from` sends rank `to`: distinct per pair and position.
@@ -987,15 +1488,7 @@ mod tests {
                 // The vectors ride along in `input` storage: flatten ownership into one list.
                 let keep: Vec<u8> = Vec::new();
                 std::mem::forget(owned); // freed with the process; test-only
-                SimRank {
-                    schedule,
-                    mem,
-                    user: keep,
-                    input: Vec::new(),
-                    in_flight: Vec::new(),
-                    error: None,
-                    buffers: Vec::new(),
-                }
+                SimRank::new(schedule, mem, keep, Vec::new())
             })
             .collect();
         Sim::from_ranks(ranks, seed)
@@ -1047,5 +1540,489 @@ mod tests {
                 && err.contains("with tag 9"),
             "{err}"
         );
+    }
+
+    // -- relays ----------------------------------------------------------------------------
+
+    use crate::algo::relay::{RelaySchedule, AUX_LOST};
+    use crate::buffer::Scratch;
+    use crate::compress::INT8_BLOCK;
+
+    fn relay_desc(coll: Collective, count: usize, root: usize, seq: u64) -> OpDesc {
+        OpDesc {
+            seq,
+            ..desc(coll, DType::I32, ReduceOp::Sum, count, root)
+        }
+    }
+
+    /// A relay schedule on `mem` (64-byte chunks, two in flight per lane).
+    fn relay_schedule(
+        d: OpDesc,
+        r: usize,
+        world: usize,
+        nrelays: usize,
+        weights: &[u64],
+    ) -> Box<dyn Schedule> {
+        let ids: Vec<usize> = (0..nrelays).collect();
+        Box::new(RelaySchedule::new(d, r, world, &ids, weights, 64, 2))
+    }
+
+    fn relay_rank(d: OpDesc, r: usize, world: usize, nrelays: usize, mut buf: Vec<u8>) -> SimRank {
+        // SAFETY: `buf` moves into the SimRank beside `mem` and is never reallocated.
+        let mem = OpMemory::new(unsafe { RawBuf::new(buf.as_mut_ptr(), buf.len()) });
+        SimRank::new(
+            relay_schedule(d, r, world, nrelays, &[]),
+            mem,
+            buf,
+            Vec::new(),
+        )
+    }
+
+    fn relay_sim(d: OpDesc, nrelays: usize, inputs: Vec<Vec<u8>>, seed: u64) -> Sim {
+        let world = inputs.len();
+        let ranks = inputs
+            .into_iter()
+            .enumerate()
+            .map(|(r, buf)| relay_rank(d, r, world, nrelays, buf))
+            .collect();
+        Sim::from_ranks(ranks, seed).with_relays(nrelays)
+    }
+
+    fn int_input(r: usize, count: usize, op: usize) -> Vec<u8> {
+        (0..count)
+            .flat_map(|i| ((i * 7 + r * 1000 + op * 13) as i32).to_le_bytes())
+            .collect()
+    }
+
+    fn int_sum(world: usize, count: usize, op: usize) -> Vec<u8> {
+        (0..count)
+            .flat_map(|i| {
+                (0..world)
+                    .map(|r| (i * 7 + r * 1000 + op * 13) as i32)
+                    .sum::<i32>()
+                    .to_le_bytes()
+            })
+            .collect()
+    }
+
+    fn int_inputs(world: usize, count: usize) -> Vec<Vec<u8>> {
+        (0..world).map(|r| int_input(r, count, 0)).collect()
+    }
+
+    fn check_sum(sim: &Sim, count: usize) {
+        let want = int_sum(sim.ranks.len(), count, 0);
+        for (p, k) in sim.ranks.iter().enumerate() {
+            assert!(k.error.is_none(), "rank {p}: {:?}", k.error);
+            assert_eq!(k.user, want, "rank {p}");
+        }
+    }
+
+    /// Whether any rank sent a ring frame to another (a relay op that fell back); notices
+    /// carry `aux` at the top of the range.
+    fn fell_back(sim: &Sim) -> bool {
+        sim.sent.iter().any(|(from, to, h)| {
+            matches!((from, to), (Endpoint::Rank(_), Endpoint::Rank(_))) && h.aux < AUX_LOST
+        })
+    }
+
+    fn drive_relays(sim: &mut Sim) {
+        if let Err(e) = sim.drive_bounded(400_000) {
+            let errs: Vec<_> = sim.ranks.iter().map(|k| k.error.clone()).collect();
+            panic!("{e}; errors {errs:?}");
+        }
+    }
+
+    /// (seed, world, relays, kills as (step, relay), notification spread): whether the op
+    /// fell back to the ring.
+    fn run_relay_allreduce(
+        seed: u64,
+        world: usize,
+        nrelays: usize,
+        kills: &[(usize, usize)],
+        spread: usize,
+    ) -> bool {
+        let count = 300;
+        let d = relay_desc(Collective::AllReduce, count, 0, 1);
+        let mut sim = relay_sim(d, nrelays, int_inputs(world, count), seed);
+        for &(at, k) in kills {
+            sim.kill_relay(k, at, spread);
+        }
+        drive_relays(&mut sim);
+        check_sum(&sim, count);
+        fell_back(&sim)
+    }
+
+    /// A relay lost after every peer holds every result (and said so) changes nothing: the
+    /// op stays complete and no notice goes out, since the other peers may have left already.
+    /// (Chaos trials caught a peer failing with "rank 0 has left the job" here.)
+    #[test]
+    fn a_relay_lost_after_the_op_completed_sends_nothing() {
+        let count = 300;
+        let d = relay_desc(Collective::AllReduce, count, 0, 1);
+        let mut sim = relay_sim(d, 3, int_inputs(3, count), 5);
+        drive_relays(&mut sim);
+        check_sum(&sim, count);
+        for (p, k) in sim.ranks.iter_mut().enumerate() {
+            k.schedule
+                .handle_endpoint_lost(&mut k.mem, Endpoint::Relay(1), Error::remote("gone"))
+                .unwrap();
+            assert!(k.schedule.is_complete(), "rank {p} is no longer complete");
+            assert!(
+                k.schedule.poll_transmit(&mut k.mem).is_none(),
+                "rank {p} sends after its op completed"
+            );
+        }
+        check_sum(&sim, count);
+    }
+
+    /// A compressed all-reduce through relays lost at any moment (or all of them, then the
+    /// compressed ring): every peer ends with the same bits, within the bound of the path.
+    #[test]
+    fn compressed_relay_allreduce_survives_lost_relays_with_identical_bits() {
+        let (world, count) = (3, 5 * INT8_BLOCK + 33);
+        let val = |r: usize, i: usize| ((i * 7 + r * 5) % 23) as f32 * 0.25 - 2.0;
+        for z in [Compression::Bf16, Compression::Int8] {
+            for seed in 0..24u64 {
+                let mut d = relay_desc(Collective::AllReduce, count, 0, 1);
+                d.dtype = DType::F32;
+                d.compress = z;
+                let inputs: Vec<Vec<u8>> = (0..world)
+                    .map(|r| (0..count).flat_map(|i| val(r, i).to_le_bytes()).collect())
+                    .collect();
+                let mut sim = relay_sim(d, 3, inputs, seed);
+                let at = (seed as usize * 5) % 40;
+                let kills: Vec<(usize, usize)> = match seed % 3 {
+                    0 => vec![],
+                    1 => vec![(at, 1)],
+                    _ => vec![(at, 0), (at + 2, 1), (at + 4, 2)],
+                };
+                for &(at, k) in &kills {
+                    sim.kill_relay(k, at, 10);
+                }
+                drive_relays(&mut sim);
+                for p in 1..world {
+                    assert_eq!(
+                        sim.ranks[p].user, sim.ranks[0].user,
+                        "{z} seed {seed}: rank {p} differs"
+                    );
+                }
+                // Relay path: 3 inputs and the sum encoded; ring: 3 partial sums.
+                let tol = match z {
+                    Compression::Int8 => 4.0 * 2.0 * 7.0 / 255.0 * 1.01,
+                    _ => 4.0 * 7.0 / 256.0,
+                };
+                for (i, b) in sim.ranks[0].user.chunks_exact(4).enumerate() {
+                    let x = f32::from_le_bytes(b.try_into().unwrap());
+                    let exact: f32 = (0..world).map(|r| val(r, i)).sum();
+                    assert!(
+                        (x - exact).abs() <= tol,
+                        "{z} seed {seed} [{i}]: {x} vs {exact}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn relay_allreduce_without_failures() {
+        for seed in 0..20 {
+            assert!(!run_relay_allreduce(seed, 3, 3, &[], 1));
+        }
+        run_relay_allreduce(1, 1, 2, &[], 1);
+    }
+
+    #[test]
+    fn relay_allreduce_survives_a_relay_lost_at_any_moment() {
+        for seed in 0..60 {
+            let at = (seed as usize * 7) % 120;
+            let fell = run_relay_allreduce(
+                seed,
+                3,
+                3,
+                &[(at, (seed % 3) as usize)],
+                1 + seed as usize % 40,
+            );
+            assert!(!fell, "two relays remain: no ring fallback");
+        }
+    }
+
+    #[test]
+    fn relay_allreduce_survives_relays_lost_in_different_orders() {
+        for seed in 0..60 {
+            let a = (seed as usize * 5) % 100;
+            let b = (seed as usize * 11) % 100;
+            // Peers learn of the two losses over a long spread, so in differing orders.
+            run_relay_allreduce(seed, 4, 4, &[(a, 1), (b, 3)], 60);
+        }
+    }
+
+    /// A backup left in the op's memory by an earlier op holds stale bytes: fail-over must
+    /// only read what this op copied into it, and the backup stays in the op's memory.
+    #[test]
+    fn a_reused_backup_never_leaks_stale_bytes() {
+        let count = 300;
+        for seed in 0..20 {
+            let d = relay_desc(Collective::AllReduce, count, 0, 1);
+            let mut sim = relay_sim(d, 2, int_inputs(3, count), seed);
+            for k in &mut sim.ranks {
+                let mut stale = Scratch::zeroed(4096).unwrap();
+                stale.as_mut_slice().fill(0xA5);
+                k.mem.backup = Some(stale);
+            }
+            let at = (seed as usize * 7) % 80;
+            sim.kill_relay(0, at, 10);
+            sim.kill_relay(1, at + 3, 10);
+            drive_relays(&mut sim);
+            check_sum(&sim, count);
+            for k in &sim.ranks {
+                let kept = k.mem.backup.as_ref().map(|b| b.len());
+                assert!(
+                    kept.is_some_and(|n| n >= 4096),
+                    "the backup is kept: {kept:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn relay_allreduce_falls_back_to_the_ring_when_every_relay_is_lost() {
+        let mut fell = 0;
+        for seed in 0..40 {
+            let at = (seed as usize * 3) % 60;
+            if run_relay_allreduce(seed, 3, 2, &[(at, 0), (at + seed as usize % 5, 1)], 30) {
+                fell += 1;
+            }
+        }
+        assert!(
+            fell > 20,
+            "most runs lose relays before all results arrive ({fell})"
+        );
+    }
+
+    #[test]
+    fn relay_broadcast_survives_a_lost_relay_and_falls_back_when_none_is_left() {
+        let count = 300;
+        for seed in 0..40 {
+            let world = 3;
+            let root = seed as usize % world;
+            let d = relay_desc(Collective::Broadcast, count, root, 1);
+            let data: Vec<Vec<u8>> = (0..world)
+                .map(|r| {
+                    (0..count)
+                        .flat_map(|i| (if r == root { i as i32 * 3 } else { -1 }).to_le_bytes())
+                        .collect()
+                })
+                .collect();
+            let mut sim = relay_sim(d, 2, data, seed);
+            let at = (seed as usize * 7) % 50;
+            if seed % 2 == 0 {
+                sim.kill_relay(1, at, 20);
+            } else {
+                sim.kill_relay(0, at, 20);
+                sim.kill_relay(1, at + 3, 20);
+            }
+            drive_relays(&mut sim);
+            let want: Vec<u8> = (0..count)
+                .flat_map(|i| (i as i32 * 3).to_le_bytes())
+                .collect();
+            for (p, k) in sim.ranks.iter().enumerate() {
+                assert!(k.error.is_none(), "seed {seed} rank {p}: {:?}", k.error);
+                assert_eq!(k.user, want, "seed {seed} rank {p}");
+            }
+        }
+    }
+
+    // -- time: stalls, timeouts, rates, ops in sequence ----------------------------------
+
+    const MB: u64 = 1_000_000;
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    /// A relay that stops answering (its connection stays open) is dropped by every rank once
+    /// it has been silent for the stall bound while another relay answers; its chunks are
+    /// redone through the others and the op completes without the ring.
+    #[test]
+    fn a_stalled_relay_is_dropped_after_the_stall_bound_of_virtual_time() {
+        let (world, count) = (3, 3000);
+        for seed in 0..6 {
+            let d = relay_desc(Collective::AllReduce, count, 0, 1);
+            let mut sim = relay_sim(d, 3, int_inputs(world, count), seed);
+            sim.set_timeout(Duration::from_secs(10));
+            sim.latency = Duration::from_micros(100);
+            for relay in &mut sim.relays {
+                relay.rate = Some(10 * MB);
+            }
+            let stall_from = Duration::from_micros(700);
+            sim.relays[1].stall_from = Some(stall_from);
+            drive_relays(&mut sim);
+            check_sum(&sim, count);
+            assert!(!fell_back(&sim), "seed {seed}: two relays remain");
+            let bound = crate::policy::relays::relay_stall(Duration::from_secs(10));
+            assert_eq!(bound, Duration::from_secs(5));
+            for (p, k) in sim.ranks.iter().enumerate() {
+                let [(relay, at, why)] = k.relay_drops.as_slice() else {
+                    panic!("seed {seed} rank {p}: drops {:?}", k.relay_drops);
+                };
+                assert_eq!(*relay, 1);
+                assert!(why.contains("stalled"), "{why}");
+                // Last heard before the stall (answers in flight may still arrive after it),
+                // dropped exactly one stall bound later.
+                assert!(
+                    *at >= bound && *at <= stall_from + sim.latency * 2 + ms(2) + bound,
+                    "seed {seed} rank {p}: dropped at {at:?}"
+                );
+                let (start, end) = k.op_times[0];
+                assert_eq!(start, Duration::ZERO);
+                assert!(end > *at, "the op ends after the drop");
+            }
+        }
+    }
+
+    /// When every relay the op waits on is silent the cause may as well be a slow peer: no
+    /// relay is dropped, and the op times out after the op timeout.
+    #[test]
+    fn when_every_relay_stalls_none_is_dropped_and_the_op_times_out() {
+        let (world, count) = (3, 600);
+        let d = relay_desc(Collective::AllReduce, count, 0, 1);
+        let mut sim = relay_sim(d, 2, int_inputs(world, count), 7);
+        sim.set_timeout(Duration::from_secs(10));
+        for relay in &mut sim.relays {
+            relay.stall_from = Some(Duration::ZERO);
+        }
+        let err = sim.drive_bounded(100_000).unwrap_err();
+        assert!(err.contains("no progress possible"), "{err}");
+        for (p, k) in sim.ranks.iter().enumerate() {
+            assert!(k.relay_drops.is_empty(), "rank {p}: {:?}", k.relay_drops);
+            let e = k.error.as_ref().expect("timed out");
+            assert_eq!(e.kind, crate::error::ErrorKind::Timeout, "rank {p}: {e}");
+        }
+        assert_eq!(sim.now, Duration::from_secs(10));
+    }
+
+    /// Ranks that run `ops` relay all-reduces of `count` elements one after another (op k
+    /// sums inputs offset by k).
+    fn relay_job(world: usize, nrelays: usize, count: usize, ops: usize, seed: u64) -> Sim {
+        let d = relay_desc(Collective::AllReduce, count, 0, 1);
+        let inputs = (0..world).map(|r| int_input(r, count, 0)).collect();
+        let mut sim = relay_sim(d, nrelays, inputs, seed);
+        for (r, k) in sim.ranks.iter_mut().enumerate() {
+            for op in 1..ops {
+                let d = relay_desc(Collective::AllReduce, count, 0, op as u64 + 1);
+                k.then(
+                    int_input(r, count, op),
+                    Box::new(move |w: &[u64], _mem: &mut OpMemory| {
+                        relay_schedule(d, r, world, nrelays, w)
+                    }),
+                );
+            }
+        }
+        sim
+    }
+
+    fn check_job(sim: &Sim, count: usize, ops: usize) {
+        let world = sim.ranks.len();
+        for (p, k) in sim.ranks.iter().enumerate() {
+            assert!(k.error.is_none(), "rank {p}: {:?}", k.error);
+            assert_eq!(k.results.len(), ops - 1, "rank {p}");
+            for (op, got) in k.results.iter().chain([&k.user]).enumerate() {
+                assert_eq!(*got, int_sum(world, count, op), "rank {p} op {op}");
+            }
+        }
+    }
+
+    /// Relay frames sent in op `seq` to relay `k`.
+    fn frames_to(sim: &Sim, k: usize, seq: u64) -> usize {
+        sim.sent
+            .iter()
+            .filter(|(_, to, h)| *to == Endpoint::Relay(k) && h.seq == seq)
+            .count()
+    }
+
+    /// The ranks measure each relay's throughput in virtual time; the next op splits the
+    /// buffer by those rates, so a relay four times slower gets about a fifth of it, and the
+    /// op takes less time than the evenly split one.
+    #[test]
+    fn a_slow_relay_gets_a_smaller_segment_in_later_ops() {
+        let (world, count) = (2, 8192);
+        let mut sim = relay_job(world, 2, count, 3, 11);
+        // No delay on the links, so the relays' rates are what limits the op.
+        sim.relays[0].rate = Some(40 * MB);
+        sim.relays[1].rate = Some(10 * MB);
+        drive_relays(&mut sim);
+        check_job(&sim, count, 3);
+        let w = sim.weights.get(&1).expect("weights of op 2").clone();
+        assert_eq!(w.len(), 2);
+        let ratio = w[0] as f64 / w[1] as f64;
+        assert!((3.0..5.0).contains(&ratio), "weights {w:?}");
+        assert_eq!(frames_to(&sim, 0, 1), frames_to(&sim, 1, 1));
+        let (slow, fast) = (frames_to(&sim, 1, 2), frames_to(&sim, 0, 2));
+        assert!(
+            slow * 3 < fast,
+            "op 2: {slow} frames to the slow relay, {fast} to the fast"
+        );
+        for k in &sim.ranks {
+            let took = |op: usize| k.op_times[op].1 - k.op_times[op].0;
+            assert!(
+                took(1).as_secs_f64() < took(0).as_secs_f64() * 0.8,
+                "{:?}",
+                k.op_times
+            );
+            // Rates are kept per rank, smoothed over ops: the slow relay stays slow.
+            assert!(k.rates[0] > 3 * k.rates[1], "rates {:?}", k.rates);
+        }
+    }
+
+    /// A relay lost during op 1 is left out of op 2 from its start on every rank: nothing
+    /// is sent to it, and op 2 completes through the others.
+    #[test]
+    fn a_relay_lost_in_one_op_is_left_out_of_the_next() {
+        let (world, count) = (3, 600);
+        for seed in 0..10 {
+            let mut sim = relay_job(world, 3, count, 2, seed);
+            sim.kill_relay(1, 20 + seed as usize * 3, 5);
+            drive_relays(&mut sim);
+            check_job(&sim, count, 2);
+            assert!(frames_to(&sim, 1, 1) > 0);
+            assert_eq!(
+                frames_to(&sim, 1, 2),
+                0,
+                "seed {seed}: op 2 used the lost relay"
+            );
+            assert!(frames_to(&sim, 0, 2) > 0 && frames_to(&sim, 2, 2) > 0);
+            assert!(!fell_back(&sim));
+            for k in &sim.ranks {
+                assert_eq!(k.relay_drops.len(), 1, "{:?}", k.relay_drops);
+            }
+        }
+    }
+
+    /// Ranks are not in step: frames of op 2 that reach a rank still in op 1 wait for op 2
+    /// there (parked), and both ops complete with the right sums.
+    #[test]
+    fn frames_of_an_op_not_started_here_wait_for_it() {
+        let (n, count) = (3, 200);
+        let cfg = config(16, 0);
+        let mut parked = 0;
+        for seed in 0..20 {
+            let d = desc(Collective::AllReduce, DType::I32, ReduceOp::Sum, count, 0);
+            let user = (0..n).map(|r| int_input(r, count, 0)).collect();
+            let mut sim = Sim::new(d, &cfg, user, vec![Vec::new(); n], seed);
+            for (r, k) in sim.ranks.iter_mut().enumerate() {
+                let d2 = OpDesc { seq: 2, ..d };
+                let cfg = cfg.clone();
+                k.then(
+                    int_input(r, count, 1),
+                    Box::new(move |_w: &[u64], mem: &mut OpMemory| {
+                        crate::algo::plan::build(&d2, r, n, &cfg, mem).expect("build")
+                    }),
+                );
+            }
+            sim.drive_bounded(1_000_000).unwrap();
+            check_job(&sim, count, 2);
+            parked += sim.parked;
+        }
+        assert!(parked > 0, "no frame ever arrived ahead of its op");
     }
 }

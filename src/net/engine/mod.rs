@@ -200,6 +200,7 @@ impl Engine {
             pace_waiting: Vec::new(),
             pace_wake: None,
             shm: None,
+            spare_backup: None,
         };
         let thread = std::thread::Builder::new()
             .name(format!("mr-progress-{}", mesh.rank))

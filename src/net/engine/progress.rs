@@ -66,6 +66,8 @@ pub(super) struct ProgressLoop {
     pub scratch: Vec<u8>,
     /// Shared-memory segment, when every rank runs on this host.
     pub shm: Option<Box<Segment>>,
+    /// The input backup of the last op that made one, for the next ([`OpMemory::backup`]).
+    pub spare_backup: Option<crate::buffer::Scratch>,
 }
 
 impl ProgressLoop {
@@ -144,9 +146,10 @@ impl ProgressLoop {
             self.broken.store(true, Ordering::SeqCst);
         }
         let err = self.fatal.clone().unwrap_or(err);
-        if let Some(op) = self.current.take() {
+        if let Some(mut op) = self.current.take() {
             self.health.abandon_op();
             self.release(&op);
+            self.keep_backup(&mut op.mem);
             op.done.complete(Err(err.clone()));
         }
         for op in self.pending.drain(..) {
@@ -217,7 +220,8 @@ impl ProgressLoop {
                 continue;
             };
             if op.schedule.is_complete() {
-                let op = self.current.take().expect("current op");
+                let mut op = self.current.take().expect("current op");
+                self.keep_backup(&mut op.mem);
                 let desc = op.schedule.desc();
                 self.sequencer.ended(desc.seq, &op.schedule.p2p_ranges());
                 let samples = self.health.finish_op();
@@ -233,7 +237,7 @@ impl ProgressLoop {
     fn start(&mut self, op: Submission) {
         let Submission {
             transport,
-            mem,
+            mut mem,
             done,
         } = op;
         let schedule = match transport {
@@ -264,6 +268,9 @@ impl ProgressLoop {
             })
             .collect();
         let lost = self.health.start_op(Instant::now(), relays);
+        if mem.backup.is_none() {
+            mem.backup = self.spare_backup.take();
+        }
         self.current = Some(RunningOp {
             schedule,
             mem,
@@ -687,7 +694,7 @@ impl ProgressLoop {
     }
 
     fn end_current(&mut self, result: Result<()>, tell_peers: bool) {
-        let Some(op) = self.current.take() else {
+        let Some(mut op) = self.current.take() else {
             return;
         };
         self.health.abandon_op();
@@ -695,6 +702,7 @@ impl ProgressLoop {
         let p2p = op.schedule.p2p_ranges();
         self.sequencer.ended(desc.seq, &p2p);
         self.release(&op);
+        self.keep_backup(&mut op.mem);
         if let (Err(e), true) = (&result, tell_peers) {
             log::warn!("rank {}: {desc} failed: {e}", self.rank);
             let msg = format!("rank {}: {}", self.rank, e.message);
@@ -755,6 +763,21 @@ impl ProgressLoop {
                 }
             }
             c.queue = keep;
+        }
+    }
+
+    /// An op ended: keep its input backup for the next op, unless it is too large to hold
+    /// on to.
+    fn keep_backup(&mut self, mem: &mut OpMemory) {
+        if let Some(b) = mem.backup.take() {
+            if b.len() <= crate::algo::relay::MAX_SPARE_BACKUP
+                && self
+                    .spare_backup
+                    .as_ref()
+                    .map_or(true, |old| old.len() <= b.len())
+            {
+                self.spare_backup = Some(b);
+            }
         }
     }
 
