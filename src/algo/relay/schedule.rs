@@ -1,111 +1,16 @@
-//! Relay schedules (peer side): the buffer is cut into one segment per relay; every peer sends
-//! segment k to relay k in chunks of at most `chunk_bytes` (`Config::relay_chunk_bytes`), and
-//! the relay answers each chunk
-//! with the rank-ordered reduction (all-reduce) or forwards the root's chunk to the others
-//! (broadcast). Results land directly in the caller's buffer.
-//!
-//! Vocabulary:
-//! * a **position** is an index into the op's relay list; `relays[pos]` is the relay's index
-//!   as in [`Endpoint::Relay`];
-//! * a **chunk** is one frame's worth of a segment; chunk ids follow byte offsets;
-//! * a **lane** is an ordered list of chunks sent to one relay, named by its **path**: the
-//!   positions the chunks went through, ending at the relay that serves them now.
-//!
-//! Segment sizes. Segment k's share of the buffer follows weight k ([`segment_ranges`]):
-//! equal at first, later the relays' throughputs that the engine measured on earlier relay ops
-//! and the ranks summed among themselves ([`weights_from_rates`]; the bookkeeping lives in
-//! [`crate::comm`]). The schedule only needs every rank to pass the same weights, which the
-//! integer arithmetic of the split then turns into the same segments everywhere.
-//!
-//! Compressed all-reduce (`desc.compress`): chunks are cut on whole int8 blocks
-//! ([`chunk_ranges`]) and sent encoded, frame offsets and lengths in the encoded image of the
-//! buffer; the relay answers with its encoded rank-order sum, which every peer decodes into
-//! its buffer, so all peers hold the same bits. Inputs are encoded afresh at every send (from
-//! the backup once a result overwrote them), and a fallback runs the compressed ring.
-//!
-//! Flow control: at most `window` chunks per lane are unanswered at a time (a result for
-//! all-reduce, an empty acknowledgement for the broadcast root), so a relay holds at most
-//! `peers × window` chunks of a lane whatever the tensor size.
-//!
-//! Relay failure. When a relay is lost (its connection broke, it stalled, or another peer
-//! reported it lost), every chunk of every lane it served is sent again — all of them, answered
-//! or not, because another peer may lack an answer this peer has. Where a chunk goes next
-//! depends only on the chunk and the set of lost relays, never on the order in which a peer
-//! learned of the losses: chunk `i` of segment `k` prefers position `k`, then the other
-//! positions in ascending order rotated by `i` ([`preference`]), and goes to the first it
-//! prefers that is still alive. Chunks that reach a relay along the same path form one lane,
-//! whose members are fixed by the path alone and sent in id order with their own window, so
-//! peers that learned of losses in different orders still send every relay the same chunks in
-//! the same order and cannot deadlock each other's windows. To resend chunks whose input the
-//! caller's buffer no longer holds, an all-reduce copies each input chunk aside before its
-//! result overwrites it.
-//!
-//! A peer that loses a relay tells the other peers (`AUX_LOST`), so they drop it too even when
-//! the relay only failed for some of them. A peer announces `AUX_DONE` to the others when it
-//! has every result, and finishes only once every peer did: so no peer leaves an op that
-//! another may still need it to redo.
-//!
-//! When no relay is left and results are missing, the op falls back to the ring among the
-//! peers: the inputs are restored and the whole buffer goes through
-//! [`crate::algo::ring::RingReduce`] (or the chain [`crate::algo::ring::Broadcast`]); the peer
-//! tells the others (`AUX_FALLBACK`), and any peer that gets such a notice or a ring frame
-//! joins. Frames from ranks carry either a ring step (small) or a notice (`aux` at the top of
-//! the range), so the two cannot be confused.
+//! The relay schedule of one peer (see the [module docs](super) for the protocol).
 
 use crate::algo::compressed::CompressedRing;
-use crate::algo::plan::{block, bytes, segments};
+use crate::algo::plan::bytes;
+use crate::algo::relay::route::{chunk_ranges, path_of};
 use crate::algo::ring::{Broadcast, RingReduce};
 use crate::algo::{Collective, Endpoint, OpDesc, Schedule, Transmit};
 use crate::buffer::{OpMemory, Region, Scratch};
-use crate::compress::{Compression, INT8_BLOCK};
+use crate::compress::Compression;
 use crate::error::{Error, Result};
 use crate::wire::FrameHeader;
 use std::collections::{BTreeMap, VecDeque};
 use std::ops::Range;
-
-/// Fewest chunks in flight per lane (and all of them until links are measured).
-pub const DEFAULT_WINDOW: usize = 4;
-/// Most bytes a peer may keep in flight per lane: the window it announces to relays is
-/// this many bytes of chunks (at least [`DEFAULT_WINDOW`] chunks), and bounds relay memory.
-pub const MAX_WINDOW_BYTES: usize = 4 << 20;
-
-/// The window a peer announces to relays (the most it will ever use) for `chunk_bytes`.
-pub fn max_window(chunk_bytes: usize) -> usize {
-    (MAX_WINDOW_BYTES / chunk_bytes.max(1)).clamp(DEFAULT_WINDOW, crate::relay::MAX_WINDOW)
-}
-
-/// Chunks in flight per lane for one relay op. Relays answer a chunk only when every peer's
-/// copy arrived, so a window larger than the link needs lets the peers' streams drift apart
-/// (on a shaped 200 Mbit/s network, 64 chunks of 64 KiB reached 81–88% of the bound where 4
-/// reached 94%); one smaller than the bandwidth-delay product starves long links (4 chunks of
-/// 64 KiB reached 74% at 40 ms round trip). So: [`DEFAULT_WINDOW`] chunks, plus three times
-/// the bandwidth-delay product of the slowest-to-fill relay link — `rate` the bytes per second
-/// it delivered on the last op, `min_rtt_us` the kernel's minimum round trip — capped at
-/// [`max_window`]. Each rank sizes its own window; ranks need not agree.
-pub fn relay_window(links: &[(u64, u32)], chunk_bytes: usize) -> usize {
-    let bdp = links
-        .iter()
-        .map(|&(rate, rtt_us)| u128::from(rate) * u128::from(rtt_us) / 1_000_000)
-        .max()
-        .unwrap_or(0);
-    let extra = (3 * bdp).div_ceil(chunk_bytes.max(1) as u128);
-    (DEFAULT_WINDOW as u128 + extra).min(max_window(chunk_bytes) as u128) as usize
-}
-
-/// The window of a compressed all-reduce whose exact window would be `window` chunks of
-/// `chunk_bytes`: compressed chunks carry as many elements as exact float32 chunks but fewer
-/// wire bytes, so the window grows by the format's ratio (keeping the bytes in flight, which
-/// the link's delay needs), up to what peers announce to relays ([`max_window`]). Relay
-/// memory stays within the job's reservation: an open compressed chunk holds one float32
-/// accumulator and encoded contributions.
-pub fn compressed_window(window: usize, z: Compression, chunk_bytes: usize) -> usize {
-    if z == Compression::None {
-        return window;
-    }
-    let f32_bytes = crate::relay::compressed_chunk_bytes(chunk_bytes);
-    let wire = z.encoded_len(f32_bytes / 4).max(1);
-    (window * f32_bytes / wire).clamp(window, max_window(chunk_bytes).max(window))
-}
 
 /// Largest input backup the progress loop keeps for the next op ([`OpMemory::backup`]): a
 /// fresh backup is an anonymous mapping whose every page faults in while results arrive,
@@ -128,108 +33,6 @@ enum Role {
     Root,
     /// Send nothing, receive every chunk.
     Receiver,
-}
-
-/// Element ranges of the relays' segments: `count` elements split in proportion to
-/// `weights` (one per relay; all equal, or an empty slice, gives the nearly equal split of
-/// [`block`]). Pure integer arithmetic, so every rank computes the same split from the same
-/// weights. Zero weights get empty segments unless every weight is zero.
-pub fn segment_ranges(count: usize, parts: usize, weights: &[u64]) -> Vec<Range<usize>> {
-    assert!(parts > 0, "segments need at least one relay");
-    let total: u128 = weights.iter().map(|&w| w as u128).sum();
-    let equal = weights.len() != parts || total == 0 || weights.iter().all(|&w| w == weights[0]);
-    if equal {
-        return (0..parts).map(|k| block(count, parts, k)).collect();
-    }
-    let mut out = Vec::with_capacity(parts);
-    let mut acc: u128 = 0;
-    let mut start = 0;
-    for &w in weights {
-        acc += w as u128;
-        let end = (count as u128 * acc / total) as usize;
-        out.push(start..end);
-        start = end;
-    }
-    out
-}
-
-/// The chunks of each relay's segment, as element ranges. Exact data: the segments of
-/// [`segment_ranges`] in chunks of at most `chunk_bytes` (elements of `elem` bytes, at least
-/// one per chunk). Compressed data (`z`): segments and
-/// chunks cut on whole int8 blocks ([`INT8_BLOCK`] elements, for every format, so every
-/// relay checks frames the same way), each chunk at most
-/// [`crate::relay::compressed_chunk_bytes`] as float32; only the buffer's last chunk may end
-/// in a short block.
-pub fn chunk_ranges(
-    count: usize,
-    z: Compression,
-    parts: usize,
-    weights: &[u64],
-    elem: usize,
-    chunk_bytes: usize,
-) -> Vec<Vec<Range<usize>>> {
-    if z == Compression::None {
-        let per = (chunk_bytes / elem).max(1);
-        return segment_ranges(count, parts, weights)
-            .iter()
-            .map(|seg| segments(seg.clone(), 1, per).collect())
-            .collect();
-    }
-    let per = crate::relay::compressed_chunk_bytes(chunk_bytes) / 4;
-    segment_ranges(count.div_ceil(INT8_BLOCK), parts, weights)
-        .iter()
-        .map(|u| {
-            let (lo, hi) = (
-                (u.start * INT8_BLOCK).min(count),
-                (u.end * INT8_BLOCK).min(count),
-            );
-            (lo..hi)
-                .step_by(per)
-                .map(|s| s..(s + per).min(hi))
-                .collect()
-        })
-        .collect()
-}
-
-/// A relay's weight is never below the mean rate divided by this: a relay measured slow still
-/// gets bytes, so its rate keeps being measured and it can win its share back.
-pub const MIN_SHARE_DIVISOR: u64 = 8;
-
-/// Segment weights from the relays' throughputs (one per relay, any unit, summed over the
-/// ranks so every rank passes the same numbers): each rate, raised to the mean rate divided
-/// by [`MIN_SHARE_DIVISOR`]. Empty, meaning an equal split, when nothing was measured.
-pub fn weights_from_rates(rates: &[u64]) -> Vec<u64> {
-    let n = rates.len() as u128;
-    let total: u128 = rates.iter().map(|&r| u128::from(r)).sum();
-    if total == 0 {
-        return Vec::new();
-    }
-    // At most the largest rate over MIN_SHARE_DIVISOR, so it fits a u64.
-    let floor = (total / (n * u128::from(MIN_SHARE_DIVISOR))).max(1) as u64;
-    rates.iter().map(|&r| r.max(floor)).collect()
-}
-
-/// The order in which chunk `index` of segment `origin` prefers the `parts` positions: its own
-/// segment's relay first, then the others ascending, rotated by `index` so that a lost relay's
-/// chunks spread evenly over the rest.
-pub fn preference(origin: usize, index: usize, parts: usize) -> Vec<usize> {
-    let others: Vec<usize> = (0..parts).filter(|&p| p != origin).collect();
-    let mut order = Vec::with_capacity(parts);
-    order.push(origin);
-    if !others.is_empty() {
-        let rot = index % others.len();
-        order.extend_from_slice(&others[rot..]);
-        order.extend_from_slice(&others[..rot]);
-    }
-    order
-}
-
-/// The path of a chunk given the lost positions: its preferences up to the first live one;
-/// `None` when every relay is lost.
-fn path_of(origin: usize, index: usize, dead: &[bool]) -> Option<Vec<usize>> {
-    let pref = preference(origin, index, dead.len());
-    let live = pref.iter().position(|&p| !dead[p])?;
-    Some(pref[..=live].to_vec())
 }
 
 struct Chunk {
@@ -905,41 +708,6 @@ mod tests {
     use crate::buffer::RawBuf;
     use crate::types::{DType, ReduceOp};
 
-    #[test]
-    fn compressed_windows_keep_the_bytes_in_flight() {
-        let chunk = 64 << 10;
-        assert_eq!(compressed_window(4, Compression::None, chunk), 4);
-        assert_eq!(compressed_window(4, Compression::Bf16, chunk), 8);
-        assert_eq!(compressed_window(4, Compression::Int8, chunk), 15);
-        assert_eq!(compressed_window(40, Compression::Int8, chunk), 64);
-        // Never beyond the window announced to relays.
-        assert_eq!(compressed_window(4, Compression::Int8, 1 << 20), 4);
-    }
-
-    #[test]
-    fn windows_cover_the_bandwidth_delay_product() {
-        let chunk = 64 << 10;
-        assert_eq!(max_window(chunk), 64);
-        assert_eq!(max_window(1 << 20), DEFAULT_WINDOW);
-        assert_eq!(max_window(1), crate::relay::MAX_WINDOW);
-        // Nothing measured yet, or no delay: the minimum.
-        assert_eq!(relay_window(&[], chunk), DEFAULT_WINDOW);
-        assert_eq!(relay_window(&[(25_000_000, 0)], chunk), DEFAULT_WINDOW);
-        // 6.25 MB/s at 40 ms: 250 kB in flight, three times that in 64 KiB chunks, plus 4.
-        assert_eq!(relay_window(&[(6_250_000, 40_000)], chunk), 4 + 12);
-        // The slowest-to-fill link decides.
-        assert_eq!(
-            relay_window(&[(6_250_000, 40_000), (1_000_000, 1_000)], chunk),
-            16
-        );
-        // Capped at what peers announce to relays.
-        assert_eq!(relay_window(&[(125_000_000, 40_000)], chunk), 64);
-        assert_eq!(
-            relay_window(&[(125_000_000, 40_000)], 1 << 20),
-            DEFAULT_WINDOW
-        );
-    }
-
     fn desc(coll: Collective, count: usize, root: usize) -> OpDesc {
         OpDesc {
             coll,
@@ -950,59 +718,6 @@ mod tests {
             root,
             compress: crate::compress::Compression::None,
         }
-    }
-
-    #[test]
-    fn segments_follow_weights_and_cover_the_buffer() {
-        assert_eq!(segment_ranges(10, 3, &[]), vec![0..4, 4..7, 7..10]);
-        assert_eq!(segment_ranges(10, 3, &[5, 5, 5]), vec![0..4, 4..7, 7..10]);
-        assert_eq!(
-            segment_ranges(100, 3, &[1, 2, 1]),
-            vec![0..25, 25..75, 75..100]
-        );
-        assert_eq!(segment_ranges(7, 2, &[0, 9]), vec![0..0, 0..7]);
-        for count in [0, 1, 5, 1001] {
-            let s = segment_ranges(count, 4, &[3, 1, 7, 2]);
-            assert_eq!(s[0].start, 0);
-            assert_eq!(s[3].end, count);
-            assert!(s.windows(2).all(|w| w[0].end == w[1].start));
-        }
-    }
-
-    #[test]
-    fn weights_follow_rates_with_a_floor() {
-        assert_eq!(weights_from_rates(&[]), Vec::<u64>::new());
-        assert_eq!(weights_from_rates(&[0, 0, 0]), Vec::<u64>::new());
-        assert_eq!(weights_from_rates(&[300, 100, 200]), vec![300, 100, 200]);
-        // Mean 400, floor 50: the slow and the unmeasured relay are raised to it.
-        assert_eq!(weights_from_rates(&[1190, 10, 0]), vec![1190, 50, 50]);
-        // Tiny totals still give every relay a non-zero weight.
-        assert_eq!(weights_from_rates(&[3, 0]), vec![3, 1]);
-        assert_eq!(
-            weights_from_rates(&[u64::MAX, u64::MAX, 0]),
-            vec![u64::MAX, u64::MAX, u64::MAX / 12]
-        );
-        // The floored relay's segment is about an eighth of an equal share, never empty.
-        let w = weights_from_rates(&[1_000_000, 1]);
-        let s = segment_ranges(1 << 20, 2, &w);
-        assert!(s[1].len() >= (1 << 20) / 2 / 9, "{s:?}");
-        assert!(s[1].len() < s[0].len());
-    }
-
-    #[test]
-    fn a_chunks_path_depends_only_on_the_set_of_lost_relays() {
-        assert_eq!(preference(1, 0, 4), vec![1, 0, 2, 3]);
-        assert_eq!(preference(1, 1, 4), vec![1, 2, 3, 0]);
-        assert_eq!(preference(0, 5, 1), vec![0]);
-        // Lost relays spread evenly over the rest.
-        let dead = [false, true, false, false];
-        let mut per = [0; 4];
-        for i in 0..30 {
-            per[*path_of(1, i, &dead).unwrap().last().unwrap()] += 1;
-        }
-        assert_eq!(per, [10, 0, 10, 10]);
-        assert_eq!(path_of(2, 3, &[true, true, true]), None);
-        assert_eq!(path_of(0, 1, &[true, false, true]).unwrap(), vec![0, 2, 1]);
     }
 
     #[test]
