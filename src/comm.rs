@@ -928,6 +928,8 @@ impl Comm {
                 dtype,
             });
         }
+        // SAFETY: forwarded from this function's contract: `recv` is valid for that many
+        // writable bytes until the op completes.
         let mut mem = OpMemory::new(unsafe { RawBuf::new(recv, total) });
         // SAFETY: forwarded from this function's contract; the input is only read.
         mem.input = unsafe { RawBuf::new(send as *mut u8, bytes) };
@@ -974,6 +976,8 @@ impl Comm {
                 op,
             });
         }
+        // SAFETY: forwarded from this function's contract: `recv` is valid for that many
+        // writable bytes until the op completes.
         let mut mem = OpMemory::new(unsafe { RawBuf::new(recv, bytes) });
         // SAFETY: forwarded from this function's contract; the input is only read.
         mem.input = unsafe { RawBuf::new(send as *mut u8, total) };
