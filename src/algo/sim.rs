@@ -1116,6 +1116,7 @@ mod tests {
         let mut ranks = Vec::new();
         for (r, d) in descs.iter().enumerate() {
             let mut u = vec![0u8; d.count * 4];
+            // SAFETY: `u` moves into the SimRank beside `mem` and is never reallocated.
             let mut mem = OpMemory::new(unsafe { RawBuf::new(u.as_mut_ptr(), u.len()) });
             let schedule = crate::algo::plan::build(d, r, n, &cfg, &mut mem).unwrap();
             ranks.push(SimRank::new(schedule, mem, u, Vec::new()));
@@ -1459,6 +1460,7 @@ mod tests {
                         });
                         let c = counts(p, r)[k];
                         let mut v = vec![0xEEu8; c * t.size()];
+                        // SAFETY: `owned` keeps every vector alive (heap blocks do not move).
                         mem.buffers
                             .push(unsafe { RawBuf::new(v.as_mut_ptr(), v.len()) });
                         owned.push(v);
