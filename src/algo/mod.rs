@@ -22,6 +22,7 @@ pub mod relay;
 pub mod ring;
 #[cfg(test)]
 pub mod sim;
+pub mod span;
 
 use crate::buffer::{OpMemory, Region};
 use crate::compress::Compression;

@@ -53,8 +53,8 @@
 //! the range), so the two cannot be confused.
 
 use crate::algo::compressed::CompressedRing;
-use crate::algo::plan::{block, bytes, segments};
 use crate::algo::ring::{Broadcast, RingReduce};
+use crate::algo::span::{block, byte_range, chunks};
 use crate::algo::{Collective, Endpoint, OpDesc, Schedule, Transmit};
 use crate::buffer::{OpMemory, Region, Scratch};
 use crate::compress::{Compression, INT8_BLOCK};
@@ -187,7 +187,7 @@ pub fn chunk_ranges(
         let per = (chunk_bytes / elem).max(1);
         return segment_ranges(count, parts, weights)
             .iter()
-            .map(|seg| segments(seg.clone(), 1, per).collect())
+            .map(|seg| chunks(seg.clone(), 1, per).collect())
             .collect();
     }
     let per = crate::relay::compressed_chunk_bytes(chunk_bytes) / 4;
@@ -357,7 +357,7 @@ impl RelaySchedule {
         {
             let first = chunks.len();
             for (index, e) in elems.into_iter().enumerate() {
-                let user = bytes(&e, size);
+                let user = byte_range(&e, size);
                 chunks.push(Chunk {
                     range: match z {
                         Compression::None => user.clone(),

@@ -16,7 +16,7 @@
 //! ends with the same bytes. Frame offsets are byte offsets: in accumulator units for
 //! reduce-scatter frames, in the caller's dtype for all-gather and broadcast frames.
 
-use crate::algo::plan::{block, bytes, segments};
+use crate::algo::span::{block, byte_range, chunks, ring_index};
 use crate::algo::{Endpoint, OpDesc, Schedule, Transmit};
 use crate::buffer::{OpMemory, Region};
 use crate::error::{Error, Result};
@@ -60,10 +60,6 @@ impl Tally {
             self.received, self.recv_expected, self.sent, self.send_expected
         )
     }
-}
-
-pub(crate) fn modn(x: isize, n: usize) -> usize {
-    x.rem_euclid(n as isize) as usize
 }
 
 /// Checks every ring frame passes: the op matches ours, it comes from our ring predecessor,
@@ -187,16 +183,16 @@ impl RingReduce {
     }
 
     fn rs_send_block(&self, step: usize) -> usize {
-        modn(self.rank as isize - step as isize - 1, self.n)
+        ring_index(self.rank as isize - step as isize - 1, self.n)
     }
     fn rs_recv_block(&self, step: usize) -> usize {
-        modn(self.rank as isize - step as isize - 2, self.n)
+        ring_index(self.rank as isize - step as isize - 2, self.n)
     }
     fn ag_send_block(&self, step: usize) -> usize {
-        modn(self.rank as isize - step as isize, self.n)
+        ring_index(self.rank as isize - step as isize, self.n)
     }
     fn ag_recv_block(&self, step: usize) -> usize {
-        modn(self.rank as isize - step as isize - 1, self.n)
+        ring_index(self.rank as isize - step as isize - 1, self.n)
     }
     fn next(&self) -> Endpoint {
         Endpoint::Rank((self.rank + 1) % self.n)
@@ -225,7 +221,7 @@ impl RingReduce {
         let dtype = self.desc.dtype;
         let acc_size = dtype.accumulator().size();
         let blk = self.blocks[self.rs_send_block(0)].clone();
-        for seg in segments(bytes(&blk, acc_size), acc_size, self.chunk) {
+        for seg in chunks(byte_range(&blk, acc_size), acc_size, self.chunk) {
             let region = if self.in_place {
                 Region::User {
                     offset: seg.start,
@@ -251,7 +247,7 @@ impl RingReduce {
                 reduce::widen(
                     dtype,
                     &mut acc[seg.clone()],
-                    &own[bytes(&elems, dtype.size())],
+                    &own[byte_range(&elems, dtype.size())],
                 );
                 Region::Acc {
                     offset: seg.start,
@@ -286,11 +282,11 @@ impl RingReduce {
             from,
             h,
             payload.len(),
-            &bytes(&blk, acc_size),
+            &byte_range(&blk, acc_size),
             acc_size,
         )?;
         let elems = r.start / acc_size..r.end / acc_size;
-        let own_bytes = bytes(&elems, dtype.size());
+        let own_bytes = byte_range(&elems, dtype.size());
         if self.in_place {
             reduce::reduce(dtype, op, &mut mem.user.as_mut_slice()[r.clone()], payload);
         } else {
@@ -332,7 +328,7 @@ impl RingReduce {
                 own_bytes.clone()
             } else {
                 let base = self.blocks[self.rank].start;
-                bytes(&(elems.start - base..elems.end - base), dtype.size())
+                byte_range(&(elems.start - base..elems.end - base), dtype.size())
             };
             let dst = &mut mem.user.as_mut_slice()[dst_bytes];
             if acc_dtype == dtype {
@@ -368,7 +364,7 @@ impl RingReduce {
             from,
             h,
             h.len as usize,
-            &bytes(&blk, size),
+            &byte_range(&blk, size),
             size,
         )
     }
@@ -538,7 +534,7 @@ impl RingGather {
         if !self.started {
             self.start();
         }
-        let blk = modn(self.rank as isize - step as isize - 1, self.n);
+        let blk = ring_index(self.rank as isize - step as isize - 1, self.n);
         check_range(
             &self.desc,
             from,
@@ -573,7 +569,7 @@ impl RingGather {
             return;
         }
         let size = self.desc.dtype.size();
-        for seg in segments(self.block_bytes(self.rank), size, self.chunk) {
+        for seg in chunks(self.block_bytes(self.rank), size, self.chunk) {
             let header = self.desc.header(0, seg.start, seg.len());
             self.tally.push(Transmit {
                 to: self.next(),
@@ -672,7 +668,7 @@ impl Broadcast {
 
     fn new(desc: OpDesc, rank: usize, n: usize, chunk: usize, tree: bool) -> Broadcast {
         let bytes = desc.count * desc.dtype.size();
-        let v = modn(rank as isize - desc.root as isize, n);
+        let v = ring_index(rank as isize - desc.root as isize, n);
         let mut s = Broadcast {
             desc,
             rank,
@@ -781,7 +777,7 @@ impl Schedule for Broadcast {
             self.started = true;
             if self.v == 0 {
                 let size = self.desc.dtype.size();
-                for seg in segments(0..self.desc.count * size, size, self.chunk) {
+                for seg in chunks(0..self.desc.count * size, size, self.chunk) {
                     self.forward(seg);
                 }
             }
