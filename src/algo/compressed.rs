@@ -22,8 +22,11 @@
 //! encoded image of the whole buffer. The format travels in the high nibble of `redop`
 //! ([`OpDesc::redop_byte`]), so ranks that asked for different formats get a mismatch error.
 
-use crate::algo::ring::{check_ring_frame, Broadcast, RingGather, Tally};
+use crate::algo::broadcast::Broadcast;
+use crate::algo::check::check_ring_frame;
+use crate::algo::ring::RingGather;
 use crate::algo::span::{block, ring_index};
+use crate::algo::tally::Tally;
 use crate::algo::{Collective, Endpoint, OpDesc, Schedule, Transmit};
 use crate::buffer::{OpMemory, RawBuf, Region, Scratch};
 use crate::compress::{Compression, INT8_BLOCK};

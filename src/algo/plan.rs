@@ -2,9 +2,11 @@
 //! relays, compressed ring) given its size, the configuration and the relays in use. The
 //! arithmetic that cuts buffers into blocks and chunks is in [`crate::algo::span`].
 
+use crate::algo::broadcast::Broadcast;
 use crate::algo::compressed::{CompressedRing, EncodedCopy};
+use crate::algo::doubling::RecursiveDoubling;
 use crate::algo::relay::{RelaySchedule, DEFAULT_WINDOW};
-use crate::algo::ring::{Broadcast, RecursiveDoubling, RingGather, RingReduce};
+use crate::algo::ring::{RingGather, RingReduce};
 use crate::algo::{Collective, OpDesc, Schedule};
 use crate::buffer::{OpMemory, Scratch};
 use crate::compress::Compression;
