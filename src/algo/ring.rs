@@ -21,7 +21,7 @@ use crate::algo::span::{block, byte_range, chunks, ring_index};
 use crate::algo::tally::Tally;
 use crate::algo::{Endpoint, OpDesc, Schedule, Transmit};
 use crate::buffer::{OpMemory, Region};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::reduce;
 use crate::types::ReduceOp;
 use crate::wire::FrameHeader;
@@ -32,10 +32,12 @@ pub struct RingReduce {
     desc: OpDesc,
     rank: usize,
     n: usize,
+    /// Most bytes of one frame (`chunk_bytes`).
     chunk: usize,
-    /// All-reduce: run the all-gather phase, own data and result in `mem.user`.
-    /// Reduce-scatter: own data in `mem.input`, block r's result to `mem.user`.
-    allreduce: bool,
+    /// All-reduce: own data and result in `mem.user`, and the all-gather phase runs once
+    /// block r is final (its steps follow the reduce-scatter's, from n − 1).
+    /// Reduce-scatter (`None`): own data in `mem.input`, block r's result to `mem.user`.
+    gather: Option<GatherPhase>,
     /// Partials accumulate in the caller's buffer (all-reduce of a non-16-bit dtype).
     in_place: bool,
     /// Element range of each block.
@@ -63,19 +65,23 @@ impl RingReduce {
                 }
             })
             .collect::<Vec<_>>();
+        let acc = desc.dtype.accumulator().size();
+        let size = desc.dtype.size();
+        let gather = allreduce.then(|| {
+            let user_blocks = blocks.iter().map(|b| byte_range(b, size)).collect();
+            GatherPhase::new(desc, rank, n, user_blocks, n.saturating_sub(1))
+        });
         let mut s = RingReduce {
             desc,
             rank,
             n,
             chunk,
-            allreduce,
+            gather,
             in_place,
             blocks,
             started: false,
             tally: Tally::default(),
         };
-        let acc = desc.dtype.accumulator().size();
-        let size = desc.dtype.size();
         if n == 1 {
             // One contributor: the reduction is the input itself (AVG divides by one).
             if !allreduce {
@@ -89,12 +95,18 @@ impl RingReduce {
         for step in 0..n - 1 {
             s.tally.send_expected += s.blocks[s.rs_send_block(step)].len() * acc;
             s.tally.recv_expected += s.blocks[s.rs_recv_block(step)].len() * acc;
-            if allreduce {
-                s.tally.send_expected += s.blocks[s.ag_send_block(step)].len() * size;
-                s.tally.recv_expected += s.blocks[s.ag_recv_block(step)].len() * size;
-            }
+        }
+        if let Some(g) = &s.gather {
+            let (send, recv) = g.expected();
+            s.tally.send_expected += send;
+            s.tally.recv_expected += recv;
         }
         s
+    }
+
+    /// All-reduce (the all-gather phase follows), rather than reduce-scatter.
+    fn allreduce(&self) -> bool {
+        self.gather.is_some()
     }
 
     fn rs_send_block(&self, step: usize) -> usize {
@@ -102,12 +114,6 @@ impl RingReduce {
     }
     fn rs_recv_block(&self, step: usize) -> usize {
         ring_index(self.rank as isize - step as isize - 2, self.n)
-    }
-    fn ag_send_block(&self, step: usize) -> usize {
-        ring_index(self.rank as isize - step as isize, self.n)
-    }
-    fn ag_recv_block(&self, step: usize) -> usize {
-        ring_index(self.rank as isize - step as isize - 1, self.n)
     }
     fn next(&self) -> Endpoint {
         Endpoint::Rank((self.rank + 1) % self.n)
@@ -136,20 +142,20 @@ impl RingReduce {
         let dtype = self.desc.dtype;
         let acc_size = dtype.accumulator().size();
         let blk = self.blocks[self.rs_send_block(0)].clone();
-        for seg in chunks(byte_range(&blk, acc_size), acc_size, self.chunk) {
+        for c in chunks(byte_range(&blk, acc_size), acc_size, self.chunk) {
             let region = if self.in_place {
                 Region::User {
-                    offset: seg.start,
-                    len: seg.len(),
+                    offset: c.start,
+                    len: c.len(),
                 }
             } else if dtype.accumulator() == dtype {
                 Region::Input {
-                    offset: seg.start,
-                    len: seg.len(),
+                    offset: c.start,
+                    len: c.len(),
                 }
             } else {
-                let elems = seg.start / acc_size..seg.end / acc_size;
-                let own = if self.allreduce {
+                let elems = c.start / acc_size..c.end / acc_size;
+                let own = if self.allreduce() {
                     mem.user.as_slice()
                 } else {
                     mem.input.as_slice()
@@ -161,15 +167,15 @@ impl RingReduce {
                     .as_mut_slice();
                 reduce::widen(
                     dtype,
-                    &mut acc[seg.clone()],
+                    &mut acc[c.clone()],
                     &own[byte_range(&elems, dtype.size())],
                 );
                 Region::Acc {
-                    offset: seg.start,
-                    len: seg.len(),
+                    offset: c.start,
+                    len: c.len(),
                 }
             };
-            let header = self.desc.header(0, seg.start, seg.len());
+            let header = self.desc.header(0, c.start, c.len());
             self.tally.push(Transmit {
                 to: self.next(),
                 header,
@@ -205,7 +211,7 @@ impl RingReduce {
         if self.in_place {
             reduce::reduce(dtype, op, &mut mem.user.as_mut_slice()[r.clone()], payload);
         } else {
-            let own = if self.allreduce {
+            let own = if self.allreduce() {
                 mem.user.as_slice()
             } else {
                 mem.input.as_slice()
@@ -239,7 +245,7 @@ impl RingReduce {
             if op == ReduceOp::Avg {
                 reduce::divide(acc_dtype, acc, self.n);
             }
-            let dst_bytes = if self.allreduce {
+            let dst_bytes = if self.allreduce() {
                 own_bytes.clone()
             } else {
                 let base = self.blocks[self.rank].start;
@@ -252,62 +258,17 @@ impl RingReduce {
                 reduce::narrow(dtype, dst, acc);
             }
         }
-        if self.allreduce {
-            let header = self
-                .desc
-                .header(self.n as u32 - 1, own_bytes.start, own_bytes.len());
-            let region = Region::User {
-                offset: own_bytes.start,
-                len: own_bytes.len(),
-            };
-            self.tally.push(Transmit {
-                to: self.next(),
-                header,
-                region,
-            });
+        if let Some(g) = &self.gather {
+            g.send_own(&mut self.tally, own_bytes);
         }
         Ok(())
     }
 
-    /// Validate an all-gather frame; the byte range of `mem.user` it fills.
-    fn gather_target(&self, from: Endpoint, h: &FrameHeader) -> Result<Range<usize>> {
-        let step = h.aux as usize - (self.n - 1);
-        let size = self.desc.dtype.size();
-        let blk = self.blocks[self.ag_recv_block(step)].clone();
-        check_range(
-            &self.desc,
-            from,
-            h,
-            h.len as usize,
-            &byte_range(&blk, size),
-            size,
-        )
-    }
-
-    /// An all-gather frame's payload is in `mem.user[r]`: count it and pass it on.
-    fn gather_landed(&mut self, h: &FrameHeader, r: Range<usize>) {
-        let step = h.aux as usize - (self.n - 1);
-        self.tally.received += r.len();
-        if step + 2 < self.n {
-            let header = self.desc.header((self.n + step) as u32, r.start, r.len());
-            let region = Region::User {
-                offset: r.start,
-                len: r.len(),
-            };
-            self.tally.push(Transmit {
-                to: self.next(),
-                header,
-                region,
-            });
-        }
-    }
-
     /// Checks shared by both receive paths; the step.
     fn check_frame(&self, from: Endpoint, h: &FrameHeader) -> Result<usize> {
-        let steps = if self.allreduce {
-            2 * (self.n - 1)
-        } else {
-            self.n - 1
+        let steps = match self.gather {
+            Some(_) => 2 * (self.n - 1),
+            None => self.n - 1,
         };
         check_ring_frame(&self.desc, from, self.prev(), h, steps)
     }
@@ -345,27 +306,21 @@ impl Schedule for RingReduce {
             self.started = true;
             self.start(mem);
         }
-        if step < self.n - 1 {
-            self.tally.received += payload.len();
-            self.on_reduce_frame(mem, from, h, payload, step)
-        } else {
-            let r = self.gather_target(from, h)?;
-            mem.user.as_mut_slice()[r.clone()].copy_from_slice(payload);
-            self.gather_landed(h, r);
-            Ok(())
+        match &self.gather {
+            Some(g) if step >= self.n - 1 => g.handle_frame(&mut self.tally, mem, from, h, payload),
+            _ => {
+                self.tally.received += payload.len();
+                self.on_reduce_frame(mem, from, h, payload, step)
+            }
         }
     }
 
     fn recv_in_place(&mut self, from: Endpoint, h: &FrameHeader) -> Result<Option<Region>> {
         let step = self.check_frame(from, h)?;
-        if step < self.n - 1 || !self.started {
-            return Ok(None);
+        match &self.gather {
+            Some(g) if step >= self.n - 1 && self.started => g.recv_in_place(from, h),
+            _ => Ok(None),
         }
-        let r = self.gather_target(from, h)?;
-        Ok(Some(Region::User {
-            offset: r.start,
-            len: r.len(),
-        }))
     }
 
     fn handle_frame_in_place(
@@ -374,9 +329,13 @@ impl Schedule for RingReduce {
         from: Endpoint,
         h: &FrameHeader,
     ) -> Result<()> {
-        let r = self.gather_target(from, h)?;
-        self.gather_landed(h, r);
-        Ok(())
+        match &self.gather {
+            Some(g) => g.handle_frame_in_place(&mut self.tally, from, h),
+            None => Err(Error::internal(format!(
+                "{}: {from}: in-place frame for reduce-scatter step {} not expected",
+                self.desc, h.aux
+            ))),
+        }
     }
 
     fn is_complete(&self) -> bool {
@@ -399,6 +358,7 @@ pub struct RingGather {
     rank: usize,
     n: usize,
     chunk: usize,
+    phase: GatherPhase,
     started: bool,
     tally: Tally,
 }
@@ -418,78 +378,46 @@ impl RingGather {
         if input.as_slice().as_ptr() != user[own.clone()].as_ptr() {
             user[own].copy_from_slice(input.as_slice());
         }
-        let tally = Tally::expecting((n - 1) * bytes, (n - 1) * bytes);
+        let blocks = (0..n).map(|b| b * bytes..(b + 1) * bytes).collect();
+        let phase = GatherPhase::new(desc, rank, n, blocks, 0);
+        let (send, recv) = phase.expected();
         RingGather {
             desc,
             rank,
             n,
             chunk,
+            phase,
             started: false,
-            tally,
+            tally: Tally::expecting(send, recv),
         }
     }
 
-    fn block_bytes(&self, b: usize) -> Range<usize> {
-        let bytes = self.desc.count * self.desc.dtype.size();
-        b * bytes..(b + 1) * bytes
-    }
     fn next(&self) -> Endpoint {
         Endpoint::Rank((self.rank + 1) % self.n)
     }
     fn prev(&self) -> Endpoint {
         Endpoint::Rank((self.rank + self.n - 1) % self.n)
     }
-    /// Validate a frame; the byte range of `mem.user` it fills.
-    fn target(&mut self, from: Endpoint, h: &FrameHeader) -> Result<Range<usize>> {
-        let step = check_ring_frame(&self.desc, from, self.prev(), h, self.n - 1)?;
+
+    /// Checks every received frame passes; queues our own block first, so that it leaves
+    /// before the blocks we forward.
+    fn check_frame(&mut self, from: Endpoint, h: &FrameHeader) -> Result<()> {
+        check_ring_frame(&self.desc, from, self.prev(), h, self.n - 1)?;
         if !self.started {
             self.start();
         }
-        let blk = ring_index(self.rank as isize - step as isize - 1, self.n);
-        check_range(
-            &self.desc,
-            from,
-            h,
-            h.len as usize,
-            &self.block_bytes(blk),
-            self.desc.dtype.size(),
-        )
+        Ok(())
     }
 
-    /// A frame's payload is in `mem.user[r]`: count it and pass it on.
-    fn landed(&mut self, h: &FrameHeader, r: Range<usize>) {
-        self.tally.received += r.len();
-        let step = h.aux as usize;
-        if step + 2 < self.n {
-            let header = self.desc.header(step as u32 + 1, r.start, r.len());
-            let region = Region::User {
-                offset: r.start,
-                len: r.len(),
-            };
-            self.tally.push(Transmit {
-                to: self.next(),
-                header,
-                region,
-            });
-        }
-    }
-
+    /// Queue this rank's own block, chunk by chunk.
     fn start(&mut self) {
         self.started = true;
         if self.n == 1 {
             return;
         }
-        let size = self.desc.dtype.size();
-        for seg in chunks(self.block_bytes(self.rank), size, self.chunk) {
-            let header = self.desc.header(0, seg.start, seg.len());
-            self.tally.push(Transmit {
-                to: self.next(),
-                header,
-                region: Region::User {
-                    offset: seg.start,
-                    len: seg.len(),
-                },
-            });
+        let own = self.phase.blocks[self.rank].clone();
+        for c in chunks(own, self.desc.dtype.size(), self.chunk) {
+            self.phase.send_own(&mut self.tally, c);
         }
     }
 }
@@ -514,17 +442,13 @@ impl Schedule for RingGather {
         h: &FrameHeader,
         payload: &[u8],
     ) -> Result<()> {
-        let r = self.target(from, h)?;
-        mem.user.as_mut_slice()[r.clone()].copy_from_slice(payload);
-        self.landed(h, r);
-        Ok(())
+        self.check_frame(from, h)?;
+        self.phase
+            .handle_frame(&mut self.tally, mem, from, h, payload)
     }
     fn recv_in_place(&mut self, from: Endpoint, h: &FrameHeader) -> Result<Option<Region>> {
-        let r = self.target(from, h)?;
-        Ok(Some(Region::User {
-            offset: r.start,
-            len: r.len(),
-        }))
+        self.check_frame(from, h)?;
+        self.phase.recv_in_place(from, h)
     }
     fn handle_frame_in_place(
         &mut self,
@@ -532,9 +456,8 @@ impl Schedule for RingGather {
         from: Endpoint,
         h: &FrameHeader,
     ) -> Result<()> {
-        let r = self.target(from, h)?;
-        self.landed(h, r);
-        Ok(())
+        self.check_frame(from, h)?;
+        self.phase.handle_frame_in_place(&mut self.tally, from, h)
     }
     fn is_complete(&self) -> bool {
         self.started && self.tally.complete()
@@ -546,5 +469,141 @@ impl Schedule for RingGather {
             self.prev(),
             self.next()
         )
+    }
+}
+
+/// The ring all-gather as a phase: [`RingGather`] runs it alone, [`RingReduce`] after its
+/// reduce-scatter for an all-reduce, so both put the same frames on the wire.
+///
+/// Every rank starts with its own block of `mem.user` final (or has it become final chunk by
+/// chunk, [`GatherPhase::send_own`]) and ends with all n. At phase step t (0..n−1) rank r
+/// sends block r−t to `next` and receives block r−t−1 from `prev`, forwarding each chunk at
+/// step t+1 the moment it lands, so a chunk is never cut again on its way round. A frame
+/// carries its schedule step, `first_step + t`, in `aux` and its byte offset in `mem.user` in
+/// `offset`. The owner keeps the [`Tally`] (one for the whole op, so sends leave in the order
+/// they were queued) and checks the op, sender and step ([`check_ring_frame`]) before handing
+/// a frame here.
+struct GatherPhase {
+    desc: OpDesc,
+    rank: usize,
+    n: usize,
+    /// Byte range of each rank's block in `mem.user`.
+    blocks: Vec<Range<usize>>,
+    /// Schedule step of the phase's step 0: 0 for an all-gather, n − 1 after a reduce-scatter.
+    first_step: usize,
+}
+
+impl GatherPhase {
+    fn new(
+        desc: OpDesc,
+        rank: usize,
+        n: usize,
+        blocks: Vec<Range<usize>>,
+        first_step: usize,
+    ) -> GatherPhase {
+        debug_assert_eq!(blocks.len(), n);
+        GatherPhase {
+            desc,
+            rank,
+            n,
+            blocks,
+            first_step,
+        }
+    }
+
+    fn send_block(&self, t: usize) -> usize {
+        ring_index(self.rank as isize - t as isize, self.n)
+    }
+    fn recv_block(&self, t: usize) -> usize {
+        ring_index(self.rank as isize - t as isize - 1, self.n)
+    }
+    fn next(&self) -> Endpoint {
+        Endpoint::Rank((self.rank + 1) % self.n)
+    }
+
+    /// Bytes this rank sends and receives over the phase.
+    fn expected(&self) -> (usize, usize) {
+        let steps = 0..self.n.saturating_sub(1);
+        let send = steps.clone().map(|t| self.blocks[self.send_block(t)].len());
+        let recv = steps.map(|t| self.blocks[self.recv_block(t)].len());
+        (send.sum(), recv.sum())
+    }
+
+    /// Queue bytes `r` of this rank's own block (final in `mem.user`) to `next`, as one frame
+    /// of phase step 0.
+    fn send_own(&self, tally: &mut Tally, r: Range<usize>) {
+        self.push(tally, 0, r);
+    }
+
+    fn push(&self, tally: &mut Tally, t: usize, r: Range<usize>) {
+        let header = self
+            .desc
+            .header((self.first_step + t) as u32, r.start, r.len());
+        tally.push(Transmit {
+            to: self.next(),
+            header,
+            region: Region::User {
+                offset: r.start,
+                len: r.len(),
+            },
+        });
+    }
+
+    /// The byte range of `mem.user` a frame of this phase fills, checked to lie in the block
+    /// its step carries.
+    fn target(&self, from: Endpoint, h: &FrameHeader) -> Result<Range<usize>> {
+        let t = h.aux as usize - self.first_step;
+        let size = self.desc.dtype.size();
+        check_range(
+            &self.desc,
+            from,
+            h,
+            h.len as usize,
+            &self.blocks[self.recv_block(t)],
+            size,
+        )
+    }
+
+    /// A frame's payload is in `mem.user[r]`: count it and pass it on, unless `next` is the
+    /// block's owner.
+    fn landed(&self, tally: &mut Tally, h: &FrameHeader, r: Range<usize>) {
+        let t = h.aux as usize - self.first_step;
+        tally.received += r.len();
+        if t + 2 < self.n {
+            self.push(tally, t + 1, r);
+        }
+    }
+
+    fn handle_frame(
+        &self,
+        tally: &mut Tally,
+        mem: &mut OpMemory,
+        from: Endpoint,
+        h: &FrameHeader,
+        payload: &[u8],
+    ) -> Result<()> {
+        let r = self.target(from, h)?;
+        mem.user.as_mut_slice()[r.clone()].copy_from_slice(payload);
+        self.landed(tally, h, r);
+        Ok(())
+    }
+
+    fn recv_in_place(&self, from: Endpoint, h: &FrameHeader) -> Result<Option<Region>> {
+        let r = self.target(from, h)?;
+        Ok(Some(Region::User {
+            offset: r.start,
+            len: r.len(),
+        }))
+    }
+
+    fn handle_frame_in_place(
+        &self,
+        tally: &mut Tally,
+        from: Endpoint,
+        h: &FrameHeader,
+    ) -> Result<()> {
+        let r = self.target(from, h)?;
+        self.landed(tally, h, r);
+        Ok(())
     }
 }
