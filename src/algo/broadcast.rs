@@ -11,7 +11,7 @@ use crate::error::{Error, Result};
 use crate::wire::FrameHeader;
 use std::ops::Range;
 
-/// Broadcast from the root. Large messages take a pipelined chain along the ring (each segment
+/// Broadcast from the root. Large messages take a pipelined chain along the ring (each chunk
 /// forwarded the moment it arrives, so every link carries the buffer once); small ones a
 /// binomial tree: with v = (rank − root) mod n, rank v receives from v − 2^⌊log2 v⌋ and passes
 /// on to v + 2^j for every 2^j > v, largest subtree first, so the last rank has the data after
@@ -150,8 +150,8 @@ impl Schedule for Broadcast {
             self.started = true;
             if self.v == 0 {
                 let size = self.desc.dtype.size();
-                for seg in chunks(0..self.desc.count * size, size, self.chunk) {
-                    self.forward(seg);
+                for c in chunks(0..self.desc.count * size, size, self.chunk) {
+                    self.forward(c);
                 }
             }
         }

@@ -205,8 +205,8 @@ impl Exchange {
             if t.bytes.is_empty() {
                 frame(0, 0);
             }
-            for seg in chunks(0..t.bytes.len(), elem, chunk_bytes) {
-                frame(seg.start, seg.len());
+            for c in chunks(0..t.bytes.len(), elem, chunk_bytes) {
+                frame(c.start, c.len());
             }
         }
         let incoming = plan

@@ -135,8 +135,8 @@ impl PointToPoint {
             if bytes == 0 {
                 frame(0, 0);
             }
-            for seg in chunks(0..bytes, elem, chunk_bytes) {
-                frame(seg.start, seg.len());
+            for c in chunks(0..bytes, elem, chunk_bytes) {
+                frame(c.start, c.len());
             }
         }
         PointToPoint {
