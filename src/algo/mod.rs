@@ -19,6 +19,8 @@ pub(crate) mod check;
 pub mod compressed;
 pub mod doubling;
 pub mod exchange;
+#[cfg(test)]
+mod golden;
 pub mod p2p;
 pub mod plan;
 pub mod relay;
