@@ -50,10 +50,16 @@ pub const MAC_LEN: usize = 32;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[repr(u8)]
 pub enum FrameKind {
-    /// Collective data: `seq` names the op, `offset`/`len` the bytes.
+    /// Op data: `seq` names the op, `offset`/`len` the bytes, `aux` the step or root (see
+    /// [`FrameHeader`] for every use). Also, with no payload, the relay-mode notices between
+    /// ranks (`aux` ≥ [`crate::algo::relay::AUX_LOST`]) and a relay's acknowledgement of a
+    /// broadcast root's chunk.
     Data = 1,
-    /// The op `seq` failed at the sender; payload is the UTF-8 message, `aux` the
-    /// [`ErrorKind`] code.
+    /// The op `seq` failed at the sender (a rank, or a relay for every rank of its job);
+    /// payload is the UTF-8 message, `aux` the [`ErrorKind`] code. For a point-to-point group
+    /// (`coll` = [`crate::algo::Collective::PointToPoint`]) it names the failed messages
+    /// instead of an op: those of the sender's pair sequence `seq..=count`, which the sender
+    /// was sending (`redop` 1) or receiving (`redop` 0).
     OpError = 2,
     /// Handshake step 1: payload is the acceptor's nonce.
     Challenge = 3,
@@ -61,12 +67,25 @@ pub enum FrameKind {
     Hello = 4,
     /// Handshake step 3: payload is MAC, body.
     Welcome = 5,
-    /// Handshake refused, or a bootstrap error: payload is the UTF-8 reason, `aux` the
-    /// [`ErrorKind`] code.
+    /// Handshake refused (by a rank, a relay or the validator), or a bootstrap error: payload
+    /// is the UTF-8 reason, `aux` the [`ErrorKind`] code.
     Reject = 6,
-    /// Orderly close.
+    /// Orderly close of a rank↔rank or peer↔relay connection (a rank destroying its
+    /// communicator, a relay shutting down); no payload. A rank whose peer said goodbye fails
+    /// only the ops that still need that peer instead of breaking the communicator; a relay's
+    /// goodbye counts as the relay lost (its chunks go to the others).
     Goodbye = 7,
-    /// Control message whose payload is JSON (relay job set-up, validator protocol).
+    /// Set-up and control messages outside any op (every header field but `kind` and `len`
+    /// is 0). The payload is one of:
+    /// * the bootstrap rank table, rank 0 → every rank: the world size (u32) and each rank's
+    ///   listen address as a length-prefixed UTF-8 string ([`BodyWriter`] encoding;
+    ///   [`crate::net::bootstrap`]);
+    /// * the relay assignment rank 0 got from the validator, rank 0 → every other rank, as
+    ///   JSON, one frame per bootstrap stream ([`crate::validator::client::share_assignment`]);
+    /// * one JSON message of the validator protocol ([`crate::validator::proto`]): plain in one
+    ///   frame ([`crate::validator::proto::send_json`]), or, in a sealed validator session
+    ///   ([`crate::validator::channel`]), a fragment of one, each frame a one-byte "more
+    ///   follows" flag and the fragment, sealed.
     Control = 8,
 }
 
@@ -94,21 +113,69 @@ impl FrameKind {
     }
 }
 
-/// Fixed frame header. Field meanings beyond `kind`/`len` depend on the kind; for `Data`:
-/// `coll`/`dtype`/`redop` describe the op as the sender called it (so mismatched calls are
-/// caught), `step` is the schedule step, `count` the op's element count as the sender sees it,
-/// `offset` the byte offset of the payload in the op's buffer.
+/// Fixed frame header, 40 bytes little-endian in field order. What the fields beyond `kind`
+/// and `len` mean depends on the kind and, for `Data`, on the schedule; a field a kind does
+/// not use is 0. For `Data`, `coll`/`dtype`/`redop`/`count` describe the op as the sender
+/// called it, so a receiver catches mismatched calls ([`crate::algo::OpDesc::check_matches`])
+/// before it writes anything.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct FrameHeader {
+    /// A [`FrameKind`].
     pub kind: u8,
+    /// `Data`: the op's [`crate::algo::Collective`]. `OpError`: `PointToPoint` when a
+    /// point-to-point group failed, else 0.
     pub coll: u8,
+    /// `Data`: the op's (point-to-point: the message's) [`crate::types::DType`].
     pub dtype: u8,
+    /// `Data`: the [`crate::types::ReduceOp`] in the low nibble, the wire
+    /// [`crate::compress::Compression`] in the high one
+    /// ([`crate::algo::OpDesc::redop_byte`]); 0 in point-to-point frames. `OpError` of a
+    /// point-to-point group: 1 if the sender was sending the failed messages, 0 if receiving.
     pub redop: u8,
-    /// Schedule step for data, error code for errors, free for others.
+    /// Depends on the kind and the schedule:
+    /// * `Data` between ranks, ring ([`crate::algo::ring`], compressed ring
+    ///   [`crate::algo::compressed`]): the schedule step — reduce-scatter steps 0..n−1, then
+    ///   all-gather steps n−1..2(n−1) in an all-reduce; a lone all-gather counts from 0;
+    /// * `Data`, recursive doubling and barrier ([`crate::algo::doubling`]): 0 for a folded
+    ///   rank's data, 1..=log2 p for the exchange steps, log2 p + 1 for the result sent back to
+    ///   the folded rank;
+    /// * `Data`, broadcast (chain or tree, [`crate::algo::broadcast`]; through relays): the
+    ///   root rank, also in a relay's forwarded copies and its empty acknowledgement to the root;
+    /// * `Data`, direct exchanges ([`crate::algo::exchange`]): the root for gather and
+    ///   scatter; the (unused) root field of the call, 0, for all-to-all and all-to-all-v;
+    /// * `Data`, all-reduce through relays ([`crate::algo::relay`]): 0, rank → relay and the
+    ///   relay's result relay → rank;
+    /// * `Data` between ranks in relay mode, no payload: a notice — `AUX_DONE` (the sender has
+    ///   every result), `AUX_FALLBACK` (the sender runs the op through the ring; join it) or
+    ///   `AUX_LOST` (the sender lost the relay named in `offset`), the top three `u32` values
+    ///   ([`crate::algo::relay::AUX_LOST`] and above), so they never collide with a ring step
+    ///   of the fallback;
+    /// * `Data`, point-to-point ([`crate::algo::p2p`]): the message's tag;
+    /// * `OpError`, `Reject`: the [`ErrorKind`] code;
+    /// * other kinds: 0.
     pub aux: u32,
+    /// `Data`, `OpError`: the op's position in the communicator's sequence (from 1).
+    /// Point-to-point `Data`: the message's sequence number within its peer pair and direction;
+    /// point-to-point `OpError`: the first failed message's.
     pub seq: u64,
+    /// `Data`: the op's element count as the sender sees it ([`crate::algo::OpDesc::count`]);
+    /// direct exchanges: this transfer's element count; point-to-point: the message's.
+    /// Point-to-point `OpError`: the last failed message's sequence number.
     pub count: u64,
+    /// `Data`: where the payload goes, in bytes, counted as the schedule says:
+    /// * ring reduce-scatter frames: in accumulator units (f32 for f16/bf16 data) of the
+    ///   buffer being reduced (the caller's input for a reduce-scatter, all n blocks); ring
+    ///   all-gather, broadcast and relay frames: in the caller's buffer; recursive doubling:
+    ///   always 0 (each frame carries the whole buffer);
+    /// * compressed ops (`redop` high nibble ≠ 0): in the encoded image of the buffer;
+    /// * direct exchanges: within this rank's transfer to the receiver; point-to-point:
+    ///   within the message;
+    /// * relay-mode notices: the lost relay's index ([`crate::algo::Endpoint::Relay`]) in
+    ///   `AUX_LOST`, 0 in the others.
+    ///
+    /// Relays key a chunk by (`seq`, `offset`). Other kinds: 0.
     pub offset: u64,
+    /// Payload bytes that follow the header (not counting the integrity tag).
     pub len: u64,
 }
 

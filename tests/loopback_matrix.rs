@@ -4,7 +4,7 @@
 //! Each world size runs three times: over TCP (`MR_ALGO=ring`) with `MR_SMALL_BYTES=0`
 //! (all-reduce always takes the ring) and with `MR_SMALL_BYTES=max` (always recursive
 //! doubling), and with the default `MR_ALGO=auto`, where ranks on one host share memory. A
-//! small `MR_CHUNK_BYTES` makes the larger counts span several segments per block (and many
+//! small `MR_CHUNK_BYTES` makes the larger counts span several chunks per block (and many
 //! shared-memory chunks). Each launch runs hundreds of ops in one
 //! set of processes; children report failures as `ERR` lines and totals as `OK` lines.
 

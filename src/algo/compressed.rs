@@ -22,8 +22,11 @@
 //! encoded image of the whole buffer. The format travels in the high nibble of `redop`
 //! ([`OpDesc::redop_byte`]), so ranks that asked for different formats get a mismatch error.
 
-use crate::algo::plan::block;
-use crate::algo::ring::{check_ring_frame, modn, Broadcast, RingGather, Tally};
+use crate::algo::broadcast::Broadcast;
+use crate::algo::check::check_ring_frame;
+use crate::algo::ring::RingGather;
+use crate::algo::span::{block, ring_index};
+use crate::algo::tally::Tally;
 use crate::algo::{Collective, Endpoint, OpDesc, Schedule, Transmit};
 use crate::buffer::{OpMemory, RawBuf, Region, Scratch};
 use crate::compress::{Compression, INT8_BLOCK};
@@ -155,16 +158,16 @@ impl CompressedRing {
     }
 
     fn rs_send_block(&self, step: usize) -> usize {
-        modn(self.rank as isize - step as isize - 1, self.n)
+        ring_index(self.rank as isize - step as isize - 1, self.n)
     }
     fn rs_recv_block(&self, step: usize) -> usize {
-        modn(self.rank as isize - step as isize - 2, self.n)
+        ring_index(self.rank as isize - step as isize - 2, self.n)
     }
     fn ag_send_block(&self, step: usize) -> usize {
-        modn(self.rank as isize - step as isize, self.n)
+        ring_index(self.rank as isize - step as isize, self.n)
     }
     fn ag_recv_block(&self, step: usize) -> usize {
-        modn(self.rank as isize - step as isize - 1, self.n)
+        ring_index(self.rank as isize - step as isize - 1, self.n)
     }
     fn next(&self) -> Endpoint {
         Endpoint::Rank((self.rank + 1) % self.n)

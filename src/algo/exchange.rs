@@ -15,7 +15,7 @@
 //! reported by name instead of a wait until the timeout) and completes only once every peer it
 //! expects has spoken.
 
-use crate::algo::plan::segments;
+use crate::algo::span::chunks;
 use crate::algo::{Collective, Endpoint, OpDesc, Schedule, Transmit};
 use crate::buffer::{OpMemory, Region};
 use crate::error::{Error, Result};
@@ -205,8 +205,8 @@ impl Exchange {
             if t.bytes.is_empty() {
                 frame(0, 0);
             }
-            for seg in segments(0..t.bytes.len(), elem, chunk_bytes) {
-                frame(seg.start, seg.len());
+            for c in chunks(0..t.bytes.len(), elem, chunk_bytes) {
+                frame(c.start, c.len());
             }
         }
         let incoming = plan

@@ -14,14 +14,21 @@
 //! `None`, then check `is_complete`. Frames may arrive in any order (data can spread across
 //! several TCP streams); every schedule accepts them so.
 
+pub mod broadcast;
+pub(crate) mod check;
 pub mod compressed;
+pub mod doubling;
 pub mod exchange;
+#[cfg(test)]
+mod golden;
 pub mod p2p;
 pub mod plan;
 pub mod relay;
 pub mod ring;
 #[cfg(test)]
 pub mod sim;
+pub mod span;
+pub(crate) mod tally;
 
 use crate::buffer::{OpMemory, Region};
 use crate::compress::Compression;

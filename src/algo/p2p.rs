@@ -14,7 +14,7 @@
 //! on each other. A message of zero elements is one empty frame. This module never touches a
 //! socket or a clock.
 
-use crate::algo::plan::segments;
+use crate::algo::span::chunks;
 use crate::algo::{Collective, Endpoint, OpDesc, Schedule, Transmit};
 use crate::buffer::{OpMemory, Region};
 use crate::error::{Error, Result};
@@ -135,8 +135,8 @@ impl PointToPoint {
             if bytes == 0 {
                 frame(0, 0);
             }
-            for seg in segments(0..bytes, elem, chunk_bytes) {
-                frame(seg.start, seg.len());
+            for c in chunks(0..bytes, elem, chunk_bytes) {
+                frame(c.start, c.len());
             }
         }
         PointToPoint {

@@ -1,49 +1,17 @@
-//! Choosing a schedule for an op, and the segment arithmetic schedules share.
-//!
-//! Vocabulary used by every schedule:
-//! * a **block** is one rank's share of a buffer: `count` elements split into `parts` nearly
-//!   equal runs, the first `count % parts` one element longer ([`block`]);
-//! * a **segment** is the unit of pipelining: at most `chunk_bytes` of one block, in whole
-//!   elements ([`segments`]). Each segment travels as one data frame.
+//! Choosing a schedule for an op: which algorithm runs it (ring, tree, recursive doubling,
+//! relays, compressed ring) given its size, the configuration and the relays in use. The
+//! arithmetic that cuts buffers into blocks and chunks is in [`crate::algo::span`].
 
+use crate::algo::broadcast::Broadcast;
 use crate::algo::compressed::{CompressedRing, EncodedCopy};
+use crate::algo::doubling::RecursiveDoubling;
 use crate::algo::relay::{RelaySchedule, DEFAULT_WINDOW};
-use crate::algo::ring::{Broadcast, RecursiveDoubling, RingGather, RingReduce};
+use crate::algo::ring::{RingGather, RingReduce};
 use crate::algo::{Collective, OpDesc, Schedule};
 use crate::buffer::{OpMemory, Scratch};
 use crate::compress::Compression;
 use crate::config::{Algo, Config};
 use crate::error::Result;
-use std::ops::Range;
-
-/// Elements of block `b` when `count` elements are split into `parts` blocks.
-pub fn block(count: usize, parts: usize, b: usize) -> Range<usize> {
-    debug_assert!(parts > 0 && b < parts);
-    let base = count / parts;
-    let extra = count % parts;
-    let start = b * base + b.min(extra);
-    let len = base + usize::from(b < extra);
-    start..start + len
-}
-
-/// Split the byte range `range` (whole `elem`-byte elements) into segments of at most
-/// `chunk_bytes` (rounded down to whole elements, at least one element).
-pub fn segments(
-    range: Range<usize>,
-    elem: usize,
-    chunk_bytes: usize,
-) -> impl Iterator<Item = Range<usize>> {
-    let step = (chunk_bytes / elem).max(1) * elem;
-    let end = range.end;
-    (range.start..end)
-        .step_by(step)
-        .map(move |s| s..(s + step).min(end))
-}
-
-/// Convert an element range to a byte range for elements of `size` bytes.
-pub fn bytes(r: &Range<usize>, size: usize) -> Range<usize> {
-    r.start * size..r.end * size
-}
 
 /// With `MR_ALGO=auto`, all-reduces and broadcasts of at least this many bytes go through the
 /// relays when some are connected.
@@ -152,34 +120,4 @@ pub fn build_with_relays(
             )));
         }
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn blocks_partition_exactly() {
-        for count in 0..40 {
-            for parts in 1..10 {
-                let mut next = 0;
-                for b in 0..parts {
-                    let r = block(count, parts, b);
-                    assert_eq!(r.start, next);
-                    assert!(r.len() == count / parts || r.len() == count / parts + 1);
-                    next = r.end;
-                }
-                assert_eq!(next, count);
-            }
-        }
-    }
-
-    #[test]
-    fn segments_cover_in_whole_elements() {
-        let segs: Vec<_> = segments(8..48, 4, 10).collect();
-        assert_eq!(segs, vec![8..16, 16..24, 24..32, 32..40, 40..48]);
-        let segs: Vec<_> = segments(0..6, 2, 1).collect();
-        assert_eq!(segs, vec![0..2, 2..4, 4..6]);
-        assert_eq!(segments(5..5, 4, 64).count(), 0);
-    }
 }

@@ -872,7 +872,7 @@ mod tests {
             for count in [0, 1, n.saturating_sub(1), 7, 33] {
                 for dtype in DType::ALL {
                     for op in ops_for(dtype, n) {
-                        // Ring with tiny segments, and the small-message path.
+                        // Ring with tiny chunks, and the small-message path.
                         run_allreduce(n, count, dtype, op, 8, 0, 7 + n as u64);
                         run_allreduce(n, count, dtype, op, 64, usize::MAX, 11 + count as u64);
                     }

@@ -16,7 +16,7 @@
 //! ([`crate::compress::reduce_encoded`]) and compares what that decodes to with every rank's
 //! result at the position. For bf16 and fp16 the span is the element itself.
 
-use crate::algo::plan::{block, bytes};
+use crate::algo::span::{block, byte_range};
 use crate::compress::{Compression, INT8_BLOCK};
 use crate::reduce;
 use crate::types::{DType, ReduceOp};
@@ -72,7 +72,7 @@ pub fn gather_inputs(
 ) -> Vec<u8> {
     let mut out = Vec::new();
     for &p in positions {
-        out.extend_from_slice(&buf[bytes(&input_span(z, count, p as usize), elem)]);
+        out.extend_from_slice(&buf[byte_range(&input_span(z, count, p as usize), elem)]);
     }
     out
 }
@@ -154,7 +154,7 @@ pub fn segment_elems(count: usize, z: Compression, relays: usize, k: usize) -> R
 /// Byte range of relay `k`'s segment when `count` elements of `elem` bytes are cut across
 /// `relays` relays (the same cut as the relay schedule).
 pub fn segment(count: usize, elem: usize, z: Compression, relays: usize, k: usize) -> Range<usize> {
-    bytes(&segment_elems(count, z, relays, k), elem)
+    byte_range(&segment_elems(count, z, relays, k), elem)
 }
 
 /// Which relay summed element `pos`.

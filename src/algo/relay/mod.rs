@@ -47,7 +47,7 @@
 //!
 //! When no relay is left and results are missing, the op falls back to the ring among the
 //! peers: the inputs are restored and the whole buffer goes through
-//! [`crate::algo::ring::RingReduce`] (or the chain [`crate::algo::ring::Broadcast`]); the peer
+//! [`crate::algo::ring::RingReduce`] (or the chain [`crate::algo::broadcast::Broadcast`]); the peer
 //! tells the others (`AUX_FALLBACK`), and any peer that gets such a notice or a ring frame
 //! joins. Frames from ranks carry either a ring step (small) or a notice (`aux` at the top of
 //! the range), so the two cannot be confused.

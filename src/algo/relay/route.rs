@@ -4,7 +4,7 @@
 //! the set of lost relays. Pure integer arithmetic: every rank computes the same answers from
 //! the same inputs.
 
-use crate::algo::plan::{block, segments};
+use crate::algo::span::{block, chunks};
 use crate::compress::{Compression, INT8_BLOCK};
 use std::ops::Range;
 
@@ -50,7 +50,7 @@ pub fn chunk_ranges(
         let per = (chunk_bytes / elem).max(1);
         return segment_ranges(count, parts, weights)
             .iter()
-            .map(|seg| segments(seg.clone(), 1, per).collect())
+            .map(|seg| chunks(seg.clone(), 1, per).collect())
             .collect();
     }
     let per = crate::relay::compressed_chunk_bytes(chunk_bytes) / 4;

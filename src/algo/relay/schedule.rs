@@ -1,9 +1,10 @@
 //! The relay schedule of one peer (see the [module docs](super) for the protocol).
 
+use crate::algo::broadcast::Broadcast;
 use crate::algo::compressed::CompressedRing;
-use crate::algo::plan::bytes;
 use crate::algo::relay::route::{chunk_ranges, path_of};
-use crate::algo::ring::{Broadcast, RingReduce};
+use crate::algo::ring::RingReduce;
+use crate::algo::span::byte_range;
 use crate::algo::{Collective, Endpoint, OpDesc, Schedule, Transmit};
 use crate::buffer::{OpMemory, Region, Scratch};
 use crate::compress::Compression;
@@ -143,7 +144,7 @@ impl RelaySchedule {
         {
             let first = chunks.len();
             for (index, e) in elems.into_iter().enumerate() {
-                let user = bytes(&e, size);
+                let user = byte_range(&e, size);
                 chunks.push(Chunk {
                     range: match z {
                         Compression::None => user.clone(),
