@@ -2,7 +2,7 @@
 //! `mr_allreduce_compressed`).
 //!
 //! The same ring as [`crate::algo::ring::RingReduce`] — reduce-scatter, then all-gather, each
-//! block moving as pipelined segments — but every frame carries its data in a
+//! block moving as pipelined chunks — but every frame carries its data in a
 //! [`Compression`] format instead of the caller's dtype:
 //!
 //! * partial sums are kept in f32 (an f32 view of the caller's buffer, or an f32 scratch copy
@@ -10,15 +10,15 @@
 //!   with its own contribution in f32, and encodes the new partial for the next rank;
 //! * the rank that completes a block encodes the result once, and every rank — that one
 //!   included — decodes those same bytes, so all ranks end with identical bits;
-//! * blocks and segments are cut on multiples of [`INT8_BLOCK`] elements, so each segment is
-//!   a whole number of int8 blocks and a segment's wire bytes start where the encoded length
+//! * blocks and chunks are cut on multiples of [`INT8_BLOCK`] elements, so each chunk is
+//!   a whole number of int8 blocks and a chunk's wire bytes start where the encoded length
 //!   of the elements before it ends.
 //!
 //! Error: an element is encoded n times on its way (once per reduce-scatter hop, n − 1, and
 //! once as a final result), so it is off by at most the sum of n one-encoding bounds
 //! ([`Compression::error_bound`]), each for the block of partial sums it was in at that hop.
 //!
-//! Frame offsets and lengths are in wire bytes: `offset` is where the segment starts in the
+//! Frame offsets and lengths are in wire bytes: `offset` is where the chunk starts in the
 //! encoded image of the whole buffer. The format travels in the high nibble of `redop`
 //! ([`OpDesc::redop_byte`]), so ranks that asked for different formats get a mismatch error.
 
@@ -36,9 +36,9 @@ use crate::types::{DType, ReduceOp};
 use crate::wire::FrameHeader;
 use std::ops::Range;
 
-/// One segment: its elements in the caller's buffer and its bytes in the wire image.
+/// One chunk (one frame's worth): its elements in the caller's buffer and its bytes in the wire image.
 #[derive(Clone, Debug, PartialEq, Eq)]
-struct Seg {
+struct Chunk {
     elems: Range<usize>,
     wire: Range<usize>,
 }
@@ -46,7 +46,7 @@ struct Seg {
 /// Compressed ring all-reduce (or reduce-scatter) of float32 or float64 data.
 ///
 /// Reduce-scatter runs the first half only: block b is rank b's `count` elements of the
-/// input (`n × count`), segments cut on 256-element boundaries from the block's start, each
+/// input (`n × count`), chunks cut on 256-element boundaries from the block's start, each
 /// block's wire image at `b × encoded_len(count)`. The rank whose block it is keeps its f32
 /// result without a last encoding (so n − 1 encodings: every hop's partial sum); ranks hold
 /// different blocks, so there are no bits to share.
@@ -59,8 +59,8 @@ pub struct CompressedRing {
     scatter: bool,
     /// Elements of f32 partial sums (the input's elements).
     total: usize,
-    /// Segments of each block, in order.
-    segs: Vec<Vec<Seg>>,
+    /// Chunks of each block, in order.
+    chunks: Vec<Vec<Chunk>>,
     /// Scratch offset of the wire image that reduce-scatter frames are encoded into.
     rs_base: usize,
     /// Scratch offset of the wire image holding final (all-gather) data.
@@ -74,7 +74,7 @@ pub struct CompressedRing {
 }
 
 impl CompressedRing {
-    /// Plan the op and allocate its scratch into `mem.acc`. `chunk` bounds a segment's
+    /// Plan the op and allocate its scratch into `mem.acc`. `chunk` bounds a chunk's
     /// float32 bytes (at least one int8 block).
     pub fn new(
         desc: OpDesc,
@@ -93,8 +93,8 @@ impl CompressedRing {
         let count = desc.count;
         let total = if scatter { count * n } else { count };
         let units = count.div_ceil(INT8_BLOCK);
-        let seg_elems = (chunk / 4 / INT8_BLOCK).max(1) * INT8_BLOCK;
-        let segs: Vec<Vec<Seg>> = (0..n)
+        let chunk_elems = (chunk / 4 / INT8_BLOCK).max(1) * INT8_BLOCK;
+        let chunks: Vec<Vec<Chunk>> = (0..n)
             .map(|b| {
                 // Elements of the block, where they start, and where its wire image starts.
                 let (lo, hi, base, wire0) = if scatter {
@@ -106,10 +106,10 @@ impl CompressedRing {
                     (lo, (u.end * INT8_BLOCK).min(count), 0, 0)
                 };
                 (lo..hi)
-                    .step_by(seg_elems)
+                    .step_by(chunk_elems)
                     .map(|s| {
-                        let e = s..(s + seg_elems).min(hi);
-                        Seg {
+                        let e = s..(s + chunk_elems).min(hi);
+                        Chunk {
                             wire: wire0 + z.encoded_len(e.start - base)
                                 ..wire0 + z.encoded_len(e.end - base),
                             elems: e,
@@ -132,7 +132,7 @@ impl CompressedRing {
             z,
             scatter,
             total,
-            segs,
+            chunks,
             rs_base: 0,
             ag_base: wire_len,
             acc_base,
@@ -141,7 +141,7 @@ impl CompressedRing {
             tally: Tally::default(),
         };
         if n > 1 {
-            let wire = |b: usize| s.segs[b].iter().map(|g| g.wire.len()).sum::<usize>();
+            let wire = |b: usize| s.chunks[b].iter().map(|g| g.wire.len()).sum::<usize>();
             let (mut send, mut recv) = (0, 0);
             for step in 0..n - 1 {
                 send += wire(s.rs_send_block(step));
@@ -259,39 +259,37 @@ impl CompressedRing {
             }
         }
         let b = self.rs_send_block(0);
-        for seg in self.segs[b].clone() {
-            let (acc, scratch) = self.split(mem, &seg.elems);
-            let at = self.rs_base + seg.wire.start;
-            self.z.encode(acc, &mut scratch[at..at + seg.wire.len()]);
-            self.push(0, &seg, self.rs_base);
+        for ch in self.chunks[b].clone() {
+            let (acc, scratch) = self.split(mem, &ch.elems);
+            let at = self.rs_base + ch.wire.start;
+            self.z.encode(acc, &mut scratch[at..at + ch.wire.len()]);
+            self.push(0, &ch, self.rs_base);
         }
     }
 
-    fn push(&mut self, step: usize, seg: &Seg, base: usize) {
-        let header = self
-            .desc
-            .header(step as u32, seg.wire.start, seg.wire.len());
+    fn push(&mut self, step: usize, ch: &Chunk, base: usize) {
+        let header = self.desc.header(step as u32, ch.wire.start, ch.wire.len());
         self.tally.push(Transmit {
             to: self.next(),
             header,
             region: Region::Acc {
-                offset: base + seg.wire.start,
-                len: seg.wire.len(),
+                offset: base + ch.wire.start,
+                len: ch.wire.len(),
             },
         });
     }
 
-    /// The segment of block `b` a frame names, checked against the plan.
-    fn seg_for(&self, from: Endpoint, h: &FrameHeader, b: usize) -> Result<Seg> {
-        let segs = &self.segs[b];
-        let found = segs
+    /// The chunk of block `b` a frame names, checked against the plan.
+    fn chunk_for(&self, from: Endpoint, h: &FrameHeader, b: usize) -> Result<Chunk> {
+        let chunks = &self.chunks[b];
+        let found = chunks
             .binary_search_by_key(&h.offset, |g| g.wire.start as u64)
             .ok()
-            .map(|i| segs[i].clone())
+            .map(|i| chunks[i].clone())
             .filter(|g| g.wire.len() as u64 == h.len);
         found.ok_or_else(|| {
             Error::remote(format!(
-                "{}: {from} sent {} wire bytes at offset {} for step {}, which is no segment of \
+                "{}: {from} sent {} wire bytes at offset {} for step {}, which is no chunk of \
                  block {b} (mismatched counts, chunking or compression across ranks?)",
                 self.desc, h.len, h.offset, h.aux
             ))
@@ -304,11 +302,11 @@ impl CompressedRing {
     }
 
     /// A reduce-scatter frame: combine, then pass the partial on or finish the block.
-    fn on_partial(&mut self, mem: &mut OpMemory, seg: Seg, step: usize, payload: &[u8]) {
+    fn on_partial(&mut self, mem: &mut OpMemory, ch: Chunk, step: usize, payload: &[u8]) {
         let (z, op, n) = (self.z, self.desc.op, self.n);
         let mut stage = std::mem::take(&mut self.stage);
         {
-            let (acc, scratch) = self.split(mem, &seg.elems);
+            let (acc, scratch) = self.split(mem, &ch.elems);
             match op {
                 ReduceOp::Sum | ReduceOp::Avg => z.decode_add(payload, acc),
                 _ => {
@@ -323,8 +321,8 @@ impl CompressedRing {
                 }
             }
             if step + 2 < n {
-                let at = self.rs_base + seg.wire.start;
-                z.encode(acc, &mut scratch[at..at + seg.wire.len()]);
+                let at = self.rs_base + ch.wire.start;
+                z.encode(acc, &mut scratch[at..at + ch.wire.len()]);
             } else if self.scatter {
                 // Our block of a reduce-scatter: kept in f32, nobody else needs its bits.
                 if op == ReduceOp::Avg {
@@ -335,35 +333,35 @@ impl CompressedRing {
                 if op == ReduceOp::Avg {
                     reduce::divide(DType::F32, bytemuck::cast_slice_mut(acc), n);
                 }
-                let at = self.ag_base + seg.wire.start;
-                let wire = &mut scratch[at..at + seg.wire.len()];
+                let at = self.ag_base + ch.wire.start;
+                let wire = &mut scratch[at..at + ch.wire.len()];
                 z.encode(acc, wire);
                 z.decode(wire, acc);
             }
         }
         self.stage = stage;
         if step + 2 < n {
-            self.push(step + 1, &seg, self.rs_base);
+            self.push(step + 1, &ch, self.rs_base);
         } else if self.scatter {
-            self.store(mem, &seg.elems);
+            self.store(mem, &ch.elems);
         } else {
-            self.store(mem, &seg.elems);
-            self.push(n - 1, &seg, self.ag_base);
+            self.store(mem, &ch.elems);
+            self.push(n - 1, &ch, self.ag_base);
         }
     }
 
     /// An all-gather frame's bytes are in the final wire image: decode and pass them on.
-    fn on_final(&mut self, mem: &mut OpMemory, seg: Seg, step: usize) {
+    fn on_final(&mut self, mem: &mut OpMemory, ch: Chunk, step: usize) {
         {
-            let (acc, scratch) = self.split(mem, &seg.elems);
-            let at = self.ag_base + seg.wire.start;
-            self.z.decode(&scratch[at..at + seg.wire.len()], acc);
+            let (acc, scratch) = self.split(mem, &ch.elems);
+            let at = self.ag_base + ch.wire.start;
+            self.z.decode(&scratch[at..at + ch.wire.len()], acc);
         }
-        self.store(mem, &seg.elems);
-        self.tally.received += seg.wire.len();
+        self.store(mem, &ch.elems);
+        self.tally.received += ch.wire.len();
         let t = step - (self.n - 1);
         if t + 2 < self.n {
-            self.push(self.n + t, &seg, self.ag_base);
+            self.push(self.n + t, &ch, self.ag_base);
         }
     }
 }
@@ -397,19 +395,19 @@ impl Schedule for CompressedRing {
             self.start(mem);
         }
         if step < self.n - 1 {
-            let seg = self.seg_for(from, h, self.rs_recv_block(step))?;
+            let ch = self.chunk_for(from, h, self.rs_recv_block(step))?;
             self.tally.received += payload.len();
-            self.on_partial(mem, seg, step, payload);
+            self.on_partial(mem, ch, step, payload);
         } else {
-            let seg = self.seg_for(from, h, self.ag_recv_block(step - (self.n - 1)))?;
+            let ch = self.chunk_for(from, h, self.ag_recv_block(step - (self.n - 1)))?;
             let scratch = mem
                 .acc
                 .as_mut()
                 .expect("compressed ops have scratch")
                 .as_mut_slice();
-            let at = self.ag_base + seg.wire.start;
-            scratch[at..at + seg.wire.len()].copy_from_slice(payload);
-            self.on_final(mem, seg, step);
+            let at = self.ag_base + ch.wire.start;
+            scratch[at..at + ch.wire.len()].copy_from_slice(payload);
+            self.on_final(mem, ch, step);
         }
         Ok(())
     }
@@ -419,10 +417,10 @@ impl Schedule for CompressedRing {
         if step < self.n - 1 || !self.started {
             return Ok(None);
         }
-        let seg = self.seg_for(from, h, self.ag_recv_block(step - (self.n - 1)))?;
+        let ch = self.chunk_for(from, h, self.ag_recv_block(step - (self.n - 1)))?;
         Ok(Some(Region::Acc {
-            offset: self.ag_base + seg.wire.start,
-            len: seg.wire.len(),
+            offset: self.ag_base + ch.wire.start,
+            len: ch.wire.len(),
         }))
     }
 
@@ -433,8 +431,8 @@ impl Schedule for CompressedRing {
         h: &FrameHeader,
     ) -> Result<()> {
         let step = self.check_frame(from, h)?;
-        let seg = self.seg_for(from, h, self.ag_recv_block(step - (self.n - 1)))?;
-        self.on_final(mem, seg, step);
+        let ch = self.chunk_for(from, h, self.ag_recv_block(step - (self.n - 1)))?;
+        self.on_final(mem, ch, step);
         Ok(())
     }
 
@@ -457,7 +455,7 @@ impl Schedule for CompressedRing {
 /// data is encoded once by the rank that owns it (every rank its own block for an all-gather,
 /// the root the whole buffer for a broadcast), the encoded bytes travel along the usual ring
 /// schedule ([`RingGather`], or the chain or tree of [`Broadcast`]) unchanged, and every rank —
-/// the owner included — decodes those same bytes, segment by segment as they land. So every
+/// the owner included — decodes those same bytes, chunk by chunk as they land. So every
 /// rank ends with identical bits: the values after one encoding (float64 as float32 widened).
 ///
 /// The inner schedule runs over the encoded image of the output in the op's scratch
@@ -477,7 +475,7 @@ pub struct EncodedCopy {
 }
 
 impl EncodedCopy {
-    /// Plan the op and allocate the encoded image into `mem.acc`. `chunk` bounds a segment's
+    /// Plan the op and allocate the encoded image into `mem.acc`. `chunk` bounds a chunk's
     /// float32 bytes (at least one int8 block); `tree` picks the broadcast tree over the chain.
     pub fn new(
         desc: OpDesc,
@@ -511,7 +509,7 @@ impl EncodedCopy {
             count: wire_block,
             ..desc
         };
-        // Whole int8 blocks (or 16-bit elements) per segment.
+        // Whole int8 blocks (or 16-bit elements) per chunk.
         let wire_chunk = z.encoded_len(crate::relay::compressed_chunk_bytes(chunk) / 4);
         let img = image.as_mut_slice();
         // SAFETY: the image is heap or mapped memory owned by `mem.acc` below, which outlives
@@ -561,7 +559,7 @@ impl EncodedCopy {
         })
     }
 
-    /// Decode the segment a frame brought (its bytes are in the image).
+    /// Decode the chunk a frame brought (its bytes are in the image).
     fn landed(&self, mem: &mut OpMemory, from: Endpoint, h: &FrameHeader) -> Result<()> {
         let (z, count, size) = (self.z, self.desc.count, self.desc.dtype.size());
         let (offset, len) = (h.offset as usize, h.len as usize);
