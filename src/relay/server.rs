@@ -35,10 +35,11 @@ use crate::wire::{self, FrameHeader, FrameKind};
 use connection::{Conn, ReadState, State};
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token};
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook_mio::v1_0::Signals;
 use std::collections::{HashMap, VecDeque};
 use std::fs::File;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::{Duration, Instant};
 
 const LISTENER: Token = Token(0);
@@ -96,7 +97,8 @@ pub struct Relay {
     jobs: HashMap<[u8; 16], Job>,
     reserved: usize,
     stats: Stats,
-    signal_fd: Option<i32>,
+    /// SIGINT and SIGTERM, when the relay stops on them.
+    signals: Option<Signals>,
     stop: bool,
     test_faults: TestFaults,
     /// The loop's clock, read once per wake-up.
@@ -116,41 +118,6 @@ pub struct Relay {
     pace_wake: Option<Instant>,
 }
 
-static SIGNAL_WRITE_FD: AtomicI32 = AtomicI32::new(-1);
-
-extern "C" fn on_signal(_sig: libc::c_int) {
-    let fd = SIGNAL_WRITE_FD.load(Ordering::Relaxed);
-    if fd >= 0 {
-        let b = 1u8;
-        // SAFETY: write(2) is async-signal-safe; fd is the non-blocking write end of our pipe
-        // and `b` lives for the call.
-        unsafe { libc::write(fd, (&b as *const u8).cast(), 1) };
-    }
-}
-
-/// Route SIGINT and SIGTERM to a self-pipe; returns its read end.
-fn install_signal_pipe() -> Result<i32> {
-    let mut fds = [0i32; 2];
-    // SAFETY: pipe2 writes two descriptors into `fds`.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } != 0 {
-        return Err(Error::io(
-            "creating the signal pipe",
-            std::io::Error::last_os_error(),
-        ));
-    }
-    SIGNAL_WRITE_FD.store(fds[1], Ordering::SeqCst);
-    for sig in [libc::SIGINT, libc::SIGTERM] {
-        // SAFETY: on_signal only performs an async-signal-safe write.
-        unsafe {
-            libc::signal(
-                sig,
-                on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t,
-            )
-        };
-    }
-    Ok(fds[0])
-}
-
 impl Relay {
     /// Bind the listener (and, with `signals`, route SIGINT/SIGTERM to a clean shutdown).
     pub fn bind(config: RelayConfig, signals: bool) -> Result<Relay> {
@@ -160,12 +127,13 @@ impl Relay {
         poll.registry()
             .register(&mut listener, LISTENER, Interest::READABLE)
             .map_err(|e| Error::io("registering the listener", e))?;
-        let signal_fd = if signals {
-            let fd = install_signal_pipe()?;
+        let signals = if signals {
+            let mut s = Signals::new([SIGINT, SIGTERM])
+                .map_err(|e| Error::io("installing the SIGINT/SIGTERM handlers", e))?;
             poll.registry()
-                .register(&mut mio::unix::SourceFd(&fd), SIGNALS, Interest::READABLE)
+                .register(&mut s, SIGNALS, Interest::READABLE)
                 .map_err(|e| Error::io("registering the signal pipe", e))?;
-            Some(fd)
+            Some(s)
         } else {
             None
         };
@@ -183,7 +151,7 @@ impl Relay {
             jobs: HashMap::new(),
             reserved: 0,
             stats: Stats::default(),
-            signal_fd,
+            signals,
             stop: false,
             test_faults: TestFaults::from_env(),
             now,
@@ -238,6 +206,10 @@ impl Relay {
                 match ev.token() {
                     LISTENER => self.accept(),
                     SIGNALS => {
+                        // Drain the pipe; only SIGINT and SIGTERM are routed here.
+                        if let Some(s) = self.signals.as_mut() {
+                            s.pending().for_each(drop);
+                        }
                         log::info!("signal received: shutting down");
                         self.stop = true;
                     }
@@ -298,9 +270,8 @@ impl Relay {
         for id in ids {
             self.close(id, "relay shutting down", false);
         }
-        if let Some(fd) = self.signal_fd.take() {
-            // SAFETY: fd is the pipe's read end, owned by us and closed once.
-            unsafe { libc::close(fd) };
+        if let Some(mut s) = self.signals.take() {
+            let _ = self.poll.registry().deregister(&mut s);
         }
         log::info!("relay stopped");
     }
