@@ -18,7 +18,8 @@ use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::Instant;
 
-/// Payload of a queued frame.
+/// Payload of a queued frame: none, its own bytes, or bytes shared by several connections
+/// (a result or a forwarded broadcast chunk, returned to the job's pool after the last copy).
 pub(super) enum Payload {
     None,
     Owned(Vec<u8>),
@@ -42,6 +43,8 @@ pub(super) struct Fanout {
     pub(super) ack: FrameHeader,
 }
 
+/// A frame queued for a connection: its header and tag state (how much is written), its
+/// payload, and the broadcast it completes, if any.
 pub(super) struct OutFrame {
     frame: FrameOut,
     payload: Payload,
