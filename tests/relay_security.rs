@@ -1,5 +1,5 @@
 //! The relay daemon's defences and lifecycle: authentication, malformed frames, concurrent
-//! jobs, unreachable relays, clean shutdown on SIGTERM.
+//! jobs, unreachable relays, clean shutdown on SIGTERM and SIGINT.
 
 mod relay_util;
 
@@ -185,26 +185,53 @@ fn unreachable_relay_is_skipped() {
     });
 }
 
-#[test]
-fn relay_stops_cleanly_on_sigterm() {
-    let mut relay = RelayProc::start(TOKEN);
-    sum_job(std::slice::from_ref(&relay), 2, 1000, 1);
-    assert!(relay.wait_log("status:"));
+/// Send `sig` to the relay and wait (bounded) for it to exit; it must exit 0 and say so.
+fn stops_cleanly_on(relay: &mut RelayProc, sig: i32) {
     // SAFETY: kill(2) on the pid of our own child process.
-    assert_eq!(
-        unsafe { libc::kill(relay.child.id() as i32, libc::SIGTERM) },
-        0
-    );
+    assert_eq!(unsafe { libc::kill(relay.child.id() as i32, sig) }, 0);
     let deadline = Instant::now() + Duration::from_secs(10);
     let status = loop {
         if let Some(s) = relay.child.try_wait().unwrap() {
             break s;
         }
-        assert!(Instant::now() < deadline, "relay did not stop on SIGTERM");
+        assert!(
+            Instant::now() < deadline,
+            "relay did not stop on signal {sig}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     };
     assert!(status.success(), "{status}");
+    assert!(relay.wait_log("signal received: shutting down"));
     assert!(relay.wait_log("relay stopped"));
+}
+
+#[test]
+fn relay_stops_cleanly_on_sigterm() {
+    let mut relay = RelayProc::start(TOKEN);
+    sum_job(std::slice::from_ref(&relay), 2, 1000, 1);
+    assert!(relay.wait_log("status:"));
+    stops_cleanly_on(&mut relay, libc::SIGTERM);
+}
+
+/// SIGINT stops the relay as SIGTERM does, closing the connections of a job in progress.
+#[test]
+fn relay_stops_cleanly_on_sigint_with_a_peer_connected() {
+    let mut relay = RelayProc::start(TOKEN);
+    let hello = JobHello {
+        job: [5; 16],
+        rank: 0,
+        world: 2,
+        stream: 0,
+        streams: 1,
+        chunk_bytes: 64 << 10,
+        window: 4,
+    };
+    let mut peer = relay_util::hello_to(&relay.addr, &hello).expect("admitted");
+    stops_cleanly_on(&mut relay, libc::SIGINT);
+    assert!(
+        closed_by_relay(&mut peer),
+        "the peer's connection is still open"
+    );
 }
 
 #[test]

@@ -136,41 +136,22 @@ fn local_ip(config: &Config) -> Result<IpAddr> {
     Ok(IpAddr::V4(Ipv4Addr::LOCALHOST))
 }
 
-/// The first IPv4 address of interface `name`.
+/// The first IPv4 address of interface `name`, in the order the system lists them
+/// (`getifaddrs`).
 fn interface_ip(name: &str) -> Result<IpAddr> {
-    let mut addrs: *mut libc::ifaddrs = std::ptr::null_mut();
-    // SAFETY: getifaddrs writes a list head we free below with freeifaddrs.
-    if unsafe { libc::getifaddrs(&mut addrs) } != 0 {
-        return Err(Error::io("getifaddrs", std::io::Error::last_os_error()));
-    }
-    let mut found = None;
-    let mut cur = addrs;
-    while !cur.is_null() {
-        // SAFETY: cur is a node of the list getifaddrs returned, valid until freeifaddrs.
-        let ifa = unsafe { &*cur };
-        // SAFETY: ifa_name is a NUL-terminated string owned by the list.
-        let ifname = unsafe { std::ffi::CStr::from_ptr(ifa.ifa_name) }.to_string_lossy();
-        if ifname == name && !ifa.ifa_addr.is_null() {
-            // SAFETY: ifa_addr is non-null and points to a sockaddr of its family.
-            let family = unsafe { (*ifa.ifa_addr).sa_family } as i32;
-            if family == libc::AF_INET {
-                // SAFETY: family AF_INET means the sockaddr is a sockaddr_in.
-                let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
-                found = Some(IpAddr::V4(Ipv4Addr::from(u32::from_be(
-                    sin.sin_addr.s_addr,
-                ))));
-                break;
-            }
-        }
-        cur = ifa.ifa_next;
-    }
-    // SAFETY: addrs came from getifaddrs and is freed once.
-    unsafe { libc::freeifaddrs(addrs) };
-    found.ok_or_else(|| {
-        Error::invalid(format!(
-            "MR_IFNAME={name}: no such interface with an IPv4 address"
-        ))
-    })
+    let interfaces = if_addrs::get_if_addrs().map_err(|e| Error::io("getifaddrs", e))?;
+    interfaces
+        .into_iter()
+        .filter(|i| i.name == name)
+        .find_map(|i| match i.addr {
+            if_addrs::IfAddr::V4(v4) => Some(IpAddr::V4(v4.ip)),
+            if_addrs::IfAddr::V6(_) => None,
+        })
+        .ok_or_else(|| {
+            Error::invalid(format!(
+                "MR_IFNAME={name}: no such interface with an IPv4 address"
+            ))
+        })
 }
 
 /// Read the environment contract: `MR_RANK`/`MR_WORLD_SIZE`/`MR_BOOTSTRAP`, or torchrun's
@@ -816,4 +797,26 @@ fn connect_mesh(
         ));
     }
     Ok(conns)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn interface_ip_names_the_loopback_address() {
+        assert_eq!(interface_ip("lo").unwrap(), IpAddr::V4(Ipv4Addr::LOCALHOST));
+    }
+
+    #[test]
+    fn interface_ip_refuses_an_unknown_interface() {
+        let e = interface_ip("no-such-if0").unwrap_err();
+        assert_eq!(e.kind, ErrorKind::InvalidArgument);
+        assert!(
+            e.message
+                .contains("MR_IFNAME=no-such-if0: no such interface"),
+            "{}",
+            e.message
+        );
+    }
 }

@@ -1,6 +1,9 @@
-//! Whether a relay takes an authenticated peer into a job: a pure decision over what the peer
-//! announced, the job as the relay knows it, and the memory already reserved. Never does I/O,
-//! never changes the relay's books; the server applies the answer.
+//! Whether a relay takes a peer into a job: pure decisions over what the peer sent, the keys
+//! the relay holds, the job as the relay knows it, and the memory already reserved. Never does
+//! I/O, never changes the relay's books; the server applies the answer.
+//!
+//! First [`authenticate`]: the peer's `Hello` must prove the key of the job it names (a job
+//! granted by a validator has its own) or else the relay's static token. Then [`decide`].
 //!
 //! A new job reserves its worst case ([`JobHello::budget`]) for as long as it lives; it is
 //! refused when that exceeds the per-job cap (so one announcement cannot take the whole relay)
@@ -8,6 +11,7 @@
 
 use crate::error::ErrorKind;
 use crate::relay::JobHello;
+use crate::wire::{Hello, NONCE_LEN};
 
 /// What the relay knows about a job the peer names.
 #[derive(Clone, Copy, Debug)]
@@ -38,6 +42,51 @@ pub enum Admission {
     NewJob { budget: usize },
     /// Refused: the reason goes to the peer (and the log), `kind` is its error kind.
     Refuse { kind: ErrorKind, reason: String },
+}
+
+/// Why a peer is turned away; the reason goes to the peer (and the log).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refusal {
+    pub kind: ErrorKind,
+    pub reason: String,
+}
+
+/// Check `hello`, the answer to `challenge`: the key it proved and the job it announced, or
+/// why it is refused. `granted` gives the key of a job a validator granted (by job id);
+/// `fixed` is the key of the relay's static token, if it has one.
+pub fn authenticate(
+    hello: &Hello<'_>,
+    challenge: &[u8; NONCE_LEN],
+    granted: impl FnOnce(&[u8; 16]) -> Option<[u8; 32]>,
+    fixed: Option<[u8; 32]>,
+) -> Result<([u8; 32], JobHello), Refusal> {
+    let refuse = |kind, reason: &str| Refusal {
+        kind,
+        reason: reason.to_string(),
+    };
+    // A job granted by the validator has its own token; others use the static one.
+    let granted = JobHello::decode(hello.body)
+        .ok()
+        .and_then(|jh| granted(&jh.job));
+    let Some(key) = granted.or(fixed) else {
+        return Err(refuse(
+            ErrorKind::Auth,
+            "authentication failed: unknown job",
+        ));
+    };
+    if !hello.verify(&key, challenge) {
+        return Err(refuse(
+            ErrorKind::Auth,
+            "authentication failed: wrong job token",
+        ));
+    }
+    match JobHello::decode(hello.body) {
+        Ok(jh) => Ok((key, jh)),
+        Err(e) => Err(Refusal {
+            kind: e.kind,
+            reason: e.message,
+        }),
+    }
 }
 
 /// Decide on `hello`, from a peer that proved the job's token.
@@ -126,6 +175,49 @@ mod tests {
             max_memory: 2 * GIB,
             max_job_memory: GIB / 2,
         }
+    }
+
+    #[test]
+    fn a_granted_job_proves_its_own_key_and_others_the_static_one() {
+        let challenge = [9; NONCE_LEN];
+        let (job_key, static_key) = ([1; 32], [2; 32]);
+        let h = hello(64 << 10, 8);
+        let body = h.encode();
+        let grants = |job: &[u8; 16]| (*job == h.job).then_some(job_key);
+        let ok = Hello::sign(&job_key, &challenge, &body);
+        assert_eq!(
+            authenticate(&ok, &challenge, grants, Some(static_key)),
+            Ok((job_key, h.clone()))
+        );
+        // The static token does not open a granted job.
+        let other = Hello::sign(&static_key, &challenge, &body);
+        let wrong = authenticate(&other, &challenge, grants, Some(static_key)).unwrap_err();
+        assert_eq!(wrong.kind, ErrorKind::Auth);
+        assert_eq!(wrong.reason, "authentication failed: wrong job token");
+        // A job nobody granted proves the static token, if there is one.
+        assert_eq!(
+            authenticate(&other, &challenge, |_| None, Some(static_key)),
+            Ok((static_key, h.clone()))
+        );
+        let unknown = authenticate(&other, &challenge, |_| None, None).unwrap_err();
+        assert_eq!(unknown.reason, "authentication failed: unknown job");
+        // A proof for another challenge (a replay) fails.
+        let replay = authenticate(&other, &[8; NONCE_LEN], |_| None, Some(static_key));
+        assert_eq!(
+            replay.unwrap_err().reason,
+            "authentication failed: wrong job token"
+        );
+    }
+
+    #[test]
+    fn a_proven_but_malformed_announcement_is_refused_with_its_fault() {
+        let challenge = [9; NONCE_LEN];
+        let key = [2; 32];
+        let body = hello(64 << 10, 0).encode();
+        let signed = Hello::sign(&key, &challenge, &body);
+        let r = authenticate(&signed, &challenge, |_| None, Some(key)).unwrap_err();
+        assert_eq!(r.kind, ErrorKind::InvalidArgument);
+        assert!(r.reason.contains("window 0"), "{}", r.reason);
     }
 
     #[test]

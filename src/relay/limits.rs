@@ -24,6 +24,9 @@ pub const MAX_HELLO_BYTES: usize = 1024;
 /// counted into one summary line at the end of the interval.
 pub const DETAILED_REJECTS: usize = 5;
 
+/// How long a refused connection may take to receive its reason before it is closed.
+pub const REFUSAL_FLUSH: Duration = Duration::from_secs(2);
+
 /// Caps and deadlines of one relay (the `mr-relayd` flags of the same names).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Limits {
@@ -92,6 +95,39 @@ pub fn connection_deadline(a: &Activity, l: &Limits) -> Option<(Instant, &'stati
     match (frame, backlog) {
         (Some(f), Some(b)) => Some(if f.0 <= b.0 { f } else { b }),
         (f, b) => f.or(b),
+    }
+}
+
+/// Whether a new connection, arriving while `waiting` connections have not authenticated yet,
+/// first evicts the oldest of them.
+pub fn evicts_oldest(waiting: usize, l: &Limits) -> bool {
+    waiting >= l.max_unauthenticated
+}
+
+/// What becomes of a connection at `now`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// It lives on.
+    Keep,
+    /// Its refusal was delivered, or had [`REFUSAL_FLUSH`] to be: close it quietly.
+    Refused,
+    /// It missed a deadline ([`connection_deadline`]): close it for this reason.
+    Expired(&'static str),
+}
+
+/// The verdict on a connection doing `a` at `now`; `refused_at`: when it was refused, if it
+/// was (it then waits only for its reason to be flushed).
+pub fn verdict(a: &Activity, refused_at: Option<Instant>, l: &Limits, now: Instant) -> Verdict {
+    if let Some(since) = refused_at {
+        return if !a.backlog || now.saturating_duration_since(since) > REFUSAL_FLUSH {
+            Verdict::Refused
+        } else {
+            Verdict::Keep
+        };
+    }
+    match connection_deadline(a, l) {
+        Some((at, why)) if now >= at => Verdict::Expired(why),
+        _ => Verdict::Keep,
     }
 }
 
@@ -231,6 +267,70 @@ mod tests {
             connection_deadline(&backlog, &l).unwrap().0,
             t0 + l.idle_timeout
         );
+    }
+
+    #[test]
+    fn verdicts_follow_the_deadlines() {
+        let t0 = Instant::now();
+        let l = limits();
+        let waiting = Activity {
+            authenticated: false,
+            ..activity(t0)
+        };
+        let just_before = t0 + l.handshake_timeout - Duration::from_millis(1);
+        assert_eq!(verdict(&waiting, None, &l, just_before), Verdict::Keep);
+        assert_eq!(
+            verdict(&waiting, None, &l, t0 + l.handshake_timeout),
+            Verdict::Expired("no authentication within the handshake timeout")
+        );
+        // An authenticated connection with nothing pending lives as long as its job.
+        let far = t0 + Duration::from_secs(100_000);
+        assert_eq!(verdict(&activity(t0), None, &l, far), Verdict::Keep);
+        let stuck = Activity {
+            backlog: true,
+            ..activity(t0)
+        };
+        assert_eq!(
+            verdict(&stuck, None, &l, t0 + l.idle_timeout),
+            Verdict::Expired("not reading the frames sent to it")
+        );
+    }
+
+    #[test]
+    fn a_refused_connection_closes_once_its_reason_is_out_or_late() {
+        let t0 = Instant::now();
+        let l = limits();
+        let flushing = Activity {
+            authenticated: false,
+            backlog: true,
+            ..activity(t0)
+        };
+        // Refusal, not the handshake deadline, decides: the reason gets its time to leave.
+        let at = t0 + l.handshake_timeout;
+        assert_eq!(verdict(&flushing, Some(at), &l, at), Verdict::Keep);
+        assert_eq!(
+            verdict(&flushing, Some(at), &l, at + REFUSAL_FLUSH),
+            Verdict::Keep
+        );
+        let late = at + REFUSAL_FLUSH + Duration::from_millis(1);
+        assert_eq!(verdict(&flushing, Some(at), &l, late), Verdict::Refused);
+        let flushed = Activity {
+            backlog: false,
+            ..flushing
+        };
+        assert_eq!(verdict(&flushed, Some(at), &l, at), Verdict::Refused);
+    }
+
+    #[test]
+    fn the_unauthenticated_cap_evicts_at_the_limit() {
+        let l = Limits {
+            max_unauthenticated: 3,
+            ..limits()
+        };
+        assert!(!evicts_oldest(0, &l));
+        assert!(!evicts_oldest(2, &l));
+        assert!(evicts_oldest(3, &l));
+        assert!(evicts_oldest(4, &l));
     }
 
     #[test]

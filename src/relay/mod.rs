@@ -24,6 +24,7 @@
 
 pub mod admission;
 pub mod client;
+pub(crate) mod faults;
 pub mod limits;
 pub mod receipts;
 pub mod registration;
