@@ -14,8 +14,8 @@
 //! Kernels see typed slices only: byte slices, their alignment and lengths are the caller's
 //! (`reduce`'s entry points) business.
 
-use super::Pod;
 use crate::types::ReduceOp;
+use bytemuck::Pod;
 use std::mem::size_of;
 
 /// `dst[i] = f(dst[i], src[i])` over equal-length slices.

@@ -28,6 +28,7 @@
 //! Nothing here allocates, blocks or knows about collectives.
 
 use crate::types::{DType, ReduceOp};
+use bytemuck::{cast_slice, cast_slice_mut, Pod};
 use kernels::{kernel_for, Num};
 use std::mem::size_of;
 
@@ -36,56 +37,14 @@ mod kernels;
 #[cfg(test)]
 mod test_support;
 
-/// Plain-old-data element types that byte slices are viewed as.
-///
-/// # Safety
-/// Implementors must be primitive types without padding for which every bit pattern is a valid
-/// value, so that any bytes may be viewed as `Self` and any `Self` as bytes.
-unsafe trait Pod: Copy + Default + 'static {}
-
-// SAFETY: primitive integers and floats: no padding, every bit pattern valid.
-unsafe impl Pod for i8 {}
-// SAFETY: as above.
-unsafe impl Pod for u8 {}
-// SAFETY: as above.
-unsafe impl Pod for u16 {}
-// SAFETY: as above.
-unsafe impl Pod for i32 {}
-// SAFETY: as above.
-unsafe impl Pod for i64 {}
-// SAFETY: as above.
-unsafe impl Pod for u64 {}
-// SAFETY: as above.
-unsafe impl Pod for f32 {}
-// SAFETY: as above.
-unsafe impl Pod for f64 {}
-
 /// `b` viewed as `T`s, if it is aligned for `T` and a whole number of elements long.
 fn typed<T: Pod>(b: &[u8]) -> Option<&[T]> {
-    // SAFETY: `T: Pod`, so every bit pattern of the aligned middle part is a valid `T`.
-    let (pre, mid, post) = unsafe { b.align_to::<T>() };
-    (pre.is_empty() && post.is_empty()).then_some(mid)
+    bytemuck::try_cast_slice(b).ok()
 }
 
 /// `b` viewed as `T`s, if it is aligned for `T` and a whole number of elements long.
 fn typed_mut<T: Pod>(b: &mut [u8]) -> Option<&mut [T]> {
-    // SAFETY: `T: Pod`, so every bit pattern of the middle part is a valid `T` and every `T`
-    // written through it is valid bytes.
-    let (pre, mid, post) = unsafe { b.align_to_mut::<T>() };
-    (pre.is_empty() && post.is_empty()).then_some(mid)
-}
-
-/// The bytes of `x`.
-fn bytes_of<T: Pod>(x: &[T]) -> &[u8] {
-    // SAFETY: `T: Pod` has no padding, so all `size_of_val(x)` bytes are initialised; u8 has
-    // alignment 1.
-    unsafe { std::slice::from_raw_parts(x.as_ptr().cast(), std::mem::size_of_val(x)) }
-}
-
-/// The bytes of `x`, writable.
-fn bytes_of_mut<T: Pod>(x: &mut [T]) -> &mut [u8] {
-    // SAFETY: as in `bytes_of`; any bytes written are a valid `T` because `T: Pod`.
-    unsafe { std::slice::from_raw_parts_mut(x.as_mut_ptr().cast(), std::mem::size_of_val(x)) }
+    bytemuck::try_cast_slice_mut(b).ok()
 }
 
 /// Elements per block when unaligned data is staged through the stack (8 KiB for two f64
@@ -106,20 +65,20 @@ fn on_bytes<D: Pod, S: Pod>(
     if let (Some(d), Some(s)) = (typed_mut::<D>(dst), typed::<S>(src)) {
         return kernel(d, s);
     }
-    let mut dbuf = [D::default(); STAGE];
-    let mut sbuf = [S::default(); STAGE];
+    let mut dbuf = [D::zeroed(); STAGE];
+    let mut sbuf = [S::zeroed(); STAGE];
     for (dc, sc) in dst
         .chunks_mut(STAGE * size_of::<D>())
         .zip(src.chunks(STAGE * size_of::<S>()))
     {
         let n = dc.len() / size_of::<D>();
         let (d, s) = (&mut dbuf[..n], &mut sbuf[..n]);
-        bytes_of_mut(s).copy_from_slice(sc);
+        cast_slice_mut::<_, u8>(s).copy_from_slice(sc);
         if dst_is_input {
-            bytes_of_mut(d).copy_from_slice(dc);
+            cast_slice_mut::<_, u8>(d).copy_from_slice(dc);
         }
         kernel(d, s);
-        dc.copy_from_slice(bytes_of(d));
+        dc.copy_from_slice(cast_slice::<_, u8>(d));
     }
 }
 
@@ -191,12 +150,12 @@ fn divide_t<T: Num>(buf: &mut [u8], n: usize) {
     match typed_mut::<T>(buf) {
         Some(x) => divide(x),
         None => {
-            let mut stage = [T::default(); STAGE];
+            let mut stage = [T::zeroed(); STAGE];
             for chunk in buf.chunks_mut(STAGE * size_of::<T>()) {
                 let x = &mut stage[..chunk.len() / size_of::<T>()];
-                bytes_of_mut(x).copy_from_slice(chunk);
+                cast_slice_mut::<_, u8>(x).copy_from_slice(chunk);
                 divide(x);
-                chunk.copy_from_slice(bytes_of(x));
+                chunk.copy_from_slice(cast_slice::<_, u8>(x));
             }
         }
     }
