@@ -926,6 +926,7 @@ impl Comm {
                 dtype,
             });
         }
+        // SAFETY: forwarded from this function's contract.
         let mut mem = OpMemory::new(unsafe { RawBuf::new(recv, total) });
         // SAFETY: forwarded from this function's contract; the input is only read.
         mem.input = unsafe { RawBuf::new(send as *mut u8, bytes) };
@@ -972,6 +973,7 @@ impl Comm {
                 op,
             });
         }
+        // SAFETY: forwarded from this function's contract.
         let mut mem = OpMemory::new(unsafe { RawBuf::new(recv, bytes) });
         // SAFETY: forwarded from this function's contract; the input is only read.
         mem.input = unsafe { RawBuf::new(send as *mut u8, total) };
