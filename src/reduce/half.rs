@@ -1,10 +1,10 @@
 //! f16 and bf16: conversions to and from f32, and reducing them into an f32 accumulator.
 //!
-//! f16/bf16 never reduce in their own type; each kernel here widens to f32 in registers,
-//! combines in f32 (with the ops of `Num` for f32) and narrows with round to nearest, ties to
-//! even. bf16 is the upper half of an f32, so its conversions are bit operations that the
-//! compiler vectorises in `zip_map_best`. f16 uses F16C (eight elements per instruction) when
-//! the CPU has it and `half`'s slice conversions otherwise.
+//! f16/bf16 never reduce in their own type: the widening reductions here convert each element
+//! to f32 and combine in f32 (with f32's `Num` ops), and only narrowing rounds, to nearest with
+//! ties to even. bf16 is the upper half of an f32, so its conversions are bit operations that
+//! the compiler vectorises in `zip_map_best`; f16 uses F16C (eight elements per instruction)
+//! when the CPU has it and `half`'s slice conversions otherwise.
 
 use super::kernels::{zip_map_best, Num};
 use super::STAGE;
