@@ -28,7 +28,7 @@ use crate::layout::Layout;
 use crate::net::engine::{
     Completion, Engine, RelayLink, RelayLinks, RelayRates, Submission, Transport,
 };
-use crate::types::{DType, Element, ReduceOp};
+use crate::types::{dtype_of, DType, Element, ReduceOp};
 use crate::validator::peer::{JobVerify, Recorded};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -1414,9 +1414,10 @@ impl Comm {
     }
 
     pub fn allreduce<T: Element>(&self, buf: &mut [T], op: ReduceOp) -> Result<()> {
-        // SAFETY: the exclusive borrow lasts until wait() returns.
+        // SAFETY: the exclusive borrow lasts until wait() returns; `dtype_of` makes the op's
+        // bytes exactly the slice's.
         unsafe {
-            self.iallreduce_raw(buf.as_mut_ptr().cast(), buf.len(), T::DTYPE, op)?
+            self.iallreduce_raw(buf.as_mut_ptr().cast(), buf.len(), dtype_of::<T>(), op)?
                 .wait()
         }
     }
@@ -1429,17 +1430,25 @@ impl Comm {
         op: ReduceOp,
         z: Compression,
     ) -> Result<()> {
-        // SAFETY: the exclusive borrow lasts until wait() returns.
+        // SAFETY: the exclusive borrow lasts until wait() returns; `dtype_of` makes the op's
+        // bytes exactly the slice's.
         unsafe {
-            self.iallreduce_compressed_raw(buf.as_mut_ptr().cast(), buf.len(), T::DTYPE, op, z)?
-                .wait()
+            self.iallreduce_compressed_raw(
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                dtype_of::<T>(),
+                op,
+                z,
+            )?
+            .wait()
         }
     }
 
     pub fn broadcast<T: Element>(&self, buf: &mut [T], root: usize) -> Result<()> {
-        // SAFETY: the exclusive borrow lasts until wait() returns.
+        // SAFETY: the exclusive borrow lasts until wait() returns; `dtype_of` makes the op's
+        // bytes exactly the slice's.
         unsafe {
-            self.ibroadcast_raw(buf.as_mut_ptr().cast(), buf.len(), T::DTYPE, root)?
+            self.ibroadcast_raw(buf.as_mut_ptr().cast(), buf.len(), dtype_of::<T>(), root)?
                 .wait()
         }
     }
@@ -1453,13 +1462,14 @@ impl Comm {
                 self.size
             )));
         }
-        // SAFETY: the borrows last until wait() returns; &/&mut cannot overlap.
+        // SAFETY: the borrows last until wait() returns; &/&mut cannot overlap; `dtype_of`
+        // makes the op's bytes exactly the slices'.
         unsafe {
             self.iallgather_raw(
                 send.as_ptr().cast(),
                 recv.as_mut_ptr().cast(),
                 send.len(),
-                T::DTYPE,
+                dtype_of::<T>(),
             )?
             .wait()
         }
@@ -1479,13 +1489,14 @@ impl Comm {
                 self.size
             )));
         }
-        // SAFETY: the borrows last until wait() returns; &/&mut cannot overlap.
+        // SAFETY: the borrows last until wait() returns; &/&mut cannot overlap; `dtype_of`
+        // makes the op's bytes exactly the slices'.
         unsafe {
             self.ireduce_scatter_raw(
                 send.as_ptr().cast(),
                 recv.as_mut_ptr().cast(),
                 recv.len(),
-                T::DTYPE,
+                dtype_of::<T>(),
                 op,
             )?
             .wait()
@@ -1515,13 +1526,14 @@ impl Comm {
             }
             None => std::ptr::null_mut(),
         };
-        // SAFETY: the borrows last until wait() returns; &/&mut cannot overlap.
+        // SAFETY: the borrows last until wait() returns; &/&mut cannot overlap; `dtype_of`
+        // makes the op's bytes exactly the slices'.
         unsafe {
             self.ireduce_raw(
                 send.as_ptr().cast(),
                 recv_ptr,
                 send.len(),
-                T::DTYPE,
+                dtype_of::<T>(),
                 op,
                 root,
             )?
@@ -1539,13 +1551,14 @@ impl Comm {
                 self.size
             )));
         }
-        // SAFETY: the borrows last until wait() returns; &/&mut cannot overlap.
+        // SAFETY: the borrows last until wait() returns; &/&mut cannot overlap; `dtype_of`
+        // makes the op's bytes exactly the slices'.
         unsafe {
             self.ialltoall_raw(
                 send.as_ptr().cast(),
                 recv.as_mut_ptr().cast(),
                 send.len() / self.size,
-                T::DTYPE,
+                dtype_of::<T>(),
             )?
             .wait()
         }

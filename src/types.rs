@@ -124,41 +124,74 @@ impl std::fmt::Display for ReduceOp {
 
 /// A Rust element type with a [`DType`]; lets the safe Rust API take typed slices.
 ///
-/// # Safety
-/// Implementors must be plain-old-data whose in-memory layout is exactly `DTYPE`.
-pub unsafe trait Element: Copy + Send + Sync + 'static {
+/// A safe trait: `bytemuck::Pod` already promises what viewing a slice as bytes needs (no
+/// padding, every bit pattern valid), and `dtype_of` checks at compile time that one `Self`
+/// is exactly one `DTYPE` element, so an impl with the wrong `DTYPE` size does not build.
+pub trait Element: bytemuck::Pod + Send + Sync {
     const DTYPE: DType;
 }
 
-// SAFETY: each type below is POD with the layout of the named dtype.
-unsafe impl Element for f32 {
+impl Element for f32 {
     const DTYPE: DType = DType::F32;
 }
-// SAFETY: as above.
-unsafe impl Element for f64 {
+impl Element for f64 {
     const DTYPE: DType = DType::F64;
 }
-// SAFETY: as above.
-unsafe impl Element for half::f16 {
+impl Element for half::f16 {
     const DTYPE: DType = DType::F16;
 }
-// SAFETY: as above.
-unsafe impl Element for half::bf16 {
+impl Element for half::bf16 {
     const DTYPE: DType = DType::BF16;
 }
-// SAFETY: as above.
-unsafe impl Element for i8 {
+impl Element for i8 {
     const DTYPE: DType = DType::I8;
 }
-// SAFETY: as above.
-unsafe impl Element for u8 {
+impl Element for u8 {
     const DTYPE: DType = DType::U8;
 }
-// SAFETY: as above.
-unsafe impl Element for i32 {
+impl Element for i32 {
     const DTYPE: DType = DType::I32;
 }
-// SAFETY: as above.
-unsafe impl Element for i64 {
+impl Element for i64 {
     const DTYPE: DType = DType::I64;
+}
+
+/// `T::DTYPE`, after checking at compile time that a `T` is exactly one element of it: the
+/// typed API hands `len` elements of `T` to code that moves `len * DTYPE.size()` bytes.
+pub(crate) const fn dtype_of<T: Element>() -> DType {
+    const {
+        assert!(
+            std::mem::size_of::<T>() == T::DTYPE.size(),
+            "an Element's size must be its DTYPE's size"
+        )
+    };
+    T::DTYPE
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_element_type_is_one_element_of_its_dtype() {
+        fn bytes<T: Element>(x: T) -> (DType, usize) {
+            (dtype_of::<T>(), bytemuck::bytes_of(&x).len())
+        }
+        let all = [
+            bytes(1f32),
+            bytes(1f64),
+            bytes(half::f16::ONE),
+            bytes(half::bf16::ONE),
+            bytes(1i8),
+            bytes(1u8),
+            bytes(1i32),
+            bytes(1i64),
+        ];
+        for (dtype, len) in all {
+            assert_eq!(dtype.size(), len, "{dtype}");
+        }
+        let mut dtypes: Vec<DType> = all.iter().map(|(d, _)| *d).collect();
+        dtypes.dedup();
+        assert_eq!(dtypes, DType::ALL);
+    }
 }

@@ -18,6 +18,10 @@ use mapreduce::{Comm, Config, DType, ReduceOp, UniqueId};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+// A binary's root looks for modules beside it, in src/bin/; this one's own live in mr-bench/.
+#[path = "mr-bench/kernels.rs"]
+mod kernels;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Op {
     Allreduce,
@@ -639,7 +643,7 @@ fn run_table(comm: &Comm, args: &Args) -> bool {
 fn print_kernels() {
     let bytes = 64 << 20;
     println!("# reduction kernels on {} MiB buffers (GB/s, GB = 1e9; bytes counted as the destination size)", bytes >> 20);
-    for (name, gbps) in mapreduce::reduce::measure_throughput(bytes, 20) {
+    for (name, gbps) in kernels::measure_throughput(bytes, 20) {
         println!("  {name:<24} {gbps:>8.2}");
     }
     println!(
