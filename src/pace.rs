@@ -93,6 +93,67 @@ impl TokenBucket {
     }
 }
 
+/// A send cap shared by every connection of one event loop (the engine's or the relay's),
+/// with the connections that wait for it and when to try them again.
+#[derive(Debug)]
+pub struct Pacer {
+    bucket: Option<TokenBucket>,
+    waiting: Vec<usize>,
+    wake: Option<Instant>,
+}
+
+impl Pacer {
+    /// At most `rate` bytes per second with the default burst; `None`: no cap.
+    pub fn new(rate: Option<u64>, now: Instant) -> Pacer {
+        Pacer {
+            bucket: rate.map(|r| TokenBucket::new(r, TokenBucket::default_burst(r), now)),
+            waiting: Vec::new(),
+            wake: None,
+        }
+    }
+
+    /// How many of the `left` bytes connection `id` may write now. `None`: none; the
+    /// connection waits and is handed back by [`Pacer::due`] once the cap allows again.
+    pub fn allowance(&mut self, id: usize, now: Instant, left: usize) -> Option<usize> {
+        let Some(bucket) = self.bucket.as_mut() else {
+            return Some(usize::MAX);
+        };
+        match bucket.available(now, left) {
+            0 => {
+                let at = bucket.ready_at(now, left.min(MIN_BURST as usize));
+                self.wake = Some(self.wake.map_or(at, |w| w.min(at)));
+                if !self.waiting.contains(&id) {
+                    self.waiting.push(id);
+                }
+                None
+            }
+            n => Some(n),
+        }
+    }
+
+    /// `n` bytes went out.
+    pub fn consume(&mut self, n: usize) {
+        if let Some(b) = self.bucket.as_mut() {
+            b.consume(n);
+        }
+    }
+
+    /// When the loop must wake to retry waiting connections.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.wake
+    }
+
+    /// The connections to retry at `now` (empty before the wake time).
+    pub fn due(&mut self, now: Instant) -> Vec<usize> {
+        if self.wake.is_some_and(|w| w <= now) {
+            self.wake = None;
+            std::mem::take(&mut self.waiting)
+        } else {
+            Vec::new()
+        }
+    }
+}
+
 /// Parse a rate such as `125000000`, `125M`, `1G` or `1Gbit` into bytes per second
 /// (`K`/`M`/`G` are powers of 1000; a `bit` or `b` suffix divides by eight).
 pub fn parse_rate(s: &str) -> Option<u64> {
@@ -199,5 +260,30 @@ mod tests {
         assert_eq!(parse_rate("0"), None);
         assert_eq!(parse_rate("fast"), None);
         assert_eq!(parse_rate(""), None);
+    }
+
+    #[test]
+    fn a_pacer_parks_connections_until_the_cap_allows_again() {
+        let t0 = Instant::now();
+        let mut open = Pacer::new(None, t0);
+        assert_eq!(open.allowance(3, t0, 10), Some(usize::MAX));
+        assert_eq!(open.poll_timeout(), None);
+        // 1 MB/s, burst 64 KiB: the first 64 KiB go at once, then connection 1 waits.
+        let mut p = Pacer::new(Some(1_000_000), t0);
+        assert_eq!(p.allowance(1, t0, 100 << 10), Some(64 << 10));
+        p.consume(64 << 10);
+        assert_eq!(p.allowance(1, t0, 36 << 10), None);
+        assert_eq!(p.allowance(2, t0, 10), None);
+        assert_eq!(p.allowance(1, t0, 36 << 10), None);
+        let wake = p.poll_timeout().expect("a wake time");
+        assert!(
+            wake > t0 && wake <= t0 + Duration::from_millis(37),
+            "{:?}",
+            wake - t0
+        );
+        assert!(p.due(t0).is_empty());
+        assert_eq!(p.due(wake), vec![1, 2]);
+        assert_eq!(p.poll_timeout(), None);
+        assert!(p.allowance(1, wake, 36 << 10).is_some());
     }
 }

@@ -113,9 +113,7 @@ pub struct Relay {
     accept_retry: Option<Instant>,
     rejects: RejectLog,
     /// Rate cap on everything the relay sends, and the connections waiting for it.
-    pacer: Option<crate::pace::TokenBucket>,
-    pace_waiting: Vec<usize>,
-    pace_wake: Option<Instant>,
+    pacer: crate::pace::Pacer,
 }
 
 impl Relay {
@@ -160,15 +158,7 @@ impl Relay {
             spare_fd: File::open("/dev/null").ok(),
             accept_retry: None,
             rejects,
-            pacer: max_rate.map(|rate| {
-                crate::pace::TokenBucket::new(
-                    rate,
-                    crate::pace::TokenBucket::default_burst(rate),
-                    now,
-                )
-            }),
-            pace_waiting: Vec::new(),
-            pace_wake: None,
+            pacer: crate::pace::Pacer::new(max_rate, now),
         })
     }
 
@@ -192,11 +182,8 @@ impl Relay {
                 }
                 return Err(Error::io("event loop poll failed", e));
             }
-            if self.pace_wake.is_some_and(|t| self.now >= t) {
-                self.pace_wake = None;
-                for id in std::mem::take(&mut self.pace_waiting) {
-                    self.flush(id);
-                }
+            for id in self.pacer.due(self.now) {
+                self.flush(id);
             }
             if self.accept_retry.is_some_and(|t| self.now >= t) {
                 self.accept_retry = None;
@@ -285,7 +272,7 @@ impl Relay {
         if let Some(t) = self.rejects.next_summary() {
             wake = wake.min(t);
         }
-        if let Some(t) = self.pace_wake {
+        if let Some(t) = self.pacer.poll_timeout() {
             wake = wake.min(t);
         }
         wake.saturating_duration_since(self.now)

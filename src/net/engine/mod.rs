@@ -190,15 +190,7 @@ impl Engine {
             links,
             shutting_down: false,
             scratch: vec![0u8; 64 << 10],
-            pacer: config.max_rate.map(|rate| {
-                crate::pace::TokenBucket::new(
-                    rate,
-                    crate::pace::TokenBucket::default_burst(rate),
-                    Instant::now(),
-                )
-            }),
-            pace_waiting: Vec::new(),
-            pace_wake: None,
+            pacer: crate::pace::Pacer::new(config.max_rate, Instant::now()),
             shm: None,
             spare_backup: None,
         };

@@ -58,10 +58,7 @@ pub(super) struct ProgressLoop {
     pub links: RelayLinks,
     pub shutting_down: bool,
     /// Rate cap on everything this rank sends (`MR_MAX_RATE`), shared by all connections.
-    pub pacer: Option<crate::pace::TokenBucket>,
-    /// Connections with frames queued that wait for the cap, and when to try them again.
-    pub pace_waiting: Vec<usize>,
-    pub pace_wake: Option<Instant>,
+    pub pacer: crate::pace::Pacer,
     /// Sink for payloads of frames we discard.
     pub scratch: Vec<u8>,
     /// Shared-memory segment, when every rank runs on this host.
@@ -75,7 +72,7 @@ impl ProgressLoop {
         let mut events = Events::with_capacity(256);
         loop {
             // Sleep until the policy's next deadline or the pacer lets a connection write.
-            let wake = match (self.health.poll_timeout(), self.pace_wake) {
+            let wake = match (self.health.poll_timeout(), self.pacer.poll_timeout()) {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
             };
@@ -93,11 +90,8 @@ impl ProgressLoop {
                 return;
             }
             self.drain_commands();
-            if self.pace_wake.is_some_and(|w| w <= Instant::now()) {
-                self.pace_wake = None;
-                for i in std::mem::take(&mut self.pace_waiting) {
-                    self.flush(i);
-                }
+            for i in self.pacer.due(Instant::now()) {
+                self.flush(i);
             }
             for ev in events.iter() {
                 let i = ev.token().0;
@@ -390,29 +384,13 @@ impl ProgressLoop {
                     }
                     (None, _) => &f.owned,
                 };
-                let max = match self.pacer.as_mut() {
-                    None => usize::MAX,
-                    Some(p) => {
-                        let now = Instant::now();
-                        let left = total - f.frame.written;
-                        match p.available(now, left) {
-                            0 => {
-                                let at = p.ready_at(now, left.min(crate::pace::MIN_BURST as usize));
-                                self.pace_wake = Some(self.pace_wake.map_or(at, |w| w.min(at)));
-                                if !self.pace_waiting.contains(&i) {
-                                    self.pace_waiting.push(i);
-                                }
-                                break Ok(());
-                            }
-                            n => n,
-                        }
-                    }
+                let left = total - f.frame.written;
+                let Some(max) = self.pacer.allowance(i, Instant::now(), left) else {
+                    break Ok(());
                 };
                 match f.frame.write_at_most(&c.stream, payload, &mut c.tx, max) {
                     Ok(n) => {
-                        if let Some(p) = self.pacer.as_mut() {
-                            p.consume(n);
-                        }
+                        self.pacer.consume(n);
                         c.queued_bytes -= n;
                         if f.frame.written == total {
                             let f = c.queue.pop_front().expect("front frame");

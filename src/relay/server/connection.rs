@@ -198,29 +198,13 @@ impl Relay {
                 };
                 let payload = f.payload.bytes();
                 let total = f.frame.total(payload.len());
-                let max = match self.pacer.as_mut() {
-                    None => usize::MAX,
-                    Some(p) => {
-                        let left = total - f.frame.written;
-                        match p.available(self.now, left) {
-                            0 => {
-                                let at =
-                                    p.ready_at(self.now, left.min(crate::pace::MIN_BURST as usize));
-                                self.pace_wake = Some(self.pace_wake.map_or(at, |w| w.min(at)));
-                                if !self.pace_waiting.contains(&id) {
-                                    self.pace_waiting.push(id);
-                                }
-                                break Ok(());
-                            }
-                            n => n,
-                        }
-                    }
+                let left = total - f.frame.written;
+                let Some(max) = self.pacer.allowance(id, self.now, left) else {
+                    break Ok(());
                 };
                 match f.frame.write_at_most(&c.stream, payload, &mut c.tx, max) {
                     Ok(n) => {
-                        if let Some(p) = self.pacer.as_mut() {
-                            p.consume(n);
-                        }
+                        self.pacer.consume(n);
                         c.out_bytes -= n;
                         c.last_write = self.now;
                         self.stats.bytes_out += n as u64;
