@@ -325,9 +325,12 @@ impl Sim {
         let k = &mut self.ranks[r];
         let done = std::mem::replace(&mut k.user, next.user);
         k.results.push(done);
+        // The input backup goes from op to op, as the progress loop hands it on.
+        let backup = k.mem.backup.take();
         // SAFETY: the vector lives in the SimRank beside the RawBuf and is never reallocated
         // while the op runs.
         k.mem = OpMemory::new(unsafe { RawBuf::new(k.user.as_mut_ptr(), k.user.len()) });
+        k.mem.backup = backup;
         k.schedule = (next.build)(&weights, &mut k.mem);
         self.start_current(r);
     }
@@ -1634,6 +1637,23 @@ mod tests {
         }
     }
 
+    /// Drive a job whose relays only die (connections break, nothing stalls): no timer may
+    /// be what finishes it, so the virtual clock never moves and no relay is dropped for
+    /// silence. (A schedule that forgot a chunk would otherwise be rescued by the stall rule.)
+    fn drive_relays_without_timers(sim: &mut Sim) {
+        drive_relays(sim);
+        assert_eq!(sim.now, Duration::ZERO, "a timer was needed to finish");
+        for (p, k) in sim.ranks.iter().enumerate() {
+            assert!(k.error.is_none(), "rank {p}: {:?}", k.error);
+            for (relay, _, why) in &k.relay_drops {
+                assert!(
+                    why.contains("connection closed"),
+                    "rank {p} relay {relay}: {why}"
+                );
+            }
+        }
+    }
+
     /// (seed, world, relays, kills as (step, relay), notification spread): whether the op
     /// fell back to the ring.
     fn run_relay_allreduce(
@@ -1649,7 +1669,7 @@ mod tests {
         for &(at, k) in kills {
             sim.kill_relay(k, at, spread);
         }
-        drive_relays(&mut sim);
+        drive_relays_without_timers(&mut sim);
         check_sum(&sim, count);
         fell_back(&sim)
     }
@@ -1662,7 +1682,7 @@ mod tests {
         let count = 300;
         let d = relay_desc(Collective::AllReduce, count, 0, 1);
         let mut sim = relay_sim(d, 3, int_inputs(3, count), 5);
-        drive_relays(&mut sim);
+        drive_relays_without_timers(&mut sim);
         check_sum(&sim, count);
         for (p, k) in sim.ranks.iter_mut().enumerate() {
             k.schedule
@@ -1701,7 +1721,7 @@ mod tests {
                 for &(at, k) in &kills {
                     sim.kill_relay(k, at, 10);
                 }
-                drive_relays(&mut sim);
+                drive_relays_without_timers(&mut sim);
                 for p in 1..world {
                     assert_eq!(
                         sim.ranks[p].user, sim.ranks[0].user,
@@ -1759,30 +1779,72 @@ mod tests {
     }
 
     /// A backup left in the op's memory by an earlier op holds stale bytes: fail-over must
-    /// only read what this op copied into it, and the backup stays in the op's memory.
+    /// only read what this op copied into it, and the op uses that backup (no fresh one).
     #[test]
     fn a_reused_backup_never_leaks_stale_bytes() {
         let count = 300;
+        let mut saved = 0;
         for seed in 0..20 {
             let d = relay_desc(Collective::AllReduce, count, 0, 1);
             let mut sim = relay_sim(d, 2, int_inputs(3, count), seed);
+            let mut planted = Vec::new();
             for k in &mut sim.ranks {
                 let mut stale = Scratch::zeroed(4096).unwrap();
                 stale.as_mut_slice().fill(0xA5);
+                planted.push(stale.as_slice().as_ptr());
                 k.mem.backup = Some(stale);
             }
             let at = (seed as usize * 7) % 80;
             sim.kill_relay(0, at, 10);
             sim.kill_relay(1, at + 3, 10);
-            drive_relays(&mut sim);
+            drive_relays_without_timers(&mut sim);
             check_sum(&sim, count);
-            for k in &sim.ranks {
-                let kept = k.mem.backup.as_ref().map(|b| b.len());
-                assert!(
-                    kept.is_some_and(|n| n >= 4096),
-                    "the backup is kept: {kept:?}"
+            for (k, &p) in sim.ranks.iter().zip(&planted) {
+                let b = k
+                    .mem
+                    .backup
+                    .as_ref()
+                    .expect("the backup stays in the op's memory");
+                assert_eq!(
+                    b.as_slice().as_ptr(),
+                    p,
+                    "seed {seed}: a fresh backup was made"
                 );
+                // Whatever this op saved went into the planted buffer.
+                if b.as_slice()[..count * 4].iter().any(|&x| x != 0xA5) {
+                    saved += 1;
+                }
             }
+        }
+        assert!(saved > 0, "no run saved an input into the backup");
+    }
+
+    /// The progress loop hands an op's backup to the next op: the buffer planted before op
+    /// 1 is still the op's backup after op 2, and holds what op 2 saved (its own inputs).
+    #[test]
+    fn the_backup_is_handed_from_op_to_op() {
+        let (world, count) = (3, 600);
+        let mut sim = relay_job(world, 2, count, 2, 3);
+        let mut planted = Vec::new();
+        for k in &mut sim.ranks {
+            let b = Scratch::zeroed(count * 4).unwrap();
+            planted.push(b.as_slice().as_ptr());
+            k.mem.backup = Some(b);
+        }
+        drive_relays(&mut sim);
+        check_job(&sim, count, 2);
+        for (r, k) in sim.ranks.iter().enumerate() {
+            let b = k.mem.backup.as_ref().expect("the backup outlives the ops");
+            assert_eq!(
+                b.as_slice().as_ptr(),
+                planted[r],
+                "rank {r}: a fresh backup was made"
+            );
+            assert_eq!(
+                &b.as_slice()[..count * 4],
+                &int_input(r, count, 1)[..],
+                "rank {r}"
+            );
         }
     }
 
@@ -1823,7 +1885,7 @@ mod tests {
                 sim.kill_relay(0, at, 20);
                 sim.kill_relay(1, at + 3, 20);
             }
-            drive_relays(&mut sim);
+            drive_relays_without_timers(&mut sim);
             let want: Vec<u8> = (0..count)
                 .flat_map(|i| (i as i32 * 3).to_le_bytes())
                 .collect();

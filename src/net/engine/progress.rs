@@ -105,10 +105,13 @@ impl ProgressLoop {
                     self.read_conn(i);
                 }
             }
+            // The policy looks at the clock after every change the schedule may have made
+            // (the last thing before sleeping), so a relay that became waited on is judged
+            // now. A relay dropped as stalled leaves the schedule with chunks to redo.
             self.drive();
-            self.handle_timeout(Instant::now());
-            // A relay dropped as stalled leaves the schedule with chunks to redo.
-            self.drive();
+            while self.handle_timeout(Instant::now()) {
+                self.drive();
+            }
             if self.shutting_down && self.current.is_none() && self.pending.is_empty() {
                 self.say_goodbye();
                 return;
@@ -850,15 +853,17 @@ impl ProgressLoop {
     }
 
     /// Let the policy look at the clock: drop stalled relays, fail an op that made no
-    /// progress for the timeout.
-    fn handle_timeout(&mut self, now: Instant) {
+    /// progress for the timeout. Whether it dropped a relay (the schedule then has chunks to
+    /// redo).
+    fn handle_timeout(&mut self, now: Instant) -> bool {
         let Some(op) = self.current.as_ref() else {
-            return;
+            return false;
         };
         let expired = self
             .health
             .handle_timeout(now, |r| op.schedule.waits_on(Endpoint::Relay(r)));
         let bound = self.health.stall();
+        let dropped = !expired.stalled.is_empty();
         for (r, _silent) in expired.stalled {
             let msg = format!(
                 "relay {r} stalled: nothing arrived from it for {} ms",
@@ -867,10 +872,10 @@ impl ProgressLoop {
             self.relay_lost(r, Error::timeout(msg));
         }
         if !expired.op_timed_out {
-            return;
+            return dropped;
         }
         let Some(op) = self.current.as_ref() else {
-            return;
+            return dropped;
         };
         let msg = format!(
             "{} made no progress for {} ms: {}",
@@ -879,6 +884,7 @@ impl ProgressLoop {
             op.schedule.waiting_for()
         );
         self.set_fatal(Error::timeout(msg));
+        false
     }
 
     fn say_goodbye(&mut self) {
