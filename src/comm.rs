@@ -480,7 +480,7 @@ impl Comm {
             root,
             Compression::None,
             mem,
-            &mut |_| {},
+            &mut |_, _| {},
         )
     }
 
@@ -495,7 +495,7 @@ impl Comm {
         root: usize,
         compress: Compression,
         mem: OpMemory,
-        before: &mut dyn FnMut(u64),
+        before: &mut dyn FnMut(u64, &[u64]),
     ) -> Result<Request> {
         if self.aborted.load(Ordering::SeqCst) {
             return Err(Error::new(
@@ -532,7 +532,7 @@ impl Comm {
         relays: &[usize],
         weights: &[u64],
         mem: OpMemory,
-        before: &mut dyn FnMut(u64),
+        before: &mut dyn FnMut(u64, &[u64]),
     ) -> Result<Request> {
         debug_assert_eq!(desc.seq, *seq);
         let mut mem = mem;
@@ -567,7 +567,7 @@ impl Comm {
             )?)
         };
         let done = Arc::new(Completion::default());
-        before(*seq);
+        before(*seq, weights);
         self.engine.submit(Submission {
             transport,
             mem,
@@ -638,7 +638,7 @@ impl Comm {
         let mem = OpMemory::new(unsafe {
             RawBuf::new(sums.as_mut_ptr().cast(), sums.len() * DType::I64.size())
         });
-        let req = self.submit_locked(seq, desc, &[], &[], mem, &mut |_| {})?;
+        let req = self.submit_locked(seq, desc, &[], &[], mem, &mut |_, _| {})?;
         Ok((req, sums))
     }
 
@@ -678,12 +678,12 @@ impl Comm {
             0,
             z,
             mem,
-            &mut |seq| {
+            &mut |seq, weights| {
                 if v.wants(seq) {
                     // SAFETY: the caller's contract keeps `buf` valid for `bytes` bytes until
                     // the request completes; the engine has not been given the op yet.
                     let input = unsafe { std::slice::from_raw_parts(buf, bytes) };
-                    recorded = Some(v.record(seq, input, count, dtype, op, z));
+                    recorded = Some(v.record(seq, input, count, dtype, op, z, weights));
                 }
             },
         )?;
@@ -833,7 +833,7 @@ impl Comm {
             0,
             z,
             mem,
-            &mut |_| {},
+            &mut |_, _| {},
         )
     }
 
@@ -896,7 +896,7 @@ impl Comm {
             root,
             z,
             mem,
-            &mut |_| {},
+            &mut |_, _| {},
         )
     }
 
@@ -942,7 +942,7 @@ impl Comm {
             0,
             z,
             mem,
-            &mut |_| {},
+            &mut |_, _| {},
         )
     }
 
@@ -990,7 +990,7 @@ impl Comm {
             0,
             z,
             mem,
-            &mut |_| {},
+            &mut |_, _| {},
         )
     }
 

@@ -73,3 +73,61 @@ fn a_slow_relay_gets_a_smaller_segment_and_ranks_agree() {
         "the slow relay 0 should get the smaller segment: {w:?}"
     );
 }
+
+/// `MR_VERIFY=1` with rate-weighted segments: relay 0 is slow (so it gets a small segment once
+/// the weights are adopted) and relay 1 corrupts every result. Elements relay 1 summed that an
+/// equal cut would give relay 0 must still be blamed on relay 1: the records carry the weights
+/// the op was cut by.
+#[test]
+fn verification_blames_the_relay_whose_weighted_segment_was_wrong() {
+    let peers = 2;
+    let count = 64 << 10;
+    let relays = vec![
+        RelayProc::start_with_env(TOKEN, &[], &[("MR_RELAY_TEST_DELAY_US", "2000")]),
+        RelayProc::start_with_env(TOKEN, &[], &[("MR_RELAY_TEST_CORRUPT", "1")]),
+    ];
+    assert!(
+        relays[0].wait_log("delay per data frame"),
+        "the delay is on"
+    );
+    let (slow, bad) = (relays[0].addr.clone(), relays[1].addr.clone());
+    let mut cfg = relay_config(&relays, TOKEN);
+    cfg.chunk_bytes = 16 << 10;
+    cfg.relay_chunk_bytes = 16 << 10;
+    cfg.verify = true;
+    let ops = 3 * RELAY_RATE_PERIOD as usize;
+    let seen = run_job(peers, cfg, move |comm| {
+        let rank = comm.rank();
+        let mut out = Vec::new();
+        for op in 0..ops {
+            let mut v: Vec<i32> = (0..count).map(|i| val(rank, i, op)).collect();
+            let err = comm.allreduce(&mut v, ReduceOp::Sum).err();
+            out.push((comm.relay_weights(), err.map(|e| (e.kind, e.message))));
+        }
+        comm.destroy().unwrap();
+        out
+    });
+    let mut weighted_ops = 0;
+    for (op, (w, err)) in seen[0].iter().enumerate() {
+        let (kind, msg) = err
+            .clone()
+            .unwrap_or_else(|| panic!("op {op} passed verification"));
+        assert_eq!(kind, mapreduce::ErrorKind::Verify, "op {op}: {msg}");
+        assert!(
+            msg.contains(&bad),
+            "op {op} does not name the corrupting relay: {msg}"
+        );
+        assert!(
+            !msg.contains(&slow),
+            "op {op} (weights {w:?}) blames the honest relay: {msg}"
+        );
+        if w[0] < w[1] {
+            weighted_ops += 1;
+        }
+    }
+    assert!(
+        weighted_ops > 0,
+        "the weights never favoured relay 1: {:?}",
+        seen[0]
+    );
+}

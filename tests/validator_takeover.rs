@@ -83,6 +83,7 @@ fn record(rank: usize, seq: u64, relays: usize, digest: &str) -> OpRecord {
         results: to_hex(&2f32.to_le_bytes()),
         digests: vec![digest.to_string(); relays],
         compress: 0,
+        weights: Vec::new(),
     }
 }
 

@@ -290,6 +290,7 @@ mod tests {
                     results: String::new(),
                     digests: vec![],
                     compress,
+                    weights: Vec::new(),
                 };
                 let chunks = vec![
                     ChunkBytes {

@@ -200,6 +200,8 @@ pub struct Recorded {
     /// This rank's input bytes around the samples (ops reported to the validator), in wire
     /// terms for a compressed op.
     pub windows: Windows,
+    /// Segment weights the op's relay schedule cut the buffer by (empty: equal).
+    pub weights: Vec<u64>,
 }
 
 impl JobVerify {
@@ -262,6 +264,7 @@ impl JobVerify {
     }
 
     /// Record the inputs of op `seq` from `buf` (the caller's buffer before the op).
+    #[allow(clippy::too_many_arguments)]
     pub fn record(
         &self,
         seq: u64,
@@ -270,6 +273,7 @@ impl JobVerify {
         dtype: DType,
         op: ReduceOp,
         z: Compression,
+        weights: &[u64],
     ) -> Recorded {
         let positions = verify::positions(&self.secret, seq, count, self.samples);
         let windows = match (self.reported(seq), z) {
@@ -293,6 +297,7 @@ impl JobVerify {
             positions,
             started: Instant::now(),
             windows,
+            weights: weights.to_vec(),
         }
     }
 
@@ -322,8 +327,9 @@ impl JobVerify {
             inputs: crate::config::to_hex(&r.inputs),
             results: crate::config::to_hex(&verify::gather(buf, elem, &r.positions)),
             positions: r.positions.clone(),
-            digests: verify::digests(buf, r.count, elem, r.z, relays),
+            digests: verify::digests(buf, r.count, elem, r.z, relays, &r.weights),
             compress: r.z as u32,
+            weights: r.weights.clone(),
         }
     }
 

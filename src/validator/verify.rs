@@ -16,7 +16,7 @@
 //! ([`crate::compress::reduce_encoded`]) and compares what that decodes to with every rank's
 //! result at the position. For bf16 and fp16 the span is the element itself.
 
-use crate::algo::span::{block, byte_range};
+use crate::algo::span::byte_range;
 use crate::compress::{Compression, INT8_BLOCK};
 use crate::reduce;
 use crate::types::{DType, ReduceOp};
@@ -48,6 +48,10 @@ pub struct OpRecord {
     /// Wire format of the op ([`Compression`] as a number; 0, exact, when absent).
     #[serde(default)]
     pub compress: u32,
+    /// Segment weights the op cut its buffer by (one per relay, as every rank passed them to
+    /// the relay schedule); empty: equal segments.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub weights: Vec<u64>,
 }
 
 /// Elements of the input recorded for sample position `pos` of an op of `count` elements in
@@ -138,29 +142,39 @@ pub fn gather(buf: &[u8], elem: usize, positions: &[u64]) -> Vec<u8> {
     out
 }
 
-/// Elements of relay `k`'s segment when `count` elements are cut across `relays` relays in
-/// wire format `z` (the same cut as the relay schedule with equal weights: compressed
-/// segments are cut on whole int8 blocks).
-pub fn segment_elems(count: usize, z: Compression, relays: usize, k: usize) -> Range<usize> {
-    match z {
-        Compression::None => block(count, relays, k),
-        _ => {
-            let u = block(count.div_ceil(INT8_BLOCK), relays, k);
-            (u.start * INT8_BLOCK).min(count)..(u.end * INT8_BLOCK).min(count)
-        }
-    }
+/// Elements of relay `k`'s segment when `count` elements are cut across `relays` relays by
+/// `weights` in wire format `z`: the same cut as the relay schedule
+/// ([`crate::algo::relay::route::segment_elems`]).
+pub fn segment_elems(
+    count: usize,
+    z: Compression,
+    relays: usize,
+    weights: &[u64],
+    k: usize,
+) -> Range<usize> {
+    crate::algo::relay::route::segment_elems(count, z, relays, weights)
+        .get(k)
+        .cloned()
+        .unwrap_or(0..0)
 }
 
-/// Byte range of relay `k`'s segment when `count` elements of `elem` bytes are cut across
-/// `relays` relays (the same cut as the relay schedule).
-pub fn segment(count: usize, elem: usize, z: Compression, relays: usize, k: usize) -> Range<usize> {
-    byte_range(&segment_elems(count, z, relays, k), elem)
+/// Byte range of relay `k`'s segment (see [`segment_elems`]) for elements of `elem` bytes.
+pub fn segment(
+    count: usize,
+    elem: usize,
+    z: Compression,
+    relays: usize,
+    weights: &[u64],
+    k: usize,
+) -> Range<usize> {
+    byte_range(&segment_elems(count, z, relays, weights, k), elem)
 }
 
-/// Which relay summed element `pos`.
-pub fn relay_of(count: usize, z: Compression, relays: usize, pos: usize) -> usize {
-    (0..relays)
-        .find(|&k| segment_elems(count, z, relays, k).contains(&pos))
+/// Which relay's segment holds element `pos`.
+pub fn relay_of(count: usize, z: Compression, relays: usize, weights: &[u64], pos: usize) -> usize {
+    crate::algo::relay::route::segment_elems(count, z, relays, weights)
+        .iter()
+        .position(|s| s.contains(&pos))
         .unwrap_or(0)
 }
 
@@ -171,10 +185,11 @@ pub fn digests(
     elem: usize,
     z: Compression,
     relays: usize,
+    weights: &[u64],
 ) -> Vec<String> {
     (0..relays)
         .map(|k| {
-            blake3::hash(&buf[segment(count, elem, z, relays, k)])
+            blake3::hash(&buf[segment(count, elem, z, relays, weights, k)])
                 .to_hex()
                 .to_string()
         })
@@ -280,6 +295,7 @@ pub fn check(records: &[OpRecord]) -> std::result::Result<Vec<Fault>, String> {
             || rec.relays != first.relays
             || rec.positions != first.positions
             || rec.compress != first.compress
+            || rec.weights != first.weights
             || rec.digests.len() != relays
         {
             return Err(format!(
@@ -329,7 +345,13 @@ pub fn check(records: &[OpRecord]) -> std::result::Result<Vec<Fault>, String> {
         };
         for (r, res) in results.iter().enumerate() {
             if res[at.clone()] != want[..] {
-                let relay = relay_of(first.count as usize, z, relays, pos as usize);
+                let relay = relay_of(
+                    first.count as usize,
+                    z,
+                    relays,
+                    &first.weights,
+                    pos as usize,
+                );
                 blame(
                     relay,
                     format!(
@@ -366,8 +388,9 @@ mod tests {
             positions: pos.to_vec(),
             inputs: crate::config::to_hex(&gather(&ib, 4, pos)),
             results: crate::config::to_hex(&gather(&rb, 4, pos)),
-            digests: digests(&rb, input.len(), 4, Compression::None, relays),
+            digests: digests(&rb, input.len(), 4, Compression::None, relays, &[]),
             compress: 0,
+            weights: Vec::new(),
         }
     }
 
@@ -406,6 +429,40 @@ mod tests {
         assert_eq!(f.len(), 1);
         assert_eq!(f[0].relay, 0);
         assert!(f[0].evidence.contains("different bytes"));
+    }
+
+    /// With segment weights (relays measured at different speeds), an element belongs to the
+    /// relay whose weighted segment holds it, not to the one an equal cut would give it.
+    #[test]
+    fn faults_are_attributed_by_the_weighted_segments() {
+        let a: Vec<f32> = (0..16).map(|i| i as f32).collect();
+        let b: Vec<f32> = (0..16).map(|i| 100.0 + i as f32).collect();
+        let sum: Vec<f32> = a.iter().zip(&b).map(|(x, y)| x + y).collect();
+        let pos: Vec<u64> = (0..16).collect();
+        // Weights 3:1: relay 0 sums 0..12, relay 1 sums 12..16 (an equal cut: 0..8, 8..16).
+        let weights = vec![3u64, 1];
+        let weighted = |rank: usize, input: &[f32], result: &[f32]| {
+            let mut r = record(rank, input, result, &pos, 2);
+            let rb: Vec<u8> = result.iter().flat_map(|x| x.to_le_bytes()).collect();
+            r.digests = digests(&rb, 16, 4, Compression::None, 2, &weights);
+            r.weights = weights.clone();
+            r
+        };
+        assert_eq!(relay_of(16, Compression::None, 2, &weights, 10), 0);
+        assert_eq!(relay_of(16, Compression::None, 2, &[], 10), 1);
+        assert_eq!(segment(16, 4, Compression::None, 2, &weights, 1), 48..64);
+        let mut bad = sum.clone();
+        bad[10] += 1.0;
+        let recs = [weighted(0, &a, &bad), weighted(1, &b, &bad)];
+        let f = check(&recs).unwrap();
+        assert_eq!(f.len(), 1, "{f:?}");
+        assert_eq!(f[0].relay, 0, "{}", f[0].evidence);
+        // Ranks that disagree about the weights disagree about the op.
+        let mut other = weighted(1, &b, &sum);
+        other.weights = vec![1, 1];
+        assert!(check(&[weighted(0, &a, &sum), other]).is_err());
+        // Weights that do not fit the relays fall back to the equal cut, never a panic.
+        assert_eq!(relay_of(16, Compression::None, 2, &[5, 1, 1], 10), 1);
     }
 
     #[test]

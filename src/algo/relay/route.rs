@@ -54,18 +54,33 @@ pub fn chunk_ranges(
             .collect();
     }
     let per = crate::relay::compressed_chunk_bytes(chunk_bytes) / 4;
-    segment_ranges(count.div_ceil(INT8_BLOCK), parts, weights)
-        .iter()
-        .map(|u| {
-            let (lo, hi) = (
-                (u.start * INT8_BLOCK).min(count),
-                (u.end * INT8_BLOCK).min(count),
-            );
-            (lo..hi)
+    segment_elems(count, z, parts, weights)
+        .into_iter()
+        .map(|seg| {
+            seg.clone()
                 .step_by(per)
-                .map(|s| s..(s + per).min(hi))
+                .map(|s| s..(s + per).min(seg.end))
                 .collect()
         })
+        .collect()
+}
+
+/// Element ranges of the relays' segments as the relay schedule cuts them: by `weights`
+/// ([`segment_ranges`]), and for compressed data (`z`) on whole int8 blocks, only the
+/// buffer's last segment ending in a short block. Verifiers attribute elements to relays
+/// with it.
+pub fn segment_elems(
+    count: usize,
+    z: Compression,
+    parts: usize,
+    weights: &[u64],
+) -> Vec<Range<usize>> {
+    if z == Compression::None {
+        return segment_ranges(count, parts, weights);
+    }
+    segment_ranges(count.div_ceil(INT8_BLOCK), parts, weights)
+        .into_iter()
+        .map(|u| (u.start * INT8_BLOCK).min(count)..(u.end * INT8_BLOCK).min(count))
         .collect()
 }
 
@@ -165,5 +180,28 @@ mod tests {
         assert_eq!(per, [10, 0, 10, 10]);
         assert_eq!(path_of(2, 3, &[true, true, true]), None);
         assert_eq!(path_of(0, 1, &[true, false, true]).unwrap(), vec![0, 2, 1]);
+    }
+
+    /// Verifiers cut segments with `segment_elems`; the schedule cuts chunks with
+    /// `chunk_ranges`: the chunks of segment k tile exactly segment k.
+    #[test]
+    fn chunks_tile_the_segments_verifiers_see() {
+        for z in [Compression::None, Compression::Bf16, Compression::Int8] {
+            for count in [0, 1, 255, 256, 257, 5000, 70_001] {
+                for weights in [vec![], vec![1, 1, 1], vec![7, 1, 2], vec![0, 5, 0]] {
+                    let segs = segment_elems(count, z, 3, &weights);
+                    let chunks = chunk_ranges(count, z, 3, &weights, 4, 4096);
+                    for (k, seg) in segs.iter().enumerate() {
+                        let mut at = seg.start;
+                        for c in &chunks[k] {
+                            assert_eq!(c.start, at, "{z:?} {count} {weights:?} segment {k}");
+                            at = c.end;
+                        }
+                        assert_eq!(at, seg.end, "{z:?} {count} {weights:?} segment {k}");
+                    }
+                    assert_eq!(segs.last().map(|s| s.end), Some(count));
+                }
+            }
+        }
     }
 }
