@@ -970,6 +970,8 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupMapReduce::enqueue(
     std::vector<at::Tensor> outputs,
     const std::function<mr_result(mr_comm*, mr_request**)>& start,
     std::function<void()> finish) {
+  // Declared before the lock, so dropped after it is released (see startLocked).
+  std::vector<std::shared_ptr<IssuedOp>> released;
   std::lock_guard<std::mutex> issue(issueMutex_);
   std::shared_ptr<Communicator> comm;
   {
@@ -1010,7 +1012,7 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupMapReduce::enqueue(
     return op->work;
   }
   try {
-    startLocked(op, /*rethrow=*/true);
+    startLocked(op, /*rethrow=*/true, released);
   } catch (...) {
     context.unsettled.pop_back();
     throw;
@@ -1025,7 +1027,10 @@ bool ProcessGroupMapReduce::mustWaitLocked(const Context& context) {
          });
 }
 
-void ProcessGroupMapReduce::startLocked(const std::shared_ptr<IssuedOp>& op, bool rethrow) {
+void ProcessGroupMapReduce::startLocked(
+    const std::shared_ptr<IssuedOp>& op,
+    bool rethrow,
+    std::vector<std::shared_ptr<IssuedOp>>& released) {
   std::shared_ptr<Communicator> comm;
   {
     std::lock_guard<std::mutex> lock(mutex_);
@@ -1045,6 +1050,10 @@ void ProcessGroupMapReduce::startLocked(const std::shared_ptr<IssuedOp>& op, boo
     }
   }
   op->start = nullptr;
+  // An earlier op may live on only in these gates: its tensors must not be freed here.
+  for (auto& gate : op->gates) {
+    released.push_back(std::move(gate));
+  }
   op->gates.clear();
   op->work->setStarted();
   {
@@ -1054,7 +1063,9 @@ void ProcessGroupMapReduce::startLocked(const std::shared_ptr<IssuedOp>& op, boo
   queueChanged_.notify_one();
 }
 
-void ProcessGroupMapReduce::settle(const std::shared_ptr<IssuedOp>& op) {
+std::vector<std::shared_ptr<ProcessGroupMapReduce::IssuedOp>> ProcessGroupMapReduce::settle(
+    const std::shared_ptr<IssuedOp>& op) {
+  std::vector<std::shared_ptr<IssuedOp>> released;
   {
     std::lock_guard<std::mutex> issue(issueMutex_);
     op->settled = true;
@@ -1068,10 +1079,11 @@ void ProcessGroupMapReduce::settle(const std::shared_ptr<IssuedOp>& op) {
       }
       const std::shared_ptr<IssuedOp> next = context.held.front();
       context.held.pop_front();
-      startLocked(next, /*rethrow=*/false);
+      startLocked(next, /*rethrow=*/false, released);
     }
   }
   settled_.notify_all();
+  return released;
 }
 
 void ProcessGroupMapReduce::completionLoop() {
@@ -1113,10 +1125,15 @@ void ProcessGroupMapReduce::completionLoop() {
       } catch (const std::exception& e) {
         TORCH_WARN("mapreduce: a completion callback of ", op->work->description(), " threw: ", errorText(e));
       }
-      // The callbacks ran: ops held back behind them may start.
-      std::lock_guard<std::mutex> lock(owner->mutex);
-      if (owner->backend != nullptr) {
-        owner->backend->settle(op);
+      // The callbacks ran: ops held back behind them may start. Ops it let go of are dropped
+      // after the lock: freeing their tensors may need the GIL, and a thread holding the GIL
+      // may be waiting for our locks to issue an op (a deadlock seen with DDP's PowerSGD hook).
+      std::vector<std::shared_ptr<IssuedOp>> released;
+      {
+        std::lock_guard<std::mutex> lock(owner->mutex);
+        if (owner->backend != nullptr) {
+          released = owner->backend->settle(op);
+        }
       }
     });
   }

@@ -368,10 +368,17 @@ class ProcessGroupMapReduce : public c10d::Backend {
 
   // Start `op` (its mr_i* call) and queue it for completion. With issueMutex_ held. Throws the
   // library's error if `rethrow`; otherwise the op completes with it.
-  void startLocked(const std::shared_ptr<IssuedOp>& op, bool rethrow);
+  // The op's gates (earlier ops it waited for) move into `released`, which the caller drops
+  // only once it holds none of our locks: the last reference to an op owns its tensors, and
+  // freeing a tensor may need the GIL, which a thread waiting for our locks may hold.
+  void startLocked(
+      const std::shared_ptr<IssuedOp>& op,
+      bool rethrow,
+      std::vector<std::shared_ptr<IssuedOp>>& released);
   // After `op`'s Future ran its callbacks (on its completer lane): start the ops of its context
   // that no longer wait for anything.
-  void settle(const std::shared_ptr<IssuedOp>& op);
+  // Returns the ops it let go of, for the caller to drop outside every lock (see startLocked).
+  std::vector<std::shared_ptr<IssuedOp>> settle(const std::shared_ptr<IssuedOp>& op);
   // Whether an op issued now in `context` would be held back. With issueMutex_ held.
   static bool mustWaitLocked(const Context& context);
   void completionLoop();
