@@ -32,6 +32,9 @@ use crate::wire::{FrameHeader, HEADER_LEN};
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
+/// Chunk size simulated relay jobs announce (and the relay schedules in the tests use).
+pub const SIM_RELAY_CHUNK: usize = 64;
+
 /// Op timeout of simulated ranks unless a test sets another ([`Sim::set_timeout`]).
 pub const SIM_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -128,8 +131,8 @@ impl SimRank {
     }
 }
 
-/// A simulated relay: all-reduce sums in rank order, broadcast forwards and acknowledges.
-#[derive(Default)]
+/// A simulated relay: all-reduce goes through the relay daemon's own header checks and
+/// rank-order sums ([`crate::relay::sums`]), broadcast forwards and acknowledges.
 pub struct SimRelay {
     /// Killed: frames to it vanish, its connections are broken.
     pub dead: bool,
@@ -138,9 +141,25 @@ pub struct SimRelay {
     /// Bytes per second it answers at (`None`: at once).
     pub rate: Option<u64>,
     busy_until: Duration,
-    parts: HashMap<(u64, u64), Vec<Option<Vec<u8>>>>,
+    sums: crate::relay::sums::Sums,
+    /// Chunk size the job announced (what the relay checks frames against).
+    pub chunk_bytes: usize,
     /// Frames that reached it, per op sequence number.
     pub received: HashMap<u64, usize>,
+}
+
+impl SimRelay {
+    fn new(world: usize) -> SimRelay {
+        SimRelay {
+            dead: false,
+            stall_from: None,
+            rate: None,
+            busy_until: Duration::ZERO,
+            sums: crate::relay::sums::Sums::new(world, 64 << 20, 1 << 20),
+            chunk_bytes: SIM_RELAY_CHUNK,
+            received: HashMap::new(),
+        }
+    }
 }
 
 struct Message {
@@ -233,7 +252,8 @@ impl Sim {
 
     /// Add `n` relays, answering at once.
     pub fn with_relays(mut self, n: usize) -> Sim {
-        self.relays = (0..n).map(|_| SimRelay::default()).collect();
+        let world = self.ranks.len();
+        self.relays = (0..n).map(|_| SimRelay::new(world)).collect();
         for r in 0..self.ranks.len() {
             self.ranks[r].rates = vec![0; n];
             // The first op started before the relays existed: it knows them now.
@@ -444,36 +464,14 @@ impl Sim {
             });
             return;
         }
-        let parts = relay
-            .parts
-            .entry((h.seq, h.offset))
-            .or_insert_with(|| vec![None; world]);
-        assert!(
-            parts[from].is_none(),
-            "rank {from} sent op {} offset {} to relay {k} twice",
-            h.seq,
-            h.offset
-        );
-        parts[from] = Some(payload);
-        if parts.iter().any(|p| p.is_none()) {
-            return;
-        }
-        let parts = relay.parts.remove(&(h.seq, h.offset)).expect("parts");
-        let bytes = if let Some(z) =
-            Compression::from_u8(h.redop >> 4).filter(|&z| z != Compression::None)
-        {
-            let refs: Vec<&[u8]> = parts.iter().map(|p| p.as_deref().expect("part")).collect();
-            let op = crate::types::ReduceOp::from_raw(u32::from(h.redop & 0x0f)).expect("op");
-            crate::compress::reduce_encoded(z, op, &refs).expect("reduce encoded")
-        } else {
-            // The simulated jobs sum int32.
-            let mut sum = vec![0i32; h.len as usize / 4];
-            for p in parts {
-                for (s, x) in sum.iter_mut().zip(p.expect("part").chunks_exact(4)) {
-                    *s = s.wrapping_add(i32::from_le_bytes(x.try_into().expect("4 bytes")));
-                }
-            }
-            sum.iter().flat_map(|x| x.to_le_bytes()).collect()
+        let f = crate::relay::sums::check_data_header(&h, from, world, relay.chunk_bytes)
+            .unwrap_or_else(|e| panic!("relay {k}: rank {from}: {e}"));
+        let mut part = crate::buffer::Scratch::zeroed(payload.len()).expect("scratch");
+        part.as_mut_slice().copy_from_slice(&payload);
+        let (h, bytes) = match relay.sums.contribute(from, &h, f, part) {
+            Ok(None) => return,
+            Ok(Some((rh, sum))) => (rh, sum.as_slice()[..rh.len as usize].to_vec()),
+            Err(e) => panic!("relay {k}: rank {from}: {e:?}"),
         };
         let at = answer_at(bytes.len());
         for r in 0..world {
@@ -1569,7 +1567,15 @@ mod tests {
         weights: &[u64],
     ) -> Box<dyn Schedule> {
         let ids: Vec<usize> = (0..nrelays).collect();
-        Box::new(RelaySchedule::new(d, r, world, &ids, weights, 64, 2))
+        Box::new(RelaySchedule::new(
+            d,
+            r,
+            world,
+            &ids,
+            weights,
+            SIM_RELAY_CHUNK,
+            2,
+        ))
     }
 
     fn relay_rank(d: OpDesc, r: usize, world: usize, nrelays: usize, mut buf: Vec<u8>) -> SimRank {
