@@ -34,11 +34,11 @@ def free_port():
 def rank_main(rank, world, port, backend, cap, steps, timeout_s, results):
     import torch
     import torch.distributed as dist
-    from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as powerSGD
-    from torch.nn.parallel import DistributedDataParallel as DDP
 
     try:
-        import mapreduce_torch  # noqa: F401 - registers the backend
+        # The model and training loop are the backend tests' own (one hidden 64-unit layer).
+        sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "torch-extension", "tests"))
+        from dist_workers import _deep_mlp, _train_powersgd
 
         dist.init_process_group(
             backend,
@@ -47,30 +47,9 @@ def rank_main(rank, world, port, backend, cap, steps, timeout_s, results):
             init_method=f"tcp://127.0.0.1:{port}",
             timeout=timedelta(seconds=timeout_s),
         )
-        torch.manual_seed(rank)
-        model = torch.nn.Sequential(
-            torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 4)
-        )
-        ddp = DDP(model, bucket_cap_mb=cap)
-        state = powerSGD.PowerSGDState(
-            process_group=None, matrix_approximation_rank=2, start_powerSGD_iter=2, min_compression_rate=0.5
-        )
         buckets = set()
-
-        def hook(state, bucket):
-            buckets.add(bucket.index())
-            return powerSGD.powerSGD_hook(state, bucket)
-
-        ddp.register_comm_hook(state, hook)
-        opt = torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9)
-        gen = torch.Generator().manual_seed(99)
-        for _ in range(steps):
-            x = torch.randn(world, 16, 32, generator=gen)[rank]
-            y = torch.randn(world, 16, 4, generator=gen)[rank]
-            opt.zero_grad()
-            torch.nn.functional.mse_loss(ddp(x), y).backward()
-            opt.step()
-        flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+        params, _ = _train_powersgd(_deep_mlp(rank, 1), None, steps, rank, world, cap, buckets=buckets)
+        flat = torch.cat([p.flatten() for p in params])
         results.put((rank, "ok", len(buckets), flat.double().sum().item()))
         dist.destroy_process_group()
     except Exception as e:  # noqa: BLE001 - reported as the trial's outcome
