@@ -55,6 +55,17 @@ fn validator_with_relay(name: &str, config: &str) -> (Proc, Proc) {
 }
 
 /// A job request is answered; `why` says what would have stopped it.
+/// Open up to `n` sessions introduced as `intro` and keep them open; give the validator a
+/// moment to act on them.
+fn hold_sessions(v: &Proc, n: usize, intro: &Intro, cred: Credential<'_>) -> Vec<channel::Channel> {
+    let sessions: Vec<_> = (0..n)
+        .filter_map(|_| channel::connect(&v.addr, intro, cred, None, Duration::from_secs(10)).ok())
+        .collect();
+    eprintln!("{} sessions opened as {intro:?}", sessions.len());
+    std::thread::sleep(Duration::from_millis(500));
+    sessions
+}
+
 fn job_request_works(v: &Proc, why: &str) {
     let a = client::request_as(
         &v.addr,
@@ -623,20 +634,7 @@ fn status_sessions_cannot_take_every_connection() {
         r#"{"heartbeat_timeout_ms": 3000, "default_relays": 1, "max_connections": 64,
             "bench": {"interval_secs": 0}}"#,
     );
-    let sessions: Vec<_> = (0..80)
-        .filter_map(|_| {
-            channel::connect(
-                &v.addr,
-                &Intro::Status,
-                Credential::None,
-                None,
-                Duration::from_secs(10),
-            )
-            .ok()
-        })
-        .collect();
-    eprintln!("{} status sessions opened", sessions.len());
-    std::thread::sleep(Duration::from_millis(500));
+    let sessions = hold_sessions(&v, 80, &Intro::Status, Credential::None);
     job_request_works(
         &v,
         "a job request was refused while status sessions held the connections",
@@ -655,24 +653,12 @@ fn one_relay_key_holds_one_session() {
             "bench": {"interval_secs": 0}}"#,
     );
     let me = Identity::from_seed(&[9; 32]);
-    let sessions: Vec<_> = (0..40)
-        .filter_map(|_| {
-            channel::connect(
-                &v.addr,
-                &Intro::Relay {
-                    addr: "127.0.0.1:1".into(),
-                    capacity: 1 << 30,
-                    free_memory: 1 << 30,
-                },
-                Credential::Identity(&me),
-                None,
-                Duration::from_secs(10),
-            )
-            .ok()
-        })
-        .collect();
-    eprintln!("{} sessions of one relay key opened", sessions.len());
-    std::thread::sleep(Duration::from_millis(500));
+    let intro = Intro::Relay {
+        addr: "127.0.0.1:1".into(),
+        capacity: 1 << 30,
+        free_memory: 1 << 30,
+    };
+    let sessions = hold_sessions(&v, 40, &intro, Credential::Identity(&me));
     job_request_works(
         &v,
         "a job request was refused while one relay key held the connections",

@@ -43,6 +43,7 @@ const FRAGMENT: usize = crate::wire::MAX_CONTROL_PAYLOAD - TAG_LEN - 1;
 pub const MAX_MESSAGE: usize = 16 << 20;
 
 /// What a connector proves.
+#[derive(Clone, Copy)]
 pub enum Credential<'a> {
     /// Its identity (relays, clients).
     Identity(&'a Identity),
