@@ -387,7 +387,7 @@ impl Sim {
                 .health
                 .handle_timeout(now, |r| schedule.waits_on(Endpoint::Relay(r)));
             let bound = k.health.stall();
-            for (r, _) in expired.stalled {
+            for r in expired.stalled {
                 let msg = format!(
                     "relay {r} stalled: nothing arrived from it for {} ms",
                     bound.as_millis()

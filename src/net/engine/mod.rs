@@ -43,8 +43,6 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-pub use crate::policy::relays::relay_stall;
-
 /// Measured throughput of each relay (indexed as in [`Endpoint::Relay`]) in bytes per second,
 /// smoothed over the ops that received from it; 0 until measured. Written by the progress
 /// thread after each op, read by the communicator.

@@ -18,7 +18,7 @@ use crate::buffer::OpMemory;
 use crate::error::{Error, ErrorKind, Result};
 use crate::net::conn::{self, FrameIn, FrameOut};
 use crate::net::shm::{self, Segment};
-use crate::policy::relays::{smooth_rate, RateSample, RelayHealth};
+use crate::policy::relays::{relays_of, smooth_rate, RateSample, RelayHealth};
 use crate::policy::sequence::{CurrentOp, Report, Route, Sequencer};
 use crate::wire::{FrameHeader, FrameKind, HEADER_LEN};
 use crossbeam_channel::Receiver;
@@ -256,14 +256,7 @@ impl ProgressLoop {
             return;
         }
         log::debug!("rank {}: starting {desc}", self.rank);
-        let relays: Vec<usize> = self
-            .by_endpoint
-            .keys()
-            .filter_map(|ep| match ep {
-                Endpoint::Relay(r) => Some(*r),
-                Endpoint::Rank(_) => None,
-            })
-            .collect();
+        let relays = relays_of(self.by_endpoint.keys());
         let lost = self.health.start_op(Instant::now(), relays);
         if mem.backup.is_none() {
             mem.backup = self.spare_backup.take();
@@ -864,7 +857,7 @@ impl ProgressLoop {
             .handle_timeout(now, |r| op.schedule.waits_on(Endpoint::Relay(r)));
         let bound = self.health.stall();
         let dropped = !expired.stalled.is_empty();
-        for (r, _silent) in expired.stalled {
+        for r in expired.stalled {
             let msg = format!(
                 "relay {r} stalled: nothing arrived from it for {} ms",
                 bound.as_millis()
