@@ -35,8 +35,9 @@ def rank_main(rank, world, port, backend, cap, steps, timeout_s, results):
     import torch
     import torch.distributed as dist
 
+    buckets = set()
     try:
-        # The model and training loop are the backend tests' own (one hidden 64-unit layer).
+        # The model and training loop are the backend tests' own (a 32-64-64-4 MLP).
         sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "torch-extension", "tests"))
         from dist_workers import _deep_mlp, _train_powersgd
 
@@ -47,7 +48,6 @@ def rank_main(rank, world, port, backend, cap, steps, timeout_s, results):
             init_method=f"tcp://127.0.0.1:{port}",
             timeout=timedelta(seconds=timeout_s),
         )
-        buckets = set()
         params, _ = _train_powersgd(_deep_mlp(rank, 1), None, steps, rank, world, cap, buckets=buckets)
         flat = torch.cat([p.flatten() for p in params])
         results.put((rank, "ok", len(buckets), flat.double().sum().item()))
@@ -55,7 +55,7 @@ def rank_main(rank, world, port, backend, cap, steps, timeout_s, results):
     except Exception as e:  # noqa: BLE001 - reported as the trial's outcome
         # The innermost error of callback chains ("...: RuntimeError: [file:line] what").
         text = str(e).splitlines()[0].split("Error: ")[-1]
-        results.put((rank, "error", 0, text.split("] ")[-1][:160]))
+        results.put((rank, "error", len(buckets), text.split("] ")[-1][:160]))
     # Flush the report, then leave without interpreter teardown (a failed group may hang it).
     results.close()
     results.join_thread()
@@ -89,7 +89,8 @@ def trial(backend, world, cap, steps, timeout_s):
     if silent:
         errors.append(f"ranks {silent} never returned (killed after {timeout_s * 2 + 30:g} s)")
     if errors:
-        return "failed", 0, "; ".join(errors)
+        # Buckets seen before the failure, by the ranks that reported (0 if none did).
+        return "failed", max((b for _, _, b, _ in got), default=0), "; ".join(errors)
     sums = {round(s, 9) for _, _, _, s in got}
     buckets = max(b for _, _, b, _ in got)
     if len(sums) != 1:
