@@ -90,7 +90,8 @@ pub struct SimRank {
     pub sequencer: Sequencer,
     /// Smoothed relay throughput, bytes per second, as the engine keeps it.
     pub rates: Vec<u64>,
-    /// When this rank dropped each relay, and why.
+    /// When this rank dropped each relay, and why (its connection broke, it stalled, or another
+    /// rank reported it lost), in the order it learned of them.
     pub relay_drops: Vec<(usize, Duration, String)>,
 }
 
@@ -580,7 +581,10 @@ impl Sim {
                 let rank = &mut self.ranks[r];
                 while let Some(ep) = rank.schedule.poll_endpoint_dropped() {
                     if let Endpoint::Relay(k) = ep {
-                        rank.health.lose(k);
+                        if rank.health.lose(k) {
+                            let why = "reported lost by another rank".to_string();
+                            rank.relay_drops.push((k, self.now, why));
+                        }
                     }
                 }
                 while let Some(t) = rank.schedule.poll_transmit(&mut rank.mem) {
@@ -1653,7 +1657,7 @@ mod tests {
             assert!(k.error.is_none(), "rank {p}: {:?}", k.error);
             for (relay, _, why) in &k.relay_drops {
                 assert!(
-                    why.contains("connection closed"),
+                    why.contains("connection closed") || why.contains("reported lost"),
                     "rank {p} relay {relay}: {why}"
                 );
             }
@@ -1756,7 +1760,8 @@ mod tests {
         for seed in 0..20 {
             assert!(!run_relay_allreduce(seed, 3, 3, &[], 1));
         }
-        run_relay_allreduce(1, 1, 2, &[], 1);
+        // One rank: no peer to fall back with, and nothing to fall back from.
+        assert!(!run_relay_allreduce(1, 1, 2, &[], 1));
     }
 
     #[test]
@@ -1776,12 +1781,36 @@ mod tests {
 
     #[test]
     fn relay_allreduce_survives_relays_lost_in_different_orders() {
+        let count = 300;
+        let mut differing = 0;
         for seed in 0..60 {
             let a = (seed as usize * 5) % 100;
-            let b = (seed as usize * 11) % 100;
+            let b = 1 + (seed as usize * 11) % 100;
+            let d = relay_desc(Collective::AllReduce, count, 0, 1);
+            let mut sim = relay_sim(d, 4, int_inputs(4, count), seed);
             // Peers learn of the two losses over a long spread, so in differing orders.
-            run_relay_allreduce(seed, 4, 4, &[(a, 1), (b, 3)], 60);
+            sim.kill_relay(1, a, 60);
+            sim.kill_relay(3, b, 60);
+            drive_relays_without_timers(&mut sim);
+            check_sum(&sim, count);
+            let orders: Vec<Vec<usize>> = sim
+                .ranks
+                .iter()
+                .map(|k| k.relay_drops.iter().map(|d| d.0).collect())
+                .collect();
+            for (p, o) in orders.iter().enumerate() {
+                let mut seen = o.clone();
+                seen.sort_unstable();
+                assert_eq!(seen, vec![1, 3], "seed {seed} rank {p}: {o:?}");
+            }
+            if orders.iter().any(|o| o != &orders[0]) {
+                differing += 1;
+            }
         }
+        assert!(
+            differing > 10,
+            "ranks learned of the losses in one order ({differing} seeds)"
+        );
     }
 
     /// A backup left in the op's memory by an earlier op holds stale bytes: fail-over must
