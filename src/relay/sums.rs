@@ -417,7 +417,7 @@ impl Sums {
                 // Sequence numbers only grow: ops far behind the newest are over.
                 if self.ops.len() >= 64 {
                     let newest = self.ops.keys().copied().max().unwrap_or(0).max(h.seq);
-                    self.ops.retain(|&seq, _| seq + 32 > newest);
+                    self.ops.retain(|&seq, _| seq.saturating_add(32) > newest);
                 }
                 self.ops.insert(h.seq, (rank, *h));
                 Ok(())
@@ -766,5 +766,23 @@ mod tests {
             Err(Fault::Op(1, _))
         ));
         assert_eq!(sums.held(), 0);
+    }
+
+    /// A job member's sequence numbers are its own claim: one near `u64::MAX` must neither
+    /// overflow the bookkeeping of recent ops nor panic the relay.
+    #[test]
+    fn a_huge_sequence_number_is_not_an_overflow() {
+        let mut sums = Sums::new(2, 1 << 20, 1 << 20);
+        let d = desc(DType::F32, ReduceOp::Sum, 1);
+        for seq in (0..70).chain(u64::MAX - 70..=u64::MAX) {
+            let h = FrameHeader {
+                seq,
+                ..d.header(0, 0, 4)
+            };
+            let f = check_data_header(&h, 0, 2, 64).unwrap();
+            assert!(sums
+                .contribute(0, &h, f, scratch(&1f32.to_le_bytes()))
+                .is_ok());
+        }
     }
 }
