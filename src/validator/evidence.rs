@@ -72,7 +72,33 @@ pub fn judge(
     };
     let world = reports.len();
     let seq = first.seq;
-    let Some(z) = crate::compress::Compression::from_u8(first.compress as u8) else {
+    // The element type, reduction and wire format come from the ranks, not the relay's
+    // signature: a relay is judged only when every rank describes the op alike, so one rank
+    // cannot get an honest relay convicted by misdescribing the op.
+    let describes = |r: &OpRecord| (r.dtype, r.op, r.compress);
+    if let Some(rank) = reports
+        .iter()
+        .position(|(r, _)| describes(r) != describes(first))
+    {
+        j.false_reports.push((
+            rank,
+            format!(
+                "op seq {seq}: describes the op as (dtype {}, op {}, wire format {}) where rank 0 \
+                 says (dtype {}, op {}, wire format {}); no relay is judged",
+                reports[rank].0.dtype,
+                reports[rank].0.op,
+                reports[rank].0.compress,
+                first.dtype,
+                first.op,
+                first.compress
+            ),
+        ));
+        return j;
+    }
+    let Some(z) = u8::try_from(first.compress)
+        .ok()
+        .and_then(crate::compress::Compression::from_u8)
+    else {
         return j;
     };
     for (k, key) in relay_keys.iter().enumerate() {
@@ -351,9 +377,21 @@ mod tests {
             );
             let j = judge(&[1; 16], &r, &key);
             assert_eq!(j.convicted.len(), 1, "{z}: {j:?}");
-            // Judged as exact float32 data the same honest chunk would not check out.
-            let r = reports_of(&relay, &inputs, [&sum, &sum], [&sum, &sum], 0);
-            assert_eq!(judge(&[1; 16], &r, &key).convicted.len(), 1, "{z}");
+            // Rank 0 describing the op as exact float32 data (where the honest chunk would not
+            // check out) gets the job's reports blamed, not the relay.
+            let mut r = reports_of(&relay, &inputs, [&sum, &sum], [&sum, &sum], z as u32);
+            r[0].0.compress = 0;
+            let j = judge(&[1; 16], &r, &key);
+            assert!(j.convicted.is_empty(), "{z}: {j:?}");
+            assert_eq!(j.false_reports.len(), 1, "{z}: {j:?}");
+            // A wire format number that does not fit a byte is no format (not 257 -> bf16).
+            let mut r = reports_of(&relay, &inputs, [&sum, &sum], [&sum, &sum], z as u32 + 256);
+            r[1].0.compress = z as u32 + 256;
+            let j = judge(&[1; 16], &r, &key);
+            assert!(
+                j.convicted.is_empty() && j.verified.is_empty(),
+                "{z}: {j:?}"
+            );
         }
     }
 

@@ -83,7 +83,10 @@ pub fn gather_inputs(
 
 /// Bytes of a record's `inputs` (every rank's alike).
 pub fn inputs_len(rec: &OpRecord, elem: usize) -> usize {
-    let z = Compression::from_u8(rec.compress as u8).unwrap_or_default();
+    let z = u8::try_from(rec.compress)
+        .ok()
+        .and_then(Compression::from_u8)
+        .unwrap_or_default();
     rec.positions
         .iter()
         .map(|&p| input_span(z, rec.count as usize, p as usize).len() * elem)
@@ -275,7 +278,9 @@ pub fn check(records: &[OpRecord]) -> std::result::Result<Vec<Fault>, String> {
     let elem = dtype.size();
     let k = first.positions.len();
     let relays = first.relays.max(1);
-    let z = Compression::from_u8(first.compress as u8)
+    let z = u8::try_from(first.compress)
+        .ok()
+        .and_then(Compression::from_u8)
         .filter(|z| z.applies_to(dtype))
         .ok_or_else(|| {
             format!(
