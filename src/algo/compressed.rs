@@ -307,19 +307,7 @@ impl CompressedRing {
         let mut stage = std::mem::take(&mut self.stage);
         {
             let (acc, scratch) = self.split(mem, &ch.elems);
-            match op {
-                ReduceOp::Sum | ReduceOp::Avg => z.decode_add(payload, acc),
-                _ => {
-                    stage.resize(acc.len(), 0.0);
-                    z.decode(payload, &mut stage);
-                    reduce::reduce(
-                        DType::F32,
-                        op,
-                        bytemuck::cast_slice_mut(acc),
-                        bytemuck::cast_slice(&stage),
-                    );
-                }
-            }
+            crate::compress::fold_encoded(z, op, acc, payload, &mut stage);
             if step + 2 < n {
                 let at = self.rs_base + ch.wire.start;
                 z.encode(acc, &mut scratch[at..at + ch.wire.len()]);

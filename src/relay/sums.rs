@@ -216,6 +216,9 @@ pub struct Pool {
     free: HashMap<usize, Vec<Scratch>>,
     bytes: usize,
     limit: usize,
+    /// Decoded contributions of compressed max/min/prod chunks, reused from chunk to chunk
+    /// (at most one chunk's float32 image).
+    stage: Vec<f32>,
 }
 
 impl Pool {
@@ -224,6 +227,7 @@ impl Pool {
             free: HashMap::new(),
             bytes: 0,
             limit,
+            stage: Vec::new(),
         }
     }
 
@@ -465,7 +469,7 @@ fn fold(chunk: &mut Chunk, payload: Scratch, pool: &mut Pool) -> Result<()> {
                 chunk.op,
                 bytemuck::cast_slice_mut(acc.as_mut_slice()),
                 payload.as_slice(),
-                &mut Vec::new(),
+                &mut pool.stage,
             ),
         }
         pool.give(payload);

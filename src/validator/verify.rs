@@ -190,12 +190,9 @@ pub fn digests(
     relays: usize,
     weights: &[u64],
 ) -> Vec<String> {
-    (0..relays)
-        .map(|k| {
-            blake3::hash(&buf[segment(count, elem, z, relays, weights, k)])
-                .to_hex()
-                .to_string()
-        })
+    crate::algo::relay::route::segment_elems(count, z, relays, weights)
+        .iter()
+        .map(|s| blake3::hash(&buf[byte_range(s, elem)]).to_hex().to_string())
         .collect()
 }
 
