@@ -731,6 +731,10 @@ impl Hub {
 
     fn remove(&mut self, token: Token) -> Option<Conn> {
         let conn = self.conns.remove(&token)?;
+        // What its unfinished messages held leaves the shared count with it, however it goes.
+        if let Phase::Session { opener, .. } = &conn.phase {
+            self.assembling -= opener.assembling();
+        }
         let _ = self
             .poll
             .registry()
@@ -793,9 +797,6 @@ impl Hub {
         let Some(conn) = self.remove(token) else {
             return;
         };
-        if let Phase::Session { opener, .. } = &conn.phase {
-            self.assembling -= opener.assembling();
-        }
         // The writer half (a relay's link, a status writer) may outlive this: make the close
         // reach the other end.
         let _ = conn.stream.shutdown(std::net::Shutdown::Both);
