@@ -30,7 +30,7 @@ use crate::net::engine::{
 };
 use crate::types::{dtype_of, DType, Element, ReduceOp};
 use crate::validator::peer::{JobVerify, Recorded};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -64,9 +64,11 @@ pub struct Comm {
     /// Next point-to-point pair sequence per peer: (sends to it, receives from it); see
     /// [`crate::algo::p2p`].
     p2p_seq: Mutex<Vec<(u64, u64)>>,
-    /// Every rank mapped the job's shared-memory segment (all on one host): all-reduce,
-    /// broadcast, all-gather, reduce-scatter and barrier go through it unless they use relays.
+    /// Every rank mapped the job's shared-memory segment (all on one host): the collectives
+    /// [`crate::net::shm::carries`] go through it unless they use relays.
     shm: bool,
+    /// Ops submitted to the segment (see [`Comm::shared_memory_ops`]).
+    shm_ops: AtomicU64,
     /// Which ranks share a host.
     layout: Layout,
     /// The address the other ranks reach this one on (see [`Comm::local_ip`]).
@@ -248,6 +250,7 @@ impl Comm {
             relay_weights: Mutex::new(RelayWeights::default()),
             p2p_seq: Mutex::new(vec![(1, 1); size]),
             shm: false,
+            shm_ops: AtomicU64::new(0),
             layout: Layout::single(size, rank),
             local_ip,
             hier: None,
@@ -429,10 +432,18 @@ impl Comm {
         self.hier.is_some()
     }
 
-    /// Whether all-reduce, broadcast, all-gather, reduce-scatter and barrier run through a shared-memory
-    /// segment (every rank on this host; see [`crate::net::shm`]) when they do not use relays.
+    /// Whether all-reduce, reduce, broadcast, all-gather, reduce-scatter, gather, scatter,
+    /// all-to-all and barrier run through a shared-memory segment (every rank on this host;
+    /// see [`crate::net::shm`]) when they do not use relays. All-to-all-v and point-to-point
+    /// always travel over TCP.
     pub fn uses_shared_memory(&self) -> bool {
         self.shm
+    }
+
+    /// Collectives this communicator has submitted to its shared-memory segment so far (a
+    /// diagnostic: which path the ops take).
+    pub fn shared_memory_ops(&self) -> u64 {
+        self.shm_ops.load(Ordering::Relaxed)
     }
 
     /// Relays in use (indices into `config().relays`): those every rank is connected to.
@@ -540,6 +551,7 @@ impl Comm {
             && crate::net::shm::carries(desc.coll)
             && !crate::algo::plan::uses_relays(&desc, &self.config, relays);
         let transport = if shm {
+            self.shm_ops.fetch_add(1, Ordering::Relaxed);
             Transport::SharedMemory(desc)
         } else {
             let window = if relays.is_empty() {
@@ -1023,10 +1035,20 @@ impl Comm {
             root,
             compress: Compression::None,
         };
-        let schedule = Exchange::new(desc, self.config.chunk_bytes, plan, &mut mem);
+        let transport = if self.shm && crate::net::shm::carries(coll) {
+            self.shm_ops.fetch_add(1, Ordering::Relaxed);
+            Transport::SharedMemory(desc)
+        } else {
+            Transport::Frames(Box::new(Exchange::new(
+                desc,
+                self.config.chunk_bytes,
+                plan,
+                &mut mem,
+            )))
+        };
         let done = Arc::new(Completion::default());
         self.engine.submit(Submission {
-            transport: Transport::Frames(Box::new(schedule)),
+            transport,
             mem,
             done: done.clone(),
         })?;
@@ -1535,6 +1557,80 @@ impl Comm {
                 send.len(),
                 dtype_of::<T>(),
                 op,
+                root,
+            )?
+            .wait()
+        }
+    }
+
+    /// Gather to `root`: the root's `recv` (`send.len() × size` elements) gets every rank's
+    /// `send` in rank order; pass `None` elsewhere.
+    pub fn gather<T: Element>(
+        &self,
+        send: &[T],
+        recv: Option<&mut [T]>,
+        root: usize,
+    ) -> Result<()> {
+        let recv_ptr = match recv {
+            Some(r) if Some(r.len()) == send.len().checked_mul(self.size) => r.as_mut_ptr().cast(),
+            Some(r) => {
+                return Err(Error::invalid(format!(
+                    "gather: recv holds {} elements, need {} x {} ranks",
+                    r.len(),
+                    send.len(),
+                    self.size
+                )))
+            }
+            None if self.rank == root => {
+                return Err(Error::invalid("gather: the root needs a recv buffer"))
+            }
+            None => std::ptr::null_mut(),
+        };
+        // SAFETY: the borrows last until wait() returns; &/&mut cannot overlap; `dtype_of`
+        // makes the op's bytes exactly the slices'.
+        unsafe {
+            self.igather_raw(
+                send.as_ptr().cast(),
+                recv_ptr,
+                send.len(),
+                dtype_of::<T>(),
+                root,
+            )?
+            .wait()
+        }
+    }
+
+    /// Scatter from `root`: rank r's `recv` gets block r (`recv.len()` elements) of the root's
+    /// `send` (`recv.len() × size` elements); pass `None` elsewhere.
+    pub fn scatter<T: Element>(
+        &self,
+        send: Option<&[T]>,
+        recv: &mut [T],
+        root: usize,
+    ) -> Result<()> {
+        let send_ptr = match send {
+            Some(s) if Some(s.len()) == recv.len().checked_mul(self.size) => s.as_ptr().cast(),
+            Some(s) => {
+                return Err(Error::invalid(format!(
+                    "scatter: send holds {} elements, need {} x {} ranks",
+                    s.len(),
+                    recv.len(),
+                    self.size
+                )))
+            }
+            None if self.rank == root => {
+                return Err(Error::invalid("scatter: the root needs a send buffer"))
+            }
+            None => std::ptr::null(),
+        };
+        // SAFETY: the borrows last until wait() returns; &/&mut cannot overlap; `dtype_of`
+        // makes the op's bytes exactly the slices'.
+        unsafe {
+            self.iscatter_raw(
+                send_ptr,
+                recv.as_mut_ptr().cast(),
+                recv.len(),
+                dtype_of::<T>(),
                 root,
             )?
             .wait()

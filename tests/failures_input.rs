@@ -118,8 +118,9 @@ fn bad_args(mut ctx: Ctx) {
     report("destroy", &comm.destroy());
 }
 
-/// Rank r all-reduces `base + r` elements (`MRT_MISMATCH=count`) or rank 0 uses another
-/// dtype (`dtype`): calls that cannot match.
+/// Rank r all-reduces `base + r` elements (`MRT_MISMATCH=count`), rank 0 uses another
+/// dtype (`dtype`), names another gather root (`root`) or calls all-to-all where the others
+/// gather (`coll`): calls that cannot match.
 fn mismatch(mut ctx: Ctx) {
     let Ok(comm) = ctx.init() else { return };
     let r = comm.rank();
@@ -136,6 +137,19 @@ fn mismatch(mut ctx: Ctx) {
         "dtype" => {
             let mut v = vec![1.0f32; base];
             comm.allreduce(&mut v, ReduceOp::Sum)
+        }
+        "root" | "coll" => {
+            let n = comm.size();
+            let send = vec![r as f32; base];
+            let mut recv = vec![0f32; base * n];
+            let root = if r == 0 { 0 } else { 1 };
+            if r == 0 && std::env::var("MRT_MISMATCH").unwrap() == "coll" {
+                let send = vec![r as f32; base * n];
+                comm.alltoall(&send, &mut recv)
+            } else {
+                let recv = (r == root).then_some(&mut recv[..]);
+                comm.gather(&send, recv, root)
+            }
         }
         m => panic!("unknown mismatch {m}"),
     };
@@ -290,6 +304,16 @@ fn mismatched_counts_on_the_ring_are_reported() {
 #[test]
 fn mismatched_counts_over_shared_memory_are_reported() {
     run_mismatch("count", 40_000, 0, "auto");
+}
+
+#[test]
+fn mismatched_gather_roots_over_shared_memory_are_reported() {
+    run_mismatch("root", 40_000, 0, "auto");
+}
+
+#[test]
+fn gather_against_alltoall_over_shared_memory_is_reported() {
+    run_mismatch("coll", 1000, 0, "auto");
 }
 
 #[test]

@@ -1,5 +1,7 @@
 //! Every collective, dtype and reduction across real processes on 127.0.0.1.
-//! Gather, scatter and all-to-all(v) always travel over TCP; reduce takes the all-reduce path.
+//! Reduce takes the all-reduce path; gather, scatter and all-to-all go through shared memory
+//! where the other collectives do, all-to-all-v always over TCP (checked with
+//! [`Comm::shared_memory_ops`]).
 //!
 //! Each world size runs three times: over TCP (`MR_ALGO=ring`) with `MR_SMALL_BYTES=0`
 //! (all-reduce always takes the ring) and with `MR_SMALL_BYTES=max` (always recursive
@@ -221,6 +223,7 @@ fn rooted(comm: &Comm) {
 
     let pattern = |from: usize, to: usize, i: usize| ((from * 37 + to * 13 + i * 11) % 100) as f64;
     let (mut gathered, mut scattered) = (0usize, 0usize);
+    let shm_before = comm.shared_memory_ops();
     for &count in &counts(n) {
         for dtype in DType::ALL {
             for root in 0..n {
@@ -281,6 +284,10 @@ fn rooted(comm: &Comm) {
     }
     ok("gather_checked", gathered);
     ok("scatter_checked", scattered);
+    ok(
+        "gather_scatter_shm_ops",
+        comm.shared_memory_ops() - shm_before,
+    );
 }
 
 /// All-to-all (every dtype and count) and all-to-all-v with uneven splits, zeros included.
@@ -288,6 +295,7 @@ fn exchanges(comm: &Comm) {
     let (r, n) = (comm.rank(), comm.size());
     let pattern = |from: usize, to: usize, i: usize| ((from * 31 + to * 7 + i * 3) % 100) as f64;
     let mut done = 0usize;
+    let shm_before = comm.shared_memory_ops();
     for &count in &counts(n) {
         for dtype in DType::ALL {
             let name = format!("alltoall/{dtype}/{count}");
@@ -351,6 +359,7 @@ fn exchanges(comm: &Comm) {
         }
     }
     ok("alltoallv_checked", done);
+    ok("alltoall_shm_ops", comm.shared_memory_ops() - shm_before);
 }
 
 /// Seven ops of every kind issued back to back, then waited for: the last one first (after
@@ -573,6 +582,21 @@ fn run_matrix(n: usize) {
             want("scatter_checked", DType::ALL.len() * ncounts * n);
             want("alltoall_checked", DType::ALL.len() * ncounts);
             want("alltoallv_checked", DType::ALL.len());
+            // Gather, scatter and all-to-all share the segment with the other collectives;
+            // all-to-all-v does not.
+            let shm = expected_path(want_path, n) == "shm";
+            want(
+                "gather_scatter_shm_ops",
+                if shm {
+                    2 * DType::ALL.len() * ncounts * n
+                } else {
+                    0
+                },
+            );
+            want(
+                "alltoall_shm_ops",
+                if shm { DType::ALL.len() * ncounts } else { 0 },
+            );
             want("nonblocking_checked", 6);
         }
         let hashes = support::assert_same_details(&out, "hash/");

@@ -1,8 +1,10 @@
 //! Shared-memory collectives for jobs whose ranks all run on one host.
 //!
-//! When every rank of a communicator can map the same file under `/dev/shm`, all-reduce,
-//! broadcast, all-gather, reduce-scatter and barrier skip TCP: ranks copy their data into the segment once and
-//! read each other's data straight out of it. On a busy host this removes the kernel's two
+//! When every rank of a communicator can map the same file under `/dev/shm`, all-reduce (and
+//! so reduce), broadcast, all-gather, reduce-scatter, gather, scatter, all-to-all and barrier
+//! skip TCP: ranks copy their data into the segment once and read each other's data straight
+//! out of it. All-to-all-v (whose per-pair counts only the two ends know) and point-to-point
+//! transfers stay on TCP. On a busy host this removes the kernel's two
 //! copies per hop and the socket overhead, which is where a loopback ring spends its time.
 //!
 //! # Set-up
@@ -28,16 +30,19 @@
 //!
 //! 1. waits until every rank has finished chunk `g - SLOTS` (`gathered`), so the slots it is
 //!    about to overwrite are no longer read;
-//! 2. copies its contribution into its staging slot (reduce-scatter: piece k of every block,
-//!    side by side) and publishes `staged = g + 1`;
+//! 2. copies its contribution into its staging slot (reduce-scatter, all-to-all and the
+//!    scatter root: piece k of every block, side by side; broadcast and scatter: the root
+//!    only) and publishes `staged = g + 1`;
 //! 3. waits for every rank's `staged` (on the first chunk it then compares every rank's op
-//!    descriptor with its own: mismatched calls are reported, never summed);
+//!    descriptor with its own: mismatched calls are reported, never summed); after the first
+//!    chunk, broadcast and scatter wait only for the root, and gather only at the root;
 //! 4. all-reduce only: reduces its slice of the chunk over every rank's staging slot **in rank
 //!    order** into the result slot, publishes `reduced`, and waits for every rank's `reduced`
 //!    (reduce-scatter: reduces its own block's piece over every rank's slot, in rank order,
 //!    straight into its output);
-//! 5. copies the result (all-reduce), the root's data (broadcast) or every rank's data
-//!    (all-gather) into its own buffer and publishes `gathered`.
+//! 5. copies the result (all-reduce), the root's data (broadcast), its piece of the root's
+//!    slot (scatter), every rank's data (all-gather, gather at the root) or its piece of
+//!    every rank's slot (all-to-all) into its own buffer and publishes `gathered`.
 //!
 //! Each slice is reduced by exactly one rank and everybody copies the same bytes, so results
 //! are bitwise identical on every rank. Counters are published with release stores and read
@@ -135,6 +140,9 @@ pub fn carries(coll: Collective) -> bool {
             | Collective::AllGather
             | Collective::ReduceScatter
             | Collective::Barrier
+            | Collective::Gather
+            | Collective::Scatter
+            | Collective::AllToAll
     )
 }
 
@@ -461,7 +469,9 @@ impl Segment {
         // Elements per chunk of the caller's buffer (reduce-scatter: of each rank's block; a
         // staging slot holds one such piece per block).
         let per_chunk = match d.coll {
-            Collective::ReduceScatter => (self.chunk / elem / n).max(1),
+            Collective::ReduceScatter | Collective::Scatter | Collective::AllToAll => {
+                (self.chunk / elem / n).max(1)
+            }
             _ => (self.chunk / elem).max(1),
         };
         let count = if d.coll == Collective::Barrier {
@@ -505,7 +515,7 @@ impl Segment {
             // The first chunk also rewrites our descriptor entry for slot `s`.
             let writes = k == 0
                 || match d.coll {
-                    Collective::Broadcast => me == d.root,
+                    Collective::Broadcast | Collective::Scatter => me == d.root,
                     Collective::Barrier => false,
                     _ => true,
                 };
@@ -525,7 +535,9 @@ impl Segment {
             let src: Option<&[u8]> = match d.coll {
                 Collective::AllReduce => Some(&mem.user.as_slice()[lo..lo + len]),
                 Collective::Broadcast if me == d.root => Some(&mem.user.as_slice()[lo..lo + len]),
-                Collective::AllGather => Some(&mem.input.as_slice()[lo..lo + len]),
+                Collective::AllGather | Collective::Gather => {
+                    Some(&mem.input.as_slice()[lo..lo + len])
+                }
                 _ => None,
             };
             if let Some(src) = src {
@@ -537,7 +549,12 @@ impl Segment {
                     std::ptr::copy_nonoverlapping(src.as_ptr(), self.staging(slot.0, slot.1), len)
                 };
             }
-            if d.coll == Collective::ReduceScatter {
+            let blocks = match d.coll {
+                Collective::ReduceScatter | Collective::AllToAll => true,
+                Collective::Scatter => me == d.root,
+                _ => false,
+            };
+            if blocks {
                 // Piece k of every block b, side by side: block b at b * per_chunk elements.
                 let input = mem.input.as_slice();
                 for b in 0..n {
@@ -553,12 +570,20 @@ impl Segment {
                 }
             }
             self.publish(Counter::Staged, g.wrapping_add(1));
-            if d.coll == Collective::Broadcast && k > 0 {
-                if me != d.root {
-                    self.wait(w, d.root, Counter::Staged, g.wrapping_add(1), &what)?;
+            // Every rank waits for every other on the first chunk (to compare descriptors);
+            // after it, a rank waits only for the ranks whose data it reads.
+            match d.coll {
+                Collective::Broadcast | Collective::Scatter if k > 0 => {
+                    if me != d.root {
+                        self.wait(w, d.root, Counter::Staged, g.wrapping_add(1), &what)?;
+                    }
                 }
-            } else {
-                self.wait_all(w, Counter::Staged, g.wrapping_add(1), &what)?;
+                Collective::Gather if k > 0 => {
+                    if me == d.root {
+                        self.wait_all(w, Counter::Staged, g.wrapping_add(1), &what)?;
+                    }
+                }
+                _ => self.wait_all(w, Counter::Staged, g.wrapping_add(1), &what)?,
             }
             if k == 0 {
                 self.check_descs(d, s)?;
@@ -598,16 +623,28 @@ impl Segment {
                         )
                     };
                 }
-                Collective::AllGather => {
-                    let per_rank = count * elem;
-                    for r in 0..n {
-                        let dst = &mut mem.user.as_mut_slice()[r * per_rank + lo..][..len];
-                        // SAFETY: rank r published `staged` for chunk g and does not rewrite
-                        // the slot before we publish `gathered`.
-                        unsafe {
-                            std::ptr::copy_nonoverlapping(self.staging(r, s), dst.as_mut_ptr(), len)
-                        };
-                    }
+                Collective::AllGather | Collective::Gather
+                    if d.coll == Collective::AllGather || me == d.root =>
+                {
+                    self.copy_blocks(mem, s, count * elem, lo, len, |_| 0);
+                }
+                Collective::AllToAll => {
+                    // Our piece of every rank's slot, into that rank's block of our output.
+                    let at = me * per_chunk * elem;
+                    self.copy_blocks(mem, s, count * elem, lo, len, |_| at);
+                }
+                Collective::Scatter => {
+                    let dst = &mut mem.user.as_mut_slice()[lo..lo + len];
+                    // SAFETY: the root published `staged` for chunk g (its slot holds our
+                    // piece at me * per_chunk elements, within the slot as staged above) and
+                    // does not rewrite the slot before we publish `gathered`.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(
+                            self.staging(d.root, s).add(me * per_chunk * elem),
+                            dst.as_mut_ptr(),
+                            len,
+                        )
+                    };
                 }
                 _ => {}
             }
@@ -621,6 +658,31 @@ impl Segment {
             })?;
         }
         Ok(())
+    }
+
+    /// For every rank r: `len` bytes at `at(r)` of r's staging slot `s` into bytes
+    /// `r * block + lo ..` of this rank's output (all-gather, gather at the root, all-to-all).
+    /// Every rank has published `staged` for the chunk in slot `s` and none rewrites its slot
+    /// before this rank publishes `gathered`.
+    fn copy_blocks(
+        &self,
+        mem: &mut OpMemory,
+        s: usize,
+        block: usize,
+        lo: usize,
+        len: usize,
+        at: impl Fn(usize) -> usize,
+    ) {
+        for r in 0..self.size {
+            let dst = &mut mem.user.as_mut_slice()[r * block + lo..][..len];
+            // SAFETY: as the doc says, rank r's slot `s` holds the chunk and is not rewritten
+            // while we read; `at(r) + len` lies within the slot (a piece of a staged block or
+            // the whole staged chunk); `dst` is our own buffer, which never overlaps the
+            // segment.
+            unsafe {
+                std::ptr::copy_nonoverlapping(self.staging(r, s).add(at(r)), dst.as_mut_ptr(), len)
+            };
+        }
     }
 
     /// `out[..len] = x_0 op x_1 op … op x_{n-1}`, where x_r is bytes `at..at + len` of rank r's

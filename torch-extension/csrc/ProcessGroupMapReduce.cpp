@@ -1587,12 +1587,30 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupMapReduce::alltoall_base(
   std::function<void()> finish = finishInto(output, send, recv);
   const void* sendData = send.data_ptr();
   void* recvData = recv.data_ptr();
+  // Without split sizes every rank splits equally (as gloo, all ranks must then call it
+  // without them): the equal all-to-all, which shared memory carries.
+  const bool equal = inputSplitSizes.empty() && outputSplitSizes.empty();
+  if (equal) {
+    TORCH_CHECK(
+        in.counts == out.counts,
+        "mapreduce ",
+        kName,
+        ": with equal splits the input (",
+        inputBuffer.numel(),
+        " elements) and the output (",
+        outputBuffer.numel(),
+        ") must hold as many elements");
+  }
+  const size_t block = in.counts.empty() ? 0 : in.counts[0];
   return enqueue(
       c10d::OpType::ALLTOALL_BASE,
       "mapreduce:all_to_all_single",
       describe(kName, inputBuffer),
       {output},
       [=](mr_comm* comm, mr_request** request) {
+        if (equal) {
+          return mr_ialltoall(comm, sendData, recvData, block, dtype, request);
+        }
         return mr_ialltoallv(
             comm,
             sendData,
