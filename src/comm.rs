@@ -552,7 +552,7 @@ impl Comm {
             && !crate::algo::plan::uses_relays(&desc, &self.config, relays);
         let transport = if shm {
             self.shm_ops.fetch_add(1, Ordering::Relaxed);
-            Transport::SharedMemory(desc)
+            Transport::SharedMemory(desc, None)
         } else {
             let window = if relays.is_empty() {
                 crate::algo::relay::DEFAULT_WINDOW
@@ -1016,6 +1016,7 @@ impl Comm {
         count: usize,
         root: usize,
         plan: ExchangePlan,
+        splits: Option<crate::net::shm::Splits>,
         mem: OpMemory,
     ) -> Result<Request> {
         if self.aborted.load(Ordering::SeqCst) {
@@ -1037,7 +1038,7 @@ impl Comm {
         };
         let transport = if self.shm && crate::net::shm::carries(coll) {
             self.shm_ops.fetch_add(1, Ordering::Relaxed);
-            Transport::SharedMemory(desc)
+            Transport::SharedMemory(desc, splits.map(Box::new))
         } else {
             Transport::Frames(Box::new(Exchange::new(
                 desc,
@@ -1278,7 +1279,7 @@ impl Comm {
         let mut mem = OpMemory::new(unsafe { RawBuf::new(recv, recv_bytes) });
         mem.input = unsafe { RawBuf::new(send as *mut u8, bytes) };
         let plan = ExchangePlan::gather(self.rank, self.size, bytes, root);
-        self.submit_exchange(Collective::Gather, dtype, count, root, plan, mem)
+        self.submit_exchange(Collective::Gather, dtype, count, root, plan, None, mem)
     }
 
     /// Start a scatter: rank r's `recv` (`count` elements) gets block r of `root`'s `send`
@@ -1303,7 +1304,7 @@ impl Comm {
         let mut mem = OpMemory::new(unsafe { RawBuf::new(recv, bytes) });
         mem.input = unsafe { RawBuf::new(send as *mut u8, send_bytes) };
         let plan = ExchangePlan::scatter(self.rank, self.size, bytes, root);
-        self.submit_exchange(Collective::Scatter, dtype, count, root, plan, mem)
+        self.submit_exchange(Collective::Scatter, dtype, count, root, plan, None, mem)
     }
 
     /// Start an all-to-all: block p (`count` elements) of every rank's `send` goes to rank p,
@@ -1337,7 +1338,7 @@ impl Comm {
             &counts,
             &displs,
         );
-        self.submit_exchange(Collective::AllToAll, dtype, count, 0, plan, mem)
+        self.submit_exchange(Collective::AllToAll, dtype, count, 0, plan, None, mem)
     }
 
     /// Start an all-to-all-v: `send_counts[p]` elements at `send_displs[p]` of `send` go to
@@ -1417,7 +1418,13 @@ impl Comm {
             recv_counts,
             recv_displs,
         );
-        self.submit_exchange(Collective::AllToAllV, dtype, 0, 0, plan, mem)
+        let splits = crate::net::shm::Splits {
+            send_counts: send_counts.to_vec(),
+            send_displs: send_displs.to_vec(),
+            recv_counts: recv_counts.to_vec(),
+            recv_displs: recv_displs.to_vec(),
+        };
+        self.submit_exchange(Collective::AllToAllV, dtype, 0, 0, plan, Some(splits), mem)
     }
 
     /// Start a barrier: completes once every rank has entered it.

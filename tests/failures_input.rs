@@ -23,6 +23,7 @@ fn play(ctx: Ctx) {
         "bad_args" => bad_args(ctx),
         "mismatch" => mismatch(ctx),
         "p2p_mismatch" => p2p_mismatch(ctx),
+        "splits_mismatch" => splits_mismatch(ctx),
         s => panic!("unknown scenario {s}"),
     }
 }
@@ -156,6 +157,57 @@ fn mismatch(mut ctx: Ctx) {
     report("mismatched", &res);
     // Whether the communicator is still usable afterwards is not part of the contract;
     // report it for the record, but it must not crash or hang.
+    support::check_allreduce(&comm, "allreduce_after");
+    let _ = comm.destroy();
+}
+
+/// An all-to-all-v among 3 ranks in which rank 1 sends rank 2 two elements where rank 2
+/// expects one; then the pair of ops after it (an all-to-all-v that agrees, an all-reduce).
+fn splits_mismatch(mut ctx: Ctx) {
+    let Ok(comm) = ctx.init() else { return };
+    let r = comm.rank();
+    ok("shm", comm.uses_shared_memory());
+    let counts = [1usize; 3];
+    let displs = [0usize, 1, 2];
+    let mut sc = counts;
+    if r == 1 {
+        sc[2] = 2;
+    }
+    let send = [r as i32 * 10, r as i32 * 10 + 1, r as i32 * 10 + 2, 99];
+    let mut recv = [0i32; 3];
+    // SAFETY: `send` holds the 4 elements the widest send range names, `recv` the 3 of the
+    // receive ranges; both outlive the request, which is waited for at once.
+    let res = unsafe {
+        comm.ialltoallv_raw(
+            send.as_ptr().cast(),
+            &sc,
+            &displs,
+            recv.as_mut_ptr().cast(),
+            &counts,
+            &displs,
+            DType::I32,
+        )
+    }
+    .and_then(Request::wait);
+    report("mismatched", &res);
+    // SAFETY: as above.
+    let res = unsafe {
+        comm.ialltoallv_raw(
+            send.as_ptr().cast(),
+            &counts,
+            &displs,
+            recv.as_mut_ptr().cast(),
+            &counts,
+            &displs,
+            DType::I32,
+        )
+    }
+    .and_then(Request::wait);
+    match res {
+        Ok(()) if recv == [r as i32, 10 + r as i32, 20 + r as i32] => ok("alltoallv_after", ""),
+        Ok(()) => say(&format!("ERR alltoallv_after WrongResult {recv:?}")),
+        Err(e) => err("alltoallv_after", &e),
+    }
     support::check_allreduce(&comm, "allreduce_after");
     let _ = comm.destroy();
 }
@@ -314,6 +366,43 @@ fn mismatched_gather_roots_over_shared_memory_are_reported() {
 #[test]
 fn gather_against_alltoall_over_shared_memory_is_reported() {
     run_mismatch("coll", 1000, 0, "auto");
+}
+
+/// All-to-all-v counts that disagree between two ranks fail the op with a message naming both
+/// sides (through shared memory: on every rank, which all read the same counts; over TCP: on
+/// the ranks that see it), and the communicator carries the next ops.
+fn run_splits_mismatch(algo: &str, shm: bool) {
+    let mut e = env();
+    e.push(("MR_ALGO", algo.to_string()));
+    let out = support::run_job("splits_mismatch", 3, &e, Duration::from_secs(60));
+    for o in &out {
+        assert!(
+            o.done() && o.code == Some(0),
+            "no crash, no hang\n{}",
+            o.story()
+        );
+        assert_eq!(o.ok_detail("shm"), shm.to_string(), "{}", o.story());
+        assert_eq!(o.ok_detail("alltoallv_after"), "", "{}", o.story());
+        assert_eq!(o.ok_detail("allreduce_after"), "", "{}", o.story());
+        if shm || o.rank == 2 {
+            let (kind, msg) = o.err_of("mismatched");
+            assert_eq!(kind, "InvalidArgument", "{}", o.story());
+            assert!(
+                msg.contains("sends 2 x int32 to") && msg.contains("expects 1"),
+                "{msg}"
+            );
+        }
+    }
+}
+
+#[test]
+fn mismatched_alltoallv_counts_over_shared_memory_fail_every_rank_and_leave_it_usable() {
+    run_splits_mismatch("auto", true);
+}
+
+#[test]
+fn mismatched_alltoallv_counts_over_tcp_are_reported_and_leave_it_usable() {
+    run_splits_mismatch("ring", false);
 }
 
 #[test]

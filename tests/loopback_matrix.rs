@@ -1,7 +1,6 @@
 //! Every collective, dtype and reduction across real processes on 127.0.0.1.
-//! Reduce takes the all-reduce path; gather, scatter and all-to-all go through shared memory
-//! where the other collectives do, all-to-all-v always over TCP (checked with
-//! [`Comm::shared_memory_ops`]).
+//! Reduce takes the all-reduce path; gather, scatter and all-to-all(v) go through shared
+//! memory where the other collectives do (checked with [`Comm::shared_memory_ops`]).
 //!
 //! Each world size runs three times: over TCP (`MR_ALGO=ring`) with `MR_SMALL_BYTES=0`
 //! (all-reduce always takes the ring) and with `MR_SMALL_BYTES=max` (always recursive
@@ -582,8 +581,7 @@ fn run_matrix(n: usize) {
             want("scatter_checked", DType::ALL.len() * ncounts * n);
             want("alltoall_checked", DType::ALL.len() * ncounts);
             want("alltoallv_checked", DType::ALL.len());
-            // Gather, scatter and all-to-all share the segment with the other collectives;
-            // all-to-all-v does not.
+            // Gather, scatter and all-to-all(v) share the segment with the other collectives.
             let shm = expected_path(want_path, n) == "shm";
             want(
                 "gather_scatter_shm_ops",
@@ -595,7 +593,11 @@ fn run_matrix(n: usize) {
             );
             want(
                 "alltoall_shm_ops",
-                if shm { DType::ALL.len() * ncounts } else { 0 },
+                if shm {
+                    DType::ALL.len() * (ncounts + 1)
+                } else {
+                    0
+                },
             );
             want("nonblocking_checked", 6);
         }

@@ -3,8 +3,8 @@
 //! When every rank of a communicator can map the same file under `/dev/shm`, all-reduce (and
 //! so reduce), broadcast, all-gather, reduce-scatter, gather, scatter, all-to-all and barrier
 //! skip TCP: ranks copy their data into the segment once and read each other's data straight
-//! out of it. All-to-all-v (whose per-pair counts only the two ends know) and point-to-point
-//! transfers stay on TCP. On a busy host this removes the kernel's two
+//! out of it; so does all-to-all-v, whose per-pair counts the ranks publish in the segment and
+//! check against each other. Point-to-point transfers stay on TCP. On a busy host this removes the kernel's two
 //! copies per hop and the socket overhead, which is where a loopback ring spends its time.
 //!
 //! # Set-up
@@ -19,8 +19,10 @@
 //!
 //! # Layout
 //! A header page; one 512-byte control block per rank (three 32-bit counters on their own
-//! cache lines and the descriptor of the rank's current op); then, per rank, [`SLOTS`]
-//! staging slots of `chunk` bytes, and [`SLOTS`] shared result slots of `chunk` bytes.
+//! cache lines and the descriptor of the rank's current op); per rank and descriptor slot, the
+//! element counts of an all-to-all-v (what it sends each rank, what it expects from each);
+//! then, per rank, [`SLOTS`] staging slots of `chunk` bytes, and [`SLOTS`] shared result slots
+//! of `chunk` bytes.
 //!
 //! # Protocol
 //! An op is cut into chunks of at most `chunk` bytes per rank (at least one chunk, so even
@@ -34,7 +36,9 @@
 //!    scatter root: piece k of every block, side by side; broadcast and scatter: the root
 //!    only) and publishes `staged = g + 1`;
 //! 3. waits for every rank's `staged` (on the first chunk it then compares every rank's op
-//!    descriptor with its own: mismatched calls are reported, never summed); after the first
+//!    descriptor with its own: mismatched calls are reported, never summed; all-to-all-v also
+//!    checks every pair's counts, the same check on every rank, and takes from them how many
+//!    chunks the op has: the largest count over all pairs, in pieces); after the first
 //!    chunk, broadcast and scatter wait only for the root, and gather only at the root;
 //! 4. all-reduce only: reduces its slice of the chunk over every rank's staging slot **in rank
 //!    order** into the result slot, publishes `reduced`, and waits for every rank's `reduced`
@@ -68,7 +72,7 @@ use std::time::{Duration, Instant};
 
 /// Slots per rank: chunk `g` uses slot `g % SLOTS`, so ranks may run one chunk apart.
 pub const SLOTS: u32 = 2;
-const MAGIC: u64 = u64::from_le_bytes(*b"MRSHMv01");
+const MAGIC: u64 = u64::from_le_bytes(*b"MRSHMv02");
 const PAGE: usize = 4096;
 const CTRL: usize = 512;
 /// Smallest staging slot.
@@ -143,7 +147,18 @@ pub fn carries(coll: Collective) -> bool {
             | Collective::Gather
             | Collective::Scatter
             | Collective::AllToAll
+            | Collective::AllToAllV
     )
+}
+
+/// The per-rank element counts and displacements of an all-to-all-v (one entry per rank), as
+/// [`crate::comm::Comm::ialltoallv_raw`] takes them.
+#[derive(Clone, Debug, Default)]
+pub struct Splits {
+    pub send_counts: Vec<usize>,
+    pub send_displs: Vec<usize>,
+    pub recv_counts: Vec<usize>,
+    pub recv_displs: Vec<usize>,
 }
 
 #[repr(C)]
@@ -200,10 +215,24 @@ pub struct Segment {
     acc: Vec<u64>,
     /// Rank 0 removes the file once every rank has it mapped (or when set-up fails).
     unlink: Option<PathBuf>,
+    /// Whether the counters agree between ranks: false from the start of an op until it ends
+    /// well, or fails the same way on every rank at the same step.
+    intact: bool,
 }
 
 /// Bytes of a segment for `size` ranks and `chunk`-byte slots. Reduce-scatter stages one
 /// piece per rank in a slot, so a slot holds at least 8 bytes per rank.
+/// Bytes of one rank's all-to-all-v counts for one descriptor slot: what it sends each rank,
+/// then what it expects from each.
+fn counts_bytes(size: usize) -> usize {
+    2 * size * 8
+}
+
+/// Where the slots begin: after the header page, the control blocks and the count tables.
+fn data_start(size: usize) -> usize {
+    (PAGE + CTRL * size + counts_bytes(size) * SLOTS as usize * size).next_multiple_of(PAGE)
+}
+
 fn total_bytes(size: usize, chunk: usize) -> Result<usize> {
     if size.saturating_mul(8) > chunk {
         return Err(Error::invalid(format!(
@@ -211,7 +240,7 @@ fn total_bytes(size: usize, chunk: usize) -> Result<usize> {
             size * 8
         )));
     }
-    let data = (PAGE + CTRL * size).next_multiple_of(PAGE);
+    let data = data_start(size);
     chunk
         .checked_mul(SLOTS as usize)
         .and_then(|b| b.checked_mul(size + 1))
@@ -254,6 +283,7 @@ impl Segment {
             done: 0,
             acc: Vec::new(),
             unlink: Some(path.to_path_buf()),
+            intact: true,
         };
         // SAFETY: the mapping is PAGE-aligned and at least PAGE bytes long; no other process
         // opens the file before rank 0 announces it, so nothing else accesses the header now.
@@ -305,6 +335,7 @@ impl Segment {
             done: 0,
             acc: Vec::new(),
             unlink: None,
+            intact: true,
         };
         // SAFETY: the mapping is PAGE-aligned and at least PAGE bytes; rank 0 wrote the
         // header before the all-reduce that let this rank open the file, and never again.
@@ -323,6 +354,12 @@ impl Segment {
         Ok(seg)
     }
 
+    /// Whether the segment can carry further ops: its last op ended well, or failed alike on
+    /// every rank (all-to-all-v counts that disagree) and left the counters in step.
+    pub fn intact(&self) -> bool {
+        self.intact
+    }
+
     /// Remove the file (rank 0, once every rank has mapped it); the mapping stays.
     pub fn unlink(&mut self) {
         if let Some(p) = self.unlink.take() {
@@ -333,7 +370,68 @@ impl Segment {
     }
 
     fn data_start(&self) -> usize {
-        (PAGE + CTRL * self.size).next_multiple_of(PAGE)
+        data_start(self.size)
+    }
+
+    /// Rank `r`'s all-to-all-v counts for descriptor slot `s`: 2 x size words.
+    fn counts(&self, r: usize, s: usize) -> &[AtomicU64] {
+        debug_assert!(r < self.size && s < SLOTS as usize);
+        let n = self.size;
+        let off = PAGE + CTRL * n + counts_bytes(n) * (r * SLOTS as usize + s);
+        // SAFETY: the tables lie between the control blocks and data_start (within the
+        // mapping), 8-byte aligned (PAGE and CTRL are multiples of 8); they are accessed only
+        // atomically, and the mapping lives as long as `self`.
+        unsafe { std::slice::from_raw_parts(self.map.as_ptr().add(off).cast::<AtomicU64>(), 2 * n) }
+    }
+
+    /// Publish our all-to-all-v counts in descriptor slot `s` (made visible by the `staged`
+    /// store that follows).
+    fn write_counts(&self, splits: &Splits, s: usize) {
+        let words = self.counts(self.rank, s);
+        let all = splits.send_counts.iter().chain(&splits.recv_counts);
+        for (w, &c) in words.iter().zip(all) {
+            w.store(c as u64, Ordering::Relaxed);
+        }
+    }
+
+    /// After every rank's first `staged`: check that what each rank sends each other matches
+    /// what that one expects (every rank runs the same check over the same table, so all fail
+    /// alike), and return the largest count of any pair.
+    fn check_counts(&self, d: &OpDesc, s: usize) -> Result<usize> {
+        let n = self.size;
+        let tables: Vec<Vec<u64>> = (0..n)
+            .map(|r| {
+                self.counts(r, s)
+                    .iter()
+                    .map(|w| w.load(Ordering::Relaxed))
+                    .collect()
+            })
+            .collect();
+        let mut most = 0;
+        for q in 0..n {
+            for p in 0..n {
+                let (sends, expects) = (tables[q][p], tables[p][n + q]);
+                if sends != expects {
+                    let who = |r: usize| match r == self.rank {
+                        true => "this rank".to_string(),
+                        false => format!("rank {r}"),
+                    };
+                    return Err(Error::invalid(format!(
+                        "mismatched all-to-all-v counts over shared memory ({d}): {} sends {sends} \
+                         x {} to {}, which expects {expects}",
+                        who(q),
+                        d.dtype,
+                        who(p)
+                    )));
+                }
+                most = most.max(sends);
+            }
+        }
+        usize::try_from(most).map_err(|_| {
+            Error::invalid(format!(
+                "{d}: a count of {most} elements does not fit this host"
+            ))
+        })
     }
 
     fn ctrl(&self, r: usize) -> &Ctrl {
@@ -462,16 +560,46 @@ impl Segment {
     }
 
     /// Run one op through the segment.
-    pub fn run(&mut self, d: &OpDesc, mem: &mut OpMemory, w: &mut Watch) -> Result<()> {
+    ///
+    /// `splits` gives an all-to-all-v's counts and displacements (and is ignored otherwise).
+    pub fn run(
+        &mut self,
+        d: &OpDesc,
+        splits: Option<&Splits>,
+        mem: &mut OpMemory,
+        w: &mut Watch,
+    ) -> Result<()> {
         debug_assert!(carries(d.coll));
+        self.intact = false;
+        let splits = match (d.coll, splits) {
+            (Collective::AllToAllV, Some(sp))
+                if [
+                    &sp.send_counts,
+                    &sp.send_displs,
+                    &sp.recv_counts,
+                    &sp.recv_displs,
+                ]
+                .iter()
+                .all(|v| v.len() == self.size) =>
+            {
+                Some(sp)
+            }
+            (Collective::AllToAllV, _) => {
+                return Err(Error::internal(format!(
+                    "{d} reached shared memory without one count and displacement per rank"
+                )))
+            }
+            _ => None,
+        };
         let elem = d.dtype.size();
         let (me, n) = (self.rank, self.size);
         // Elements per chunk of the caller's buffer (reduce-scatter: of each rank's block; a
         // staging slot holds one such piece per block).
         let per_chunk = match d.coll {
-            Collective::ReduceScatter | Collective::Scatter | Collective::AllToAll => {
-                (self.chunk / elem / n).max(1)
-            }
+            Collective::ReduceScatter
+            | Collective::Scatter
+            | Collective::AllToAll
+            | Collective::AllToAllV => (self.chunk / elem / n).max(1),
             _ => (self.chunk / elem).max(1),
         };
         let count = if d.coll == Collective::Barrier {
@@ -479,7 +607,8 @@ impl Segment {
         } else {
             d.count
         };
-        let chunks = count.div_ceil(per_chunk).max(1);
+        // An all-to-all-v learns its length from every rank's counts after its first chunk.
+        let mut chunks = count.div_ceil(per_chunk).max(1);
         let first = self.done;
         // A broadcast stages only the root's data, so it may use every rank's staging slots
         // as one deep ring: the root runs up to n x SLOTS chunks ahead of its slowest reader
@@ -493,7 +622,8 @@ impl Segment {
                 format!("{d} over shared memory, waiting for earlier ops to drain")
             })?;
         }
-        for k in 0..chunks {
+        let mut k = 0;
+        while k < chunks {
             let g = first.wrapping_add(k as u32);
             let s = (g % SLOTS) as usize;
             // Where this chunk's data is staged: our slot `s`, or (deep broadcast) slot
@@ -506,9 +636,14 @@ impl Segment {
             };
             let lo = k * per_chunk * elem;
             let len = (count * elem).saturating_sub(lo).min(per_chunk * elem);
+            // (An all-to-all-v's length is known after its first chunk.)
+            let of = match (splits, k) {
+                (Some(_), 0) => "?".to_string(),
+                _ => chunks.to_string(),
+            };
             let what = || {
                 format!(
-                    "{d} over shared memory, chunk {} of {chunks} ({len} bytes)",
+                    "{d} over shared memory, chunk {} of {of} ({len} bytes)",
                     k + 1
                 )
             };
@@ -530,6 +665,9 @@ impl Segment {
             }
             if k == 0 {
                 self.write_desc(d, s);
+                if let Some(sp) = splits {
+                    self.write_counts(sp, s);
+                }
             }
             // Stage.
             let src: Option<&[u8]> = match d.coll {
@@ -554,6 +692,22 @@ impl Segment {
                 Collective::Scatter => me == d.root,
                 _ => false,
             };
+            if let Some(sp) = splits {
+                // Piece k of the block for each rank p, at p * per_chunk elements.
+                let input = mem.input.as_slice();
+                for p in 0..n {
+                    let (lo, len) = piece(sp.send_counts[p], k, per_chunk);
+                    let src = &input[(sp.send_displs[p] + lo) * elem..][..len * elem];
+                    // SAFETY: as above; n pieces of at most per_chunk elements fit the slot.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(
+                            src.as_ptr(),
+                            self.staging(me, s).add(p * per_chunk * elem),
+                            len * elem,
+                        )
+                    };
+                }
+            }
             if blocks {
                 // Piece k of every block b, side by side: block b at b * per_chunk elements.
                 let input = mem.input.as_slice();
@@ -587,6 +741,19 @@ impl Segment {
             }
             if k == 0 {
                 self.check_descs(d, s)?;
+                if splits.is_some() {
+                    match self.check_counts(d, s) {
+                        Ok(most) => chunks = most.div_ceil(per_chunk).max(1),
+                        Err(e) => {
+                            // Every rank read the same counts and fails here: end the op as
+                            // a one-chunk op everywhere, so the counters stay in step.
+                            self.publish(Counter::Gathered, g.wrapping_add(1));
+                            self.done = first.wrapping_add(1);
+                            self.intact = true;
+                            return Err(e);
+                        }
+                    }
+                }
             }
             // Reduce our slice.
             if d.coll == Collective::AllReduce {
@@ -633,6 +800,25 @@ impl Segment {
                     let at = me * per_chunk * elem;
                     self.copy_blocks(mem, s, count * elem, lo, len, |_| at);
                 }
+                Collective::AllToAllV => {
+                    let sp = splits.expect("checked above");
+                    for q in 0..n {
+                        let (lo, len) = piece(sp.recv_counts[q], k, per_chunk);
+                        let dst = &mut mem.user.as_mut_slice()[(sp.recv_displs[q] + lo) * elem..]
+                            [..len * elem];
+                        // SAFETY: rank q published `staged` for chunk g, its slot holds our
+                        // piece at me * per_chunk elements (its count for us equals ours from
+                        // it: check_counts), and it does not rewrite the slot before we
+                        // publish `gathered`.
+                        unsafe {
+                            std::ptr::copy_nonoverlapping(
+                                self.staging(q, s).add(me * per_chunk * elem),
+                                dst.as_mut_ptr(),
+                                len * elem,
+                            )
+                        };
+                    }
+                }
                 Collective::Scatter => {
                     let dst = &mut mem.user.as_mut_slice()[lo..lo + len];
                     // SAFETY: the root published `staged` for chunk g (its slot holds our
@@ -649,6 +835,7 @@ impl Segment {
                 _ => {}
             }
             self.publish(Counter::Gathered, g.wrapping_add(1));
+            k += 1;
         }
         self.done = first.wrapping_add(chunks as u32);
         if deep {
@@ -657,6 +844,7 @@ impl Segment {
                 format!("{d} over shared memory, waiting for every rank to finish")
             })?;
         }
+        self.intact = true;
         Ok(())
     }
 
@@ -752,6 +940,12 @@ fn map(file: &File, path: &Path, total: usize) -> Result<memmap2::MmapRaw> {
         .len(total)
         .map_raw(file)
         .map_err(|e| Error::io(format!("mapping {}", path.display()), e))
+}
+
+/// Piece `k` of a block of `count` elements cut `per_chunk` at a time: (first element, length).
+fn piece(count: usize, k: usize, per_chunk: usize) -> (usize, usize) {
+    let lo = (k * per_chunk).min(count);
+    (lo, (count - lo).min(per_chunk))
 }
 
 fn reached(value: u32, target: u32) -> bool {

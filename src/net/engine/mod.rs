@@ -109,7 +109,7 @@ impl Submission {
     pub fn desc(&self) -> &OpDesc {
         match &self.transport {
             Transport::Frames(s) => s.desc(),
-            Transport::SharedMemory(d) => d,
+            Transport::SharedMemory(d, _) => d,
         }
     }
 }
@@ -118,8 +118,9 @@ impl Submission {
 pub enum Transport {
     /// Frames over the connections, as the schedule directs.
     Frames(Box<dyn Schedule>),
-    /// Through the shared-memory segment ([`crate::net::shm`]).
-    SharedMemory(OpDesc),
+    /// Through the shared-memory segment ([`crate::net::shm`]); an all-to-all-v carries its
+    /// counts and displacements.
+    SharedMemory(OpDesc, Option<Box<crate::net::shm::Splits>>),
 }
 
 enum Command {

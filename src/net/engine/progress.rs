@@ -238,9 +238,9 @@ impl ProgressLoop {
             done,
         } = op;
         let schedule = match transport {
-            Transport::SharedMemory(desc) => {
+            Transport::SharedMemory(desc, splits) => {
                 log::debug!("rank {}: starting {desc}", self.rank);
-                self.run_shm(&desc, mem, &done);
+                self.run_shm(&desc, splits.as_deref(), mem, &done);
                 return;
             }
             Transport::Frames(s) => s,
@@ -289,7 +289,13 @@ impl ProgressLoop {
     /// Run `op` through the shared-memory segment, blocking this thread until it ends. Frames
     /// that arrive meanwhile wait in the sockets. A failure breaks the communicator: the
     /// segment's counters no longer agree between ranks.
-    fn run_shm(&mut self, desc: &OpDesc, mut mem: OpMemory, done: &Completion) {
+    fn run_shm(
+        &mut self,
+        desc: &OpDesc,
+        splits: Option<&shm::Splits>,
+        mut mem: OpMemory,
+        done: &Completion,
+    ) {
         let result = match self.shm.as_mut() {
             None => Err(Error::internal(format!(
                 "{desc} was routed to shared memory, but no segment is attached"
@@ -303,12 +309,17 @@ impl ProgressLoop {
                     timeout: self.timeout,
                     gone: &mut gone,
                 };
-                seg.run(desc, &mut mem, &mut watch)
+                seg.run(desc, splits, &mut mem, &mut watch)
             }
         };
+        let intact = self.shm.as_ref().is_some_and(|s| s.intact());
         self.sequencer.ended(desc.seq, &[]);
         match result {
             Ok(()) => done.complete(Ok(())),
+            Err(e) if intact => {
+                log::warn!("rank {}: {desc} failed: {e}", self.rank);
+                done.complete(Err(e));
+            }
             Err(e) => {
                 log::warn!("rank {}: {desc} failed: {e}", self.rank);
                 done.complete(Err(e.clone()));
