@@ -1009,6 +1009,7 @@ impl Comm {
     /// Submit a direct exchange ([`crate::algo::exchange`]). It always travels over the
     /// direct TCP connections, also when the ranks share a host: the shared-memory segment
     /// carries only the ring collectives.
+    #[allow(clippy::too_many_arguments)]
     fn submit_exchange(
         &self,
         coll: Collective,

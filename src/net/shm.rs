@@ -409,8 +409,8 @@ impl Segment {
             .collect();
         let mut most = 0;
         for q in 0..n {
-            for p in 0..n {
-                let (sends, expects) = (tables[q][p], tables[p][n + q]);
+            for (p, theirs) in tables.iter().enumerate() {
+                let (sends, expects) = (tables[q][p], theirs[n + q]);
                 if sends != expects {
                     let who = |r: usize| match r == self.rank {
                         true => "this rank".to_string(),
