@@ -1067,7 +1067,10 @@ mod tests {
             total_bytes(1024, 4096).is_err(),
             "slots too small for reduce-scatter"
         );
-        assert_eq!(t, 2 * PAGE + 9 * 2 * (1 << 20));
+        // Header page; 8 control blocks (one page); 8 ranks' count tables for 2 slots
+        // (8 x 2 x 128 bytes, rounded up to a page); 8 staging and 1 result slot pairs.
+        assert_eq!(data_start(8), 3 * PAGE);
+        assert_eq!(t, 3 * PAGE + 9 * 2 * (1 << 20));
         assert_eq!(slot_bytes(100), 4096);
         assert_eq!(slot_bytes(5000), 5056);
     }
