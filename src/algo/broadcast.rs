@@ -104,6 +104,7 @@ impl Broadcast {
                 to: Endpoint::Rank(child),
                 header,
                 region,
+                forward: self.v != 0,
             });
         }
     }

@@ -263,11 +263,13 @@ impl CompressedRing {
             let (acc, scratch) = self.split(mem, &ch.elems);
             let at = self.rs_base + ch.wire.start;
             self.z.encode(acc, &mut scratch[at..at + ch.wire.len()]);
-            self.push(0, &ch, self.rs_base);
+            self.push(0, &ch, self.rs_base, false);
         }
     }
 
-    fn push(&mut self, step: usize, ch: &Chunk, base: usize) {
+    /// Queue chunk `ch` of the image at `base` for `next`; `forward`: the bytes are a
+    /// frame's as it landed ([`Transmit::forward`]).
+    fn push(&mut self, step: usize, ch: &Chunk, base: usize, forward: bool) {
         let header = self.desc.header(step as u32, ch.wire.start, ch.wire.len());
         self.tally.push(Transmit {
             to: self.next(),
@@ -276,6 +278,7 @@ impl CompressedRing {
                 offset: base + ch.wire.start,
                 len: ch.wire.len(),
             },
+            forward,
         });
     }
 
@@ -329,12 +332,12 @@ impl CompressedRing {
         }
         self.stage = stage;
         if step + 2 < n {
-            self.push(step + 1, &ch, self.rs_base);
+            self.push(step + 1, &ch, self.rs_base, false);
         } else if self.scatter {
             self.store(mem, &ch.elems);
         } else {
             self.store(mem, &ch.elems);
-            self.push(n - 1, &ch, self.ag_base);
+            self.push(n - 1, &ch, self.ag_base, false);
         }
     }
 
@@ -349,7 +352,8 @@ impl CompressedRing {
         self.tally.received += ch.wire.len();
         let t = step - (self.n - 1);
         if t + 2 < self.n {
-            self.push(self.n + t, &ch, self.ag_base);
+            // The wire image is passed on as it landed.
+            self.push(self.n + t, &ch, self.ag_base, true);
         }
     }
 }

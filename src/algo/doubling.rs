@@ -145,6 +145,7 @@ impl RecursiveDoubling {
                 to: Endpoint::Rank(partner),
                 header,
                 region: Region::Acc { offset: 0, len },
+                forward: false,
             });
             self.finished = true;
         }
@@ -213,6 +214,7 @@ impl RecursiveDoubling {
                     to,
                     header,
                     region: Region::Acc { offset: 0, len },
+                    forward: false,
                 });
                 self.step_queued = true;
                 self.step_sent = false;
@@ -244,6 +246,7 @@ impl RecursiveDoubling {
                 to: Endpoint::Rank(partner),
                 header,
                 region: Region::User { offset: 0, len },
+                forward: false,
             });
         }
     }

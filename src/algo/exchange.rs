@@ -200,6 +200,7 @@ impl Exchange {
                         offset: t.bytes.start + offset,
                         len,
                     },
+                    forward: false,
                 });
             };
             if t.bytes.is_empty() {

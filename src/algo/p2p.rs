@@ -130,6 +130,7 @@ impl PointToPoint {
                         offset,
                         len,
                     },
+                    forward: false,
                 });
             };
             if bytes == 0 {

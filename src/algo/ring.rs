@@ -180,6 +180,7 @@ impl RingReduce {
                 to: self.next(),
                 header,
                 region,
+                forward: false,
             });
         }
     }
@@ -231,6 +232,7 @@ impl RingReduce {
                 to: self.next(),
                 header,
                 region,
+                forward: false,
             });
             return Ok(());
         }
@@ -546,6 +548,7 @@ impl GatherPhase {
                 offset: r.start,
                 len: r.len(),
             },
+            forward: t > 0,
         });
     }
 

@@ -220,6 +220,7 @@ impl RelaySchedule {
                 to: Endpoint::Rank(r),
                 header,
                 region: Region::Inline(Vec::new()),
+                forward: false,
             });
         }
     }
@@ -547,6 +548,7 @@ impl Schedule for RelaySchedule {
                 to: Endpoint::Relay(self.relays[lane.target()]),
                 header,
                 region,
+                forward: false,
             });
         }
         None

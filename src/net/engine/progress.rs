@@ -14,7 +14,7 @@ use super::conn::{
 };
 use super::{Command, Completion, RelayLinks, RelayRates, Submission, Transport};
 use crate::algo::{Collective, Endpoint, OpDesc, Schedule, Transmit};
-use crate::buffer::OpMemory;
+use crate::buffer::{OpMemory, Region};
 use crate::error::{Error, ErrorKind, Result};
 use crate::net::conn::{self, FrameIn, FrameOut};
 use crate::net::shm::{self, Segment};
@@ -35,6 +35,18 @@ pub(super) struct RunningOp {
     pub schedule: Box<dyn Schedule>,
     pub mem: OpMemory,
     pub done: Arc<Completion>,
+    /// Payload digests of the frames that landed in place, by region ([`landed_key`]): a
+    /// [`Transmit::forward`] of the same bytes is tagged from its digest, not hashed again.
+    pub landed: HashMap<(u8, usize, usize), [u8; 32]>,
+}
+
+/// The key of a region frames land in place in and are forwarded from.
+fn landed_key(r: &Region) -> Option<(u8, usize, usize)> {
+    match *r {
+        Region::User { offset, len } => Some((0, offset, len)),
+        Region::Acc { offset, len } => Some((1, offset, len)),
+        _ => None,
+    }
 }
 
 pub(super) struct ProgressLoop {
@@ -265,6 +277,7 @@ impl ProgressLoop {
             schedule,
             mem,
             done,
+            landed: HashMap::new(),
         });
         // Relays lost earlier: the schedule routes around them from the start.
         for r in lost {
@@ -345,10 +358,20 @@ impl ProgressLoop {
                     format!("no open connection to {}", t.to)
                 })
             })?;
+        let digest = match (t.forward, &self.current) {
+            (true, Some(op)) => landed_key(&t.region)
+                .and_then(|k| op.landed.get(&k))
+                .copied(),
+            _ => None,
+        };
+        let frame = match digest {
+            Some(d) => FrameOut::with_digest(&t.header, true, d),
+            None => FrameOut::new(&t.header, true),
+        };
         let c = &mut self.conns[i];
         c.queued_bytes += wire_len(t.region.len());
         c.queue.push_back(OutFrame {
-            frame: FrameOut::new(&t.header, true),
+            frame,
             transmit: Some(t),
             owned: Vec::new(),
         });
@@ -550,8 +573,13 @@ impl ProgressLoop {
                 }
                 match sink {
                     Sink::Buffer => self.deliver(i, &h),
-                    Sink::Direct(_) => {
+                    Sink::Direct(region) => {
                         if let Some(op) = self.current.as_mut() {
+                            if let (Some(k), Some(d)) =
+                                (landed_key(&region), frame.payload_digest())
+                            {
+                                op.landed.insert(k, d);
+                            }
                             if let Err(e) = op.schedule.handle_frame_in_place(&mut op.mem, ep, &h) {
                                 self.fail_current(e);
                             }
