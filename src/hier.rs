@@ -6,21 +6,29 @@
 //! * a **local** communicator per host (its ranks in local-rank order), which goes through the
 //!   host's shared-memory segment — or TCP among the host's ranks when that host's `/dev/shm`
 //!   cannot be used (each local communicator decides for itself and logs why);
-//! * a **leaders** communicator of one rank per host (local rank 0, ranks in host order), which
-//!   carries the inter-host traffic over the ring or through the relays, with the job's
-//!   `MR_ALGO`, relays, compression and verification.
+//! * **rails** between hosts, in the manner of NCCL's channels: with R the smallest number of
+//!   ranks on any host, rail i is a communicator of local rank i of every host (ranks in host
+//!   order), for i < R. The rails carry the inter-host traffic over the ring or through the
+//!   relays, with the job's `MR_ALGO`, relays, compression and verification. Rail 0, of the
+//!   hosts' local ranks 0, is the **leaders**' communicator.
 //!
-//! So a host's link carries each byte once per collective whatever its number of ranks: in
-//! relay mode D up and D down, on the ring 2(H−1)/H · D each way.
+//! An all-reduce cuts each piece of the buffer into R shares; after the host has reduced the
+//! piece, local rank i carries share i between hosts on rail i, and then hands its share to
+//! the host. So a host's link carries each byte once per collective whatever its number of
+//! ranks (in relay mode D up and D down, on the ring 2(H−1)/H · D each way), and that traffic
+//! is spread over R of its ranks, their connections and their cores. Broadcast, all-gather
+//! and barrier go between hosts through the leaders alone.
 //!
 //! **Summation order** (all-reduce): inside each host in local-rank order (shared memory
 //! reduces slices over all ranks' data in rank order), then across hosts in the inter-host
-//! path's order (a relay sums hosts in host order; the ring in its chain order). The leader
-//! then broadcasts the bytes it holds, so every rank ends with identical bits. `AVG` sums at
-//! both levels and the leader divides by the world size once, before broadcasting.
+//! path's order (a relay sums hosts in host order; the ring in its chain order). The rank that
+//! carried a share then broadcasts the bytes it holds to its host, so every rank ends with
+//! identical bits. `AVG` sums at both levels and the share's carrier divides by the world size
+//! once, before broadcasting.
 //!
-//! Both sub-communicators are created at init over the parent's authenticated links: each
-//! host's leader mints the local id, rank 0 the leaders' id, and one all-gather hands them out.
+//! The sub-communicators are created at init over the parent's authenticated links: each
+//! host's leader mints the local id, local rank i of host 0 the id of rail i, and one
+//! all-gather hands them out.
 //! Ops run one after another on a worker thread, in the order they were started; each phase is
 //! bounded by `MR_TIMEOUT_MS` in its communicator, and a failure in any phase aborts both
 //! sub-communicators, so every rank of the job errors promptly instead of waiting out the
@@ -93,7 +101,10 @@ struct Levels {
     layout: Layout,
     world: usize,
     local: Option<Comm>,
-    leaders: Option<Comm>,
+    /// This rank's rail between hosts (local ranks below `rails` have one).
+    rail: Option<Comm>,
+    /// Rails between hosts: the smallest number of ranks on any host.
+    rails: usize,
 }
 
 impl Hierarchy {
@@ -103,6 +114,12 @@ impl Hierarchy {
         let layout = parent.layout().clone();
         let (rank, size) = (parent.rank(), parent.size());
         let leader = layout.local_rank() == 0;
+        let rails = (0..layout.hosts())
+            .map(|h| layout.ranks_on(h).len())
+            .min()
+            .unwrap_or(1)
+            .max(1);
+        let on_rail = layout.local_rank() < rails;
         let mut base = parent.config().clone();
         // The sub-communicators' bootstrap listeners must be reachable where this rank is:
         // on the address the parent's ranks already reach it on, unless one was configured.
@@ -125,13 +142,13 @@ impl Hierarchy {
             hierarchy: false,
             ..base
         };
-        // Hand out the ids: each leader of a multi-rank host mints its host's, rank 0 (the
-        // leader of host 0) the leaders'; one all-gather of 2 x 256 bytes per rank.
+        // Hand out the ids: each leader of a multi-rank host mints its host's, local rank i of
+        // host 0 that of rail i; one all-gather of 2 x 256 bytes per rank.
         let mut mine = [0u8; 512];
         if leader && layout.local_size() > 1 {
             mine[..256].copy_from_slice(UniqueId::new(&local_cfg)?.as_bytes());
         }
-        if rank == 0 {
+        if layout.host() == 0 && on_rail {
             mine[256..].copy_from_slice(UniqueId::new(&leaders_cfg)?.as_bytes());
         }
         let mut all = vec![0u8; 512 * size];
@@ -156,9 +173,15 @@ impl Hierarchy {
         } else {
             None
         };
-        let leaders = if leader {
-            let c = Comm::init(layout.hosts(), &id_at(0, 1), layout.host(), leaders_cfg)
-                .map_err(|e| e.context("communicator between hosts"))?;
+        let rail = if on_rail {
+            let minter = layout.ranks_on(0)[layout.local_rank()];
+            let c = Comm::init(
+                layout.hosts(),
+                &id_at(minter, 1),
+                layout.host(),
+                leaders_cfg,
+            )
+            .map_err(|e| e.context(format!("rail {} between hosts", layout.local_rank())))?;
             Some(c)
         } else {
             None
@@ -171,10 +194,9 @@ impl Hierarchy {
                     Some(_) => "TCP",
                     None => "nothing to do",
                 },
-                if leaders.as_ref().is_some_and(|c| !c.relays().is_empty()) {
-                    "relays"
-                } else {
-                    "ring"
+                match &rail {
+                    Some(c) if !c.relays().is_empty() => format!("relays, {rails} rail(s)"),
+                    _ => format!("ring, {rails} rail(s)"),
                 }
             );
         }
@@ -182,7 +204,8 @@ impl Hierarchy {
             layout,
             world: size,
             local,
-            leaders,
+            rail,
+            rails,
         });
         let (tx, rx) = crossbeam_channel::unbounded::<Job>();
         let worker_levels = levels.clone();
@@ -236,7 +259,7 @@ impl Hierarchy {
             .and_then(|l| Arc::try_unwrap(l).ok())
             .ok_or_else(|| Error::internal("hierarchy levels still shared at shutdown"))?;
         let mut first = Ok(());
-        for c in [levels.leaders, levels.local].into_iter().flatten() {
+        for c in [levels.rail, levels.local].into_iter().flatten() {
             let r = c.destroy();
             if first.is_ok() {
                 first = r;
@@ -259,7 +282,7 @@ impl Drop for Hierarchy {
 
 impl Levels {
     fn abort(&self) {
-        for c in [&self.local, &self.leaders].into_iter().flatten() {
+        for c in [&self.local, &self.rail].into_iter().flatten() {
             c.abort();
         }
     }
@@ -356,7 +379,7 @@ fn run_op(lv: &Levels, op: &HierOp) -> Result<()> {
             if let Some(l) = &lv.local {
                 l.barrier()?;
             }
-            if let Some(l) = &lv.leaders {
+            if let Some(l) = lv.leaders() {
                 l.barrier()?;
             }
             if let Some(l) = &lv.local {
@@ -378,6 +401,19 @@ impl Levels {
             "inside host {h} (ranks {:?}; there, rank k is local rank k)",
             self.layout.ranks_on(h)
         )
+    }
+
+    /// The leaders' communicator (rail 0), on the hosts' local ranks 0.
+    fn leaders(&self) -> Option<&Comm> {
+        self.rail.as_ref().filter(|_| self.layout.local_rank() == 0)
+    }
+
+    /// Context for errors of this rank's rail.
+    fn between(&self) -> String {
+        match self.layout.local_rank() {
+            0 => BETWEEN.to_string(),
+            i => format!("between hosts on rail {i} (there, rank k is local rank {i} of host k)"),
+        }
     }
 
     fn layout_rank(&self) -> usize {
@@ -409,14 +445,25 @@ fn pieces(count: usize, size: usize) -> Vec<std::ops::Range<usize>> {
         .collect()
 }
 
-/// Sum (or reduce) inside the host, across hosts between leaders, then hand the leader's bytes
-/// to the host; piece by piece, so that while the leaders exchange piece k the host already
+/// Share `i` of `rails` of the elements `r`: whole compression blocks, the last share takes
+/// what is left (the shares of a short piece may be empty).
+fn share(r: &std::ops::Range<usize>, rails: usize, i: usize) -> std::ops::Range<usize> {
+    let block = crate::compress::INT8_BLOCK;
+    let per = r.len().div_ceil(rails).div_ceil(block) * block;
+    let a = r.start.saturating_add(i.saturating_mul(per)).min(r.end);
+    a..a.saturating_add(per).min(r.end)
+}
+
+/// Sum (or reduce) inside the host, each share across hosts on its rail, then hand the shares
+/// to the host; piece by piece, so that while the rails exchange piece k the host already
 /// reduces piece k+1 and hands out piece k-1.
 ///
 /// Every rank of a host issues the host's ops in one order: reduce 0, reduce 1, hand out 0,
-/// reduce 2, hand out 1, ..., hand out the last. The leader waits for the leaders' exchange of
-/// piece k before it issues "hand out k", which the host's communicator then runs after
-/// "reduce k+1". The result of each piece is what the unpipelined order gives for that piece.
+/// reduce 2, hand out 1, ..., hand out the last, where "hand out k" is each rail's word (ok or
+/// its error), then each rail's share of piece k, broadcast from the local rank that carried
+/// it. A rank issues "hand out k" once its own rail's exchange of piece k ended; the host's
+/// communicator runs it after "reduce k+1". The result of each piece is what the unpipelined
+/// order gives for that piece.
 fn allreduce(
     lv: &Levels,
     data: &mut [u8],
@@ -425,7 +472,7 @@ fn allreduce(
     op: ReduceOp,
     compress: crate::compress::Compression,
 ) -> Result<()> {
-    let mut pending: Vec<(Request, Option<usize>)> = Vec::new();
+    let mut pending: Vec<(Request, Option<(usize, usize)>)> = Vec::new();
     // Boxed: requests write into them while the Vec grows.
     #[allow(clippy::vec_box)]
     let mut statuses: Vec<Box<[u8; STATUS_LEN]>> = Vec::new();
@@ -467,17 +514,19 @@ fn encode_status(r: &Result<()>) -> Box<[u8; STATUS_LEN]> {
     s
 }
 
-fn decode_status(s: &[u8; STATUS_LEN]) -> Result<()> {
+/// The word of the rail carried by local rank `from`.
+fn decode_status(s: &[u8; STATUS_LEN], from: usize) -> Result<()> {
     if s[0] == 0 {
         return Ok(());
     }
     let n = usize::from(u16::from_le_bytes([s[1], s[2]])).min(STATUS_LEN - 3);
+    let who = match from {
+        0 => "the host's leader".to_string(),
+        i => format!("local rank {i} (rail {i} between hosts)"),
+    };
     Err(Error::new(
         ErrorKind::from_u8(s[0] - 1),
-        format!(
-            "the host's leader failed: {}",
-            String::from_utf8_lossy(&s[3..3 + n])
-        ),
+        format!("{who} failed: {}", String::from_utf8_lossy(&s[3..3 + n])),
     ))
 }
 
@@ -490,7 +539,7 @@ fn allreduce_pieces(
     dtype: DType,
     op: ReduceOp,
     compress: crate::compress::Compression,
-    pending: &mut Vec<(Request, Option<usize>)>,
+    pending: &mut Vec<(Request, Option<(usize, usize)>)>,
     statuses: &mut Vec<Box<[u8; STATUS_LEN]>>,
 ) -> Result<()> {
     let level_op = if op == ReduceOp::Avg {
@@ -500,13 +549,16 @@ fn allreduce_pieces(
     };
     let size = dtype.size();
     let ranges = pieces(count, size);
+    let rails = lv.rails;
+    let me = lv.layout.local_rank();
     let base = data.as_mut_ptr();
     // SAFETY (for every `at`): the ranges lie inside `data`, which outlives every request
-    // (the caller waits for all of them); pieces do not overlap, and each piece is used by one
-    // op at a time (reduce k, then between hosts k, then hand out k, each waited for before
-    // the next is issued on that piece).
+    // (the caller waits for all of them); pieces do not overlap, nor do the shares of a
+    // piece, and each piece is used by one op at a time (reduce k, then the rails' exchanges of
+    // its disjoint shares, then hand out k, each waited for before the next is issued on that
+    // piece).
     let at = |r: &std::ops::Range<usize>| unsafe { base.add(r.start * size) };
-    let reduce = |k: usize, pending: &mut Vec<(Request, Option<usize>)>| -> Result<()> {
+    let reduce = |k: usize, pending: &mut Vec<(Request, Option<(usize, usize)>)>| -> Result<()> {
         if let Some(l) = &lv.local {
             let r = &ranges[k];
             // SAFETY: see `at`.
@@ -517,58 +569,68 @@ fn allreduce_pieces(
         }
         Ok(())
     };
-    // The leader's word (ok or its error), then piece k, to the host.
+    // Each rail's word (this rank's own is `word`), then each rail's share of piece k, from
+    // the local rank that carried it.
     let hand_out = |k: usize,
                     word: Box<[u8; STATUS_LEN]>,
-                    pending: &mut Vec<(Request, Option<usize>)>,
+                    pending: &mut Vec<(Request, Option<(usize, usize)>)>,
                     statuses: &mut Vec<Box<[u8; STATUS_LEN]>>|
      -> Result<()> {
         if let Some(l) = &lv.local {
-            statuses.push(word);
-            let i = statuses.len() - 1;
-            let p = statuses[i].as_mut_ptr();
-            // SAFETY: the box's heap bytes stay put while `statuses` grows and live until the
-            // caller has waited for every request.
-            pending.push((
-                unsafe { l.ibroadcast_raw(p, STATUS_LEN, DType::U8, 0)? },
-                Some(i),
-            ));
-            let r = &ranges[k];
-            // SAFETY: see `at`.
-            pending.push((unsafe { l.ibroadcast_raw(at(r), r.len(), dtype, 0)? }, None));
+            for i in 0..rails {
+                statuses.push(if i == me {
+                    word.clone()
+                } else {
+                    Box::new([0u8; STATUS_LEN])
+                });
+                let at_word = statuses.len() - 1;
+                let p = statuses[at_word].as_mut_ptr();
+                // SAFETY: the box's heap bytes stay put while `statuses` grows and live until
+                // the caller has waited for every request.
+                pending.push((
+                    unsafe { l.ibroadcast_raw(p, STATUS_LEN, DType::U8, i)? },
+                    Some((at_word, i)),
+                ));
+            }
+            for i in 0..rails {
+                let r = share(&ranges[k], rails, i);
+                // SAFETY: see `at`.
+                pending.push((
+                    unsafe { l.ibroadcast_raw(at(&r), r.len(), dtype, i)? },
+                    None,
+                ));
+            }
         }
         Ok(())
     };
     // Local requests finish in issue order; wait for the oldest ones as needed. A word from
-    // the leader that says it failed ends the op here with its error.
-    let wait_local = |pending: &mut Vec<(Request, Option<usize>)>,
+    // a rail that says it failed ends the op here with its error.
+    let wait_local = |pending: &mut Vec<(Request, Option<(usize, usize)>)>,
                       statuses: &Vec<Box<[u8; STATUS_LEN]>>,
                       keep: usize|
      -> Result<()> {
         while pending.len() > keep {
             let (q, word) = pending.remove(0);
             q.wait().map_err(|e| e.context(lv.inside()))?;
-            if let Some(i) = word {
-                decode_status(&statuses[i]).map_err(|e| e.context(lv.inside()))?;
+            if let Some((i, from)) = word {
+                decode_status(&statuses[i], from).map_err(|e| e.context(lv.inside()))?;
             }
         }
         Ok(())
     };
     reduce(0, pending)?;
     for k in 0..ranges.len() {
-        // Wait until piece k is reduced on this host and the leader's word on piece k-1 is
-        // in (so no rank issues more than the leader did when it fails); "hand out k-1" stays
-        // in flight beside the leaders' exchange of piece k.
-        let keep = usize::from(k > 0);
+        // Wait until piece k is reduced on this host and every rail's word on piece k-1 is
+        // in (so no rank issues more than a failed rail's carrier did); the shares of "hand
+        // out k-1" stay in flight beside the rails' exchanges of piece k.
+        let keep = if k > 0 { rails } else { 0 };
         wait_local(pending, statuses, keep)?;
-        let between = match &lv.leaders {
-            Some(l) => {
-                let r = &ranges[k];
-                // SAFETY: see `at`.
-                Some(unsafe {
-                    l.iallreduce_compressed_raw(at(r), r.len(), dtype, level_op, compress)?
-                })
-            }
+        let mine = share(&ranges[k], rails, me);
+        let between = match &lv.rail {
+            // SAFETY: see `at`.
+            Some(l) => Some(unsafe {
+                l.iallreduce_compressed_raw(at(&mine), mine.len(), dtype, level_op, compress)?
+            }),
             None => None,
         };
         if k + 1 < ranges.len() {
@@ -576,11 +638,11 @@ fn allreduce_pieces(
         }
         let word = match between {
             Some(b) => {
-                let got = b.wait().map_err(|e| e.context(BETWEEN));
+                let got = b.wait().map_err(|e| e.context(lv.between()));
                 if got.is_ok() && op == ReduceOp::Avg {
-                    let r = &ranges[k];
-                    // SAFETY: see `at`; piece k is in no request now.
-                    let piece = unsafe { std::slice::from_raw_parts_mut(at(r), r.len() * size) };
+                    // SAFETY: see `at`; this share is in no request now.
+                    let piece =
+                        unsafe { std::slice::from_raw_parts_mut(at(&mine), mine.len() * size) };
                     reduce::divide(dtype, piece, lv.world);
                 }
                 if let Err(e) = got {
@@ -594,8 +656,8 @@ fn allreduce_pieces(
             None => encode_status(&Ok(())),
         };
         hand_out(k, word, pending, statuses)?;
-        // In flight now: "reduce k+1", the word and "hand out k"; "hand out k-1" is done.
-        wait_local(pending, statuses, 3)?;
+        // In flight now: "reduce k+1" and "hand out k"; "hand out k-1" is done.
+        wait_local(pending, statuses, 1 + 2 * rails)?;
     }
     wait_local(pending, statuses, 0)
 }
@@ -619,7 +681,7 @@ fn broadcast(lv: &Levels, data: &mut [u8], count: usize, dtype: DType, root: usi
                 .map_err(|e| e.context(lv.inside()))?;
         }
     }
-    if let Some(l) = &lv.leaders {
+    if let Some(l) = lv.leaders() {
         // SAFETY: as above.
         unsafe { l.ibroadcast_raw(data.as_mut_ptr(), count, dtype, root_host)? }
             .wait()
@@ -654,7 +716,7 @@ fn allgather(lv: &Levels, input: &[u8], out: &mut [u8]) -> Result<()> {
             .map_err(|e| e.context(lv.inside()))?,
         None => host_block[..b].copy_from_slice(input),
     }
-    if let Some(l) = &lv.leaders {
+    if let Some(l) = lv.leaders() {
         l.allgather(&host_block, &mut everything)
             .map_err(|e| e.context(BETWEEN))?;
     }
@@ -692,6 +754,28 @@ mod tests {
         let odd = pieces(3 * (4 << 20) / 8 + 77, 8);
         assert_eq!(odd.len(), 3);
         assert_eq!(odd.last().unwrap().end, 3 * (4 << 20) / 8 + 77);
+    }
+
+    #[test]
+    fn shares_tile_a_piece_in_whole_blocks() {
+        let block = crate::compress::INT8_BLOCK;
+        for (r, rails) in [
+            (0..0, 2),
+            (0..1, 2),
+            (5..5 + 3 * block + 7, 2),
+            (1000..1000 + 10 * block, 3),
+            (0..(64 << 20) / 4, 4),
+        ] {
+            let shares: Vec<_> = (0..rails).map(|i| share(&r, rails, i)).collect();
+            assert_eq!(shares[0].start, r.start);
+            assert_eq!(shares[rails - 1].end, r.end, "{r:?} / {rails}");
+            for w in shares.windows(2) {
+                assert_eq!(w[0].end, w[1].start);
+                assert!(w[0].is_empty() || w[0].len() % block == 0 || w[1].is_empty());
+            }
+        }
+        // Two rails of a two-block piece: one block each.
+        assert_eq!(share(&(0..2 * block), 2, 1), block..2 * block);
     }
 
     #[test]
