@@ -299,7 +299,8 @@ struct OpLedger {
     /// How the relay reduced the op; `None` once its frames described it in different ways
     /// (the op failed at the relay, and its entries were dropped).
     reduction: Option<Reduction>,
-    entries: Vec<Entry>,
+    /// (kind, rank, byte offset) -> (bytes, digest): one entry per chunk, the first recorded.
+    entries: BTreeMap<(Kind, u32, u64), (u32, [u8; 32])>,
 }
 
 /// The entries one job's ops left on the relay.
@@ -307,17 +308,27 @@ struct OpLedger {
 pub struct Ledger {
     ops: BTreeMap<u64, OpLedger>,
     entries: usize,
+    /// Ops below this seq were forgotten and are not recorded again.
+    floor: u64,
 }
 
 impl Ledger {
-    /// Record `entry` of op `seq`, which the relay reduced as `reduction`. The first entry of an
-    /// op sets its reduction; an entry that says otherwise (frames of one op describing it in
-    /// different ways, which fails the op) drops the op's entries, so that the relay never
-    /// signs entries under a reduction it did not use for them.
+    /// Record `entry` of op `seq`, which the relay reduced as `reduction`.
+    ///
+    /// What the relay signs for one op never contradicts itself, whatever the ranks send:
+    /// * the first entry of an op sets its reduction; an entry that says otherwise (frames of
+    ///   one op describing it in different ways, which fails the op) drops the op's entries;
+    /// * a chunk keeps its first entry (a rank sending a chunk again gets nothing signed);
+    /// * an op once forgotten (the oldest go first when the job holds [`MAX_OPS`] ops or
+    ///   [`MAX_ENTRIES`] entries) is not recorded again, and an op that alone holds
+    ///   [`MAX_ENTRIES`] entries keeps its first ones.
     pub fn note(&mut self, seq: u64, reduction: Reduction, entry: Entry) {
+        if seq < self.floor {
+            return;
+        }
         let op = self.ops.entry(seq).or_insert_with(|| OpLedger {
             reduction: Some(reduction),
-            entries: Vec::new(),
+            entries: BTreeMap::new(),
         });
         if op.reduction != Some(reduction) {
             if let Some(was) = op.reduction {
@@ -326,18 +337,33 @@ impl Ledger {
                 );
             }
             self.entries -= op.entries.len();
-            op.entries = Vec::new();
+            op.entries = BTreeMap::new();
             op.reduction = None;
             return;
         }
-        op.entries.push(entry);
-        self.entries += 1;
-        while self.ops.len() > MAX_OPS || self.entries > MAX_ENTRIES {
-            let Some((_, old)) = self.ops.pop_first() else {
-                break;
-            };
-            self.entries -= old.entries.len();
+        let key = (entry.kind, entry.rank, entry.offset);
+        if op.entries.contains_key(&key) {
+            return;
         }
+        loop {
+            let over_ops = self.ops.len() > MAX_OPS;
+            if !over_ops && self.entries < MAX_ENTRIES {
+                break;
+            }
+            let oldest = *self.ops.keys().next().expect("an op");
+            if oldest == seq && !over_ops {
+                return;
+            }
+            let old = self.ops.remove(&oldest).expect("the oldest op");
+            self.entries -= old.entries.len();
+            self.floor = self.floor.max(oldest + 1);
+            if oldest == seq {
+                return;
+            }
+        }
+        let op = self.ops.get_mut(&seq).expect("this op");
+        op.entries.insert(key, (entry.len, entry.digest));
+        self.entries += 1;
     }
 
     /// The entries of op `seq` covering any of `positions` (bytes), with its reduction.
@@ -353,9 +379,15 @@ impl Ledger {
         let entries = op
             .entries
             .iter()
+            .map(|(&(kind, rank, offset), &(len, digest))| Entry {
+                kind,
+                rank,
+                offset,
+                len,
+                digest,
+            })
             .filter(|e| positions.iter().any(|&p| e.covers(p)))
             .take(MAX_ANSWER_ENTRIES)
-            .copied()
             .collect();
         Receipt {
             job,
@@ -429,6 +461,65 @@ mod tests {
         let r = l.receipt([7; 16], 1, &[0]);
         assert!(r.reduction.is_none() && r.entries.is_empty(), "{r:?}");
         assert_eq!(l.entries, 2);
+    }
+
+    /// A rank may send a chunk again once its sum is done (the relay then starts a new sum of
+    /// it that never completes): the relay signs only the first bytes it received there, or
+    /// the validator would read two signed digests for one chunk as the relay's equivocation.
+    #[test]
+    fn a_chunk_received_again_is_signed_once() {
+        let mut l = Ledger::default();
+        note(&mut l, 1, Kind::Input, 0, 0, &[1; 8]);
+        note(&mut l, 1, Kind::Input, 1, 0, &[2; 8]);
+        note(&mut l, 1, Kind::Result, 0, 0, &[3; 8]);
+        note(&mut l, 1, Kind::Input, 0, 0, &[9; 8]);
+        let r = l.receipt([7; 16], 1, &[0]);
+        let mine: Vec<&Entry> = r
+            .entries
+            .iter()
+            .filter(|e| (e.kind, e.rank) == (Kind::Input, 0))
+            .collect();
+        assert_eq!(mine.len(), 1, "{r:?}");
+        assert_eq!(mine[0].digest, *blake3::hash(&[1; 8]).as_bytes());
+        assert_eq!(l.entries, 3);
+    }
+
+    /// An op the ledger forgot is never recorded again: a receipt signed before it was
+    /// forgotten and one signed after could otherwise hold different digests for one chunk.
+    #[test]
+    fn a_forgotten_op_is_not_recorded_again() {
+        // Op 0 fills the ledger; op 1 pushes it out.
+        let mut l = Ledger::default();
+        for i in 0..MAX_ENTRIES as u64 {
+            note(&mut l, 0, Kind::Input, 0, i * 8, &[1; 8]);
+        }
+        assert_eq!(l.receipt([7; 16], 0, &[0]).entries.len(), 1);
+        note(&mut l, 1, Kind::Input, 0, 0, &[0; 8]);
+        assert!(l.receipt([7; 16], 0, &[0]).entries.is_empty());
+        note(&mut l, 0, Kind::Input, 0, 0, &[2; 8]);
+        assert!(l.receipt([7; 16], 0, &[0]).entries.is_empty());
+        assert_eq!(l.receipt([7; 16], 1, &[0]).entries.len(), 1);
+        // The same when the number of ops pushes it out.
+        let mut l = Ledger::default();
+        note(&mut l, 0, Kind::Input, 0, 0, &[1; 8]);
+        for seq in 1..=MAX_OPS as u64 {
+            note(&mut l, seq, Kind::Input, 0, 0, &[0; 8]);
+        }
+        note(&mut l, 0, Kind::Input, 0, 0, &[2; 8]);
+        assert!(l.receipt([7; 16], 0, &[0]).entries.is_empty());
+        assert_eq!(l.ops.len(), MAX_OPS);
+        // One op of more chunks than the ledger holds keeps its first ones, and the ledger
+        // stays bounded.
+        let mut l = Ledger::default();
+        for i in 0..MAX_ENTRIES as u64 + 10 {
+            note(&mut l, 5, Kind::Input, 0, i * 8, &[1; 8]);
+        }
+        assert_eq!(l.entries, MAX_ENTRIES);
+        assert_eq!(l.receipt([7; 16], 5, &[0]).entries.len(), 1);
+        assert!(l
+            .receipt([7; 16], 5, &[MAX_ENTRIES as u64 * 8 + 8])
+            .entries
+            .is_empty());
     }
 
     /// A receipt is read field by field, trusting none: truncations, unknown values, ranks
