@@ -1,14 +1,20 @@
 //! Judging a reported op on signed evidence (no I/O). Every rank of a job reports, per relay,
 //! the relay's signed receipt (digests of the input chunks it received from each rank and of the
 //! result chunks it sent to each rank, see [`crate::relay::receipts`]) and its own chunk bytes.
+//! Each receipt also signs how the relay reduced the op (element type, reduction, wire format,
+//! ranks folded: [`Reduction`]); the validator recomputes with that, never with how the job's
+//! reports describe the op, which every rank of a lying job can misstate alike.
 //! From these the validator
 //! * convicts a relay only on its own signatures: it signed two different digests for one
-//!   chunk, signed that it sent different results for one chunk to different ranks, or signed
-//!   inputs whose rank-ordered reduction differs from the result it signed for;
+//!   chunk or two different reductions for one op, signed that it sent different results for
+//!   one chunk to different ranks, or signed inputs whose rank-ordered reduction, as it signed
+//!   that it reduced them, differs from the result it signed for;
 //! * blames a report that does not check out against the relay's signatures (a receipt the
-//!   relay did not sign, chunk bytes that do not hash to what the relay signed for) on the
-//!   rank that sent it, never on the relay;
-//! * credits a relay when at least one chunk was recomputed and matched.
+//!   relay did not sign, chunk bytes that do not hash to what the relay signed for, a
+//!   description of the op other than the relay's signed reduction) on the rank that sent it,
+//!   never on the relay;
+//! * credits a relay when at least one chunk was recomputed and matched and the reports
+//!   describe the op as the relay signed it.
 //!
 //! Chunks of a compressed op are the encoded bytes on the wire: each rank's input chunk is
 //! decoded, the chunks are folded in rank order in f32 and the result encoded once
@@ -202,22 +208,9 @@ pub fn judge(
                 .push((k, "the relay's receipts hold no entry of the op".into()));
             continue;
         };
-        // The job's reports describe the op otherwise than the relay signed that it reduced
-        // it: the reports are not true to what the relay did (or the relay signed something
-        // it did not do, which only its own signatures can show, below).
+        // Whether the job's reports describe the op as the relay signed that it reduced it.
         let as_reported = describes(first) == (red.dtype as u32, red.op as u32, red.wire as u32)
             && red.world as usize == world;
-        if !as_reported && !misdescribed {
-            misdescribed = true;
-            j.false_reports.push((
-                0,
-                format!(
-                    "op seq {seq}: every rank describes the op as (dtype {}, op {}, wire format {}) \
-                     of {world} ranks, but relay {k} signed that it reduced it as {red}",
-                    first.dtype, first.op, first.compress
-                ),
-            ));
-        }
         let dtype = red.dtype;
         let op = red.op;
         let ranks = red.world;
@@ -280,10 +273,28 @@ pub fn judge(
         }
         match conviction {
             Some(e) => j.convicted.push((k, e)),
-            None if !as_reported => j.unaccountable.push((
-                k,
-                format!("the job's reports do not describe the op as the relay signed it ({red})"),
-            )),
+            None if !as_reported => {
+                // The relay's own account holds together, and the reports describe another
+                // op: they are not true to what the relay did.
+                if !misdescribed {
+                    misdescribed = true;
+                    j.false_reports.push((
+                        0,
+                        format!(
+                            "op seq {seq}: every rank describes the op as (dtype {}, op {}, wire \
+                             format {}) of {world} ranks, but relay {k} signed that it reduced it \
+                             as {red}",
+                            first.dtype, first.op, first.compress
+                        ),
+                    ));
+                }
+                j.unaccountable.push((
+                    k,
+                    format!(
+                        "the job's reports do not describe the op as the relay signed it ({red})"
+                    ),
+                ))
+            }
             None if matched > 0 => j.verified.push(k),
             None => j
                 .unaccountable
@@ -537,6 +548,8 @@ mod tests {
         let j = judge(&[1; 16], &r, &key);
         assert_eq!(j.convicted.len(), 1, "{j:?}");
         assert!(j.verified.is_empty(), "{j:?}");
+        // The relay's own signatures explain the difference: the reports are not blamed.
+        assert!(j.false_reports.is_empty(), "{j:?}");
         // Honest under its own signature: the maximum it signed for checks out.
         let top = f32s(&[3.0, 4.0]);
         let j = judge(
