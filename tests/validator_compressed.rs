@@ -58,13 +58,13 @@ fn judged_with(
         assert!(res.iter().all(|o| o.is_ok()), "rank {r}: {res:?}");
     }
     // Reports arrive in the background: wait until the counts (and the client's flags)
-    // stop moving.
+    // stop moving, or for 5 s when nothing moves at all.
     let mut last = (u64::MAX, u64::MAX, usize::MAX);
-    for _ in 0..100 {
+    for poll in 0..100 {
         std::thread::sleep(std::time::Duration::from_millis(300));
         let s = &status(&v)[0].score;
         let now = (s.verified_ops, s.failed_ops, v.count_log("flagged"));
-        if now == last && now != (0, 0, 0) {
+        if now == last && (now != (0, 0, 0) || poll >= 16) {
             break;
         }
         last = now;
@@ -137,5 +137,29 @@ fn ranks_misdescribing_their_ops_alike_never_convict_an_honest_relay() {
                 .all(|l| l.contains("signed that it reduced it as float32 sum of 2 ranks")),
             "{name}: {flags:#?}"
         );
+    }
+}
+
+/// A relay whose receipts sign another reduction than the one it ran (a max for the sum it
+/// computed honestly): the peers do not report receipts that contradict the op they ran (they
+/// would count against them) and log them, so no client is flagged and the relay earns no
+/// verified op. (The validator would convict such a receipt on the relay's own signatures;
+/// honest peers cannot tell it from a relay that took the maximum and said so.)
+#[test]
+fn a_relay_signing_another_reduction_earns_nothing_and_flags_no_client() {
+    for z in [Compression::None, Compression::Int8] {
+        let (verified, failed, flags) = judged_with(
+            &format!("misdescribing-relay-{z}"),
+            z,
+            &[("MR_RELAY_TEST_MISDESCRIBE", "1")],
+            &[],
+            4,
+        );
+        assert_eq!(
+            verified, 0,
+            "{z}: credited for receipts that misstate the op"
+        );
+        assert!(flags.is_empty(), "{z}: a client was flagged: {flags:#?}");
+        println!("{z}: relay convicted on {failed} ops");
     }
 }

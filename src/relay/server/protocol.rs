@@ -262,12 +262,12 @@ impl Relay {
         let world = j.hello.world;
         // How this relay reduces the op, as its receipts sign it: what the checked header says
         // (every frame of an op must say the same, or the op fails) and the job's world.
-        let reduction = Reduction {
+        let reduction = self.test_faults.signed(Reduction {
             dtype: f.dtype,
             op: f.op,
             wire: f.compress,
             world: world as u32,
-        };
+        });
         if !matches!(f.coll, Collective::Broadcast) {
             if let Some(g) = self.config.grants.as_ref().filter(|g| g.keeps_receipts()) {
                 // The tag check hashed the payload as it arrived: the receipt reuses it.
