@@ -146,8 +146,8 @@ impl Receipt {
     }
 
     /// Parse a signed receipt. Every field is checked: a known format, element type, reduction
-    /// and wire format, a world of 1..=[`crate::relay::MAX_WORLD`] ranks with every entry's rank inside it,
-    /// entries only with a reduction, and no bytes after the last entry.
+    /// and wire format, a world of 1..=[`crate::relay::MAX_WORLD`] ranks with every entry's
+    /// rank inside it, entries only with a reduction, and no bytes after the last entry.
     pub fn decode(msg: &[u8]) -> Result<Receipt> {
         let mut r = BodyReader::new(msg, "relay receipt");
         let format = r.bytes()?;
@@ -156,7 +156,7 @@ impl Receipt {
                 if format.starts_with(b"mapreduce relay receipt") {
                     format!(
                         "a relay receipt in format \"{}\" (this build reads \"{}\")",
-                        String::from_utf8_lossy(format),
+                        String::from_utf8_lossy(&format[..format.len().min(40)]),
                         String::from_utf8_lossy(RECEIPT_FORMAT)
                     )
                 } else {
