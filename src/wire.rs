@@ -504,6 +504,10 @@ impl<'a> BodyReader<'a> {
         let n = self.u32()? as usize;
         self.take(n)
     }
+    /// Bytes not read yet.
+    pub fn remaining(&self) -> usize {
+        self.buf.len()
+    }
     pub fn string(&mut self) -> Result<String> {
         let b = self.bytes()?;
         String::from_utf8(b.to_vec())

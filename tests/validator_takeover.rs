@@ -227,7 +227,7 @@ fn an_unauthenticated_client_cannot_take_the_validator_over() {
 /// different bytes to different ranks. The relay keeps its record; the client is flagged.
 #[test]
 fn fabricated_reports_from_an_admitted_client_count_against_the_client() {
-    use mapreduce::relay::receipts::{Entry, Kind, Receipt};
+    use mapreduce::relay::receipts::{Entry, Kind, Receipt, Reduction};
     use mapreduce::validator::proto::{ChunkBytes, RelayEvidence};
     let dir = tmpdir("fabricated");
     let v = validator(
@@ -283,6 +283,12 @@ fn fabricated_reports_from_an_admitted_client_count_against_the_client() {
     let receipt = Receipt {
         job,
         seq: 1,
+        reduction: Some(Reduction {
+            dtype: mapreduce::DType::F32,
+            op: mapreduce::ReduceOp::Sum,
+            wire: mapreduce::compress::Compression::None,
+            world: 2,
+        }),
         entries: vec![
             entry(Kind::Input, 0, &one),
             entry(Kind::Input, 1, &one),

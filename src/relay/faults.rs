@@ -4,10 +4,14 @@
 //! * `MR_RELAY_TEST_CORRUPT=f` perturbs every element of a fraction `f` of result chunks;
 //! * `MR_RELAY_TEST_EQUIVOCATE=f` sends other bytes to every rank but 0 for a fraction `f` of
 //!   chunks;
-//! * `MR_RELAY_TEST_DELAY_US=n` sleeps `n` µs on every data frame, making a slow relay.
+//! * `MR_RELAY_TEST_DELAY_US=n` sleeps `n` µs on every data frame, making a slow relay;
+//! * `MR_RELAY_TEST_MISDESCRIBE=1` signs receipts with another reduction than the one the relay
+//!   ran (a max for a sum, a sum for anything else), its results staying honest.
 
 use crate::buffer::Scratch;
 use crate::error::Result;
+use crate::relay::receipts::Reduction;
+use crate::types::ReduceOp;
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -17,6 +21,7 @@ pub(crate) struct TestFaults {
     corrupt: f64,
     equivocate: f64,
     delay: Duration,
+    misdescribe: bool,
     rng: u64,
 }
 
@@ -29,6 +34,10 @@ impl TestFaults {
             t.corrupt = f("MR_RELAY_TEST_CORRUPT").unwrap_or(0.0);
             t.equivocate = f("MR_RELAY_TEST_EQUIVOCATE").unwrap_or(0.0);
             t.delay = Duration::from_micros(f("MR_RELAY_TEST_DELAY_US").unwrap_or(0.0) as u64);
+            t.misdescribe = f("MR_RELAY_TEST_MISDESCRIBE").is_some_and(|v| v != 0.0);
+            if t.misdescribe {
+                log::warn!("test faults enabled: receipts sign another reduction than ran");
+            }
             if !t.delay.is_zero() {
                 log::warn!("test faults enabled: {:?} delay per data frame", t.delay);
             }
@@ -56,6 +65,18 @@ impl TestFaults {
         if !self.delay.is_zero() {
             std::thread::sleep(self.delay);
         }
+    }
+
+    /// The reduction the relay's receipts sign for an op it reduced as `ran`.
+    pub(crate) fn signed(&self, ran: Reduction) -> Reduction {
+        if !self.misdescribe {
+            return ran;
+        }
+        let op = match ran.op {
+            ReduceOp::Sum => ReduceOp::Max,
+            _ => ReduceOp::Sum,
+        };
+        Reduction { op, ..ran }
     }
 
     /// The result of a chunk as it goes to rank 0: `result`, or for a fraction `corrupt` of

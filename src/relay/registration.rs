@@ -6,7 +6,7 @@
 //! on either side heal.
 
 use crate::error::{Error, Result};
-use crate::relay::receipts::{Kind, Ledger, Receipt, MAX_LEDGERS};
+use crate::relay::receipts::{Entry, Ledger, Receipt, Reduction, MAX_LEDGERS};
 use crate::validator::channel::{self, ChannelWriter, Credential};
 use crate::validator::identity::Identity;
 use crate::validator::proto::{Intro, RelayMsg};
@@ -124,18 +124,9 @@ impl Grants {
         self.identity.is_some()
     }
 
-    /// Record a chunk of op `seq` of `job` (see [`Ledger::note_digest`]).
-    #[allow(clippy::too_many_arguments)]
-    pub fn note(
-        &self,
-        job: &[u8; 16],
-        seq: u64,
-        kind: Kind,
-        rank: usize,
-        offset: u64,
-        len: usize,
-        digest: [u8; 32],
-    ) {
+    /// Record a chunk of op `seq` of `job`, which the relay reduced as `reduction` (see
+    /// [`Ledger::note`]).
+    pub fn note(&self, job: &[u8; 16], seq: u64, reduction: Reduction, entry: Entry) {
         if !self.keeps_receipts() {
             return;
         }
@@ -149,7 +140,7 @@ impl Grants {
         }
         let (ledger, used) = l.by_job.entry(*job).or_default();
         *used = clock;
-        ledger.note_digest(seq, kind, rank, offset, len, digest);
+        ledger.note(seq, reduction, entry);
     }
 
     /// The signed receipt of op `seq` of `job` covering byte `positions`: public key (32),
@@ -163,6 +154,7 @@ impl Grants {
                 None => Receipt {
                     job: *job,
                     seq,
+                    reduction: None,
                     entries: Vec::new(),
                 },
             }

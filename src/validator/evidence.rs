@@ -1,20 +1,27 @@
 //! Judging a reported op on signed evidence (no I/O). Every rank of a job reports, per relay,
 //! the relay's signed receipt (digests of the input chunks it received from each rank and of the
 //! result chunks it sent to each rank, see [`crate::relay::receipts`]) and its own chunk bytes.
+//! Each receipt also signs how the relay reduced the op (element type, reduction, wire format,
+//! ranks folded: [`Reduction`]); the validator recomputes with that, never with how the job's
+//! reports describe the op, which every rank of a lying job can misstate alike.
 //! From these the validator
 //! * convicts a relay only on its own signatures: it signed two different digests for one
-//!   chunk, signed that it sent different results for one chunk to different ranks, or signed
-//!   inputs whose rank-ordered reduction differs from the result it signed for;
+//!   chunk or two different reductions for one op, signed that it sent different results for
+//!   one chunk to different ranks, or signed inputs whose rank-ordered reduction, as it signed
+//!   that it reduced them, differs from the result it signed for;
 //! * blames a report that does not check out against the relay's signatures (a receipt the
-//!   relay did not sign, chunk bytes that do not hash to what the relay signed for) on the
-//!   rank that sent it, never on the relay;
-//! * credits a relay when at least one chunk was recomputed and matched.
+//!   relay did not sign, chunk bytes that do not hash to what the relay signed for, a
+//!   description of the op other than the relay's signed reduction) on the rank that sent it,
+//!   never on the relay;
+//! * credits a relay when at least one chunk was recomputed and matched and the reports
+//!   describe the op as the relay signed it.
 //!
 //! Chunks of a compressed op are the encoded bytes on the wire: each rank's input chunk is
 //! decoded, the chunks are folded in rank order in f32 and the result encoded once
 //! ([`crate::compress::reduce_encoded`]), exactly as the relay must have done.
 
-use crate::relay::receipts::{Kind, Receipt};
+use crate::compress::Compression;
+use crate::relay::receipts::{Kind, Receipt, Reduction};
 use crate::types::{DType, ReduceOp};
 use crate::validator::identity;
 use crate::validator::proto::RelayEvidence;
@@ -67,14 +74,10 @@ pub fn judge(
     let Some((first, _)) = reports.first() else {
         return j;
     };
-    let (Ok(dtype), Ok(op)) = (DType::from_raw(first.dtype), ReduceOp::from_raw(first.op)) else {
-        return j;
-    };
     let world = reports.len();
     let seq = first.seq;
-    // The element type, reduction and wire format come from the ranks, not the relay's
-    // signature: a relay is judged only when every rank describes the op alike, so one rank
-    // cannot get an honest relay convicted by misdescribing the op.
+    // How the job describes the op. Each relay is judged on how it signed that it reduced the
+    // op, never on this; the description only tells whether the reports are true.
     let describes = |r: &OpRecord| (r.dtype, r.op, r.compress);
     if let Some(rank) = reports
         .iter()
@@ -95,15 +98,11 @@ pub fn judge(
         ));
         return j;
     }
-    let Some(z) = u8::try_from(first.compress)
-        .ok()
-        .and_then(crate::compress::Compression::from_u8)
-    else {
-        return j;
-    };
+    let mut misdescribed = false;
     for (k, key) in relay_keys.iter().enumerate() {
         // What the relay signed, merged over every rank's copy.
         let mut signed: BTreeMap<Key, (u32, [u8; 32])> = BTreeMap::new();
+        let mut reduction: Option<Reduction> = None;
         let mut receipts = 0;
         let mut conviction: Option<String> = None;
         let mut bytes: BTreeMap<Key, Vec<u8>> = BTreeMap::new();
@@ -128,7 +127,7 @@ pub fn judge(
             }
             let receipt = match Receipt::decode(msg) {
                 Ok(r) if &r.job == job && r.seq == seq => r,
-                _ => {
+                Ok(_) => {
                     j.false_reports.push((
                         rank,
                         format!(
@@ -137,8 +136,26 @@ pub fn judge(
                     ));
                     continue;
                 }
+                Err(e) => {
+                    j.false_reports.push((
+                        rank,
+                        format!("relay {k}: a receipt this validator cannot read: {e}"),
+                    ));
+                    continue;
+                }
             };
             receipts += 1;
+            match (reduction, receipt.reduction) {
+                (None, r) => reduction = r,
+                (Some(a), Some(b)) if a != b => {
+                    conviction.get_or_insert_with(|| {
+                        format!(
+                            "op seq {seq}: relay signed that it reduced the op as {a} and as {b}"
+                        )
+                    });
+                }
+                _ => {}
+            }
             for e in &receipt.entries {
                 let key = (e.kind, e.rank, e.offset);
                 match signed.get(&key) {
@@ -185,6 +202,18 @@ pub fn judge(
                 .push((k, "no rank brought a receipt signed by the relay".into()));
             continue;
         }
+        let Some(red) = reduction else {
+            // Receipts without a reduction hold no entries: nothing signed to judge.
+            j.unaccountable
+                .push((k, "the relay's receipts hold no entry of the op".into()));
+            continue;
+        };
+        // Whether the job's reports describe the op as the relay signed that it reduced it.
+        let as_reported = describes(first) == (red.dtype as u32, red.op as u32, red.wire as u32)
+            && red.world as usize == world;
+        let dtype = red.dtype;
+        let op = red.op;
+        let ranks = red.world;
         // Different results for one chunk to different ranks, by the relay's own account.
         let offsets: BTreeSet<u64> = signed.keys().map(|&(_, _, o)| o).collect();
         for &o in &offsets {
@@ -202,15 +231,16 @@ pub fn judge(
                 });
             }
         }
-        // Recompute the chunks for which every rank brought its input.
+        // Recompute the chunks for which every rank the relay folded brought its input, as
+        // the relay signed that it reduced them.
         let mut matched = 0;
         for &o in &offsets {
-            let inputs: Option<Vec<&[u8]>> = (0..world as u32)
+            let inputs: Option<Vec<&[u8]>> = (0..ranks)
                 .map(|r| bytes.get(&(Kind::Input, r, o)).map(Vec::as_slice))
                 .collect();
             let Some(inputs) = inputs else { continue };
-            let reduced = match z {
-                crate::compress::Compression::None => {
+            let reduced = match red.wire {
+                Compression::None => {
                     if inputs
                         .iter()
                         .any(|x| x.len() != inputs[0].len() || x.len() % dtype.size() != 0)
@@ -226,13 +256,13 @@ pub fn judge(
             };
             let sum = *blake3::hash(&reduced).as_bytes();
             let mut any = false;
-            for r in 0..world as u32 {
+            for r in 0..ranks {
                 if let Some(&(_, d)) = signed.get(&(Kind::Result, r, o)) {
                     any = true;
                     if d != sum {
                         conviction.get_or_insert_with(|| {
                             format!(
-                                "op seq {seq}: chunk at offset {o}: the inputs the relay signed for (ranks 0..{world}) reduce to blake3 {}, but the relay signed that it sent rank {r} blake3 {}",
+                                "op seq {seq}: chunk at offset {o}: reduced as the relay signed that it reduced the op ({red}), the inputs it signed for (ranks 0..{ranks}) reduce to blake3 {}, but it signed that it sent rank {r} blake3 {}",
                                 hex(&sum), hex(&d)
                             )
                         });
@@ -243,6 +273,28 @@ pub fn judge(
         }
         match conviction {
             Some(e) => j.convicted.push((k, e)),
+            None if !as_reported => {
+                // The relay's own account holds together, and the reports describe another
+                // op: they are not true to what the relay did.
+                if !misdescribed {
+                    misdescribed = true;
+                    j.false_reports.push((
+                        0,
+                        format!(
+                            "op seq {seq}: every rank describes the op as (dtype {}, op {}, wire \
+                             format {}) of {world} ranks, but relay {k} signed that it reduced it \
+                             as {red}",
+                            first.dtype, first.op, first.compress
+                        ),
+                    ));
+                }
+                j.unaccountable.push((
+                    k,
+                    format!(
+                        "the job's reports do not describe the op as the relay signed it ({red})"
+                    ),
+                ))
+            }
             None if matched > 0 => j.verified.push(k),
             None => j
                 .unaccountable
@@ -273,13 +325,45 @@ mod tests {
         reports_of(relay, &inputs, results, claimed, 0)
     }
 
-    /// As [`reports`], with the ranks' input chunks (as on the wire) and the op's format.
+    /// As [`reports`], with the ranks' input chunks (as on the wire) and the op's format; the
+    /// ranks report, and the relay signs, a float32 sum in wire format `compress`.
     fn reports_of(
         relay: &Identity,
         inputs: &[Vec<u8>; 2],
         results: [&[u8]; 2],
         claimed: [&[u8]; 2],
         compress: u32,
+    ) -> Vec<(OpRecord, Vec<RelayEvidence>)> {
+        let red = Reduction {
+            dtype: DType::F32,
+            op: ReduceOp::Sum,
+            wire: Compression::from_u8(compress as u8).unwrap(),
+            world: 2,
+        };
+        let mut r = signed_as(relay, red, inputs, results, claimed);
+        for (rec, _) in &mut r {
+            rec.compress = compress;
+        }
+        r
+    }
+
+    /// The relay's answer to a receipt request (public key, signature, receipt), hex.
+    fn signed(relay: &Identity, receipt: &Receipt) -> String {
+        let msg = receipt.message();
+        let mut raw = relay.public().to_vec();
+        raw.extend_from_slice(&relay.sign(&msg));
+        raw.extend_from_slice(&msg);
+        hex(&raw)
+    }
+
+    /// Two ranks' reports of one chunk at offset 8, each describing the op as the relay signed
+    /// that it reduced it (`red`).
+    fn signed_as(
+        relay: &Identity,
+        red: Reduction,
+        inputs: &[Vec<u8>; 2],
+        results: [&[u8]; 2],
+        claimed: [&[u8]; 2],
     ) -> Vec<(OpRecord, Vec<RelayEvidence>)> {
         let e = |kind, rank: u32, b: &[u8]| Entry {
             kind,
@@ -291,6 +375,7 @@ mod tests {
         let receipt = Receipt {
             job: [1; 16],
             seq: 7,
+            reduction: Some(red),
             entries: vec![
                 e(Kind::Input, 0, &inputs[0]),
                 e(Kind::Input, 1, &inputs[1]),
@@ -298,24 +383,21 @@ mod tests {
                 e(Kind::Result, 1, results[1]),
             ],
         };
-        let msg = receipt.message();
-        let mut raw = relay.public().to_vec();
-        raw.extend_from_slice(&relay.sign(&msg));
-        raw.extend_from_slice(&msg);
+        let raw = signed(relay, &receipt);
         (0..2)
             .map(|r| {
                 let rec = OpRecord {
                     rank: r,
                     seq: 7,
-                    dtype: DType::F32 as u32,
-                    op: ReduceOp::Sum as u32,
+                    dtype: red.dtype as u32,
+                    op: red.op as u32,
                     count: 8,
                     relays: 1,
                     positions: vec![2],
                     inputs: String::new(),
                     results: String::new(),
                     digests: vec![],
-                    compress,
+                    compress: red.wire as u32,
                     weights: Vec::new(),
                 };
                 let chunks = vec![
@@ -332,7 +414,7 @@ mod tests {
                 ];
                 let ev = RelayEvidence {
                     relay: 0,
-                    receipt: hex(&raw),
+                    receipt: raw.clone(),
                     chunks,
                 };
                 (rec, vec![ev])
@@ -345,7 +427,6 @@ mod tests {
     /// differently convict it.
     #[test]
     fn compressed_chunks_are_recomputed_in_wire_terms() {
-        use crate::compress::Compression;
         let relay = Identity::generate();
         let key = [relay.public()];
         for z in [Compression::Bf16, Compression::Int8] {
@@ -393,6 +474,143 @@ mod tests {
                 "{z}: {j:?}"
             );
         }
+    }
+
+    /// Every rank describes the op alike, but not as the relay reduced it (a sum reported as
+    /// a max). The relay signed what it did; its signed inputs reduce to its signed results,
+    /// so it is not convicted, and the reports are blamed.
+    #[test]
+    fn reports_calling_a_sum_a_max_do_not_convict_an_honest_relay() {
+        let relay = Identity::generate();
+        let key = [relay.public()];
+        let sum = f32s(&[4.0, 6.0]);
+        let mut r = reports(&relay, [&sum, &sum], [&sum, &sum]);
+        for (rec, _) in &mut r {
+            rec.op = ReduceOp::Max as u32;
+        }
+        let j = judge(&[1; 16], &r, &key);
+        assert!(j.convicted.is_empty(), "{j:?}");
+        assert!(!j.false_reports.is_empty(), "{j:?}");
+    }
+
+    /// As above, for an int8 op that every rank reports as exact float32 data.
+    #[test]
+    fn reports_calling_an_int8_op_exact_do_not_convict_an_honest_relay() {
+        let relay = Identity::generate();
+        let key = [relay.public()];
+        let z = Compression::Int8;
+        let enc = |x: &[f32]| {
+            let mut w = vec![0u8; z.encoded_len(x.len())];
+            z.encode(x, &mut w);
+            w
+        };
+        let a: Vec<f32> = (0..300).map(|i| (i % 17) as f32 * 0.3).collect();
+        let b: Vec<f32> = (0..300).map(|i| (i % 5) as f32 - 1.5).collect();
+        let inputs = [enc(&a), enc(&b)];
+        let refs: Vec<&[u8]> = inputs.iter().map(Vec::as_slice).collect();
+        let sum = crate::compress::reduce_encoded(z, ReduceOp::Sum, &refs).unwrap();
+        let mut r = reports_of(&relay, &inputs, [&sum, &sum], [&sum, &sum], z as u32);
+        for (rec, _) in &mut r {
+            rec.compress = Compression::None as u32;
+        }
+        let j = judge(&[1; 16], &r, &key);
+        assert!(j.convicted.is_empty(), "{j:?}");
+        assert!(!j.false_reports.is_empty(), "{j:?}");
+    }
+
+    /// A relay that signs another reduction than the one its signed results come from is
+    /// convicted on its own signatures, whatever the reports say: here it summed, but signed
+    /// that it took the maximum.
+    #[test]
+    fn a_relay_signing_another_reduction_than_it_ran_is_convicted() {
+        let relay = Identity::generate();
+        let key = [relay.public()];
+        let inputs = [f32s(&[1.0, 2.0]), f32s(&[3.0, 4.0])];
+        let sum = f32s(&[4.0, 6.0]);
+        let max = Reduction {
+            dtype: DType::F32,
+            op: ReduceOp::Max,
+            wire: Compression::None,
+            world: 2,
+        };
+        // The ranks report the op as the relay signed it.
+        let r = signed_as(&relay, max, &inputs, [&sum, &sum], [&sum, &sum]);
+        let j = judge(&[1; 16], &r, &key);
+        assert_eq!(j.convicted.len(), 1, "{j:?}");
+        assert!(j.convicted[0].1.contains("max"), "{j:?}");
+        assert!(j.false_reports.is_empty(), "{j:?}");
+        // The ranks report the sum they ran: still convicted, and the reports disagree with
+        // the relay's signature.
+        let mut r = signed_as(&relay, max, &inputs, [&sum, &sum], [&sum, &sum]);
+        for (rec, _) in &mut r {
+            rec.op = ReduceOp::Sum as u32;
+        }
+        let j = judge(&[1; 16], &r, &key);
+        assert_eq!(j.convicted.len(), 1, "{j:?}");
+        assert!(j.verified.is_empty(), "{j:?}");
+        // The relay's own signatures explain the difference: the reports are not blamed.
+        assert!(j.false_reports.is_empty(), "{j:?}");
+        // Honest under its own signature: the maximum it signed for checks out.
+        let top = f32s(&[3.0, 4.0]);
+        let j = judge(
+            &[1; 16],
+            &signed_as(&relay, max, &inputs, [&top, &top], [&top, &top]),
+            &key,
+        );
+        assert_eq!(j.verified, vec![0], "{j:?}");
+    }
+
+    /// The relay signed two different reductions of one op (to two ranks): convicted.
+    #[test]
+    fn a_relay_signing_two_reductions_of_one_op_is_convicted() {
+        let relay = Identity::generate();
+        let key = [relay.public()];
+        let inputs = [f32s(&[1.0, 2.0]), f32s(&[3.0, 4.0])];
+        let sum = f32s(&[4.0, 6.0]);
+        let red = Reduction {
+            dtype: DType::F32,
+            op: ReduceOp::Sum,
+            wire: Compression::None,
+            world: 2,
+        };
+        let mut r = signed_as(&relay, red, &inputs, [&sum, &sum], [&sum, &sum]);
+        let mut other = Receipt::decode(
+            &crate::config::parse_hex("receipt", &r[1].1[0].receipt).unwrap()[96..],
+        )
+        .unwrap();
+        other.reduction = Some(Reduction {
+            op: ReduceOp::Max,
+            ..red
+        });
+        r[1].1[0].receipt = signed(&relay, &other);
+        let j = judge(&[1; 16], &r, &key);
+        assert_eq!(j.convicted.len(), 1, "{j:?}");
+        assert!(j.convicted[0].1.contains("and as"), "{j:?}");
+    }
+
+    /// Reports of a world other than the relay signed it folded (a client running more ranks
+    /// through the relay than it told the validator) do not convict the relay: the missing
+    /// ranks' inputs leave nothing to recompute, and the reports are blamed.
+    #[test]
+    fn reports_of_another_world_do_not_convict_an_honest_relay() {
+        let relay = Identity::generate();
+        let key = [relay.public()];
+        let inputs = [f32s(&[1.0, 2.0]), f32s(&[3.0, 4.0])];
+        // With a third rank's [1, 1], the relay's honest sum.
+        let sum = f32s(&[5.0, 7.0]);
+        let three = Reduction {
+            dtype: DType::F32,
+            op: ReduceOp::Sum,
+            wire: Compression::None,
+            world: 3,
+        };
+        let j = judge(
+            &[1; 16],
+            &signed_as(&relay, three, &inputs, [&sum, &sum], [&sum, &sum]),
+            &key,
+        );
+        assert!(j.convicted.is_empty() && j.verified.is_empty(), "{j:?}");
+        assert_eq!(j.false_reports.len(), 1, "{j:?}");
     }
 
     #[test]

@@ -6,7 +6,9 @@
 //! (one relay chunk either side, inputs before the op, results after it); the reporter thread
 //! then asks each relay for its signed receipt of the op at those positions and sends the
 //! receipts with the chunks they cover ([`EvidenceTask`]). A receipt that does not match what
-//! this rank sent or received is not reported (it would count against this rank) but logged.
+//! this rank sent or received, or that signs another reduction of the op than this rank ran
+//! (element type, reduction, wire format, ranks), is not reported (it would count against this
+//! rank) but logged.
 //!
 //! A compressed op's relays signed what was on the wire, so its evidence is kept in wire
 //! terms: the encoded image of this rank's input around each sample (encoding is
@@ -18,7 +20,7 @@
 use crate::compress::Compression;
 use crate::error::{Error, Result};
 use crate::net::bootstrap::FrameIo;
-use crate::relay::receipts::{self, Kind, Receipt};
+use crate::relay::receipts::{self, Kind, Receipt, Reduction};
 use crate::types::{DType, ReduceOp};
 use crate::validator::client::Reporter;
 use crate::validator::proto::{Assignment, ChunkBytes, RelayEvidence, ReportMsg};
@@ -73,6 +75,8 @@ pub struct EvidenceTask {
     token: Vec<u8>,
     /// (position in the op's relay list, address).
     relays: Vec<(usize, String)>,
+    /// How this rank ran the op: a receipt signing another reduction is not reported.
+    reduction: Reduction,
     /// Byte positions sampled.
     positions: Vec<u64>,
     inputs: Windows,
@@ -120,10 +124,28 @@ impl EvidenceTask {
                     continue;
                 }
             };
-            let Ok(receipt) = Receipt::decode(&raw[96..]) else {
-                log::warn!("rank {}: relay {addr} sent a malformed receipt", self.rank);
-                continue;
+            let receipt = match Receipt::decode(&raw[96..]) {
+                Ok(r) => r,
+                Err(e) => {
+                    log::warn!(
+                        "rank {}: relay {addr} sent a malformed receipt of op {}: {e}",
+                        self.rank,
+                        self.seq
+                    );
+                    continue;
+                }
             };
+            // The validator judges the relay as it signed that it reduced the op; a receipt
+            // saying otherwise than this rank ran it would count against this rank.
+            if let Some(r) = receipt.reduction.filter(|r| *r != self.reduction) {
+                log::warn!(
+                    "rank {}: relay {addr} signed that it reduced op {} as {r}, but this rank ran it as {}; its receipt is not reported",
+                    self.rank,
+                    self.seq,
+                    self.reduction
+                );
+                continue;
+            }
             let mut chunks = Vec::new();
             let mut consistent = true;
             for e in receipt
@@ -162,6 +184,23 @@ impl EvidenceTask {
             }
         }
         out
+    }
+}
+
+/// Debug builds only, for tests of the validator: `MR_TEST_REPORT_OP=n` and
+/// `MR_TEST_REPORT_COMPRESS=n` make this process describe every op it reports to the validator
+/// with reduction `n` and wire format `n` instead of what it ran, as a job whose ranks all
+/// lie alike would. A release build reads neither variable.
+fn misreport_for_test(record: &mut OpRecord) {
+    if !cfg!(debug_assertions) {
+        return;
+    }
+    let var = |name: &str| std::env::var(name).ok().and_then(|v| v.parse::<u32>().ok());
+    if let Some(op) = var("MR_TEST_REPORT_OP") {
+        record.op = op;
+    }
+    if let Some(z) = var("MR_TEST_REPORT_COMPRESS") {
+        record.compress = z;
     }
 }
 
@@ -334,8 +373,9 @@ impl JobVerify {
     }
 
     /// Queue `record` for the validator, if there is one.
-    pub fn report(&self, record: OpRecord, started: Instant) {
+    pub fn report(&self, mut record: OpRecord, started: Instant) {
         if let Some(rep) = &self.reporter {
+            let reduction = self.reduction_of(&record);
             let elem = DType::from_raw(record.dtype).map_or(1, |d| d.size() as u64);
             let bytes = record.count * elem;
             let kept = self
@@ -343,24 +383,28 @@ impl JobVerify {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .remove(&record.seq);
-            let task = kept.map(|(inputs, results)| EvidenceTask {
-                job: self.job,
-                seq: record.seq,
-                rank: record.rank,
-                token: self.token.clone(),
-                relays: self
-                    .relay_index
-                    .iter()
-                    .enumerate()
-                    .filter_map(|(k, &i)| self.relay_addrs.get(i).map(|a| (k, a.clone())))
-                    .collect(),
-                positions: match Compression::from_u8(record.compress as u8) {
-                    Some(z) if z != Compression::None => wire_positions(z, &record.positions),
-                    _ => record.positions.iter().map(|&p| p * elem).collect(),
-                },
-                inputs,
-                results,
-            });
+            let task = kept
+                .zip(reduction)
+                .map(|((inputs, results), reduction)| EvidenceTask {
+                    job: self.job,
+                    seq: record.seq,
+                    rank: record.rank,
+                    token: self.token.clone(),
+                    relays: self
+                        .relay_index
+                        .iter()
+                        .enumerate()
+                        .filter_map(|(k, &i)| self.relay_addrs.get(i).map(|a| (k, a.clone())))
+                        .collect(),
+                    reduction,
+                    positions: match Compression::from_u8(record.compress as u8) {
+                        Some(z) if z != Compression::None => wire_positions(z, &record.positions),
+                        _ => record.positions.iter().map(|&p| p * elem).collect(),
+                    },
+                    inputs,
+                    results,
+                });
+            misreport_for_test(&mut record);
             rep.send(
                 ReportMsg::Op {
                     record,
@@ -373,6 +417,18 @@ impl JobVerify {
                 task,
             );
         }
+    }
+
+    /// How this rank ran the op of `record`, as a relay's receipt signs it.
+    fn reduction_of(&self, record: &OpRecord) -> Option<Reduction> {
+        Some(Reduction {
+            dtype: DType::from_raw(record.dtype).ok()?,
+            op: ReduceOp::from_raw(record.op).ok()?,
+            wire: u8::try_from(record.compress)
+                .ok()
+                .and_then(Compression::from_u8)?,
+            world: u32::try_from(self.world).ok()?,
+        })
     }
 
     /// Fixed-size encoding of a record's samples and digests, for the peers' exchange.

@@ -28,7 +28,17 @@ impl Proc {
     }
 
     pub fn has_log(&self, needle: &str) -> bool {
-        self.log.lock().unwrap().iter().any(|l| l.contains(needle))
+        self.count_log(needle) > 0
+    }
+
+    /// Log lines so far that contain `needle`.
+    pub fn count_log(&self, needle: &str) -> usize {
+        self.log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains(needle))
+            .count()
     }
 }
 

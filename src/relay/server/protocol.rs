@@ -11,7 +11,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::net::conn::FrameIn;
 use crate::relay::admission::{self, Admission, KnownJob, Reservations};
 use crate::relay::limits::MAX_HELLO_BYTES;
-use crate::relay::receipts::Kind;
+use crate::relay::receipts::{Entry, Kind, Reduction};
 use crate::relay::sums::{check_data_header, Fault, Sums};
 use crate::wire::{
     self, FrameHeader, FrameKind, Hello, SessionKeys, TagStream, HEADER_LEN, MAX_CONTROL_PAYLOAD,
@@ -260,11 +260,20 @@ impl Relay {
         self.test_faults.on_data_frame();
         let f = check_data_header(&h, rank, j.hello.world, j.hello.chunk_bytes)?;
         let world = j.hello.world;
+        // How this relay reduces the op, as its receipts sign it: what the checked header says
+        // (every frame of an op must say the same, or the op fails) and the job's world.
+        let reduction = self.test_faults.signed(Reduction {
+            dtype: f.dtype,
+            op: f.op,
+            wire: f.compress,
+            world: world as u32,
+        });
         if !matches!(f.coll, Collective::Broadcast) {
             if let Some(g) = self.config.grants.as_ref().filter(|g| g.keeps_receipts()) {
                 // The tag check hashed the payload as it arrived: the receipt reuses it.
                 let d = digest.unwrap_or_else(|| *blake3::hash(payload.as_slice()).as_bytes());
-                g.note(&job, h.seq, Kind::Input, rank, h.offset, payload.len(), d);
+                let e = Entry::digested(Kind::Input, rank, h.offset, payload.len(), d);
+                g.note(&job, h.seq, reduction, e);
             }
         }
         match f.coll {
@@ -312,7 +321,8 @@ impl Relay {
                         // What each rank is sent, as sent.
                         for &(r, _) in &targets {
                             let d = if r == 0 { first } else { rest };
-                            g.note(&job, rh.seq, Kind::Result, r, rh.offset, shared.len(), d);
+                            let e = Entry::digested(Kind::Result, r, rh.offset, shared.len(), d);
+                            g.note(&job, rh.seq, reduction, e);
                         }
                     }
                     for (r, t) in targets {
