@@ -4,8 +4,8 @@
 #   bash bench/compare_builds.sh OLD_BIN_DIR NEW_BIN_DIR [REPS]
 # e.g. bash bench/compare_builds.sh ../old/target/release target/release 3
 set -u
-OLD=${1:?old build's bin dir}
-NEW=${2:?new build's bin dir}
+OLD=${1:?the old build bin dir}
+NEW=${2:?the new build bin dir}
 REPS=${3:-3}
 for rep in $(seq 1 "$REPS"); do
   for v in old new; do
