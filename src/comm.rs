@@ -433,8 +433,8 @@ impl Comm {
     }
 
     /// Whether all-reduce, reduce, broadcast, all-gather, reduce-scatter, gather, scatter,
-    /// all-to-all and barrier run through a shared-memory segment (every rank on this host;
-    /// see [`crate::net::shm`]) when they do not use relays. All-to-all-v and point-to-point
+    /// all-to-all(-v) and barrier run through a shared-memory segment (every rank on this
+    /// host; see [`crate::net::shm`]) when they do not use relays. Point-to-point transfers
     /// always travel over TCP.
     pub fn uses_shared_memory(&self) -> bool {
         self.shm
@@ -583,7 +583,7 @@ impl Comm {
         self.engine.submit(Submission {
             transport,
             mem,
-            done: done.clone(),
+            done: crate::net::engine::Done::new(done.clone()),
         })?;
         *seq += 1;
         Ok(Request::new(done))
@@ -1006,9 +1006,9 @@ impl Comm {
         )
     }
 
-    /// Submit a direct exchange ([`crate::algo::exchange`]). It always travels over the
-    /// direct TCP connections, also when the ranks share a host: the shared-memory segment
-    /// carries only the ring collectives.
+    /// Submit a direct exchange ([`crate::algo::exchange`]): through the shared-memory
+    /// segment when the ranks share one (`splits`: an all-to-all-v's counts and
+    /// displacements), else over the direct TCP connections.
     #[allow(clippy::too_many_arguments)]
     fn submit_exchange(
         &self,
@@ -1052,7 +1052,7 @@ impl Comm {
         self.engine.submit(Submission {
             transport,
             mem,
-            done: done.clone(),
+            done: crate::net::engine::Done::new(done.clone()),
         })?;
         *seq += 1;
         Ok(Request::new(done))
@@ -1142,7 +1142,7 @@ impl Comm {
         self.engine.submit(Submission {
             transport: Transport::Frames(Box::new(schedule)),
             mem,
-            done: done.clone(),
+            done: crate::net::engine::Done::new(done.clone()),
         })?;
         *pairs = next;
         Ok(Request::new(done))

@@ -340,7 +340,14 @@ fn exchanges(comm: &Comm) {
         let name = format!("alltoallv/{dtype}");
         let sc: Vec<usize> = (0..n).map(|q| split(r, q)).collect();
         let rc: Vec<usize> = (0..n).map(|q| split(q, r)).collect();
-        let (sd, rd) = (packed(&sc), packed(&rc));
+        let (mut sd, mut rd) = (packed(&sc), packed(&rc));
+        // An empty share's displacement is never used: point it anywhere, even where adding
+        // to it would overflow.
+        for (d, c) in sd.iter_mut().zip(&sc).chain(rd.iter_mut().zip(&rc)) {
+            if *c == 0 {
+                *d = usize::MAX - 3;
+            }
+        }
         let mut send_all = Vec::new();
         let mut want = Vec::new();
         for q in 0..n {

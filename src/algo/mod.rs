@@ -266,10 +266,10 @@ pub struct Transmit {
     pub to: Endpoint,
     pub header: FrameHeader,
     pub region: Region,
-    /// The payload is exactly the bytes a frame of this op landed in place in this
-    /// [`Region::User`] range, unchanged since (a chunk passed on along a ring or a broadcast
-    /// chain): the driver may tag it with the payload digest it computed on arrival instead
-    /// of hashing the bytes again.
+    /// The payload is exactly the bytes a frame of this op landed in place in this region
+    /// ([`Region::User`] or [`Region::Acc`], same offset and length), unchanged since (a chunk
+    /// passed on along a ring or a broadcast chain): the driver may tag it with the payload
+    /// digest it computed on arrival instead of hashing the bytes again.
     pub forward: bool,
 }
 

@@ -55,8 +55,10 @@
 //! # Failure
 //! Every wait is bounded: it gives up when the communicator is aborted, when the rank it waits
 //! for has closed its TCP connections (a dead process's sockets are closed by the kernel), or
-//! when nothing moved for `MR_TIMEOUT_MS`. Any failure leaves the counters inconsistent, so
-//! it breaks the communicator.
+//! when nothing moved for `MR_TIMEOUT_MS`. Such a failure leaves the counters inconsistent, so
+//! it breaks the communicator. The one failure every rank meets at the same step — all-to-all-v
+//! counts that disagree, which every rank reads from the same tables — ends the op alike
+//! everywhere and leaves the segment usable ([`Segment::intact`]).
 
 use crate::algo::{Collective, OpDesc};
 use crate::buffer::OpMemory;
@@ -220,8 +222,6 @@ pub struct Segment {
     intact: bool,
 }
 
-/// Bytes of a segment for `size` ranks and `chunk`-byte slots. Reduce-scatter stages one
-/// piece per rank in a slot, so a slot holds at least 8 bytes per rank.
 /// Bytes of one rank's all-to-all-v counts for one descriptor slot: what it sends each rank,
 /// then what it expects from each.
 fn counts_bytes(size: usize) -> usize {
@@ -233,6 +233,8 @@ fn data_start(size: usize) -> usize {
     (PAGE + CTRL * size + counts_bytes(size) * SLOTS as usize * size).next_multiple_of(PAGE)
 }
 
+/// Bytes of a segment for `size` ranks and `chunk`-byte slots. Reduce-scatter stages one
+/// piece per rank in a slot, so a slot holds at least 8 bytes per rank.
 fn total_bytes(size: usize, chunk: usize) -> Result<usize> {
     if size.saturating_mul(8) > chunk {
         return Err(Error::invalid(format!(
@@ -641,12 +643,11 @@ impl Segment {
                 (Some(_), 0) => "?".to_string(),
                 _ => chunks.to_string(),
             };
-            let what = || {
-                format!(
-                    "{d} over shared memory, chunk {} of {of} ({len} bytes)",
-                    k + 1
-                )
+            let bytes = match splits {
+                Some(_) => format!("up to {} bytes per pair", per_chunk * elem),
+                None => format!("{len} bytes"),
             };
+            let what = || format!("{d} over shared memory, chunk {} of {of} ({bytes})", k + 1);
             // The first chunk also rewrites our descriptor entry for slot `s`.
             let writes = k == 0
                 || match d.coll {
@@ -697,6 +698,11 @@ impl Segment {
                 let input = mem.input.as_slice();
                 for p in 0..n {
                     let (lo, len) = piece(sp.send_counts[p], k, per_chunk);
+                    if len == 0 {
+                        // An empty share's displacement may point anywhere (only non-empty
+                        // ranges were checked against the buffer).
+                        continue;
+                    }
                     let src = &input[(sp.send_displs[p] + lo) * elem..][..len * elem];
                     // SAFETY: as above; n pieces of at most per_chunk elements fit the slot.
                     unsafe {
@@ -804,6 +810,9 @@ impl Segment {
                     let sp = splits.expect("checked above");
                     for q in 0..n {
                         let (lo, len) = piece(sp.recv_counts[q], k, per_chunk);
+                        if len == 0 {
+                            continue;
+                        }
                         let dst = &mut mem.user.as_mut_slice()[(sp.recv_displs[q] + lo) * elem..]
                             [..len * elem];
                         // SAFETY: rank q published `staged` for chunk g, its slot holds our

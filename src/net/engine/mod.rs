@@ -98,11 +98,39 @@ impl Completion {
     }
 }
 
+/// The engine's hold on an op's [`Completion`]. Completing it is the progress thread's job;
+/// should the thread let go of an op without doing so (it panicked, or stopped with the op
+/// still queued), dropping this completes it with an error, so no caller waits forever.
+pub struct Done(Arc<Completion>);
+
+impl Done {
+    pub fn new(c: Arc<Completion>) -> Done {
+        Done(c)
+    }
+}
+
+impl std::ops::Deref for Done {
+    type Target = Completion;
+    fn deref(&self) -> &Completion {
+        &self.0
+    }
+}
+
+impl Drop for Done {
+    fn drop(&mut self) {
+        // No effect when the op was completed (the first result stays).
+        self.0.complete(Err(Error::internal(
+            "the communicator's progress thread let go of this op without finishing it \
+             (it stopped or failed; see the log)",
+        )));
+    }
+}
+
 /// An op handed to the engine: how it travels, the memory it works on, where its result goes.
 pub struct Submission {
     pub transport: Transport,
     pub mem: OpMemory,
-    pub done: Arc<Completion>,
+    pub done: Done,
 }
 
 impl Submission {
@@ -244,5 +272,24 @@ impl Engine {
 impl Drop for Engine {
     fn drop(&mut self) {
         let _ = self.shutdown();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_op_the_engine_lets_go_of_ends_with_an_error_not_a_hang() {
+        let c = Arc::new(Completion::default());
+        drop(Done::new(c.clone()));
+        let e = c.wait().expect_err("dropped unfinished");
+        assert!(e.message.contains("without finishing it"), "{e}");
+        // A finished op keeps its result.
+        let c = Arc::new(Completion::default());
+        let d = Done::new(c.clone());
+        d.complete(Ok(()));
+        drop(d);
+        assert!(c.wait().is_ok());
     }
 }

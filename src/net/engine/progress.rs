@@ -12,7 +12,7 @@ use super::conn::{
     rank_gone, read_error, read_some, tcp_min_rtt_us, wire_len, Conn, OutFrame, ReadEvent,
     ReadState, Sink,
 };
-use super::{Command, Completion, RelayLinks, RelayRates, Submission, Transport};
+use super::{Command, Completion, Done, RelayLinks, RelayRates, Submission, Transport};
 use crate::algo::{Collective, Endpoint, OpDesc, Schedule, Transmit};
 use crate::buffer::{OpMemory, Region};
 use crate::error::{Error, ErrorKind, Result};
@@ -34,7 +34,7 @@ pub(super) const WAKER: Token = Token(usize::MAX);
 pub(super) struct RunningOp {
     pub schedule: Box<dyn Schedule>,
     pub mem: OpMemory,
-    pub done: Arc<Completion>,
+    pub done: Done,
     /// Payload digests of the frames that landed in place, by region ([`landed_key`]): a
     /// [`Transmit::forward`] of the same bytes is tagged from its digest, not hashed again.
     pub landed: HashMap<(u8, usize, usize), [u8; 32]>,
@@ -77,6 +77,19 @@ pub(super) struct ProgressLoop {
     pub shm: Option<Box<Segment>>,
     /// The input backup of the last op that made one, for the next ([`OpMemory::backup`]).
     pub spare_backup: Option<crate::buffer::Scratch>,
+}
+
+impl Drop for ProgressLoop {
+    /// However the thread ends (a panic included), ops still queued for it end with an error
+    /// (see [`Done`]) instead of waiting forever, and the communicator counts as broken.
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.broken.store(true, Ordering::SeqCst);
+        }
+        while let Ok(cmd) = self.rx.try_recv() {
+            drop(cmd);
+        }
+    }
 }
 
 impl ProgressLoop {
@@ -300,8 +313,9 @@ impl ProgressLoop {
     }
 
     /// Run `op` through the shared-memory segment, blocking this thread until it ends. Frames
-    /// that arrive meanwhile wait in the sockets. A failure breaks the communicator: the
-    /// segment's counters no longer agree between ranks.
+    /// that arrive meanwhile wait in the sockets. A failure breaks the communicator (the
+    /// segment's counters no longer agree between ranks) unless the segment reports itself
+    /// intact: the op failed alike on every rank.
     fn run_shm(
         &mut self,
         desc: &OpDesc,
