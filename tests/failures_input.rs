@@ -175,34 +175,24 @@ fn splits_mismatch(mut ctx: Ctx) {
     }
     let send = [r as i32 * 10, r as i32 * 10 + 1, r as i32 * 10 + 2, 99];
     let mut recv = [0i32; 3];
-    // SAFETY: `send` holds the 4 elements the widest send range names, `recv` the 3 of the
-    // receive ranges; both outlive the request, which is waited for at once.
-    let res = unsafe {
-        comm.ialltoallv_raw(
-            send.as_ptr().cast(),
-            &sc,
-            &displs,
-            recv.as_mut_ptr().cast(),
-            &counts,
-            &displs,
-            DType::I32,
-        )
-    }
-    .and_then(Request::wait);
-    report("mismatched", &res);
-    // SAFETY: as above.
-    let res = unsafe {
-        comm.ialltoallv_raw(
-            send.as_ptr().cast(),
-            &counts,
-            &displs,
-            recv.as_mut_ptr().cast(),
-            &counts,
-            &displs,
-            DType::I32,
-        )
-    }
-    .and_then(Request::wait);
+    let mut exchange = |sc: &[usize]| {
+        // SAFETY: `send` holds the 4 elements the widest send range names, `recv` the 3 of
+        // the receive ranges; both outlive the request, which is waited for at once.
+        unsafe {
+            comm.ialltoallv_raw(
+                send.as_ptr().cast(),
+                sc,
+                &displs,
+                recv.as_mut_ptr().cast(),
+                &counts,
+                &displs,
+                DType::I32,
+            )
+        }
+        .and_then(Request::wait)
+    };
+    report("mismatched", &exchange(&sc));
+    let res = exchange(&counts);
     match res {
         Ok(()) if recv == [r as i32, 10 + r as i32, 20 + r as i32] => ok("alltoallv_after", ""),
         Ok(()) => say(&format!("ERR alltoallv_after WrongResult {recv:?}")),
