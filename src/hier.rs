@@ -422,8 +422,10 @@ impl Levels {
 }
 
 /// Bytes of one piece of a pipelined hierarchical all-reduce: large enough that per-op costs
-/// stay small, small enough that the phases overlap over most of the buffer.
-const PIECE_MIN: usize = 4 << 20;
+/// stay small (each piece is R ops between hosts, one per rail), small enough that the phases
+/// overlap over most of the buffer. 16 MiB measured best of 4, 16 and 32 MiB for 64 and
+/// 256 MiB all-reduces on 2 hosts x 2 ranks (BENCHMARKS.md §12).
+const PIECE_MIN: usize = 16 << 20;
 /// Most pieces an all-reduce is cut into.
 const PIECES_MAX: usize = 8;
 
@@ -742,18 +744,19 @@ mod tests {
         assert!(pieces(0, 4)[0].is_empty());
         assert_eq!(pieces(10, 4).len(), 1);
         assert_eq!(pieces(10, 4)[0].end, 10);
-        let n = (64 << 20) / 4;
+        let n = (256 << 20) / 4;
         let p = pieces(n, 4);
         assert_eq!(p.len(), 8);
+        assert_eq!(pieces((64 << 20) / 4, 4).len(), 4);
         assert_eq!(p[0].start, 0);
         assert_eq!(p.last().unwrap().end, n);
         for w in p.windows(2) {
             assert_eq!(w[0].end, w[1].start);
             assert_eq!(w[0].len() % crate::compress::INT8_BLOCK, 0);
         }
-        let odd = pieces(3 * (4 << 20) / 8 + 77, 8);
+        let odd = pieces(3 * (16 << 20) / 8 + 77, 8);
         assert_eq!(odd.len(), 3);
-        assert_eq!(odd.last().unwrap().end, 3 * (4 << 20) / 8 + 77);
+        assert_eq!(odd.last().unwrap().end, 3 * (16 << 20) / 8 + 77);
     }
 
     #[test]
