@@ -358,8 +358,13 @@ fn run_op(lv: &Levels, op: &HierOp) -> Result<()> {
             op,
         } => {
             let b = count * dtype.size();
-            // The whole input, reduced hierarchically, then this rank's block: every rank gets
-            // the same bits as the all-reduce would give it.
+            if lv.uniform() {
+                // SAFETY: the op's contract (send holds every rank's block; recv ours).
+                let (input, out) = unsafe { (bytes(send, b * lv.world), bytes(recv, b)) };
+                return reduce_scatter_by_host(lv, input, out, count, dtype, op);
+            }
+            // Hosts of different sizes: the whole input, reduced hierarchically, then this
+            // rank's block.
             // SAFETY: the op's contract.
             let mut all = unsafe { bytes(send, b * lv.world) }.to_vec();
             allreduce(
@@ -401,6 +406,12 @@ impl Levels {
             "inside host {h} (ranks {:?}; there, rank k is local rank k)",
             self.layout.ranks_on(h)
         )
+    }
+
+    /// Whether every host holds the same number of ranks.
+    fn uniform(&self) -> bool {
+        let l = &self.layout;
+        (0..l.hosts()).all(|h| l.ranks_on(h).len() == l.local_size())
     }
 
     /// The leaders' communicator (rail 0), on the hosts' local ranks 0.
@@ -662,6 +673,73 @@ fn allreduce_pieces(
         wait_local(pending, statuses, 1 + 2 * rails)?;
     }
     wait_local(pending, statuses, 0)
+}
+
+/// Reduce-scatter when every host holds L ranks: each host reduces every block (in host
+/// order, its ranks' blocks side by side), the leaders reduce-scatter those so that each ends
+/// with its own host's L blocks (between hosts (H−1)/H of the buffer each way, half of what an
+/// all-reduce moves), and the leader hands them to its host, each rank keeping its own.
+fn reduce_scatter_by_host(
+    lv: &Levels,
+    input: &[u8],
+    out: &mut [u8],
+    count: usize,
+    dtype: DType,
+    op: ReduceOp,
+) -> Result<()> {
+    let lay = &lv.layout;
+    let b = count * dtype.size();
+    let per_host = lay.local_size() * b;
+    let level_op = if op == ReduceOp::Avg {
+        ReduceOp::Sum
+    } else {
+        op
+    };
+    // The input's blocks in host order (a host's ranks need not be consecutive).
+    let mut all = vec![0u8; input.len()];
+    for h in 0..lay.hosts() {
+        for (i, &r) in lay.ranks_on(h).iter().enumerate() {
+            all[h * per_host + i * b..][..b].copy_from_slice(&input[r * b..][..b]);
+        }
+    }
+    let local = lv
+        .local
+        .as_ref()
+        .ok_or_else(|| Error::internal("a hierarchical reduce-scatter on a host of one rank"))?;
+    let elems = count * lv.world;
+    // SAFETY: `all` lives until the request is waited for, here.
+    unsafe { local.iallreduce_raw(all.as_mut_ptr(), elems, dtype, level_op)? }
+        .wait()
+        .map_err(|e| e.context(lv.inside()))?;
+    let mut host = vec![0u8; per_host];
+    let word = match lv.leaders() {
+        Some(l) => {
+            let per = count * lay.local_size();
+            // SAFETY: both buffers live until the request is waited for, here.
+            let got = unsafe {
+                l.ireduce_scatter_raw(all.as_ptr(), host.as_mut_ptr(), per, dtype, level_op)
+            }
+            .and_then(Request::wait)
+            .map_err(|e| e.context(BETWEEN));
+            if got.is_ok() && op == ReduceOp::Avg {
+                reduce::divide(dtype, &mut host, lv.world);
+            }
+            got
+        }
+        None => Ok(()),
+    };
+    // The leader's word, then (if it is ok) the host's blocks.
+    let mut status = encode_status(&word);
+    local
+        .broadcast(&mut status[..], 0)
+        .map_err(|e| e.context(lv.inside()))?;
+    word?;
+    decode_status(&status, 0).map_err(|e| e.context(lv.inside()))?;
+    local
+        .broadcast(&mut host, 0)
+        .map_err(|e| e.context(lv.inside()))?;
+    out.copy_from_slice(&host[lay.local_rank() * b..][..b]);
+    Ok(())
 }
 
 /// Root's host first (local broadcast from the root), then between leaders, then inside the

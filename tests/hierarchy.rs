@@ -112,6 +112,21 @@ fn every_collective_on_every_layout() {
                     let want: i64 = (0..n).map(|q| value(q, r * count + i)).sum();
                     assert_eq!(i64::from(*got), want, "{hosts:?} reduce_scatter");
                 }
+                // ... of the maximum, and of the average (divided once, by the world size).
+                comm.reduce_scatter(&send, &mut recv, ReduceOp::Max)
+                    .unwrap();
+                for (i, got) in recv.iter().enumerate() {
+                    let want = (0..n).map(|q| value(q, r * count + i)).max().unwrap();
+                    assert_eq!(i64::from(*got), want, "{hosts:?} reduce_scatter max");
+                }
+                let send: Vec<f64> = (0..count * n).map(|i| (i * n * (r + 1)) as f64).collect();
+                let mut recv = vec![0f64; count];
+                comm.reduce_scatter(&send, &mut recv, ReduceOp::Avg)
+                    .unwrap();
+                for (i, got) in recv.iter().enumerate() {
+                    let want = ((r * count + i) * n * (n + 1) / 2) as f64;
+                    assert_eq!(*got, want, "{hosts:?} reduce_scatter avg");
+                }
                 comm.barrier().unwrap();
             }
         });
