@@ -14,6 +14,8 @@
 #                       [-d RTT_MS]              (round-trip delay between any two hosts)
 #                       [-l RANKS_PER_HOST]      (ranks sharing each peer host's namespace and link)
 #                       [-z "bf16 int8"]         (also run the ring and the relays with these MR_COMPRESS formats)
+#                       [-O OP]                  (mr-bench --op: allreduce by default; for another op
+#                                                 the size is mr-bench's and no bound is given)
 # With -l L > 1 every peer host runs L ranks (one job of PEERS x L ranks); the modes
 # ring-flat and relay-flat run the same job with MR_HIERARCHY=0 for comparison. Bounds are
 # per host link: relay D / rate, ring 2(H-1)/H * D / rate with H = PEERS hosts.
@@ -26,12 +28,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PEERS=4 RELAYS=4 RATE=1000 SIZES="64M 256M" ITERS=3 STREAMS=${MR_STREAMS:-2} MODES="ring relay gloo" MTU=1500 RTT=0 LOCAL=1 COMPRESS=""
-while getopts "p:r:R:s:n:S:m:M:d:l:z:" o; do
+PEERS=4 RELAYS=4 RATE=1000 SIZES="64M 256M" ITERS=3 STREAMS=${MR_STREAMS:-2} MODES="ring relay gloo" MTU=1500 RTT=0 LOCAL=1 COMPRESS="" OP=allreduce
+while getopts "p:r:R:s:n:S:m:M:d:l:z:O:" o; do
   case $o in
     p) PEERS=$OPTARG ;; r) RELAYS=$OPTARG ;; R) RATE=$OPTARG ;; s) SIZES=$OPTARG ;;
     n) ITERS=$OPTARG ;; S) STREAMS=$OPTARG ;; m) MODES=$OPTARG ;; M) MTU=$OPTARG ;; d) RTT=$OPTARG ;;
-    l) LOCAL=$OPTARG ;; z) COMPRESS=$OPTARG ;; *) exit 2 ;;
+    l) LOCAL=$OPTARG ;; z) COMPRESS=$OPTARG ;; O) OP=$OPTARG ;; *) exit 2 ;;
   esac
 done
 WORLD=$((PEERS * LOCAL))
@@ -140,7 +142,7 @@ run_peers() {
     ip netns exec "$NS-h$h" env MR_RANK="$rank" MR_WORLD_SIZE="$WORLD" MR_BOOTSTRAP="$(ip_of 0):$port" \
       MR_ALGO="$algo" MR_STREAMS="$STREAMS" MR_TIMEOUT_MS=120000 "$@" \
       timeout 900 "$BENCH" -b "$(echo $SIZE_LIST | awk '{print $1}')" -e "$(echo $SIZE_LIST | awk '{print $NF}')" \
-      -f 4 -w 1 -n "$ITERS" >"$out.$rank" 2>&1 &
+      -f 4 -w 1 -n "$ITERS" --op "$OP" >"$out.$rank" 2>&1 &
     pids+=($!)
     done
   done
@@ -154,6 +156,10 @@ run_peers() {
 echo "# shaped network: $PEERS peer hosts x $LOCAL rank(s), $RELAYS relays, ${RATE} Mbit/s per direction per host, MTU $MTU, RTT ${RTT} ms$([ -n "$DELAYLINE" ] && echo ' (delay line)') (measured $MEASURED_RTT), MR_STREAMS=$STREAMS"
 printf "%-12s %12s %10s %10s %8s\n" mode size time_s bound_s of_bound
 report() { # mode size seconds
+  if [ "$OP" != allreduce ]; then
+    awk -v m="$1" -v s="$2" -v t="$3" 'BEGIN{printf "%-12s %12d %10.3f %10s %8s\n", m, s, t, "-", "-"}'
+    return
+  fi
   local bound wire=1
   case $1 in *-bf16|*-fp16) wire=0.5 ;; *-int8) wire=$(awk 'BEGIN{print 264/1024}') ;; esac
   local relayed=0
