@@ -9,7 +9,9 @@
 # Needs root, iproute2 and a release build (make build).
 #
 # usage: bench/netns.sh [-p PEERS] [-r RELAYS] [-R RATE_MBIT] [-s "64M 256M"] [-n ITERS] [-S STREAMS]
-#                       [-m "ring relay gloo"]   (the modes to run; default all three)
+#                       [-m "ring relay gloo"]   (the modes to run; default all three; also
+#                                                 "train": bench/train_compressed.py on the ring,
+#                                                 uncompressed, bf16 and int8, -n steps)
 #                       [-M MTU]                 (link MTU, default 1500)
 #                       [-d RTT_MS]              (round-trip delay between any two hosts)
 #                       [-l RANKS_PER_HOST]      (ranks sharing each peer host's namespace and link)
@@ -202,6 +204,28 @@ if { want relay || want relay-flat; } && [ "$RELAYS" -gt 0 ] && [ -x "$RELAYD" ]
   if want relay-flat && [ "$LOCAL" -gt 1 ]; then
     run_peers relay MR_RELAYS="$RELAY_LIST" MR_TOKEN="$TOKEN" MR_HIERARCHY=0 | while read -r algo size secs; do report relay-flat "$size" "$secs"; done
   fi
+fi
+
+if want train && [ -x .venv/bin/python ] && .venv/bin/python -c 'import mapreduce_torch' 2>/dev/null; then
+  echo "# training (bench/train_compressed.py, $ITERS steps, DDP over the ring, error feedback for bf16/int8)"
+  printf "%-12s %12s %10s\n" format final_loss wall_s
+  for fmt in none bf16 int8; do
+    port=$((20000 + RANDOM % 20000)) pids=() out=$(mktemp)
+    for h in $(seq 0 $((PEERS - 1))); do
+      for l in $(seq 0 $((LOCAL - 1))); do
+      r=$((h * LOCAL + l))
+      ip netns exec "$NS-h$h" env MR_ALGO=ring MR_IFNAME=eth0 MR_STREAMS="$STREAMS" MR_TIMEOUT_MS=120000 \
+        timeout 1800 .venv/bin/python bench/train_compressed.py --rank "$r" --world "$WORLD" \
+        --master "$(ip_of 0):$port" --formats "$fmt" --steps "$ITERS" --rate 0 >"$out.$r" 2>&1 &
+      pids+=($!)
+      done
+    done
+    ok=0
+    for p in "${pids[@]}"; do wait "$p" || ok=1; done
+    if [ $ok -ne 0 ]; then echo "training ($fmt) failed:" >&2; cat "$out".* >&2; fi
+    awk '/^train / {printf "%-12s %12s %10s\n", $2, $3, $4}' "$out.0"
+    rm -f "$out".*
+  done
 fi
 
 if want gloo && [ -x .venv/bin/python ] && .venv/bin/python -c 'import torch' 2>/dev/null; then

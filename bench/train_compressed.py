@@ -7,6 +7,10 @@ shared memory off, so gradients cross emulated slow links and compression matter
 
     .venv/bin/python bench/train_compressed.py --ranks 4 --steps 200
 
+With --rank/--world/--master it runs one rank of one format instead (bench/netns.sh -m train
+starts one per emulated host, on shaped links, with --rate 0 and shared memory left to the
+layout), and rank 0 prints `train FORMAT FINAL_LOSS WALL_S`.
+
 The model (an MLP of about 3.7M parameters, 15 MB of float32 gradients per step) learns a
 fixed random teacher network; every run starts from the same weights and sees the same data.
 """
@@ -27,9 +31,10 @@ def free_port():
         return s.getsockname()[1]
 
 
-def rank_main(rank, world, port, fmt, steps, rate, out):
-    os.environ["MR_SHM_DISABLE"] = "1"
-    os.environ["MR_MAX_RATE"] = str(rate)
+def rank_main(rank, world, port, fmt, steps, rate, out, master="127.0.0.1"):
+    if rate and int(rate) > 0:
+        os.environ["MR_SHM_DISABLE"] = "1"
+        os.environ["MR_MAX_RATE"] = str(rate)
     import torch
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
@@ -38,7 +43,7 @@ def rank_main(rank, world, port, fmt, steps, rate, out):
     from mapreduce_torch import hooks
 
     torch.set_num_threads(1)
-    dist.init_process_group("mapreduce", rank=rank, world_size=world, init_method=f"tcp://127.0.0.1:{port}")
+    dist.init_process_group("mapreduce", rank=rank, world_size=world, init_method=f"tcp://{master}:{port}")
     torch.manual_seed(0)
     teacher = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.Tanh(), torch.nn.Linear(512, 16))
     torch.manual_seed(1)
@@ -66,7 +71,10 @@ def rank_main(rank, world, port, fmt, steps, rate, out):
         final = torch.nn.functional.mse_loss(model(xs), teacher(xs)).item()
     dist.destroy_process_group()
     if rank == 0:
-        out.put((fmt, final, wall))
+        if out is None:
+            print(f"train {fmt} {final:.6f} {wall:.2f}", flush=True)
+        else:
+            out.put((fmt, final, wall))
 
 
 def main():
@@ -75,7 +83,14 @@ def main():
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--rate", default="125000000", help="MR_MAX_RATE for every rank (bytes/s)")
     ap.add_argument("--formats", default="none,bf16,int8")
+    ap.add_argument("--rank", type=int, help="run this one rank (with --world, --master, --formats F)")
+    ap.add_argument("--world", type=int)
+    ap.add_argument("--master", help="HOST:PORT of rank 0's rendezvous")
     args = ap.parse_args()
+    if args.rank is not None:
+        host, port = args.master.rsplit(":", 1)
+        rank_main(args.rank, args.world, int(port), args.formats, args.steps, args.rate, None, host)
+        return
     ctx = multiprocessing.get_context("spawn")
     rows = []
     for fmt in args.formats.split(","):
