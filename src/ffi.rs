@@ -786,8 +786,8 @@ pub unsafe extern "C" fn mr_iallreduce(
 /// `mr_allreduce` with float data travelling in wire format `z` (the same on every rank):
 /// afterwards `buf` holds the same bits on every rank, within the format's error bound of the
 /// exact result (see README). Only float32 and float64 data compress; other types are an
-/// error unless `z` is `MR_COMPRESS_NONE`. Ops that run over shared memory or through relays
-/// stay exact. Blocks until done.
+/// error unless `z` is `MR_COMPRESS_NONE`. Ops that run over shared memory stay exact; through
+/// relays each rank's input and the sum are encoded once. Blocks until done.
 #[no_mangle]
 pub unsafe extern "C" fn mr_allreduce_compressed(
     comm: *mut mr_comm,
