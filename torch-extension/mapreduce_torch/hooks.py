@@ -71,22 +71,38 @@ def quantize(t, fmt):
     n = flat.numel()
     if n == 0:
         return t.clone()
-    pad = (-n) % INT8_BLOCK
-    blocks = torch.nn.functional.pad(flat, (0, pad), value=float("nan")).view(-1, INT8_BLOCK)
-    # The padding must not widen the last block's range: take extremes over real elements.
-    valid = torch.arange(blocks.numel(), device=flat.device).view_as(blocks) < n
-    big = torch.finfo(torch.float32).max
-    lo = torch.where(valid, blocks, torch.full_like(blocks, big)).amin(dim=1, keepdim=True)
-    hi = torch.where(valid, blocks, torch.full_like(blocks, -big)).amax(dim=1, keepdim=True)
-    finite = torch.where(valid, torch.isfinite(blocks), torch.ones_like(valid)).all(dim=1, keepdim=True)
+    full = n - n % INT8_BLOCK
+    parts = []
+    if full:
+        parts.append(_int8_blocks(flat[:full].view(-1, INT8_BLOCK)))
+    if full < n:
+        parts.append(_int8_blocks(flat[full:].view(1, -1)))
+    out = parts[0] if len(parts) == 1 else torch.cat([p.reshape(-1) for p in parts])
+    return out.reshape(-1).view_as(t).to(t.dtype)
+
+
+def _int8_blocks(blocks):
+    """One int8 encoding of each row of ``blocks`` (a block each), decoded: a new tensor.
+
+    Written as few full-size passes as possible (most work is per block): this runs on every
+    bucket of every step.
+    """
+    lo = blocks.amin(dim=1, keepdim=True)
+    hi = blocks.amax(dim=1, keepdim=True)
+    # A NaN anywhere makes lo or hi NaN, an infinity makes one of them infinite.
+    finite = torch.isfinite(lo) & torch.isfinite(hi)
     step = hi / 255.0 - lo / 255.0
     mid = lo + (hi / 2.0 - lo / 2.0)
-    safe = torch.where(step > 0, step, torch.ones_like(step))
-    q = torch.floor((blocks - mid) / safe + 128.0).clamp(0.0, 255.0)
-    q = torch.where(step > 0, q, torch.zeros_like(q))
-    out = mid + (q - 127.5) * step
-    out = torch.where(finite, out, torch.full_like(out, float("nan")))
-    return out.reshape(-1)[:n].view_as(t).to(t.dtype)
+    moves = step > 0
+    safe = torch.where(moves, step, torch.ones_like(step))
+    q = blocks - mid
+    q.div_(safe).add_(128.0).floor_().clamp_(0.0, 255.0)
+    # Constant blocks decode to their midpoint (code 0 times a zero step).
+    q.mul_(moves.to(q.dtype))
+    q.sub_(127.5).mul_(step).add_(mid)
+    if not bool(finite.all()):
+        q = torch.where(finite, q, torch.full_like(q, float("nan")))
+    return q
 
 
 class CompressionState:
