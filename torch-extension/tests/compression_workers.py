@@ -66,6 +66,33 @@ def train_formats(rank, world, port, steps):
     return out
 
 
+def _reference_int8(t):
+    """The int8 block rule written plainly (NaN-padded blocks, masks): what hooks.quantize must
+    match bit for bit."""
+    flat = t.detach().reshape(-1).to(torch.float32)
+    n = flat.numel()
+    pad = (-n) % 256
+    blocks = torch.nn.functional.pad(flat, (0, pad), value=float("nan")).view(-1, 256)
+    valid = torch.arange(blocks.numel()).view_as(blocks) < n
+    big = torch.finfo(torch.float32).max
+    lo = torch.where(valid, blocks, torch.full_like(blocks, big)).amin(dim=1, keepdim=True)
+    hi = torch.where(valid, blocks, torch.full_like(blocks, -big)).amax(dim=1, keepdim=True)
+    finite = torch.where(valid, torch.isfinite(blocks), torch.ones_like(valid)).all(dim=1, keepdim=True)
+    step = hi / 255.0 - lo / 255.0
+    mid = lo + (hi / 2.0 - lo / 2.0)
+    safe = torch.where(step > 0, step, torch.ones_like(step))
+    q = torch.floor((blocks - mid) / safe + 128.0).clamp(0.0, 255.0)
+    q = torch.where(step > 0, q, torch.zeros_like(q))
+    out = mid + (q - 127.5) * step
+    out = torch.where(finite, out, torch.full_like(out, float("nan")))
+    return out.reshape(-1)[:n].view_as(t).to(t.dtype)
+
+
+def _same_bits(a, b):
+    kind = torch.int64 if a.dtype == torch.float64 else torch.int32
+    return a.shape == b.shape and torch.equal(a.reshape(-1).view(kind), b.reshape(-1).view(kind))
+
+
 def quantize_cases(rank, world, port):
     """The hook's estimate of one int8 encoding: within half a step per block, NaN blocks."""
     x = torch.randn(1000, generator=torch.Generator().manual_seed(rank)) * 10
@@ -84,4 +111,23 @@ def quantize_cases(rank, world, port):
         "others_finite": bool(torch.isfinite(qn[:256]).all() and torch.isfinite(qn[512:]).all()),
         "constant_exact": bool(torch.equal(hooks.quantize(torch.full((300,), 3.25), "int8"), torch.full((300,), 3.25))),
         "bf16": bool(torch.equal(hooks.quantize(x, "bf16"), x.to(torch.bfloat16).float())),
+        "matches_reference": all(_same_bits(hooks.quantize(c, "int8"), _reference_int8(c)) for c in _int8_cases()),
     }
+
+
+def _int8_cases():
+    g = torch.Generator().manual_seed(5)
+    for n in (1, 255, 256, 257, 1000, 70001):
+        x = torch.randn(n, generator=g) * 10
+        yield x
+        yield x.double()
+        y = x.clone()
+        y[n // 2] = float("nan")
+        yield y
+        z = x.clone()
+        z[-1] = float("-inf")
+        yield z
+        yield torch.full((n,), -2.5)
+        w = x.clone()
+        w[: min(n, 300)] = 0.0
+        yield w.view(1, -1)

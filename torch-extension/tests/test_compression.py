@@ -25,3 +25,4 @@ def test_quantize_estimate_follows_the_block_rule():
     r = results[0]
     assert r["worst_over_half_step"] <= 1.0001, r
     assert r["nan_block"] and r["others_finite"] and r["constant_exact"] and r["bf16"], r
+    assert r["matches_reference"], r
