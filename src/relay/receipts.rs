@@ -366,6 +366,21 @@ impl Ledger {
         self.entries += 1;
     }
 
+    /// Op `seq` failed at the relay (a frame its sums refused: another count, a chunk that
+    /// disagrees with the one in progress, ...), which drops whatever the sums held of it while
+    /// later frames may start the op's chunks afresh: the relay signs nothing for it from now
+    /// on, so its receipts never pair inputs it dropped with results of inputs it took later.
+    pub fn fail(&mut self, seq: u64) {
+        if seq < self.floor {
+            return;
+        }
+        if let Some(op) = self.ops.get_mut(&seq) {
+            self.entries -= op.entries.len();
+            op.entries = BTreeMap::new();
+            op.reduction = None;
+        }
+    }
+
     /// The entries of op `seq` covering any of `positions` (bytes), with its reduction.
     pub fn receipt(&self, job: [u8; 16], seq: u64, positions: &[u64]) -> Receipt {
         let Some(op) = self.ops.get(&seq).filter(|op| op.reduction.is_some()) else {
@@ -482,6 +497,30 @@ mod tests {
         assert_eq!(mine.len(), 1, "{r:?}");
         assert_eq!(mine[0].digest, *blake3::hash(&[1; 8]).as_bytes());
         assert_eq!(l.entries, 3);
+    }
+
+    /// An op whose frames the relay's sums refused (another count, a chunk that disagrees
+    /// with the one in progress) signs nothing: the sums dropped the inputs recorded so far and
+    /// may sum chunks sent afterwards, so a receipt pairing the first inputs with the later
+    /// results would convict an honest relay.
+    #[test]
+    fn an_op_the_sums_refused_signs_nothing() {
+        let mut l = Ledger::default();
+        note(&mut l, 5, Kind::Input, 0, 0, &[1; 8]);
+        note(&mut l, 5, Kind::Input, 0, 8, &[4; 8]);
+        l.fail(5);
+        // Rank 0 sends chunk 0 anew, rank 1 its own; the relay sums and sends the result.
+        note(&mut l, 5, Kind::Input, 0, 0, &[9; 8]);
+        note(&mut l, 5, Kind::Input, 1, 0, &[2; 8]);
+        note(&mut l, 5, Kind::Result, 0, 0, &[11; 8]);
+        let r = l.receipt([7; 16], 5, &[0]);
+        assert!(r.reduction.is_none() && r.entries.is_empty(), "{r:?}");
+        assert_eq!(l.entries, 0);
+        // Other ops are untouched, and failing an op never seen records nothing.
+        note(&mut l, 6, Kind::Input, 0, 0, &[1; 8]);
+        l.fail(7);
+        assert_eq!(l.receipt([7; 16], 6, &[0]).entries.len(), 1);
+        assert_eq!(l.ops.len(), 2);
     }
 
     /// An op the ledger forgot is never recorded again: a receipt signed before it was

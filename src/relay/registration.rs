@@ -143,6 +143,17 @@ impl Grants {
         ledger.note(seq, reduction, entry);
     }
 
+    /// Op `seq` of `job` failed at the relay: it signs nothing for it (see [`Ledger::fail`]).
+    pub fn fail(&self, job: &[u8; 16], seq: u64) {
+        if !self.keeps_receipts() {
+            return;
+        }
+        let mut l = self.ledgers.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((ledger, _)) = l.by_job.get_mut(job) {
+            ledger.fail(seq);
+        }
+    }
+
     /// The signed receipt of op `seq` of `job` covering byte `positions`: public key (32),
     /// signature (64), then [`Receipt::message`]. `None` without an identity.
     pub fn signed_receipt(&self, job: &[u8; 16], seq: u64, positions: &[u64]) -> Option<Vec<u8>> {

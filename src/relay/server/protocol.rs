@@ -337,6 +337,11 @@ impl Relay {
                 }
                 Err(Fault::Conn(e)) => Err(e),
                 Err(Fault::Op(seq, e)) => {
+                    // The sums dropped what they held of the op; its receipts must not pair
+                    // the inputs recorded so far with results of inputs taken after.
+                    if let Some(g) = self.config.grants.as_ref() {
+                        g.fail(&job, seq);
+                    }
                     log::warn!(
                         "job {}: op seq {seq} failed: {}",
                         crate::config::to_hex(&job[..4]),
