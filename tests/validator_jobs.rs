@@ -82,7 +82,7 @@ fn dishonest_relays_are_detected_and_excluded() {
         // Operators see why: the status table and the log name the evidence by its id.
         let eid = b.score.evidence[0].split(':').next().unwrap().to_string();
         assert_eq!(eid.len(), 12, "{}", b.score.evidence[0]);
-        assert!(v.has_log(&format!("evidence {eid}")));
+        assert!(v.wait_log(&format!("evidence {eid}")));
         let out = Command::new(env!("CARGO_BIN_EXE_mr-validator"))
             .args(["status", "--validator", &v.addr])
             .output()
@@ -318,6 +318,6 @@ fn benchmark_bots_measure_throughput() {
         r.len() == 1 && r[0].score.throughput_mbps > 0.0
     });
     assert_eq!(rows[0].score.correctness, 1.0);
-    assert!(v.has_log("result verified"));
+    assert!(v.wait_log("result verified"));
     drop(v);
 }

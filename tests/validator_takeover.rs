@@ -356,7 +356,7 @@ fn fabricated_reports_from_an_admitted_client_count_against_the_client() {
         flagged[0].last_evidence.contains("did not sign"),
         "{flagged:?}"
     );
-    assert!(v.has_log(&format!("client {} flagged", client.id())));
+    assert!(v.wait_log(&format!("client {} flagged", client.id())));
     // Flagged twice (both ranks' reports), the limit: no more jobs for this client.
     let again = client::request_as(
         &v.addr,
