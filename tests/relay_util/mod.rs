@@ -98,14 +98,7 @@ impl RelayProc {
 
     /// Wait until a log line contains `needle`.
     pub fn wait_log(&self, needle: &str) -> bool {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if self.log.lock().unwrap().iter().any(|l| l.contains(needle)) {
-                return true;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        false
+        daemon::wait_line(&self.log, needle)
     }
 
     /// The relay's resident memory (VmRSS), in KiB.
@@ -117,12 +110,7 @@ impl RelayProc {
 
     /// Log lines containing `needle`.
     pub fn count_log(&self, needle: &str) -> usize {
-        self.log
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|l| l.contains(needle))
-            .count()
+        daemon::count_lines(&self.log, needle)
     }
 
     pub fn is_running(&mut self) -> bool {

@@ -32,3 +32,25 @@ pub fn spawn_logged(mut cmd: Command) -> (Child, String, Arc<Mutex<Vec<String>>>
         .expect("daemon did not report its address");
     (child, addr, log)
 }
+
+/// Lines of a daemon's `log` so far that contain `needle`.
+pub fn count_lines(log: &Mutex<Vec<String>>, needle: &str) -> usize {
+    log.lock()
+        .unwrap()
+        .iter()
+        .filter(|l| l.contains(needle))
+        .count()
+}
+
+/// Whether a line containing `needle` reaches `log` within 10 s (the log is read by another
+/// thread, so a line the daemon has written may not be there yet).
+pub fn wait_line(log: &Mutex<Vec<String>>, needle: &str) -> bool {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while count_lines(log, needle) == 0 {
+        if std::time::Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    true
+}

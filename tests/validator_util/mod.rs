@@ -31,27 +31,14 @@ impl Proc {
         self.count_log(needle) > 0
     }
 
-    /// Whether a log line containing `needle` arrives within 10 s (the log is read by another
-    /// thread, so a line the process has written may not be here yet).
+    /// Whether a log line containing `needle` arrives within 10 s.
     pub fn wait_log(&self, needle: &str) -> bool {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while !self.has_log(needle) {
-            if std::time::Instant::now() > deadline {
-                return false;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
-        true
+        daemon::wait_line(&self.log, needle)
     }
 
     /// Log lines so far that contain `needle`.
     pub fn count_log(&self, needle: &str) -> usize {
-        self.log
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|l| l.contains(needle))
-            .count()
+        daemon::count_lines(&self.log, needle)
     }
 }
 
