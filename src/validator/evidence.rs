@@ -430,16 +430,7 @@ mod tests {
         let relay = Identity::generate();
         let key = [relay.public()];
         for z in [Compression::Bf16, Compression::Int8] {
-            let enc = |x: &[f32]| {
-                let mut w = vec![0u8; z.encoded_len(x.len())];
-                z.encode(x, &mut w);
-                w
-            };
-            let a: Vec<f32> = (0..300).map(|i| (i % 17) as f32 * 0.3).collect();
-            let b: Vec<f32> = (0..300).map(|i| (i % 5) as f32 - 1.5).collect();
-            let inputs = [enc(&a), enc(&b)];
-            let refs: Vec<&[u8]> = inputs.iter().map(Vec::as_slice).collect();
-            let sum = crate::compress::reduce_encoded(z, ReduceOp::Sum, &refs).unwrap();
+            let (inputs, sum) = encoded_pair(z);
             let mut wrong = sum.clone();
             wrong[9] ^= 1;
             let r = reports_of(&relay, &inputs, [&sum, &sum], [&sum, &sum], z as u32);
@@ -476,6 +467,22 @@ mod tests {
         }
     }
 
+    /// Two ranks' inputs of 300 elements encoded in `z`, and their sum as a relay computes it.
+    fn encoded_pair(z: Compression) -> ([Vec<u8>; 2], Vec<u8>) {
+        let enc = |x: Vec<f32>| {
+            let mut w = vec![0u8; z.encoded_len(x.len())];
+            z.encode(&x, &mut w);
+            w
+        };
+        let inputs = [
+            enc((0..300).map(|i| (i % 17) as f32 * 0.3).collect()),
+            enc((0..300).map(|i| (i % 5) as f32 - 1.5).collect()),
+        ];
+        let refs: Vec<&[u8]> = inputs.iter().map(Vec::as_slice).collect();
+        let sum = crate::compress::reduce_encoded(z, ReduceOp::Sum, &refs).unwrap();
+        (inputs, sum)
+    }
+
     /// Every rank describes the op alike, but not as the relay reduced it (a sum reported as
     /// a max). The relay signed what it did; its signed inputs reduce to its signed results,
     /// so it is not convicted, and the reports are blamed.
@@ -499,16 +506,7 @@ mod tests {
         let relay = Identity::generate();
         let key = [relay.public()];
         let z = Compression::Int8;
-        let enc = |x: &[f32]| {
-            let mut w = vec![0u8; z.encoded_len(x.len())];
-            z.encode(x, &mut w);
-            w
-        };
-        let a: Vec<f32> = (0..300).map(|i| (i % 17) as f32 * 0.3).collect();
-        let b: Vec<f32> = (0..300).map(|i| (i % 5) as f32 - 1.5).collect();
-        let inputs = [enc(&a), enc(&b)];
-        let refs: Vec<&[u8]> = inputs.iter().map(Vec::as_slice).collect();
-        let sum = crate::compress::reduce_encoded(z, ReduceOp::Sum, &refs).unwrap();
+        let (inputs, sum) = encoded_pair(z);
         let mut r = reports_of(&relay, &inputs, [&sum, &sum], [&sum, &sum], z as u32);
         for (rec, _) in &mut r {
             rec.compress = Compression::None as u32;
