@@ -1016,7 +1016,7 @@ impl Comm {
         dtype: DType,
         count: usize,
         root: usize,
-        plan: ExchangePlan,
+        plan: impl FnOnce() -> ExchangePlan,
         splits: Option<crate::net::shm::Splits>,
         mem: OpMemory,
     ) -> Result<Request> {
@@ -1044,7 +1044,7 @@ impl Comm {
             Transport::Frames(Box::new(Exchange::new(
                 desc,
                 self.config.chunk_bytes,
-                plan,
+                plan(),
                 &mut mem,
             )))
         };
@@ -1279,7 +1279,7 @@ impl Comm {
         // SAFETY: forwarded from this function's contract; the input is only read.
         let mut mem = OpMemory::new(unsafe { RawBuf::new(recv, recv_bytes) });
         mem.input = unsafe { RawBuf::new(send as *mut u8, bytes) };
-        let plan = ExchangePlan::gather(self.rank, self.size, bytes, root);
+        let plan = || ExchangePlan::gather(self.rank, self.size, bytes, root);
         self.submit_exchange(Collective::Gather, dtype, count, root, plan, None, mem)
     }
 
@@ -1304,7 +1304,7 @@ impl Comm {
         // SAFETY: forwarded from this function's contract; the input is only read.
         let mut mem = OpMemory::new(unsafe { RawBuf::new(recv, bytes) });
         mem.input = unsafe { RawBuf::new(send as *mut u8, send_bytes) };
-        let plan = ExchangePlan::scatter(self.rank, self.size, bytes, root);
+        let plan = || ExchangePlan::scatter(self.rank, self.size, bytes, root);
         self.submit_exchange(Collective::Scatter, dtype, count, root, plan, None, mem)
     }
 
@@ -1328,17 +1328,19 @@ impl Comm {
         // SAFETY: forwarded from this function's contract; the input is only read.
         let mut mem = OpMemory::new(unsafe { RawBuf::new(recv, total) });
         mem.input = unsafe { RawBuf::new(send as *mut u8, total) };
-        let counts = vec![count; self.size];
-        let displs: Vec<usize> = (0..self.size).map(|p| p * count).collect();
-        let plan = ExchangePlan::alltoallv(
-            self.rank,
-            self.size,
-            dtype.size(),
-            &counts,
-            &displs,
-            &counts,
-            &displs,
-        );
+        let plan = || {
+            let counts = vec![count; self.size];
+            let displs: Vec<usize> = (0..self.size).map(|p| p * count).collect();
+            ExchangePlan::alltoallv(
+                self.rank,
+                self.size,
+                dtype.size(),
+                &counts,
+                &displs,
+                &counts,
+                &displs,
+            )
+        };
         self.submit_exchange(Collective::AllToAll, dtype, count, 0, plan, None, mem)
     }
 
@@ -1410,22 +1412,25 @@ impl Comm {
         // SAFETY: forwarded from this function's contract; the input is only read.
         let mut mem = OpMemory::new(unsafe { RawBuf::new(recv, recv_bytes) });
         mem.input = unsafe { RawBuf::new(send as *mut u8, send_bytes) };
-        let plan = ExchangePlan::alltoallv(
-            self.rank,
-            n,
-            dtype.size(),
-            send_counts,
-            send_displs,
-            recv_counts,
-            recv_displs,
-        );
-        let splits = crate::net::shm::Splits {
+        let plan = || {
+            ExchangePlan::alltoallv(
+                self.rank,
+                n,
+                dtype.size(),
+                send_counts,
+                send_displs,
+                recv_counts,
+                recv_displs,
+            )
+        };
+        // The segment needs the counts themselves; frames carry them per transfer.
+        let splits = self.shm.then(|| crate::net::shm::Splits {
             send_counts: send_counts.to_vec(),
             send_displs: send_displs.to_vec(),
             recv_counts: recv_counts.to_vec(),
             recv_displs: recv_displs.to_vec(),
-        };
-        self.submit_exchange(Collective::AllToAllV, dtype, 0, 0, plan, Some(splits), mem)
+        });
+        self.submit_exchange(Collective::AllToAllV, dtype, 0, 0, plan, splits, mem)
     }
 
     /// Start a barrier: completes once every rank has entered it.
