@@ -401,18 +401,11 @@ impl Segment {
     /// alike), and return the largest count of any pair.
     fn check_counts(&self, d: &OpDesc, s: usize) -> Result<usize> {
         let n = self.size;
-        let tables: Vec<Vec<u64>> = (0..n)
-            .map(|r| {
-                self.counts(r, s)
-                    .iter()
-                    .map(|w| w.load(Ordering::Relaxed))
-                    .collect()
-            })
-            .collect();
         let mut most = 0;
         for q in 0..n {
-            for (p, theirs) in tables.iter().enumerate() {
-                let (sends, expects) = (tables[q][p], theirs[n + q]);
+            for (p, sent) in self.counts(q, s).iter().take(n).enumerate() {
+                let sends = sent.load(Ordering::Relaxed);
+                let expects = self.counts(p, s)[n + q].load(Ordering::Relaxed);
                 if sends != expects {
                     let who = |r: usize| match r == self.rank {
                         true => "this rank".to_string(),
