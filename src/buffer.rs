@@ -133,6 +133,9 @@ pub enum Region {
     Acc { offset: usize, len: usize },
     /// Bytes owned by the transmit itself (small control payloads).
     Inline(Vec<u8>),
+    /// The op's backup scratch ([`OpMemory::backup`]), read-only: the encoded image of a
+    /// compressed relay all-reduce's input, sent (and sent again after a lost relay) from there.
+    Backup { offset: usize, len: usize },
     /// One of the op's further caller buffers (`OpMemory::buffers`; point-to-point groups,
     /// where every send and receive has its own).
     Buffer {
@@ -148,6 +151,7 @@ impl Region {
             Region::User { len, .. }
             | Region::Input { len, .. }
             | Region::Acc { len, .. }
+            | Region::Backup { len, .. }
             | Region::Buffer { len, .. } => *len,
             Region::Inline(v) => v.len(),
         }
@@ -169,8 +173,9 @@ pub struct OpMemory {
     /// Further caller buffers, read or written as [`Region::Buffer`] says.
     pub buffers: Vec<RawBuf>,
     /// Room for copies of input the op may have to send again after its result overwrote
-    /// it (a relay all-reduce that loses a relay). Its contents are whatever an earlier op
-    /// left: a schedule reads back only what it copied in. The progress loop hands one op's
+    /// it (a relay all-reduce that loses a relay; a compressed one keeps its input's encoded
+    /// image here, which it sends from). Its contents are whatever an earlier op left: a
+    /// schedule reads back only what it wrote. The progress loop hands one op's
     /// backup to the next, so the pages are faulted in once per communicator.
     pub backup: Option<Scratch>,
 }
@@ -195,6 +200,9 @@ impl OpMemory {
                 &self.acc.as_ref().expect("op has an accumulator").as_slice()[*offset..offset + len]
             }
             Region::Inline(v) => v,
+            Region::Backup { offset, len } => {
+                &self.backup.as_ref().expect("op has a backup").as_slice()[*offset..offset + len]
+            }
             Region::Buffer { index, offset, len } => {
                 &self.buffers[*index].as_slice()[*offset..offset + len]
             }
@@ -210,7 +218,9 @@ impl OpMemory {
             Region::Buffer { index, offset, len } => {
                 &mut self.buffers[*index].as_mut_slice()[*offset..offset + len]
             }
-            Region::Input { .. } | Region::Inline(_) => panic!("region {r:?} is not writable"),
+            Region::Input { .. } | Region::Inline(_) | Region::Backup { .. } => {
+                panic!("region {r:?} is not writable")
+            }
         }
     }
 

@@ -74,7 +74,8 @@ fn traffic(c: &Case, seed: u64) -> (usize, String) {
             let mut mem =
                 OpMemory::new(unsafe { RawBuf::new(users[r].as_mut_ptr(), users[r].len()) });
             mem.input = unsafe { RawBuf::new(inputs[r].as_mut_ptr(), inputs[r].len()) };
-            let s = crate::algo::plan::build(&desc, r, n, &cfg, &mut mem).unwrap();
+            let mut s = crate::algo::plan::build(&desc, r, n, &cfg, &mut mem).unwrap();
+            s.start(&mut mem).unwrap();
             (s, mem, Vec::<Transmit>::new())
         })
         .collect();

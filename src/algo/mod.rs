@@ -277,6 +277,13 @@ pub struct Transmit {
 pub trait Schedule: Send {
     fn desc(&self) -> &OpDesc;
 
+    /// Called once by the driver with the op's memory before the first `poll_transmit`
+    /// (after the driver handed the op a spare [`OpMemory::backup`]): room the schedule needs
+    /// for the whole op is taken here, where a failure can still fail the op cleanly.
+    fn start(&mut self, _mem: &mut OpMemory) -> Result<()> {
+        Ok(())
+    }
+
     /// The next frame to send, if any is ready. May write into `mem` (e.g. to convert the
     /// caller's f16 data into the f32 accumulator before sending it).
     #[must_use]

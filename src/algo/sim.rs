@@ -299,6 +299,10 @@ impl Sim {
         let k = &mut self.ranks[r];
         k.running = true;
         k.started_at = self.now;
+        if let Err(e) = k.schedule.start(&mut k.mem) {
+            k.error = Some(e);
+            return;
+        }
         let lost = k.health.start_op(now, 0..self.relays.len());
         for relay in lost {
             let err = Error::remote(format!("relay {relay} was lost in an earlier op"));

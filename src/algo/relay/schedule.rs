@@ -49,8 +49,11 @@ struct Chunk {
     slot: usize,
     /// Result in place (all-reduce), acknowledged (root) or received (receiver).
     done: bool,
-    /// The input was copied to the backup before its result overwrote it.
+    /// The result overwrote the input, which is in the backup: copied there (exact), or
+    /// encoded there before its first send (compressed).
     saved: bool,
+    /// Compressed: the input's encoding is in the backup's image of the buffer.
+    encoded: bool,
 }
 
 /// Chunks sent to one relay along one path.
@@ -157,6 +160,7 @@ impl RelaySchedule {
                     slot: index,
                     done: false,
                     saved: false,
+                    encoded: false,
                 });
             }
             lanes.push(Lane::new(vec![k], (first..chunks.len()).collect()));
@@ -302,12 +306,23 @@ impl RelaySchedule {
             self.rank
         );
         let desc = self.desc;
-        let schedule: Box<dyn Schedule> = match self.role {
+        let mut schedule: Box<dyn Schedule> = match self.role {
             Role::AllReduce => {
                 if let Some(b) = &mem.backup {
                     let user = mem.user.as_mut_slice();
                     for c in self.chunks.iter().filter(|c| c.saved) {
-                        user[c.user.clone()].copy_from_slice(&b.as_slice()[c.user.clone()]);
+                        match self.z {
+                            Compression::None => {
+                                user[c.user.clone()].copy_from_slice(&b.as_slice()[c.user.clone()])
+                            }
+                            // Only the input's encoding was kept: the ring starts from what
+                            // it decodes to, one encoding more on these elements' path.
+                            z => z.decode_bytes(
+                                desc.dtype,
+                                &b.as_slice()[c.range.clone()],
+                                &mut user[c.user.clone()],
+                            ),
+                        }
                     }
                 }
                 if self.z != Compression::None {
@@ -342,6 +357,7 @@ impl RelaySchedule {
                 self.chunk_bytes,
             )),
         };
+        schedule.start(mem)?;
         self.fallback = Some(schedule);
         self.notify_all(AUX_FALLBACK, 0);
         Ok(())
@@ -472,11 +488,14 @@ impl RelaySchedule {
             }
             return Ok(());
         }
-        let backup = backup_for(&mut mem.backup, user.len())?;
-        backup[u.clone()].copy_from_slice(&user[u.clone()]);
         match z {
-            Compression::None => user[u].copy_from_slice(payload),
-            z => z.decode_bytes(dtype, payload, &mut user[u]),
+            Compression::None => {
+                let backup = backup_for(&mut mem.backup, user.len())?;
+                backup[u.clone()].copy_from_slice(&user[u.clone()]);
+                user[u].copy_from_slice(payload)
+            }
+            // The input's encoding stays in the image it was sent from.
+            z => z.decode_result_bytes(dtype, payload, &mut user[u]),
         }
         self.chunks[c].saved = true;
         self.chunks[c].done = true;
@@ -499,6 +518,18 @@ impl Schedule for RelaySchedule {
         &self.desc
     }
 
+    /// A compressed all-reduce reserves the encoded image of its input in the backup: each
+    /// chunk is encoded there once and sent from there, however often a lost relay makes it
+    /// go again, and no float copy of the input is needed before a result overwrites it.
+    fn start(&mut self, mem: &mut OpMemory) -> Result<()> {
+        if self.z != Compression::None {
+            if let Some(last) = self.chunks.last() {
+                backup_for(&mut mem.backup, last.range.end)?;
+            }
+        }
+        Ok(())
+    }
+
     fn poll_transmit(&mut self, mem: &mut OpMemory) -> Option<Transmit> {
         if let Some(t) = self.notices.pop_front() {
             self.notices_unsent += 1;
@@ -518,30 +549,42 @@ impl Schedule for RelaySchedule {
             if lane.dead || lane.next_send >= lane.members.len() || lane.in_flight >= self.window {
                 continue;
             }
-            let ch = &self.chunks[lane.members[lane.next_send]];
+            let c = lane.members[lane.next_send];
+            let ch = &mut self.chunks[c];
             lane.next_send += 1;
             lane.in_flight += 1;
             self.turn = (k + 1) % n;
             let (r, u) = (ch.range.clone(), ch.user.clone());
             let mut header = self.desc.header(aux, r.start, r.len());
             header.aux = aux;
-            let input = match (&mem.backup, ch.saved) {
-                (Some(b), true) => Some(&b.as_slice()[u.clone()]),
-                _ => None,
-            };
-            let region = match (self.z, input) {
-                (Compression::None, Some(b)) => Region::Inline(b.to_vec()),
-                (Compression::None, None) => Region::User {
-                    offset: u.start,
-                    len: u.len(),
+            let region = match self.z {
+                Compression::None => match (&mem.backup, ch.saved) {
+                    (Some(b), true) => Region::Inline(b.as_slice()[u].to_vec()),
+                    _ => Region::User {
+                        offset: u.start,
+                        len: u.len(),
+                    },
                 },
-                // Encoded afresh from the input each time it is sent: encoding is
-                // deterministic, so a chunk redone through another relay carries the same bytes.
-                (z, input) => {
-                    let mut wire = vec![0u8; r.len()];
-                    let src = input.unwrap_or(&mem.user.as_slice()[u]);
-                    z.encode_bytes(self.desc.dtype, src, &mut wire);
-                    Region::Inline(wire)
+                // Encoded once, at the first send, into the image of the buffer that
+                // `start` reserved; a chunk redone through another relay sends the same bytes.
+                z => {
+                    if !ch.encoded {
+                        let image = mem
+                            .backup
+                            .as_mut()
+                            .expect("start reserved the encoded image")
+                            .as_mut_slice();
+                        z.encode_bytes(
+                            self.desc.dtype,
+                            &mem.user.as_slice()[u],
+                            &mut image[r.clone()],
+                        );
+                        ch.encoded = true;
+                    }
+                    Region::Backup {
+                        offset: r.start,
+                        len: r.len(),
+                    }
                 }
             };
             return Some(Transmit {

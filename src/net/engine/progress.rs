@@ -292,6 +292,11 @@ impl ProgressLoop {
             done,
             landed: HashMap::new(),
         });
+        let op = self.current.as_mut().expect("current op");
+        if let Err(e) = op.schedule.start(&mut op.mem) {
+            self.fail_current(e);
+            return;
+        }
         // Relays lost earlier: the schedule routes around them from the start.
         for r in lost {
             let op = self.current.as_mut().expect("current op");
