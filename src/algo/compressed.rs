@@ -502,7 +502,8 @@ impl EncodedCopy {
             ..desc
         };
         // Whole int8 blocks (or 16-bit elements) per chunk.
-        let wire_chunk = z.encoded_len(crate::relay::compressed_chunk_bytes(chunk) / 4);
+        let wire_chunk =
+            z.encoded_len(crate::relay::compressed_chunk_bytes(chunk, Compression::None) / 4);
         let img = image.as_mut_slice();
         // SAFETY: the image is heap or mapped memory owned by `mem.acc` below, which outlives
         // the schedule and never moves or reallocates; the schedule reaches it only through

@@ -31,6 +31,7 @@ pub mod registration;
 pub mod server;
 pub mod sums;
 
+use crate::compress::Compression;
 use crate::error::{Error, Result};
 use crate::wire::{BodyReader, BodyWriter};
 
@@ -39,13 +40,19 @@ pub const MAX_WORLD: usize = 1 << 16;
 /// Largest window (chunks in flight per peer and relay) a relay accepts.
 pub const MAX_WINDOW: usize = 64;
 
-/// Most float32 bytes of one compressed all-reduce chunk in a job that announced
-/// `chunk_bytes`: whole int8 blocks of at most `chunk_bytes` as float32, and at least one
-/// block. Peers cut compressed chunks this way, and relays size (and refuse) them by it, so a
-/// compressed chunk never needs more relay memory than an exact float32 chunk of the job.
-pub fn compressed_chunk_bytes(chunk_bytes: usize) -> usize {
+/// Most float32 bytes of one all-reduce chunk in format `z` in a job that announced
+/// `chunk_bytes`: whole int8 blocks whose encoding takes at most `chunk_bytes`, and at least
+/// one block. A compressed chunk so puts about as many bytes on the wire as an exact one
+/// (an int8 chunk of a 64 KiB job carries 248 blocks: 248 KiB of float32 in 65,472 wire
+/// bytes), and costs as much per byte in frames, syscalls and tags. Peers cut compressed
+/// chunks this way, and relays size (and refuse) them by it. A relay's float32 accumulator
+/// for such a chunk is up to four times the job's chunk, which the job's budget
+/// ([`JobHello::budget`]: four chunks per peer and window slot) covers for any world size,
+/// since a peer's window counts wire-sized chunks. With [`Compression::None`]: whole blocks
+/// of at most `chunk_bytes`.
+pub fn compressed_chunk_bytes(chunk_bytes: usize, z: Compression) -> usize {
     use crate::compress::INT8_BLOCK;
-    (chunk_bytes / 4 / INT8_BLOCK).max(1) * INT8_BLOCK * 4
+    (chunk_bytes / z.encoded_len(INT8_BLOCK)).max(1) * INT8_BLOCK * 4
 }
 
 /// What a peer announces about itself and its job when it connects to a relay.
@@ -117,13 +124,14 @@ impl JobHello {
     /// The most memory the relay may need for this job: every peer's window of chunks staged,
     /// plus f32 accumulators (twice the wire size for 16-bit floats), plus results queued.
     /// Compressed chunks are staged and queued encoded, and their accumulators hold at most
-    /// [`compressed_chunk_bytes`] (never below one int8 block of float32, even for tiny chunks).
+    /// [`compressed_chunk_bytes`] (never below one int8 block of float32, even for tiny
+    /// chunks).
     pub fn budget(&self) -> usize {
         self.world
             .saturating_mul(self.window)
             .saturating_mul(
                 self.chunk_bytes
-                    .max(compressed_chunk_bytes(self.chunk_bytes)),
+                    .max(compressed_chunk_bytes(self.chunk_bytes, Compression::None)),
             )
             .saturating_mul(4)
     }
@@ -165,9 +173,28 @@ mod tests {
     /// reserve that much; larger ones are unchanged.
     #[test]
     fn the_reservation_covers_compressed_chunks() {
-        assert_eq!(compressed_chunk_bytes(64), 1024);
-        assert_eq!(compressed_chunk_bytes(4096), 4096);
-        assert_eq!(compressed_chunk_bytes(5000), 4096);
+        let z = Compression::None;
+        assert_eq!(compressed_chunk_bytes(64, z), 1024);
+        assert_eq!(compressed_chunk_bytes(4096, z), 4096);
+        assert_eq!(compressed_chunk_bytes(5000, z), 4096);
+        // Compressed chunks take at most the job's chunk on the wire (at least one block).
+        assert_eq!(compressed_chunk_bytes(64, Compression::Int8), 1024);
+        assert_eq!(
+            compressed_chunk_bytes(64 << 10, Compression::Int8),
+            248 << 10
+        );
+        assert_eq!(
+            compressed_chunk_bytes(64 << 10, Compression::Bf16),
+            128 << 10
+        );
+        assert_eq!(
+            compressed_chunk_bytes(64 << 10, Compression::Fp16),
+            128 << 10
+        );
+        for z in Compression::ALL {
+            let f32_bytes = compressed_chunk_bytes(64 << 10, z);
+            assert!(z.encoded_len(f32_bytes / 4) <= 64 << 10, "{z}");
+        }
         let h = JobHello {
             job: [7; 16],
             rank: 0,

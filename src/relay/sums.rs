@@ -56,7 +56,7 @@ fn describe(h: &FrameHeader) -> String {
 /// whole int8 blocks (or 16-bit elements) of the encoded image of the op's buffer: its
 /// `offset` is where a block starts in that image, its `len` encodes whole blocks (only the
 /// op's last chunk may end in a short block), and its elements take at most
-/// [`super::compressed_chunk_bytes`]`(chunk_bytes)` as float32 — what the relay allocates to
+/// [`super::compressed_chunk_bytes`]`(chunk_bytes, z)` as float32 — what the relay allocates to
 /// sum them.
 pub fn check_data_header(
     h: &FrameHeader,
@@ -149,7 +149,7 @@ fn check_compressed(
         })?;
     let total = z.encoded_len(count) as u64;
     let end = h.offset.saturating_add(h.len);
-    let max = super::compressed_chunk_bytes(chunk_bytes);
+    let max = super::compressed_chunk_bytes(chunk_bytes, z);
     if h.len == 0 || end > total {
         return bad(format!(
             "of {} bytes at {}: outside the op's {total} wire bytes ({count} elements)",
@@ -677,9 +677,10 @@ mod tests {
             .contains("no int8 block starts"));
         assert!(ok(0, 100).is_err());
         assert!(ok(2 * 264, 264 + 13 + 264).is_err());
-        // More elements than the job's chunks hold (1024 bytes: one block of f32).
-        let e = ok(0, 2 * 264).unwrap_err();
-        assert!(e.message.contains("at most 256 float32"), "{}", e.message);
+        // More elements than the job's chunks hold (1024 wire bytes: three int8 blocks).
+        assert_eq!(ok(0, 3 * 264).unwrap().elems, 768);
+        let e = ok(0, 3 * 264 + 13).unwrap_err();
+        assert!(e.message.contains("at most 768 float32"), "{}", e.message);
         // Tiny announced chunks still take one whole block.
         assert!(check_data_header(&d.header(0, 0, 264), 1, 2, 64).is_ok());
         // Only float all-reduce compresses; unknown formats are named.

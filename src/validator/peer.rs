@@ -321,8 +321,9 @@ impl JobVerify {
             (true, z) => {
                 let mut wire = vec![0u8; z.encoded_len(count)];
                 z.encode_bytes(dtype, buf, &mut wire);
-                // A compressed chunk holds up to this many float32 bytes, so fewer wire bytes.
-                let reach = crate::relay::compressed_chunk_bytes(self.chunk_bytes);
+                // The most wire bytes a compressed chunk takes.
+                let reach =
+                    z.encoded_len(crate::relay::compressed_chunk_bytes(self.chunk_bytes, z) / 4);
                 windows(&wire, 1, &wire_positions(z, &positions), reach)
             }
         };

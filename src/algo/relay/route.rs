@@ -53,7 +53,7 @@ pub fn chunk_ranges(
             .map(|seg| chunks(seg.clone(), 1, per).collect())
             .collect();
     }
-    let per = crate::relay::compressed_chunk_bytes(chunk_bytes) / 4;
+    let per = crate::relay::compressed_chunk_bytes(chunk_bytes, z) / 4;
     segment_elems(count, z, parts, weights)
         .into_iter()
         .map(|seg| {
