@@ -456,13 +456,14 @@ fn pieces(count: usize, size: usize) -> Vec<std::ops::Range<usize>> {
     let block = crate::compress::INT8_BLOCK;
     let n = (count * size / PIECE_MIN).min(PIECES_MAX);
     if n < 2 {
-        return vec![0..count];
+        return std::iter::once(0..count).collect();
     }
     let end = (count / n / 4).div_ceil(block) * block;
     // The last piece starts on a block, so that every piece but the last is whole blocks.
     let last = (count - end) / block * block;
     let per = (last - end).div_ceil(n - 1).div_ceil(block) * block;
-    let mut out = vec![0..end];
+    let mut out = Vec::with_capacity(n + 1);
+    out.push(0..end);
     out.extend((end..last).step_by(per).map(|a| a..(a + per).min(last)));
     out.push(last..count);
     out
