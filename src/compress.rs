@@ -494,10 +494,14 @@ mod int8 {
         (mid, step)
     }
 
+    /// Write a block's header from its extremes (`None`: it holds a NaN or an infinity).
+    /// Returns `(mid, 1 / step)` and the codes still to write, or `None` when the header
+    /// settles them.
     #[inline(always)]
-    fn encode_block(x: &[f32], out: &mut [u8]) {
-        let Some((min, max)) = extremes(x) else {
-            return encode_non_finite(out);
+    fn begin_block(extremes: Option<(f32, f32)>, out: &mut [u8]) -> Option<(f32, f32, &mut [u8])> {
+        let Some((min, max)) = extremes else {
+            encode_non_finite(out);
+            return None;
         };
         let (mid, step) = params(min, max);
         let (h, codes) = out.split_at_mut(INT8_HEADER);
@@ -507,9 +511,16 @@ mod int8 {
             // Constant (or a range below f32's resolution for a step): every code decodes
             // as `mid - 127.5 * 0`.
             codes.fill(0);
-            return;
+            return None;
         }
-        let inv = 1.0 / step;
+        Some((mid, 1.0 / step, codes))
+    }
+
+    #[inline(always)]
+    fn encode_block(x: &[f32], out: &mut [u8]) {
+        let Some((mid, inv, codes)) = begin_block(extremes(x), out) else {
+            return;
+        };
         // |x - mid| <= (max - min) / 2, so nothing overflows unless `step` is so small that
         // `inv` does (then the clamp below still holds: max/min turn NaN into 0).
         for (q, &v) in codes.iter_mut().zip(x) {
@@ -617,7 +628,7 @@ mod int8 {
     /// a zero extreme) and are checked against the portable code in the tests.
     #[cfg(target_arch = "x86_64")]
     mod avx2 {
-        use super::{params, INT8_BLOCK, INT8_HEADER};
+        use super::{INT8_BLOCK, INT8_HEADER};
         use std::arch::x86_64::*;
 
         /// Minimum and maximum of 256 elements, or `None` when one is NaN or infinite.
@@ -671,18 +682,9 @@ mod int8 {
         unsafe fn encode_full_block(x: &[f32], out: &mut [u8]) {
             debug_assert_eq!(out.len(), INT8_HEADER + INT8_BLOCK);
             // SAFETY: the caller's guarantees.
-            let Some((min, max)) = (unsafe { extremes(x) }) else {
-                return super::encode_non_finite(out);
-            };
-            let (mid, step) = params(min, max);
-            let (h, codes) = out.split_at_mut(INT8_HEADER);
-            h[0..4].copy_from_slice(&mid.to_le_bytes());
-            h[4..8].copy_from_slice(&step.to_le_bytes());
-            if step == 0.0 {
-                codes.fill(0);
+            let Some((mid, inv, codes)) = super::begin_block(unsafe { extremes(x) }, out) else {
                 return;
-            }
-            let inv = 1.0 / step;
+            };
             let (vmid, vinv) = (_mm256_set1_ps(mid), _mm256_set1_ps(inv));
             let (c128, c255, zero) = (
                 _mm256_set1_ps(128.0),
