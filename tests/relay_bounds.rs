@@ -49,13 +49,17 @@ fn job_uses_relay(relay: &RelayProc) {
 #[test]
 fn reservations_are_capped_per_job_and_end_with_the_job() {
     let relay = RelayProc::start_with(TOKEN, &["--idle-timeout-secs", "3"]);
-    // One hello announcing 4 MiB chunks × window 64 asks for the whole 2 GiB.
+    // One hello announcing 4 MiB chunks × window 64 asks for more than the whole 2 GiB.
     let e = hello_to(&relay.addr, &hello(1, 4 << 20, 64)).unwrap_err();
     assert!(e.message.contains("per job"), "{e}");
-    // Two that stay under the per-job cap fill the relay between them, then go silent.
+    // Two that stay under the per-job cap (half of the relay's 2 GiB) fill the relay between
+    // them, then go silent.
+    const GIB: usize = 1 << 30;
+    let (holder, small) = (hello(2, 1 << 20, 58), hello(4, 64 << 10, 4));
+    assert!(holder.budget() <= GIB && 2 * holder.budget() + small.budget() > 2 * GIB);
     let mut holders: Vec<TcpStream> = [2u8, 3]
         .iter()
-        .map(|&j| hello_to(&relay.addr, &hello(j, 2 << 20, 64)).expect("admitted"))
+        .map(|&j| hello_to(&relay.addr, &hello(j, 1 << 20, 58)).expect("admitted"))
         .collect();
     let e = hello_to(&relay.addr, &hello(4, 64 << 10, 4)).unwrap_err();
     assert!(e.message.contains("relay is full"), "{e}");

@@ -46,10 +46,9 @@ pub const MAX_WINDOW: usize = 64;
 /// (an int8 chunk of a 64 KiB job carries 248 blocks: 248 KiB of float32 in 65,472 wire
 /// bytes), and costs as much per byte in frames, syscalls and tags. Peers cut compressed
 /// chunks this way, and relays size (and refuse) them by it. A relay's float32 accumulator
-/// for such a chunk is up to four times the job's chunk, which the job's budget
-/// ([`JobHello::budget`]: four chunks per peer and window slot) covers for any world size,
-/// since a peer's window counts wire-sized chunks. With [`Compression::None`]: whole blocks
-/// of at most `chunk_bytes`.
+/// for such a chunk is up to 3.9 times the job's chunk, which the job's budget
+/// ([`JobHello::budget`]) counts. With [`Compression::None`]: whole blocks of at most
+/// `chunk_bytes`.
 pub fn compressed_chunk_bytes(chunk_bytes: usize, z: Compression) -> usize {
     use crate::compress::INT8_BLOCK;
     (chunk_bytes / z.encoded_len(INT8_BLOCK)).max(1) * INT8_BLOCK * 4
@@ -121,19 +120,25 @@ impl JobHello {
         Ok(h)
     }
 
-    /// The most memory the relay may need for this job: every peer's window of chunks staged,
-    /// plus f32 accumulators (twice the wire size for 16-bit floats), plus results queued.
-    /// Compressed chunks are staged and queued encoded, and their accumulators hold at most
-    /// [`compressed_chunk_bytes`] (never below one int8 block of float32, even for tiny
-    /// chunks).
+    /// The most memory the relay may need for this job. Per slot of the announced window:
+    /// four of every peer's chunks (staged contributions, an accumulator, results queued;
+    /// twice the wire size for 16-bit floats' accumulators), and at least three times every
+    /// peer's chunk plus the largest compressed accumulator ([`compressed_chunk_bytes`] in
+    /// int8: whole int8 blocks whose encoding fits the chunk, up to 3.9 chunks of float32).
+    /// The relay's sums may hold three quarters of it: enough for two windows of open
+    /// chunks from every peer, each with its accumulator — what a relay holds once it also
+    /// serves the lane of a relay the peers lost. Chunks are never counted below one int8
+    /// block of float32, even when announced tiny.
     pub fn budget(&self) -> usize {
-        self.world
-            .saturating_mul(self.window)
-            .saturating_mul(
-                self.chunk_bytes
-                    .max(compressed_chunk_bytes(self.chunk_bytes, Compression::None)),
-            )
+        let chunk = self
+            .chunk_bytes
+            .max(compressed_chunk_bytes(self.chunk_bytes, Compression::None));
+        let acc = compressed_chunk_bytes(self.chunk_bytes, Compression::Int8);
+        let staged = self.world.saturating_mul(chunk);
+        let slot = staged
             .saturating_mul(4)
+            .max(staged.saturating_add(acc).saturating_mul(3));
+        self.window.saturating_mul(slot)
     }
 }
 
@@ -209,6 +214,11 @@ mod tests {
             chunk_bytes: 1 << 20,
             ..h
         };
-        assert_eq!(big.budget(), 3 * 4 * (1 << 20) * 4);
+        // Small worlds: three times every peer's chunk plus an int8 accumulator of 3,971
+        // blocks (the most whose encoding fits 1 MiB) per window slot.
+        assert_eq!(big.budget(), 4 * 3 * (3 * (1 << 20) + 3971 * 1024));
+        // Large worlds: four of every peer's chunks per slot, as for exact chunks.
+        let wide = JobHello { world: 16, ..big };
+        assert_eq!(wide.budget(), 4 * 4 * 16 * (1 << 20));
     }
 }

@@ -739,6 +739,47 @@ mod tests {
         ));
     }
 
+    /// A relay that took over a lost relay's lane holds up to two windows of one peer's
+    /// chunks: the job's reservation (three quarters of which `Sums` may hold, as the relay
+    /// sets it) must take two windows of full int8 chunks, each with its float32 accumulator,
+    /// for any world size.
+    #[test]
+    fn the_reservation_holds_two_windows_of_int8_chunks() {
+        for (world, chunk) in [(2, 1 << 20), (3, 1 << 20), (4, 64 << 10), (2, 64 << 10)] {
+            let hello = crate::relay::JobHello {
+                job: [1; 16],
+                rank: 0,
+                world,
+                stream: 0,
+                streams: 1,
+                chunk_bytes: chunk,
+                window: crate::algo::relay::max_window(chunk),
+            };
+            let budget = hello.budget();
+            let mut sums = Sums::new(world, budget / 4 * 3, budget);
+            let per = crate::relay::compressed_chunk_bytes(chunk, Compression::Int8) / 4;
+            let chunks = 2 * hello.window;
+            let mut d = desc(DType::F32, ReduceOp::Sum, per * chunks);
+            d.compress = Compression::Int8;
+            let wire = Compression::Int8.encoded_len(per);
+            let payload = encoded(Compression::Int8, &vec![1.5f32; per]);
+            // Every peer but the last contributes every chunk: all of them stay open.
+            for r in 0..world - 1 {
+                for k in 0..chunks {
+                    let h = d.header(0, k * wire, wire);
+                    let f = check_data_header(&h, r, world, chunk).unwrap();
+                    let got = sums.contribute(r, &h, f, scratch(&payload));
+                    assert!(
+                        matches!(got, Ok(None)),
+                        "world {world}, chunk {chunk}: rank {r}'s chunk {k} of {chunks} refused \
+                         ({} bytes held, budget {budget})",
+                        sums.held()
+                    );
+                }
+            }
+        }
+    }
+
     #[test]
     fn rejects_bad_headers_duplicates_mismatches_and_overuse() {
         let d = desc(DType::I32, ReduceOp::Sum, 100);
