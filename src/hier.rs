@@ -668,11 +668,15 @@ fn allreduce_pieces(
     wait_local(pending, statuses, 0)?;
     exchange(0, queued)?;
     for k in 0..ranges.len() {
+        if k > 0 {
+            // Every rail's word on piece k-1 before any further local op: a rank whose rail
+            // failed there issued nothing after "hand out k-1", so after a failed
+            // verification (which leaves both levels usable) every rank of the host stops
+            // at the same op.
+            wait_local(pending, statuses, rails)?;
+        }
         // Piece k+1 is reduced on this host while piece k crosses, and its exchange is
         // queued behind piece k's on the rail, which starts it the moment piece k's ends.
-        // Waiting for the reduction also waits for "hand out k-1" with every rail's word on
-        // piece k-1 (local requests end in issue order), so no rank issues more than a
-        // failed rail's carrier did.
         if k + 1 < ranges.len() {
             reduce(k + 1, pending)?;
             wait_local(pending, statuses, 0)?;

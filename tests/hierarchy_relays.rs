@@ -210,3 +210,58 @@ fn verify_catches_a_corrupting_relay_in_a_hierarchical_job() {
         );
     }
 }
+
+/// A relay corrupting a fraction of its result chunks, caught by `MR_VERIFY` on some rails
+/// and pieces of a pipelined all-reduce and not on others: every rank ends each op alike
+/// (all with the verification error, or all with a result where sampling missed the
+/// corruption), and the job stays usable — the ranks of a host stopped at the same op, so
+/// the next all-reduce neither hangs nor meets a stray op of the last one ("mismatched
+/// collective calls"). Which rail and piece fail is random; a version that let one rank of
+/// a host issue one more local op than another failed this in most runs.
+#[test]
+fn a_verification_failure_on_one_rail_leaves_the_job_usable() {
+    let bad = RelayProc::start_with_env(TOKEN, &[], &[("MR_RELAY_TEST_CORRUPT", "0.005")]);
+    let cfg = Config {
+        verify: true,
+        timeout: Duration::from_secs(20),
+        ..relay_config(std::slice::from_ref(&bad), TOKEN)
+    };
+    let hosts = ["a", "a", "b", "b"];
+    let outcomes = run(&hosts, cfg, move |comm| {
+        let r = comm.rank();
+        let mut seen = Vec::new();
+        // 48 MiB of float32: four pieces, so a rail can fail two pieces before the last.
+        let count = 12 << 20;
+        for _ in 0..4 {
+            let mut x: Vec<f32> = (0..count).map(|i| ((i % 100) * (r + 1)) as f32).collect();
+            seen.push(
+                comm.allreduce(&mut x, ReduceOp::Sum)
+                    .map_err(|e| (e.kind, e.message)),
+            );
+            let mut y = vec![r as f32; 1000];
+            seen.push(
+                comm.allreduce(&mut y, ReduceOp::Sum)
+                    .map_err(|e| (e.kind, e.message)),
+            );
+        }
+        seen
+    });
+    for op in 0..outcomes[0].len() {
+        for (r, seen) in outcomes.iter().enumerate() {
+            if let Err((kind, msg)) = &seen[op] {
+                assert_eq!(
+                    *kind,
+                    mapreduce::ErrorKind::Verify,
+                    "rank {r}, op {op}: {msg}"
+                );
+            }
+            assert_eq!(
+                seen[op].is_ok(),
+                outcomes[0][op].is_ok(),
+                "op {op}: rank {r} and rank 0 ended it differently: {:?} / {:?}",
+                seen[op],
+                outcomes[0][op]
+            );
+        }
+    }
+}
