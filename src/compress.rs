@@ -466,14 +466,20 @@ mod int8 {
         if poison.iter().any(|p| p.is_nan()) {
             return None;
         }
+        Some(fold_lanes(&lo, &hi))
+    }
+
+    /// The block's `(min, max)` from per-lane minima and maxima of finite values. Which zero
+    /// a lane kept depends on the lane order; the header must not, so zeros come out `+0`.
+    #[inline(always)]
+    fn fold_lanes(lo: &[f32], hi: &[f32]) -> (f32, f32) {
         let min = lo
             .iter()
             .fold(f32::INFINITY, |a, &b| if b < a { b } else { a });
         let max = hi
             .iter()
             .fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a });
-        // Which zero a lane kept depends on the lane order; the header must not.
-        Some((min + 0.0, max + 0.0))
+        (min + 0.0, max + 0.0)
     }
 
     /// A block holding a NaN or an infinity: NaN header, every code 0.
@@ -485,15 +491,6 @@ mod int8 {
         codes.fill(0);
     }
 
-    /// The header `(mid, step)` of a finite block with these extremes.
-    #[inline(always)]
-    fn params(min: f32, max: f32) -> (f32, f32) {
-        // Each term separately: `max - min` can overflow where these cannot.
-        let step = max / 255.0 - min / 255.0;
-        let mid = min + (max / 2.0 - min / 2.0);
-        (mid, step)
-    }
-
     /// Write a block's header from its extremes (`None`: it holds a NaN or an infinity).
     /// Returns `(mid, 1 / step)` and the codes still to write, or `None` when the header
     /// settles them.
@@ -503,7 +500,9 @@ mod int8 {
             encode_non_finite(out);
             return None;
         };
-        let (mid, step) = params(min, max);
+        // Each term separately: `max - min` can overflow where these cannot.
+        let step = max / 255.0 - min / 255.0;
+        let mid = min + (max / 2.0 - min / 2.0);
         let (h, codes) = out.split_at_mut(INT8_HEADER);
         h[0..4].copy_from_slice(&mid.to_le_bytes());
         h[4..8].copy_from_slice(&step.to_le_bytes());
@@ -622,8 +621,7 @@ mod int8 {
     }
 
     /// Hand-written AVX2 builds of the block kernels. The compiler's vectorisation of the
-    /// portable code kept the non-finite check in scalar registers and took ~2.5 cycles per
-    /// element; these produce the same bits (the same operations in the same order per
+    /// portable code kept the non-finite check in scalar registers; these produce the same bits (the same operations in the same order per
     /// element; only the order of the min/max lanes differs, and the header drops the sign of
     /// a zero extreme) and are checked against the portable code in the tests.
     #[cfg(target_arch = "x86_64")]
@@ -666,13 +664,7 @@ mod int8 {
                 _mm256_storeu_ps(l.as_mut_ptr(), lo);
                 _mm256_storeu_ps(h.as_mut_ptr(), hi);
             }
-            let min = l
-                .iter()
-                .fold(f32::INFINITY, |a, &b| if b < a { b } else { a });
-            let max = h
-                .iter()
-                .fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a });
-            Some((min + 0.0, max + 0.0))
+            Some(super::fold_lanes(&l, &h))
         }
 
         /// # Safety
