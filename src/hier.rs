@@ -437,6 +437,16 @@ impl Levels {
 /// overlap over most of the buffer. 16 MiB measured best of 4, 16 and 32 MiB for 64 and
 /// 256 MiB all-reduces on 2 hosts x 2 ranks (BENCHMARKS.md §12).
 const PIECE_MIN: usize = 16 << 20;
+/// The reduction each level runs for `op`: an average sums at both levels, and the rank that
+/// holds the final sum divides once by the world size.
+fn level_op(op: ReduceOp) -> ReduceOp {
+    if op == ReduceOp::Avg {
+        ReduceOp::Sum
+    } else {
+        op
+    }
+}
+
 /// Most pieces an all-reduce is cut into, besides its two short end pieces.
 const PIECES_MAX: usize = 8;
 
@@ -446,8 +456,8 @@ const PIECES_MAX: usize = 8;
 /// (at most [`PIECES_MAX`]) and the buffer is cut into a short first piece (a quarter of
 /// count / n), n − 1 equal pieces, and a short last piece: the first reduction inside the host
 /// and the last hand-out are the two phases nothing overlaps, so they get the least bytes
-/// (BENCHMARKS.md §12: 2 hosts x 2 ranks, 64 MiB, relay 89.5–90.0% of the bound with equal
-/// pieces, 90.7–91.6% with short ends).
+/// (BENCHMARKS.md §12: with the queued exchanges, 2 hosts x 2 ranks, 64 MiB relay
+/// all-reduce at 90.9–92.7% of the bound against 90.3–90.9% with equal pieces).
 fn pieces(count: usize, size: usize) -> Vec<std::ops::Range<usize>> {
     if count == 0 {
         // One empty piece: the ops still run (every rank issues the same sequence).
@@ -576,11 +586,7 @@ fn allreduce_pieces(
     statuses: &mut Vec<Box<[u8; STATUS_LEN]>>,
     queued: &mut Vec<Request>,
 ) -> Result<()> {
-    let level_op = if op == ReduceOp::Avg {
-        ReduceOp::Sum
-    } else {
-        op
-    };
+    let level_op = level_op(op);
     let size = dtype.size();
     let ranges = pieces(count, size);
     let rails = lv.rails;
@@ -682,7 +688,7 @@ fn allreduce_pieces(
             wait_local(pending, statuses, 0)?;
             exchange(k + 1, queued)?;
         }
-        let word = if lv.rail.is_some() {
+        if lv.rail.is_some() {
             let got = queued.remove(0).wait().map_err(|e| e.context(lv.between()));
             let mine = share(&ranges[k], rails, me);
             if got.is_ok() && op == ReduceOp::Avg {
@@ -696,11 +702,8 @@ fn allreduce_pieces(
                 let _ = wait_local(pending, statuses, 0);
                 return Err(e);
             }
-            encode_status(&Ok(()))
-        } else {
-            encode_status(&Ok(()))
-        };
-        hand_out(k, word, pending, statuses)?;
+        }
+        hand_out(k, encode_status(&Ok(())), pending, statuses)?;
     }
     wait_local(pending, statuses, 0)
 }
@@ -720,11 +723,7 @@ fn reduce_scatter_by_host(
     let lay = &lv.layout;
     let b = count * dtype.size();
     let per_host = lay.local_size() * b;
-    let level_op = if op == ReduceOp::Avg {
-        ReduceOp::Sum
-    } else {
-        op
-    };
+    let level_op = level_op(op);
     // The input's blocks in host order (a host's ranks need not be consecutive).
     let mut all = vec![0u8; input.len()];
     for h in 0..lay.hosts() {
@@ -856,7 +855,8 @@ mod tests {
         assert_eq!(pieces((31 << 20) / 4, 4).len(), 1);
         let n = (256 << 20) / 4;
         let p = pieces(n, 4);
-        // 8 pieces of 256 MiB: a 32 MiB quarter at each end, 7 equal pieces between.
+        // 256 MiB: n = 8, an 8 MiB piece (a quarter of 32 MiB) at each end, 7 equal pieces
+        // between.
         assert_eq!(p.len(), 9);
         assert_eq!(p[0].len() * 4, 8 << 20);
         assert_eq!(p[8].len() * 4, 8 << 20);
