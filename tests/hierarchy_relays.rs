@@ -156,18 +156,25 @@ fn killed_relay_mid_hierarchical_allreduce_is_replaced() {
     }
 }
 
+/// A relay that perturbs a `fraction` of its result chunks, and a job configured to use it
+/// alone with `MR_VERIFY=1` (kept running while the returned process lives).
+fn corrupting_relay(fraction: &str) -> (RelayProc, Config) {
+    let bad = RelayProc::start_with_env(TOKEN, &[], &[("MR_RELAY_TEST_CORRUPT", fraction)]);
+    let cfg = Config {
+        verify: true,
+        timeout: Duration::from_secs(30),
+        ..relay_config(std::slice::from_ref(&bad), TOKEN)
+    };
+    (bad, cfg)
+}
+
 /// `MR_VERIFY=1` in a hierarchical job with a relay that corrupts every chunk: every rank of
 /// every host fails with `Verify` naming the relay and the level between hosts, and none
 /// returns a wrong sum. The first exchange through the relays is already caught: the job's own
 /// agreement on its relays at init, which runs hierarchically; so is any later all-reduce.
 #[test]
 fn verify_catches_a_corrupting_relay_in_a_hierarchical_job() {
-    let bad = RelayProc::start_with_env(TOKEN, &[], &[("MR_RELAY_TEST_CORRUPT", "1")]);
-    let cfg = Config {
-        verify: true,
-        timeout: Duration::from_secs(30),
-        ..relay_config(std::slice::from_ref(&bad), TOKEN)
-    };
+    let (_bad, cfg) = corrupting_relay("1");
     let hosts = ["a", "a", "b", "b"];
     let n = hosts.len();
     let id = mapreduce::UniqueId::new(&cfg).unwrap();
@@ -220,12 +227,7 @@ fn verify_catches_a_corrupting_relay_in_a_hierarchical_job() {
 /// a host issue one more local op than another failed this in most runs.
 #[test]
 fn a_verification_failure_on_one_rail_leaves_the_job_usable() {
-    let bad = RelayProc::start_with_env(TOKEN, &[], &[("MR_RELAY_TEST_CORRUPT", "0.005")]);
-    let cfg = Config {
-        verify: true,
-        timeout: Duration::from_secs(20),
-        ..relay_config(std::slice::from_ref(&bad), TOKEN)
-    };
+    let (_bad, cfg) = corrupting_relay("0.005");
     let hosts = ["a", "a", "b", "b"];
     let outcomes = run(&hosts, cfg, move |comm| {
         let r = comm.rank();
