@@ -17,12 +17,13 @@
 //!
 //! After the handshake every frame in both directions carries a [`TAG_LEN`]-byte trailer right
 //! after its payload: a keyed-blake3 tag ([`FrameTag`]) over an implicit frame counter, the
-//! header and the payload's blake3 digest (`tag = blake3_keyed(key, counter ‖ header ‖
-//! blake3(payload))`, truncated). Hashing the payload unkeyed lets one digest serve every copy
-//! of a payload a relay fans out to several peers, and the relay's signed receipts (which
-//! record the same digest), so a relay hashes each chunk once instead of once per peer and
-//! once more for its receipt; forging a tag still needs the key or a blake3 collision. Each
-//! direction of each connection has its own key
+//! header and a universal hash of the payload (`tag = blake3_keyed(key, counter ‖ header ‖
+//! POLYVAL_H(payload))`, truncated; see [`payload_hash`] for why this is as strong as a tag
+//! over the payload itself and several times cheaper). `H` is secret, derived from the
+//! handshake key alone, so every connection opened with one secret shares it: a payload a
+//! relay fans out to several peers, or a chunk a rank forwards, is hashed once for all the
+//! tags it goes out under. Each
+//! direction of each connection has its own tag key
 //! ([`SessionKeys`]), derived from the handshake key and both nonces, and its own counter
 //! (0 for the first frame after the handshake, +1 per frame), so a flipped bit, a replayed,
 //! dropped or reordered frame, or a frame reflected back to its sender fails its tag. The
@@ -34,7 +35,12 @@
 //! job secret and the relay's address as the job names it (`MR_RELAYS`), so a relay's token
 //! opens neither the bootstrap nor another relay.
 
+pub mod payload_hash;
+
+use std::sync::Arc;
+
 use crate::error::{Error, ErrorKind, Result};
+use payload_hash::{PayloadHasher, PayloadKey};
 
 /// Size of an encoded [`FrameHeader`].
 pub const HEADER_LEN: usize = 40;
@@ -280,19 +286,24 @@ pub fn relay_token(job_secret: &[u8], relay: &str) -> [u8; 32] {
     *h.finalize().as_bytes()
 }
 
-/// The two per-direction frame keys of one connection.
+/// The two per-direction frame keys of one connection, and the payload hash key.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SessionKeys {
     /// Tags frames this side sends.
     pub send: [u8; 32],
     /// Checks frames this side receives.
     pub recv: [u8; 32],
+    /// `H` of the payload hash under both directions' tags.
+    pub payload: Arc<PayloadKey>,
 }
 
 impl SessionKeys {
     /// Keys for the side that accepted (`acceptor`) or connected, from the handshake key and
     /// the acceptor's (`ns`) and connector's (`nc`) nonces. Both sides derive the same pair,
-    /// mirrored.
+    /// mirrored. The payload hash key depends on the handshake key only: it is the same on
+    /// every connection opened with one secret, so one payload hash serves all of them (an
+    /// insider who knows the secret could derive every connection's keys anyway; an outsider
+    /// never sees a hash value, only tags that the per-connection keys make unpredictable).
     pub fn derive(
         key: &[u8; 32],
         ns: &[u8; NONCE_LEN],
@@ -301,30 +312,70 @@ impl SessionKeys {
     ) -> Self {
         let to_connector = mac(key, b"frames acceptor to connector", ns, nc, &[]);
         let to_acceptor = mac(key, b"frames connector to acceptor", ns, nc, &[]);
-        if acceptor {
-            SessionKeys {
-                send: to_connector,
-                recv: to_acceptor,
-            }
+        let (send, recv) = if acceptor {
+            (to_connector, to_acceptor)
         } else {
-            SessionKeys {
-                send: to_acceptor,
-                recv: to_connector,
-            }
+            (to_acceptor, to_connector)
+        };
+        SessionKeys {
+            send,
+            recv,
+            payload: payload_key(key),
         }
+    }
+
+    /// The sending and the receiving direction's tag streams.
+    pub fn streams(&self) -> (TagStream, TagStream) {
+        (
+            TagStream::new(self.send, self.payload.clone()),
+            TagStream::new(self.recv, self.payload.clone()),
+        )
     }
 }
 
-/// One direction of a tagged connection: its key and the counter of the next frame.
+/// The payload hash key of every connection opened with the handshake key `key`.
+fn payload_key(key: &[u8; 32]) -> Arc<PayloadKey> {
+    let h = mac(key, b"frame payload hash", &[], &[], &[]);
+    PayloadKey::new(
+        h[..payload_hash::BLOCK]
+            .try_into()
+            .expect("a MAC is 32 bytes"),
+    )
+}
+
+/// A payload's hash under one payload key: it finishes the tag of that payload on every
+/// connection with the same key.
+#[derive(Clone, Debug)]
+pub struct PayloadDigest {
+    key: Arc<PayloadKey>,
+    value: payload_hash::Digest,
+}
+
+/// One direction of a tagged connection: its key, the counter of the next frame and the
+/// payload hash key.
 #[derive(Clone)]
 pub struct TagStream {
     key: [u8; 32],
     next: u64,
+    payload: Arc<PayloadKey>,
 }
 
 impl TagStream {
-    pub fn new(key: [u8; 32]) -> TagStream {
-        TagStream { key, next: 0 }
+    pub fn new(key: [u8; 32], payload: Arc<PayloadKey>) -> TagStream {
+        TagStream {
+            key,
+            next: 0,
+            payload,
+        }
+    }
+
+    /// A stream for a connection that tags nothing yet (its keys come with the handshake).
+    pub fn placeholder() -> TagStream {
+        static NONE: std::sync::OnceLock<Arc<PayloadKey>> = std::sync::OnceLock::new();
+        TagStream::new(
+            [0; 32],
+            NONE.get_or_init(|| PayloadKey::new([0; 16])).clone(),
+        )
     }
 
     /// Start the tag of the next frame in this direction, whose header is `header`.
@@ -335,7 +386,7 @@ impl TagStream {
         self.next += 1;
         FrameTag {
             mac,
-            body: blake3::Hasher::new(),
+            body: PayloadHasher::new(self.payload.clone()),
         }
     }
 
@@ -346,20 +397,38 @@ impl TagStream {
         t.finish()
     }
 
-    /// The tag of the next frame from its payload's blake3 digest (computed once for a
-    /// payload sent on several connections).
-    pub fn tag_digest(&mut self, header: &[u8; HEADER_LEN], digest: &[u8; 32]) -> [u8; TAG_LEN] {
-        self.begin(header).finish_with(digest)
+    /// The hash of `payload` as this direction's tags take it (compute once for a payload
+    /// sent on several connections).
+    pub fn digest(&self, payload: &[u8]) -> PayloadDigest {
+        PayloadDigest {
+            key: self.payload.clone(),
+            value: payload_hash::digest(&self.payload, payload),
+        }
+    }
+
+    /// The tag of the next frame, whose payload is `payload` and was hashed into `digest`
+    /// (under this connection's payload key, or the payload is hashed again).
+    pub fn tag_digest(
+        &mut self,
+        header: &[u8; HEADER_LEN],
+        digest: &PayloadDigest,
+        payload: &[u8],
+    ) -> [u8; TAG_LEN] {
+        if digest.key == self.payload {
+            self.begin(header).finish_with(&digest.value)
+        } else {
+            self.tag(header, payload)
+        }
     }
 }
 
 /// The running tag of one frame: fed the payload as it moves, finished after its last byte.
 #[derive(Clone)]
 pub struct FrameTag {
-    /// Keyed, over the counter and the header so far; the payload digest closes it.
+    /// Keyed, over the counter and the header so far; the payload hash closes it.
     mac: blake3::Hasher,
-    /// Unkeyed, over the payload.
-    body: blake3::Hasher,
+    /// Keyed by `H`, over the payload.
+    body: PayloadHasher,
 }
 
 impl FrameTag {
@@ -367,16 +436,19 @@ impl FrameTag {
         self.body.update(bytes);
     }
 
-    /// The blake3 digest of the payload fed so far.
-    pub fn digest(&self) -> [u8; 32] {
-        *self.body.finalize().as_bytes()
+    /// The hash of the payload fed so far.
+    pub fn digest(&self) -> PayloadDigest {
+        PayloadDigest {
+            key: self.body.key().clone(),
+            value: self.body.finish(),
+        }
     }
 
     pub fn finish(&self) -> [u8; TAG_LEN] {
-        self.finish_with(&self.digest())
+        self.finish_with(&self.body.finish())
     }
 
-    fn finish_with(&self, digest: &[u8; 32]) -> [u8; TAG_LEN] {
+    fn finish_with(&self, digest: &payload_hash::Digest) -> [u8; TAG_LEN] {
         let mut mac = self.mac.clone();
         mac.update(digest);
         mac.finalize().as_bytes()[..TAG_LEN]
@@ -593,22 +665,50 @@ mod tests {
 
     #[test]
     fn a_tag_from_the_payload_digest_equals_the_tag_from_the_payload() {
-        let key = [7u8; 32];
-        let (mut a, mut b) = (TagStream::new(key), TagStream::new(key));
+        let (acceptor, connector) = session_pair();
+        let (mut a, _) = connector.streams();
+        let (mut b, _) = connector.streams();
         let h = FrameHeader::new(FrameKind::Data, 5).encode();
-        let d = *blake3::hash(b"hello").as_bytes();
-        assert_eq!(a.tag(&h, b"hello"), b.tag_digest(&h, &d));
-        assert_ne!(a.tag(&h, b"hello"), b.tag_digest(&h, &[0; 32]));
-        let mut t = TagStream::new(key).begin(&h);
+        let d = a.clone().digest(b"hello");
+        assert_eq!(a.tag(&h, b"hello"), b.clone().tag_digest(&h, &d, b"hello"));
+        // A digest of other bytes makes another tag.
+        let other = b.digest(b"hellp");
+        assert_ne!(
+            a.clone().tag(&h, b"hello"),
+            b.tag_digest(&h, &other, b"hello")
+        );
+        // The acceptor's side of the same connection hashes payloads alike.
+        let (_, rx) = acceptor.streams();
+        let mut t = rx.clone().begin(&h);
         t.update(b"hel");
         t.update(b"lo");
-        assert_eq!(t.digest(), d);
+        assert_eq!(t.digest().value, d.value);
+        // A digest under another payload key is not trusted: the payload is hashed again.
+        let foreign = SessionKeys::derive(&mac_key(b"another"), &nonce(), &nonce(), true);
+        let (f, _) = foreign.streams();
+        let wrong = f.digest(b"xxxxx");
+        let (mut c, _) = connector.streams();
+        assert_eq!(
+            c.tag_digest(&h, &wrong, b"hello"),
+            connector.streams().0.tag(&h, b"hello")
+        );
+    }
+
+    #[test]
+    fn connections_under_one_secret_share_the_payload_key_only() {
+        let key = mac_key(b"job secret");
+        let a = SessionKeys::derive(&key, &nonce(), &nonce(), true);
+        let b = SessionKeys::derive(&key, &nonce(), &nonce(), false);
+        assert_eq!(a.payload, b.payload);
+        assert_ne!(a.send, b.send);
+        let c = SessionKeys::derive(&mac_key(b"other"), &nonce(), &nonce(), true);
+        assert_ne!(a.payload, c.payload);
     }
 
     #[test]
     fn tags_catch_tampering_replay_reorder_and_reflection() {
         let (acceptor, connector) = session_pair();
-        let mut tx = TagStream::new(connector.send);
+        let (mut tx, _) = connector.streams();
         let h0 = FrameHeader::new(FrameKind::Data, 4).encode();
         let h1 = FrameHeader {
             seq: 2,
@@ -626,29 +726,29 @@ mod tests {
             f.verify(t)
         };
         // In order: both check.
-        let mut rx = TagStream::new(acceptor.recv);
+        let mut rx = acceptor.streams().1;
         assert!(check(&mut rx, &h0, b"abcd", &t0));
         assert!(check(&mut rx, &h1, b"efgh", &t1));
         // Tampered payload, tampered header, tampered tag.
-        let mut rx = TagStream::new(acceptor.recv);
+        let mut rx = acceptor.streams().1;
         assert!(!check(&mut rx, &h0, b"abce", &t0));
-        let mut rx = TagStream::new(acceptor.recv);
+        let mut rx = acceptor.streams().1;
         let mut bad = h0;
         bad[24] ^= 1;
         assert!(!check(&mut rx, &bad, b"abcd", &t0));
-        let mut rx = TagStream::new(acceptor.recv);
+        let mut rx = acceptor.streams().1;
         let mut bad_tag = t0;
         bad_tag[0] ^= 0x80;
         assert!(!check(&mut rx, &h0, b"abcd", &bad_tag));
         // Replay: frame 0 again in place of frame 1.
-        let mut rx = TagStream::new(acceptor.recv);
+        let mut rx = acceptor.streams().1;
         assert!(check(&mut rx, &h0, b"abcd", &t0));
         assert!(!check(&mut rx, &h0, b"abcd", &t0));
         // Reorder / drop: frame 1 first.
-        let mut rx = TagStream::new(acceptor.recv);
+        let mut rx = acceptor.streams().1;
         assert!(!check(&mut rx, &h1, b"efgh", &t1));
         // Wrong direction: a frame reflected back to its sender.
-        let mut reflected = TagStream::new(connector.recv);
+        let mut reflected = connector.streams().1;
         assert!(!check(&mut reflected, &h0, b"abcd", &t0));
     }
 

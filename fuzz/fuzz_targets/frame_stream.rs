@@ -10,7 +10,7 @@ use mapreduce::buffer::Scratch;
 use mapreduce::net::conn::FrameIn;
 use mapreduce::relay::sums::{check_data_header, Sums};
 use mapreduce::relay::JobHello;
-use mapreduce::wire::{FrameHeader, FrameKind, Hello, SessionKeys, TagStream, HEADER_LEN};
+use mapreduce::wire::{FrameHeader, FrameKind, Hello, SessionKeys, HEADER_LEN};
 use std::io::Read;
 
 const WORLD: usize = 3;
@@ -36,7 +36,7 @@ fuzz_target!(|data: &[u8]| {
     let Some((&step, data)) = data.split_first() else { return };
     let mut sums = Sums::new(WORLD, BUDGET / 4 * 3, BUDGET);
     let keys = SessionKeys::derive(&[1; 32], &[2; 32], &[3; 32], true);
-    let mut rx = TagStream::new(keys.recv);
+    let (_, mut rx) = keys.streams();
     let mut input = Trickle {
         data,
         step: usize::from(step).max(1),

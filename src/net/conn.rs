@@ -10,7 +10,7 @@
 //! that would kill a host program with the default SIGPIPE disposition. A library must not
 //! change its host's signal handling, so this is the only defence.
 
-use crate::wire::{FrameHeader, FrameTag, TagStream, HEADER_LEN, TAG_LEN};
+use crate::wire::{FrameHeader, FrameTag, PayloadDigest, TagStream, HEADER_LEN, TAG_LEN};
 use std::io::{self, IoSlice, IoSliceMut, Read};
 use std::os::unix::io::AsRawFd;
 
@@ -82,13 +82,18 @@ pub struct FrameOut {
     pub header: [u8; HEADER_LEN],
     /// Whether this frame carries a tag (every frame after the handshake does).
     tagged: bool,
-    /// Whether `tag` is computed: from then on the frame owns its place in the direction's
-    /// frame numbering and must go out whole, or the connection is done.
+    /// Whether the frame took its number in the direction's tag sequence (at its first
+    /// write): from then on it must go out whole, or the connection is done.
     numbered: bool,
-    tag: [u8; TAG_LEN],
-    /// The payload's blake3 digest when the sender has it already (one payload fanned out to
-    /// several connections is hashed once).
-    digest: Option<[u8; 32]>,
+    /// The tag, once the whole payload is hashed.
+    tag: Option<[u8; TAG_LEN]>,
+    /// The tag while the payload is hashed, a stretch ahead of what the kernel copies.
+    running: Option<FrameTag>,
+    /// Payload bytes fed to `running` (or covered by the tag).
+    hashed: usize,
+    /// The payload's hash when the sender has it already (one payload fanned out to several
+    /// connections is hashed once).
+    digest: Option<PayloadDigest>,
     pub written: usize,
 }
 
@@ -98,14 +103,16 @@ impl FrameOut {
             header: header.encode(),
             tagged,
             numbered: false,
-            tag: [0; TAG_LEN],
+            tag: None,
+            running: None,
+            hashed: 0,
             digest: None,
             written: 0,
         }
     }
 
-    /// As [`FrameOut::new`], for a payload whose blake3 digest is `digest`.
-    pub fn with_digest(header: &FrameHeader, tagged: bool, digest: [u8; 32]) -> FrameOut {
+    /// As [`FrameOut::new`], for a payload whose hash is `digest`.
+    pub fn with_digest(header: &FrameHeader, tagged: bool, digest: PayloadDigest) -> FrameOut {
         FrameOut {
             digest: Some(digest),
             ..FrameOut::new(header, tagged)
@@ -124,10 +131,12 @@ impl FrameOut {
     }
 
     /// Write as much of the frame as the socket takes in one `sendmsg` of header, payload
-    /// and tag. The tag is computed before the first byte leaves, with `tx` (the
-    /// connection's sending direction): the frame is hashed right before the kernel copies
-    /// it, while it is in cache, and header, payload and tag still go out in one call.
-    /// Returns the bytes written (the frame is done when `written == total`).
+    /// and tag, tagged with `tx` (the connection's sending direction). The payload is hashed
+    /// at most [`HASH_AHEAD`] bytes ahead of what has left, right before the kernel copies
+    /// those bytes (so they are in cache for the copy, and a large frame's first bytes leave
+    /// without waiting for its last to be hashed); the tag follows the payload's last byte,
+    /// in the same call when it fits. Returns the bytes written (the frame is done when
+    /// `written == total`).
     pub fn write(
         &mut self,
         fd: &impl AsRawFd,
@@ -146,14 +155,39 @@ impl FrameOut {
         tx: &mut TagStream,
         max: usize,
     ) -> io::Result<usize> {
-        if self.tagged && !self.numbered {
-            self.tag = match &self.digest {
-                Some(d) => tx.tag_digest(&self.header, d),
-                None => tx.tag(&self.header, payload),
-            };
-            self.numbered = true;
-        }
-        let tag: &[u8] = if self.tagged { &self.tag } else { &[] };
+        // Bytes of the frame that may leave now: all of it untagged; tagged, the header and
+        // the hashed payload, and the tag once the payload is all hashed.
+        let ready = if self.tagged {
+            if !self.numbered {
+                match &self.digest {
+                    Some(d) => {
+                        self.tag = Some(tx.tag_digest(&self.header, d, payload));
+                        self.hashed = payload.len();
+                    }
+                    None => self.running = Some(tx.begin(&self.header)),
+                }
+                self.numbered = true;
+            }
+            if let Some(t) = self.running.as_mut() {
+                let left = self.written.saturating_sub(HEADER_LEN).min(payload.len());
+                let end = (left + HASH_AHEAD).min(payload.len());
+                if self.hashed < end {
+                    t.update(&payload[self.hashed..end]);
+                    self.hashed = end;
+                }
+                if self.hashed == payload.len() {
+                    self.tag = Some(t.finish());
+                    self.running = None;
+                }
+            }
+            HEADER_LEN + self.hashed + if self.tag.is_some() { TAG_LEN } else { 0 }
+        } else {
+            self.total(payload.len())
+        };
+        let tag: &[u8] = match &self.tag {
+            Some(t) => t,
+            None => &[],
+        };
         let (mut h, mut p, mut t) = (&self.header[..], payload, tag);
         let mut skip = self.written;
         for part in [&mut h, &mut p, &mut t] {
@@ -161,7 +195,7 @@ impl FrameOut {
             *part = &part[k..];
             skip -= k;
         }
-        let mut room = max.max(1);
+        let mut room = max.max(1).min(ready - self.written);
         for part in [&mut h, &mut p, &mut t] {
             let k = room.min(part.len());
             *part = &part[..k];
@@ -175,6 +209,10 @@ impl FrameOut {
         Ok(n)
     }
 }
+
+/// How far ahead of the bytes already sent a frame's payload is hashed: small enough to stay
+/// in cache until the kernel copies it, large enough that one `sendmsg` moves a lot.
+pub const HASH_AHEAD: usize = 256 << 10;
 
 /// The rest of a frame whose header has arrived: its payload, then (on tagged connections)
 /// its tag, with the tag computed over the payload as it is read.
@@ -251,9 +289,9 @@ impl FrameIn {
         self.tag.as_ref().map_or(true, |t| t.verify(&self.trailer))
     }
 
-    /// After [`Self::is_whole`] on a tagged connection: the payload's blake3 digest, computed
-    /// as it arrived.
-    pub fn payload_digest(&self) -> Option<[u8; 32]> {
+    /// After [`Self::is_whole`] on a tagged connection: the payload's hash, computed as it
+    /// arrived.
+    pub fn payload_digest(&self) -> Option<PayloadDigest> {
         self.tag.as_ref().map(FrameTag::digest)
     }
 }
@@ -324,10 +362,10 @@ mod tests {
         let peer = SessionKeys::derive(&[7; 32], &[1; 32], &[2; 32], false);
         let payload: Vec<u8> = (0..1000u32).map(|i| i as u8).collect();
         let h = FrameHeader::new(FrameKind::Data, payload.len());
-        let mut tx = TagStream::new(keys.send);
+        let mut tx = keys.streams().0;
         let good = frame_bytes(&mut tx, &h, &payload);
         for step in [1, 7, 40, 4096] {
-            let mut rx = TagStream::new(peer.recv);
+            let mut rx = peer.streams().1;
             let (got, ok) = read_frame(&mut rx, &good, step);
             assert!(ok, "step {step}");
             assert_eq!(got, payload);
@@ -338,7 +376,7 @@ mod tests {
             }
             let mut bad = good.clone();
             bad[at] ^= 0x10;
-            let mut rx = TagStream::new(peer.recv);
+            let mut rx = peer.streams().1;
             let Ok(h) = FrameHeader::decode(bad[..HEADER_LEN].try_into().unwrap()) else {
                 continue;
             };
@@ -360,7 +398,7 @@ mod tests {
         let payload = vec![9u8; 3000];
         let h = FrameHeader::new(FrameKind::Data, payload.len());
         let mut f = FrameOut::new(&h, true);
-        let mut tx = TagStream::new(keys.send);
+        let mut tx = keys.streams().0;
         while f.written < f.total(payload.len()) {
             f.write(&a, &payload, &mut tx).unwrap();
         }
@@ -368,9 +406,50 @@ mod tests {
         let mut wire = Vec::new();
         (&b).read_to_end(&mut wire).unwrap();
         assert_eq!(wire.len(), HEADER_LEN + payload.len() + TAG_LEN);
-        let (got, ok) = read_frame(&mut TagStream::new(peer.recv), &wire, 100);
+        let (got, ok) = read_frame(&mut peer.streams().1, &wire, 100);
         assert!(ok);
         assert_eq!(got, payload);
+    }
+
+    /// A payload several hash-ahead stretches long, written in uneven pieces (a rate cap's
+    /// allowances), then a frame tagged from a digest: both arrive intact, so the tag of a
+    /// frame hashed stretch by stretch equals the tag over its whole payload.
+    #[test]
+    fn a_long_frame_hashed_as_it_leaves_and_a_digest_tagged_frame_check() {
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let keys = SessionKeys::derive(&[3; 32], &[4; 32], &[5; 32], false);
+        let peer = SessionKeys::derive(&[3; 32], &[4; 32], &[5; 32], true);
+        let long: Vec<u8> = (0..2 * HASH_AHEAD + 12_345).map(|i| (i * 13) as u8).collect();
+        let short = b"fanned out".to_vec();
+        let reader = std::thread::spawn(move || {
+            let mut all = Vec::new();
+            (&b).read_to_end(&mut all).unwrap();
+            all
+        });
+        let mut tx = keys.streams().0;
+        let h = FrameHeader::new(FrameKind::Data, long.len());
+        let mut f = FrameOut::new(&h, true);
+        let mut pieces = [1usize, 39, 100_003, 1, HASH_AHEAD, 7].iter().cycle();
+        while f.written < f.total(long.len()) {
+            let n = f.write_at_most(&a, &long, &mut tx, *pieces.next().unwrap()).unwrap();
+            assert!(f.written <= HEADER_LEN + f.hashed + TAG_LEN && n > 0);
+        }
+        let h2 = FrameHeader::new(FrameKind::Data, short.len());
+        let d = tx.digest(&short);
+        let mut g = FrameOut::with_digest(&h2, true, d);
+        while g.written < g.total(short.len()) {
+            g.write(&a, &short, &mut tx).unwrap();
+        }
+        drop(a);
+        let all = reader.join().unwrap();
+        let mut rx = peer.streams().1;
+        let first = HEADER_LEN + long.len() + TAG_LEN;
+        let (got, ok) = read_frame(&mut rx, &all[..first], 65_536);
+        assert!(ok, "the long frame's tag");
+        assert_eq!(got, long);
+        let (got, ok) = read_frame(&mut rx, &all[first..], 3);
+        assert!(ok, "the digest-tagged frame's tag");
+        assert_eq!(got, short);
     }
 
     #[test]
@@ -379,7 +458,7 @@ mod tests {
         a.set_nonblocking(true).unwrap();
         let keys = SessionKeys::derive(&[3; 32], &[4; 32], &[5; 32], false);
         let peer = SessionKeys::derive(&[3; 32], &[4; 32], &[5; 32], true);
-        let mut tx = TagStream::new(keys.send);
+        let mut tx = keys.streams().0;
         // Fill the socket so the frame's first attempts would block.
         let filler = vec![0u8; 1 << 16];
         let mut stuffed = 0usize;
@@ -408,7 +487,7 @@ mod tests {
         }
         drop(a);
         let all = reader.join().unwrap();
-        let (got, ok) = read_frame(&mut TagStream::new(peer.recv), &all[stuffed..], 4096);
+        let (got, ok) = read_frame(&mut peer.streams().1, &all[stuffed..], 4096);
         assert!(ok, "the retried frame's tag must use frame number 0");
         assert_eq!(got, payload);
     }

@@ -86,9 +86,10 @@ pub(super) struct Conn {
 
 impl Conn {
     pub fn new(endpoint: Endpoint, stream: TcpStream, keys: SessionKeys) -> Conn {
+        let (tx, rx) = keys.streams();
         Conn {
-            tx: TagStream::new(keys.send),
-            rx: TagStream::new(keys.recv),
+            tx,
+            rx,
             writable: false,
             endpoint,
             stream,

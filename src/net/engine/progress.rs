@@ -20,7 +20,7 @@ use crate::net::conn::{self, FrameIn, FrameOut};
 use crate::net::shm::{self, Segment};
 use crate::policy::relays::{relays_of, smooth_rate, RateSample, RelayHealth};
 use crate::policy::sequence::{CurrentOp, Report, Route, Sequencer};
-use crate::wire::{FrameHeader, FrameKind, HEADER_LEN};
+use crate::wire::{FrameHeader, FrameKind, PayloadDigest, HEADER_LEN};
 use crossbeam_channel::Receiver;
 use mio::{Events, Poll, Token};
 use std::collections::{HashMap, VecDeque};
@@ -37,7 +37,7 @@ pub(super) struct RunningOp {
     pub done: Done,
     /// Payload digests of the frames that landed in place, by region ([`landed_key`]): a
     /// [`Transmit::forward`] of the same bytes is tagged from its digest, not hashed again.
-    pub landed: HashMap<(u8, usize, usize), [u8; 32]>,
+    pub landed: HashMap<(u8, usize, usize), PayloadDigest>,
 }
 
 /// The key of a region frames land in place in and are forwarded from.
@@ -378,9 +378,7 @@ impl ProgressLoop {
                 })
             })?;
         let digest = match (t.forward, &self.current) {
-            (true, Some(op)) => landed_key(&t.region)
-                .and_then(|k| op.landed.get(&k))
-                .copied(),
+            (true, Some(op)) => landed_key(&t.region).and_then(|k| op.landed.get(&k).cloned()),
             _ => None,
         };
         let frame = match digest {

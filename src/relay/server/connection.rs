@@ -8,7 +8,7 @@ use crate::buffer::Scratch;
 use crate::error::Error;
 use crate::net::conn::{self, FrameIn, FrameOut};
 use crate::relay::limits::Activity;
-use crate::wire::{FrameHeader, TagStream, HEADER_LEN};
+use crate::wire::{FrameHeader, PayloadDigest, TagStream, HEADER_LEN};
 use mio::net::TcpStream;
 use mio::Token;
 use std::cell::Cell;
@@ -114,7 +114,7 @@ impl Conn {
             out: VecDeque::new(),
             out_bytes: 0,
             tagged: false,
-            tx: TagStream::new([0; 32]),
+            tx: TagStream::placeholder(),
             rx: None,
             writable: false,
             accepted: now,
@@ -154,15 +154,15 @@ impl Relay {
         self.enqueue_digest(id, header, payload, fanout, None);
     }
 
-    /// As [`Self::enqueue`], with the payload's blake3 digest when it is already known (one
-    /// payload fanned out to several peers is hashed once for all their tags).
+    /// As [`Self::enqueue`], with the payload's hash when it is already known (one payload
+    /// fanned out to several peers is hashed once for all their tags).
     pub(super) fn enqueue_digest(
         &mut self,
         id: usize,
         header: FrameHeader,
         payload: Payload,
         fanout: Option<Rc<Fanout>>,
-        digest: Option<[u8; 32]>,
+        digest: Option<PayloadDigest>,
     ) {
         let Some(c) = self.conns.get_mut(&id) else {
             return;

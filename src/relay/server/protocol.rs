@@ -14,7 +14,8 @@ use crate::relay::limits::MAX_HELLO_BYTES;
 use crate::relay::receipts::{Entry, Kind, Reduction};
 use crate::relay::sums::{check_data_header, Fault, Sums};
 use crate::wire::{
-    self, FrameHeader, FrameKind, Hello, SessionKeys, TagStream, HEADER_LEN, MAX_CONTROL_PAYLOAD,
+    self, FrameHeader, FrameKind, Hello, PayloadDigest, SessionKeys, HEADER_LEN,
+    MAX_CONTROL_PAYLOAD,
 };
 use std::cell::Cell;
 use std::rc::Rc;
@@ -61,13 +62,13 @@ impl Relay {
         Ok(())
     }
 
-    /// A whole frame; `digest`: its payload's blake3 digest when the tag check computed it.
+    /// A whole frame; `digest`: its payload's hash when the tag check computed it.
     pub(super) fn on_frame(
         &mut self,
         id: usize,
         h: FrameHeader,
         payload: Scratch,
-        digest: Option<[u8; 32]>,
+        digest: Option<PayloadDigest>,
     ) -> Result<()> {
         let c = self.conns.get_mut(&id).expect("connection");
         match c.state {
@@ -229,8 +230,9 @@ impl Relay {
         let keys = SessionKeys::derive(&key, &nonce, &hello.nonce, true);
         if let Some(c) = self.conns.get_mut(&id) {
             c.tagged = true;
-            c.tx = TagStream::new(keys.send);
-            c.rx = Some(TagStream::new(keys.recv));
+            let (tx, rx) = keys.streams();
+            c.tx = tx;
+            c.rx = Some(rx);
         }
         Ok(())
     }
@@ -250,7 +252,7 @@ impl Relay {
         id: usize,
         h: FrameHeader,
         payload: Scratch,
-        digest: Option<[u8; 32]>,
+        digest: Option<PayloadDigest>,
     ) -> Result<()> {
         let Some(j) = self.jobs.get_mut(&job) else {
             return Err(Error::internal("connection of a job that ended"));
@@ -270,8 +272,7 @@ impl Relay {
         });
         if !matches!(f.coll, Collective::Broadcast) {
             if let Some(g) = self.config.grants.as_ref().filter(|g| g.keeps_receipts()) {
-                // The tag check hashed the payload as it arrived: the receipt reuses it.
-                let d = digest.unwrap_or_else(|| *blake3::hash(payload.as_slice()).as_bytes());
+                let d = *blake3::hash(payload.as_slice()).as_bytes();
                 let e = Entry::digested(Kind::Input, rank, h.offset, payload.len(), d);
                 g.note(&job, h.seq, reduction, e);
             }
@@ -292,12 +293,11 @@ impl Relay {
                     root_conn: id,
                     ack,
                 });
-                // Forwarded unchanged: the digest its tag check computed serves every copy.
-                let d = digest.unwrap_or_else(|| *blake3::hash(payload.as_slice()).as_bytes());
+                // Forwarded unchanged: the hash its tag check computed serves every copy.
                 let shared = Rc::new(payload);
                 for t in targets {
                     let p = Payload::Shared(shared.clone());
-                    self.enqueue_digest(t, h, p, Some(fan.clone()), Some(d));
+                    self.enqueue_digest(t, h, p, Some(fan.clone()), digest.clone());
                 }
                 Ok(())
             }
@@ -310,28 +310,39 @@ impl Relay {
                     let targets: Vec<(usize, usize)> = (0..world)
                         .filter_map(|r| self.stream_of(&self.jobs[&job], r).map(|t| (r, t)))
                         .collect();
-                    // One hash of the result serves every peer's tag and the receipts.
-                    let first = *blake3::hash(shared.as_slice()).as_bytes();
-                    let rest = if Rc::ptr_eq(&shared, &others) {
-                        first
-                    } else {
-                        *blake3::hash(others.as_slice()).as_bytes()
-                    };
                     if let Some(g) = self.config.grants.as_ref().filter(|g| g.keeps_receipts()) {
                         // What each rank is sent, as sent.
+                        let first = *blake3::hash(shared.as_slice()).as_bytes();
+                        let rest = if Rc::ptr_eq(&shared, &others) {
+                            first
+                        } else {
+                            *blake3::hash(others.as_slice()).as_bytes()
+                        };
                         for &(r, _) in &targets {
                             let d = if r == 0 { first } else { rest };
                             let e = Entry::digested(Kind::Result, r, rh.offset, shared.len(), d);
                             g.note(&job, rh.seq, reduction, e);
                         }
                     }
+                    // One hash of the result serves every peer's tag (every peer of a job
+                    // connects with the same secret, so under the same payload key).
+                    let hash = |p: &Rc<Scratch>| {
+                        let t = targets.first()?.1;
+                        Some(self.conns.get(&t)?.tx.digest(p.as_slice()))
+                    };
+                    let first = hash(&shared);
+                    let rest = if Rc::ptr_eq(&shared, &others) {
+                        first.clone()
+                    } else {
+                        hash(&others)
+                    };
                     for (r, t) in targets {
                         let (p, d) = if r == 0 {
-                            (&shared, first)
+                            (&shared, first.clone())
                         } else {
-                            (&others, rest)
+                            (&others, rest.clone())
                         };
-                        self.enqueue_digest(t, rh, Payload::Shared(p.clone()), None, Some(d));
+                        self.enqueue_digest(t, rh, Payload::Shared(p.clone()), None, d);
                     }
                     Ok(())
                 }
