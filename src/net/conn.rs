@@ -132,7 +132,7 @@ impl FrameOut {
 
     /// Write as much of the frame as the socket takes in one `sendmsg` of header, payload
     /// and tag, tagged with `tx` (the connection's sending direction). The payload is hashed
-    /// at most [`HASH_AHEAD`] bytes ahead of what has left, right before the kernel copies
+    /// at most [`HASH_STEP`] bytes ahead of what has left, right before the kernel copies
     /// those bytes (so they are in cache for the copy, and a large frame's first bytes leave
     /// without waiting for its last to be hashed); the tag follows the payload's last byte,
     /// in the same call when it fits. Returns the bytes written (the frame is done when
@@ -170,7 +170,7 @@ impl FrameOut {
             }
             if let Some(t) = self.running.as_mut() {
                 let left = self.written.saturating_sub(HEADER_LEN).min(payload.len());
-                let end = (left + HASH_AHEAD).min(payload.len());
+                let end = (left + HASH_STEP).min(payload.len());
                 if self.hashed < end {
                     t.update(&payload[self.hashed..end]);
                     self.hashed = end;
@@ -210,9 +210,11 @@ impl FrameOut {
     }
 }
 
-/// How far ahead of the bytes already sent a frame's payload is hashed: small enough to stay
-/// in cache until the kernel copies it, large enough that one `sendmsg` moves a lot.
-pub const HASH_AHEAD: usize = 256 << 10;
+/// Payload bytes hashed per step on a tagged connection: a sender hashes at most this far
+/// ahead of the bytes already sent, a receiver reads at most this much per call and hashes it
+/// at once. Small enough that the bytes are still in cache when the kernel copies them (send)
+/// or the hash reads them (receive), large enough that one system call moves a lot.
+pub const HASH_STEP: usize = 128 << 10;
 
 /// The rest of a frame whose header has arrived: its payload, then (on tagged connections)
 /// its tag, with the tag computed over the payload as it is read.
@@ -259,6 +261,12 @@ impl FrameIn {
     /// side closed.
     pub fn read(&mut self, stream: &mut impl Read, dst: &mut [u8]) -> io::Result<usize> {
         debug_assert!(dst.len() <= self.payload_left());
+        // Tagged, at most one hash step per call: the bytes are hashed right after the
+        // kernel copied them, while they are still in cache.
+        let dst = match &self.tag {
+            Some(_) if dst.len() > HASH_STEP => &mut dst[..HASH_STEP],
+            _ => dst,
+        };
         let to_end = dst.len() == self.payload_left();
         let trailer: &mut [u8] = match (&self.tag, to_end) {
             (Some(_), true) => &mut self.trailer[self.trailer_got..],
@@ -419,7 +427,9 @@ mod tests {
         let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
         let keys = SessionKeys::derive(&[3; 32], &[4; 32], &[5; 32], false);
         let peer = SessionKeys::derive(&[3; 32], &[4; 32], &[5; 32], true);
-        let long: Vec<u8> = (0..2 * HASH_AHEAD + 12_345).map(|i| (i * 13) as u8).collect();
+        let long: Vec<u8> = (0..2 * HASH_STEP + 12_345)
+            .map(|i| (i * 13) as u8)
+            .collect();
         let short = b"fanned out".to_vec();
         let reader = std::thread::spawn(move || {
             let mut all = Vec::new();
@@ -429,9 +439,11 @@ mod tests {
         let mut tx = keys.streams().0;
         let h = FrameHeader::new(FrameKind::Data, long.len());
         let mut f = FrameOut::new(&h, true);
-        let mut pieces = [1usize, 39, 100_003, 1, HASH_AHEAD, 7].iter().cycle();
+        let mut pieces = [1usize, 39, 100_003, 1, HASH_STEP, 7].iter().cycle();
         while f.written < f.total(long.len()) {
-            let n = f.write_at_most(&a, &long, &mut tx, *pieces.next().unwrap()).unwrap();
+            let n = f
+                .write_at_most(&a, &long, &mut tx, *pieces.next().unwrap())
+                .unwrap();
             assert!(f.written <= HEADER_LEN + f.hashed + TAG_LEN && n > 0);
         }
         let h2 = FrameHeader::new(FrameKind::Data, short.len());
@@ -444,9 +456,14 @@ mod tests {
         let all = reader.join().unwrap();
         let mut rx = peer.streams().1;
         let first = HEADER_LEN + long.len() + TAG_LEN;
-        let (got, ok) = read_frame(&mut rx, &all[..first], 65_536);
-        assert!(ok, "the long frame's tag");
-        assert_eq!(got, long);
+        for step in [65_536, 1 << 20] {
+            // Read as it comes, and with more at hand than one hash step.
+            let (got, ok) = read_frame(&mut peer.streams().1, &all[..first], step);
+            assert!(ok, "the long frame's tag, read {step} bytes at a time");
+            assert_eq!(got, long);
+        }
+        let (_, ok) = read_frame(&mut rx, &all[..first], 1 << 20);
+        assert!(ok);
         let (got, ok) = read_frame(&mut rx, &all[first..], 3);
         assert!(ok, "the digest-tagged frame's tag");
         assert_eq!(got, short);
