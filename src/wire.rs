@@ -344,11 +344,18 @@ fn payload_key(key: &[u8; 32]) -> Arc<PayloadKey> {
 }
 
 /// A payload's hash under one payload key: it finishes the tag of that payload on every
-/// connection with the same key.
-#[derive(Clone, Debug)]
+/// connection with the same key. Not a content identifier (payloads of different lengths
+/// can share it), and secret: its `Debug` hides the value.
+#[derive(Clone)]
 pub struct PayloadDigest {
     key: Arc<PayloadKey>,
     value: payload_hash::Digest,
+}
+
+impl std::fmt::Debug for PayloadDigest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PayloadDigest(..)")
+    }
 }
 
 /// One direction of a tagged connection: its key, the counter of the next frame and the

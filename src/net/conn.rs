@@ -119,7 +119,7 @@ impl FrameOut {
         }
     }
 
-    /// Whether the frame has taken its frame number (its tag is computed): it can no longer
+    /// Whether the frame has taken its frame number (its tag is begun): it can no longer
     /// be dropped without breaking every later tag on the connection.
     pub fn is_numbered(&self) -> bool {
         self.numbered || self.written > 0

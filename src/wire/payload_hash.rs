@@ -2,10 +2,13 @@
 //!
 //! A tag is a keyed-blake3 PRF over the frame counter, the header and `POLYVAL_H(payload)`
 //! (zero-padded to whole 16-byte blocks; the header in the PRF input carries the length).
-//! With `H` secret, two different payloads of `s` blocks collide with probability at most
-//! `s / 2^128`, and the PRF hides every hash value it is given, so forging a tag is as hard
-//! as it is for a tag over the payload itself ("hash, then PRF"). POLYVAL runs at several
-//! times blake3's speed, which is what a tag over every byte of every link needs.
+//! With `H` secret, two different payloads of the same length `s` blocks collide with
+//! probability at most `s / 2^128` (zero padding makes lengths indistinguishable to the hash
+//! alone: the header's `len` separates them), and the PRF hides every hash value it is
+//! given, so a forger succeeds per try with at most that probability plus blake3's own
+//! ("hash, then PRF"). A hash value is no content identifier and must never leave the
+//! process: one value of a known payload reveals `H`. The AVX-512 kernel runs at about five
+//! times blake3's speed here (BENCHMARKS.md §8).
 //!
 //! The function is the one the `polyval` crate computes (and tests check bit for bit against
 //! it); on x86-64 CPUs with AVX-512 and VPCLMULQDQ a four-lane carry-less kernel here folds 32
@@ -46,7 +49,7 @@ impl PayloadKey {
 
     /// As [`PayloadKey::new`], choosing the kernel (`fast` only where it is available).
     fn with_kernel(h: [u8; BLOCK], fast: bool) -> Arc<PayloadKey> {
-        let powers = fast.then(|| {
+        let powers = (fast && fast::available()).then(|| {
             // SAFETY: `available` checked the CPU features the kernel is compiled for.
             Box::new(unsafe { fast::powers(&h) })
         });
@@ -370,6 +373,23 @@ mod tests {
                     s.update(c);
                 }
                 assert_eq!(s.finish(), want, "len {len} in pieces of {piece}");
+            }
+        }
+    }
+
+    /// Every length from 0 to 1100 bytes (two groups and a tail), on both kernels.
+    #[test]
+    fn every_short_length_matches_on_both_kernels() {
+        let h = [0xa7u8; 16];
+        let bytes: Vec<u8> = (0..1100u32).map(|i| (i * 151 + 13) as u8).collect();
+        for fast in [true, false] {
+            let key = PayloadKey::with_kernel(h, fast);
+            for len in 0..=bytes.len() {
+                assert_eq!(
+                    digest(&key, &bytes[..len]),
+                    crate_polyval(&h, &bytes[..len]),
+                    "len {len}"
+                );
             }
         }
     }
