@@ -18,9 +18,10 @@
 //! After the handshake every frame in both directions carries a [`TAG_LEN`]-byte trailer right
 //! after its payload: a keyed-blake3 tag ([`FrameTag`]) over an implicit frame counter, the
 //! header and a universal hash of the payload (`tag = blake3_keyed(key, counter ‖ header ‖
-//! POLYVAL_H(payload))`, truncated; see [`payload_hash`] for why this is as strong as a tag
-//! over the payload itself and several times cheaper). `H` is secret, derived from the
-//! handshake key alone, so every connection opened with one secret shares it: a payload a
+//! hash(payload))`, truncated, the hash being NH then POLYVAL; see [`payload_hash`] for why a
+//! forgery succeeds per try with probability about 2^-64 at most, and why this is several
+//! times cheaper than blake3 over the payload). The hash's keys are secret, derived from the
+//! handshake key alone, so every connection opened with one secret shares them: a payload a
 //! relay fans out to several peers, or a chunk a rank forwards, is hashed once for all the
 //! tags it goes out under. Each
 //! direction of each connection has its own tag key
@@ -293,7 +294,7 @@ pub struct SessionKeys {
     pub send: [u8; 32],
     /// Checks frames this side receives.
     pub recv: [u8; 32],
-    /// `H` of the payload hash under both directions' tags.
+    /// The keys of the payload hash under both directions' tags.
     pub payload: Arc<PayloadKey>,
 }
 
@@ -335,12 +336,7 @@ impl SessionKeys {
 
 /// The payload hash key of every connection opened with the handshake key `key`.
 fn payload_key(key: &[u8; 32]) -> Arc<PayloadKey> {
-    let h = mac(key, b"frame payload hash", &[], &[], &[]);
-    PayloadKey::new(
-        h[..payload_hash::BLOCK]
-            .try_into()
-            .expect("a MAC is 32 bytes"),
-    )
+    PayloadKey::derive(&mac(key, b"frame payload hash", &[], &[], &[]))
 }
 
 /// A payload's hash under one payload key: it finishes the tag of that payload on every
@@ -381,7 +377,7 @@ impl TagStream {
         static NONE: std::sync::OnceLock<Arc<PayloadKey>> = std::sync::OnceLock::new();
         TagStream::new(
             [0; 32],
-            NONE.get_or_init(|| PayloadKey::new([0; 16])).clone(),
+            NONE.get_or_init(|| PayloadKey::derive(&[0; 32])).clone(),
         )
     }
 
@@ -434,7 +430,7 @@ impl TagStream {
 pub struct FrameTag {
     /// Keyed, over the counter and the header so far; the payload hash closes it.
     mac: blake3::Hasher,
-    /// Keyed by `H`, over the payload.
+    /// Under the payload hash's keys, over the payload.
     body: PayloadHasher,
 }
 

@@ -1,39 +1,98 @@
-//! POLYVAL (RFC 8452) over frame payloads, the universal hash under every frame tag.
+//! The universal hash under every frame tag: NH over 512-byte blocks, then POLYVAL (RFC 8452)
+//! over NH's outputs.
 //!
-//! A tag is a keyed-blake3 PRF over the frame counter, the header and `POLYVAL_H(payload)`
-//! (zero-padded to whole 16-byte blocks; the header in the PRF input carries the length).
-//! With `H` secret, two different payloads of the same length `s` blocks collide with
-//! probability at most `s / 2^128` (zero padding makes lengths indistinguishable to the hash
-//! alone: the header's `len` separates them), and the PRF hides every hash value it is
-//! given, so a forger succeeds per try with at most that probability plus blake3's own
-//! ("hash, then PRF"). A hash value is no content identifier and must never leave the
-//! process: one value of a known payload reveals `H`. The AVX-512 kernel runs at about five
-//! times blake3's speed here (BENCHMARKS.md §8).
+//! A tag is a keyed-blake3 PRF over the frame counter, the header and this hash of the payload
+//! (the header in the PRF input carries the payload's length). The hash:
 //!
-//! The function is the one the `polyval` crate computes (and tests check bit for bit against
-//! it); on x86-64 CPUs with AVX-512 and VPCLMULQDQ a four-lane carry-less kernel here folds
-//! 64 blocks per reduction (Karatsuba's three products per block), elsewhere the crate does the
-//! work.
+//! 1. the payload is zero-padded to a multiple of 64 bytes and cut into blocks of 512 bytes
+//!    (the last one shorter when the payload is), read as little-endian 32-bit words `m`;
+//! 2. each block goes through NH twice, with the key `K` (130 words) and with `K` shifted by
+//!    one pair of words (the Toeplitz construction), `NH_K(m) = Σ_i (m[2i] + K[2i]) ·
+//!    (m[2i+1] + K[2i+1])` with the additions mod 2^32 and the sum mod 2^64; the two sums, as
+//!    little-endian u64s, make one 16-byte value;
+//! 3. the digest is `POLYVAL_H` over those values in order.
+//!
+//! This is the two-layer shape of UMAC (RFC 4418) and VMAC. For two different payloads of one
+//! length, NH applied twice with Toeplitz-shifted keys collides on a block where they differ
+//! with probability at most 2^-64 (Black, Halevi, Krawczyk, Krovetz, Rogaway, "UMAC: fast and
+//! secure message authentication", 1999: NH is 2^-32-almost-universal on equal-length
+//! inputs, 2^-64 for two Toeplitz iterations); if the NH values differ, POLYVAL under an
+//! independent `H` collides with probability at most `s / 2^128` for `s` values (at most
+//! 2^14 for the largest frame). The PRF hides every hash value it is given, so a forger
+//! succeeds per try with at most about 2^-64 plus blake3's own ("hash, then PRF"); a failed
+//! try closes the connection. A hash value is no content identifier and must never leave
+//! the process: values of known payloads reveal key material.
+//!
+//! NH costs two 32×32→64-bit multiplies per 8 payload bytes and no carry-less products: its
+//! SIMD kernels here (AVX-512 or AVX2, chosen at run time) run faster than the fastest POLYVAL
+//! kernel on AVX-512 CPUs and several times faster than POLYVAL on CPUs without VPCLMULQDQ
+//! (BENCHMARKS.md §8). POLYVAL then sees one 16-byte value per 512 payload bytes: a four-lane
+//! carry-less kernel where the CPU has AVX-512 and VPCLMULQDQ, the `polyval` crate elsewhere.
+//! The portable NH kernel is the definition the SIMD ones are tested against bit for bit, the
+//! crate the POLYVAL kernel.
 
 use std::sync::{Arc, OnceLock};
 
 use polyval::universal_hash::UniversalHash;
-
-/// Blocks the fast kernel folds per reduction.
-const GROUP: usize = 64;
 use polyval::Polyval;
 
-/// Bytes per POLYVAL block, and of a hash value.
+/// Bytes of a hash value.
 pub const BLOCK: usize = 16;
 
 /// A payload hash value.
 pub type Digest = [u8; BLOCK];
 
-/// One hash key `H` and what the fast kernel precomputes from it.
+/// Payload bytes per NH block.
+const NH_BLOCK: usize = 512;
+/// The payload is zero-padded to a multiple of this many bytes (one AVX-512 vector).
+const PAD: usize = 64;
+/// Words of the NH key: one block's worth and one pair more for the shifted second pass.
+const NH_KEY_WORDS: usize = NH_BLOCK / 4 + 2;
+/// Values the POLYVAL kernel folds per reduction.
+const GROUP: usize = 64;
+/// NH blocks hashed before their values go to POLYVAL together: one POLYVAL group.
+const BATCH: usize = GROUP;
+
+/// Which code computes NH.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kernel {
+    Avx512,
+    Avx2,
+    Portable,
+}
+
+impl Kernel {
+    /// The fastest kernel this CPU runs.
+    fn best() -> Kernel {
+        static BEST: OnceLock<Kernel> = OnceLock::new();
+        *BEST.get_or_init(|| {
+            if simd::has_avx512() {
+                Kernel::Avx512
+            } else if simd::has_avx2() {
+                Kernel::Avx2
+            } else {
+                Kernel::Portable
+            }
+        })
+    }
+
+    /// Whether this CPU runs the kernel.
+    fn available(self) -> bool {
+        match self {
+            Kernel::Avx512 => simd::has_avx512(),
+            Kernel::Avx2 => simd::has_avx2(),
+            Kernel::Portable => true,
+        }
+    }
+}
+
+/// The hash's keys: NH's words and POLYVAL's `H`.
 pub struct PayloadKey {
+    nh: [u32; NH_KEY_WORDS],
     h: [u8; BLOCK],
-    /// `H^GROUP, …, H^2, H^1` (powers in POLYVAL's product), one block each, when the fast
-    /// kernel is in use.
+    kernel: Kernel,
+    /// `H^GROUP, …, H^2, H^1` (powers in POLYVAL's product), one block each, where the
+    /// POLYVAL kernel runs (with the AVX-512 NH kernel).
     powers: Option<Box<[u8; GROUP * BLOCK]>>,
 }
 
@@ -44,72 +103,126 @@ impl std::fmt::Debug for PayloadKey {
 }
 
 impl PayloadKey {
-    pub fn new(h: [u8; BLOCK]) -> Arc<PayloadKey> {
-        Self::with_kernel(h, fast::available())
+    /// The keys expanded from a 32-byte secret (blake3 in key-derivation mode, extended
+    /// output: `H`, then NH's words little-endian).
+    pub fn derive(seed: &[u8; 32]) -> Arc<PayloadKey> {
+        Self::with_kernel(seed, Kernel::best())
     }
 
-    /// As [`PayloadKey::new`], choosing the kernel (`fast` only where it is available).
-    fn with_kernel(h: [u8; BLOCK], fast: bool) -> Arc<PayloadKey> {
-        let powers = (fast && fast::available()).then(|| {
+    /// As [`PayloadKey::derive`], hashing with each kernel this CPU runs, fastest first (to
+    /// compare them: every kernel computes the same function).
+    pub fn derive_each_kernel(seed: &[u8; 32]) -> Vec<Arc<PayloadKey>> {
+        [Kernel::Avx512, Kernel::Avx2, Kernel::Portable]
+            .into_iter()
+            .filter(|k| k.available())
+            .map(|k| Self::with_kernel(seed, k))
+            .collect()
+    }
+
+    fn with_kernel(seed: &[u8; 32], kernel: Kernel) -> Arc<PayloadKey> {
+        let mut bytes = [0u8; BLOCK + 4 * NH_KEY_WORDS];
+        blake3::Hasher::new_derive_key("mapreduce 2026 frame payload hash v2")
+            .update(seed)
+            .finalize_xof()
+            .fill(&mut bytes);
+        let (h, words) = bytes.split_at(BLOCK);
+        let mut nh = [0u32; NH_KEY_WORDS];
+        for (k, w) in nh.iter_mut().zip(words.chunks_exact(4)) {
+            *k = u32::from_le_bytes(w.try_into().expect("4 bytes"));
+        }
+        let h: [u8; BLOCK] = h.try_into().expect("16 bytes");
+        let powers = (kernel == Kernel::Avx512 && clmul::available()).then(|| {
             // SAFETY: `available` checked the CPU features the kernel is compiled for.
-            Box::new(unsafe { fast::powers(&h) })
+            Box::new(unsafe { clmul::powers(&h) })
         });
-        Arc::new(PayloadKey { h, powers })
+        Arc::new(PayloadKey {
+            nh,
+            h,
+            kernel,
+            powers,
+        })
     }
 
     /// Which kernel hashes under this key.
     pub fn kernel(&self) -> &'static str {
-        if self.powers.is_some() {
-            "avx512-vpclmulqdq"
-        } else {
-            "portable"
+        match self.kernel {
+            Kernel::Avx512 if self.powers.is_some() => "nh-avx512+vpclmulqdq",
+            Kernel::Avx512 => "nh-avx512",
+            Kernel::Avx2 => "nh-avx2",
+            Kernel::Portable => "nh-portable",
+        }
+    }
+
+    /// NH's two sums of each block of `data` into `out` (16 bytes per block): every block
+    /// 512 bytes but the last, which may be shorter (a multiple of [`PAD`]).
+    fn nh(&self, data: &[u8], out: &mut [u8]) {
+        debug_assert_eq!(data.len() % PAD, 0);
+        debug_assert_eq!(out.len(), data.len().div_ceil(NH_BLOCK) * BLOCK);
+        match self.kernel {
+            // SAFETY: a key gets a SIMD kernel only where `Kernel::best` (or a test, through
+            // `Kernel::available`) found the CPU features it is compiled for.
+            Kernel::Avx512 => unsafe { simd::nh_avx512(&self.nh, data, out) },
+            // SAFETY: as above.
+            Kernel::Avx2 => unsafe { simd::nh_avx2(&self.nh, data, out) },
+            Kernel::Portable => nh_portable(&self.nh, data, out),
         }
     }
 }
 
-/// Keys are equal when their `H` is (a digest computed under one serves the other).
+/// Keys are equal when they hash alike (a digest computed under one serves the other).
 impl PartialEq for PayloadKey {
     fn eq(&self, other: &PayloadKey) -> bool {
-        self.h == other.h
+        self.h == other.h && self.nh == other.nh
     }
 }
 
 impl Eq for PayloadKey {}
 
-/// `POLYVAL_H` of the whole of `bytes`.
+/// NH, the definition: the two Toeplitz sums of each block, little-endian, into `out`.
+fn nh_portable(key: &[u32; NH_KEY_WORDS], data: &[u8], out: &mut [u8]) {
+    for (block, o) in data.chunks(NH_BLOCK).zip(out.chunks_exact_mut(BLOCK)) {
+        let mut sums = [0u64; 2];
+        for (i, pair) in block.chunks_exact(8).enumerate() {
+            let a = u32::from_le_bytes(pair[..4].try_into().expect("4 bytes"));
+            let b = u32::from_le_bytes(pair[4..].try_into().expect("4 bytes"));
+            for (t, sum) in sums.iter_mut().enumerate() {
+                let x = a.wrapping_add(key[2 * i + 2 * t]) as u64;
+                let y = b.wrapping_add(key[2 * i + 1 + 2 * t]) as u64;
+                *sum = sum.wrapping_add(x * y);
+            }
+        }
+        o[..8].copy_from_slice(&sums[0].to_le_bytes());
+        o[8..].copy_from_slice(&sums[1].to_le_bytes());
+    }
+}
+
+/// The hash of the whole of `bytes`.
 pub fn digest(key: &Arc<PayloadKey>, bytes: &[u8]) -> Digest {
     let mut h = PayloadHasher::new(key.clone());
     h.update(bytes);
     h.finish()
 }
 
-/// Streaming `POLYVAL_H` over bytes fed in pieces of any size.
+/// The hash over bytes fed in pieces of any size.
 #[derive(Clone)]
 pub struct PayloadHasher {
     key: Arc<PayloadKey>,
-    state: State,
+    /// POLYVAL over the NH values of the whole blocks so far.
+    poly: Poly,
     /// Bytes of a block not yet whole.
-    pending: [u8; BLOCK],
+    pending: [u8; NH_BLOCK],
     pending_len: usize,
-}
-
-#[derive(Clone)]
-enum State {
-    /// The fast kernel's accumulator.
-    Fast(Digest),
-    Crate(Polyval),
 }
 
 impl PayloadHasher {
     pub fn new(key: Arc<PayloadKey>) -> PayloadHasher {
-        let state = match key.powers {
-            Some(_) => State::Fast([0; BLOCK]),
-            None => State::Crate(Polyval::new(&key.h.into())),
-        };
         PayloadHasher {
+            poly: match key.powers {
+                Some(_) => Poly::Fast([0; BLOCK]),
+                None => Poly::Crate(Polyval::new(&key.h.into())),
+            },
             key,
-            state,
-            pending: [0; BLOCK],
+            pending: [0; NH_BLOCK],
             pending_len: 0,
         }
     }
@@ -120,59 +233,78 @@ impl PayloadHasher {
 
     pub fn update(&mut self, mut bytes: &[u8]) {
         if self.pending_len > 0 {
-            let k = (BLOCK - self.pending_len).min(bytes.len());
+            let k = (NH_BLOCK - self.pending_len).min(bytes.len());
             self.pending[self.pending_len..self.pending_len + k].copy_from_slice(&bytes[..k]);
             self.pending_len += k;
             bytes = &bytes[k..];
-            if self.pending_len < BLOCK {
+            if self.pending_len < NH_BLOCK {
                 return;
             }
             let block = self.pending;
             self.absorb(&block);
             self.pending_len = 0;
         }
-        let whole = bytes.len() / BLOCK * BLOCK;
+        let whole = bytes.len() / NH_BLOCK * NH_BLOCK;
         self.absorb(&bytes[..whole]);
         let rest = &bytes[whole..];
         self.pending[..rest.len()].copy_from_slice(rest);
         self.pending_len = rest.len();
     }
 
-    /// The hash of every byte fed so far, the last block zero-padded.
+    /// The hash of every byte fed so far (the last block zero-padded to a multiple of 64).
     pub fn finish(&self) -> Digest {
-        let mut last = self.clone();
-        if last.pending_len > 0 {
-            let mut block = [0; BLOCK];
-            block[..last.pending_len].copy_from_slice(&last.pending[..last.pending_len]);
-            last.absorb(&block);
+        let mut poly = self.poly.clone();
+        if self.pending_len > 0 {
+            let padded = self.pending_len.next_multiple_of(PAD);
+            let mut block = [0u8; NH_BLOCK];
+            block[..self.pending_len].copy_from_slice(&self.pending[..self.pending_len]);
+            let mut value = [0u8; BLOCK];
+            self.key.nh(&block[..padded], &mut value);
+            poly.absorb(&self.key, &value);
         }
-        match &last.state {
-            State::Fast(acc) => *acc,
-            State::Crate(p) => p.clone().finalize().into(),
+        match poly {
+            Poly::Fast(acc) => acc,
+            Poly::Crate(p) => p.finalize().into(),
         }
     }
 
     /// Fold whole blocks into the state.
     fn absorb(&mut self, blocks: &[u8]) {
-        debug_assert_eq!(blocks.len() % BLOCK, 0);
-        if blocks.is_empty() {
-            return;
-        }
-        match &mut self.state {
-            State::Fast(acc) => {
-                let powers = self.key.powers.as_ref().expect("fast state has powers");
-                // SAFETY: a key has powers only where `fast::available` found the features.
-                *acc = unsafe { fast::absorb(*acc, powers, blocks) };
-            }
-            // Whole blocks: the padding adds nothing.
-            State::Crate(p) => p.update_padded(blocks),
+        debug_assert_eq!(blocks.len() % NH_BLOCK, 0);
+        let mut values = [0u8; BATCH * BLOCK];
+        for batch in blocks.chunks(BATCH * NH_BLOCK) {
+            let out = &mut values[..batch.len() / NH_BLOCK * BLOCK];
+            self.key.nh(batch, out);
+            self.poly.absorb(&self.key, out);
         }
     }
 }
 
-/// The AVX-512 + VPCLMULQDQ kernel.
+/// POLYVAL's running state: the AVX-512 kernel's accumulator, or the crate's.
+#[derive(Clone)]
+enum Poly {
+    Fast(Digest),
+    Crate(Polyval),
+}
+
+impl Poly {
+    /// Fold whole 16-byte values into the state.
+    fn absorb(&mut self, key: &PayloadKey, values: &[u8]) {
+        debug_assert_eq!(values.len() % BLOCK, 0);
+        match self {
+            Poly::Fast(acc) => {
+                let powers = key.powers.as_ref().expect("fast state has powers");
+                // SAFETY: a key has powers only where `clmul::available` found the features.
+                *acc = unsafe { clmul::absorb(*acc, powers, values) };
+            }
+            Poly::Crate(p) => p.update_padded(values),
+        }
+    }
+}
+
+/// The AVX-512 + VPCLMULQDQ kernel of POLYVAL.
 #[cfg(target_arch = "x86_64")]
-mod fast {
+mod clmul {
     use super::{Digest, OnceLock, BLOCK, GROUP};
     use std::arch::x86_64::*;
 
@@ -342,7 +474,7 @@ mod fast {
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-mod fast {
+mod clmul {
     use super::{Digest, BLOCK, GROUP};
     pub fn available() -> bool {
         false
@@ -355,15 +487,108 @@ mod fast {
     }
 }
 
+/// The SIMD kernels of NH (x86-64).
+#[cfg(target_arch = "x86_64")]
+mod simd {
+    use super::{BLOCK, NH_BLOCK, NH_KEY_WORDS, PAD};
+    use std::arch::x86_64::*;
+
+    pub fn has_avx512() -> bool {
+        std::arch::is_x86_feature_detected!("avx512f")
+    }
+
+    pub fn has_avx2() -> bool {
+        std::arch::is_x86_feature_detected!("avx2")
+    }
+
+    /// [`super::nh_portable`], 64 payload bytes per step: one vector holds eight pairs, each
+    /// pair in a 64-bit lane (`m[2i]` low, `m[2i+1]` high), so adding the key words, shifting
+    /// a copy down 32 bits and one unsigned 32×32→64 multiply give eight products.
+    #[target_feature(enable = "avx512f")]
+    pub fn nh_avx512(key: &[u32; NH_KEY_WORDS], data: &[u8], out: &mut [u8]) {
+        debug_assert_eq!(data.len() % PAD, 0);
+        const V: usize = NH_BLOCK / 64;
+        // The key stays in registers: both passes' words for each vector of a block.
+        // SAFETY: the key words 16v..16v+18 lie within the key (v < 8, 130 words); unaligned
+        // loads.
+        let k0: [__m512i; V] =
+            std::array::from_fn(|v| unsafe { _mm512_loadu_si512(key.as_ptr().add(16 * v).cast()) });
+        // SAFETY: as above.
+        let k1: [__m512i; V] = std::array::from_fn(|v| unsafe {
+            _mm512_loadu_si512(key.as_ptr().add(16 * v + 2).cast())
+        });
+        for (block, o) in data.chunks(NH_BLOCK).zip(out.chunks_exact_mut(BLOCK)) {
+            let mut s0 = _mm512_setzero_si512();
+            let mut s1 = _mm512_setzero_si512();
+            for (v, m) in block.chunks_exact(64).enumerate() {
+                // SAFETY: `m` is 64 bytes; unaligned load.
+                let m = unsafe { _mm512_loadu_si512(m.as_ptr().cast()) };
+                let x = _mm512_add_epi32(m, k0[v]);
+                s0 = _mm512_add_epi64(s0, _mm512_mul_epu32(x, _mm512_srli_epi64::<32>(x)));
+                let x = _mm512_add_epi32(m, k1[v]);
+                s1 = _mm512_add_epi64(s1, _mm512_mul_epu32(x, _mm512_srli_epi64::<32>(x)));
+            }
+            o[..8].copy_from_slice(&(_mm512_reduce_add_epi64(s0) as u64).to_le_bytes());
+            o[8..].copy_from_slice(&(_mm512_reduce_add_epi64(s1) as u64).to_le_bytes());
+        }
+    }
+
+    /// As [`nh_avx512`] with 32-byte vectors.
+    #[target_feature(enable = "avx2")]
+    pub fn nh_avx2(key: &[u32; NH_KEY_WORDS], data: &[u8], out: &mut [u8]) {
+        debug_assert_eq!(data.len() % PAD, 0);
+        for (block, o) in data.chunks(NH_BLOCK).zip(out.chunks_exact_mut(BLOCK)) {
+            let mut s0 = _mm256_setzero_si256();
+            let mut s1 = _mm256_setzero_si256();
+            for (v, m) in block.chunks_exact(32).enumerate() {
+                // SAFETY: `m` is 32 bytes; the key words 8v..8v+10 lie within the key
+                // (v < 16, 130 words); unaligned loads.
+                let (m, k0, k1) = unsafe {
+                    (
+                        _mm256_loadu_si256(m.as_ptr().cast()),
+                        _mm256_loadu_si256(key.as_ptr().add(8 * v).cast()),
+                        _mm256_loadu_si256(key.as_ptr().add(8 * v + 2).cast()),
+                    )
+                };
+                let x = _mm256_add_epi32(m, k0);
+                s0 = _mm256_add_epi64(s0, _mm256_mul_epu32(x, _mm256_srli_epi64::<32>(x)));
+                let x = _mm256_add_epi32(m, k1);
+                s1 = _mm256_add_epi64(s1, _mm256_mul_epu32(x, _mm256_srli_epi64::<32>(x)));
+            }
+            o[..8].copy_from_slice(&sum4(s0).to_le_bytes());
+            o[8..].copy_from_slice(&sum4(s1).to_le_bytes());
+        }
+    }
+
+    /// The wrapping sum of a vector's four u64 lanes.
+    #[target_feature(enable = "avx2")]
+    fn sum4(v: __m256i) -> u64 {
+        let v = _mm_add_epi64(_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
+        (_mm_cvtsi128_si64(v) as u64).wrapping_add(_mm_extract_epi64::<1>(v) as u64)
+    }
+}
+
+/// No SIMD kernels off x86-64: the portable one does the work.
+#[cfg(not(target_arch = "x86_64"))]
+mod simd {
+    use super::NH_KEY_WORDS;
+    pub fn has_avx512() -> bool {
+        false
+    }
+    pub fn has_avx2() -> bool {
+        false
+    }
+    pub unsafe fn nh_avx512(_: &[u32; NH_KEY_WORDS], _: &[u8], _: &mut [u8]) {
+        unreachable!("no SIMD kernel on this architecture")
+    }
+    pub unsafe fn nh_avx2(_: &[u32; NH_KEY_WORDS], _: &[u8], _: &mut [u8]) {
+        unreachable!("no SIMD kernel on this architecture")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn crate_polyval(h: &[u8; 16], bytes: &[u8]) -> Digest {
-        let mut p = Polyval::new(&(*h).into());
-        p.update_padded(bytes);
-        p.finalize().into()
-    }
 
     fn hex(s: &str) -> Vec<u8> {
         (0..s.len())
@@ -372,77 +597,187 @@ mod tests {
             .collect()
     }
 
-    #[test]
-    fn rfc_8452_vector() {
-        // RFC 8452, Appendix A.
-        let h: [u8; 16] = hex("25629347589242761d31f826ba4b757b").try_into().unwrap();
-        let x = hex("4f4f95668c83dfb6401762bb2d01a262d1a24ddd2721d006bbe45f20d3c9f362");
-        let want = hex("f7a3b47b846119fae5b7866cf5e5b77e");
-        assert_eq!(digest(&PayloadKey::new(h), &x).to_vec(), want);
-        assert_eq!(crate_polyval(&h, &x).to_vec(), want);
+    fn kernels() -> Vec<Kernel> {
+        [Kernel::Avx512, Kernel::Avx2, Kernel::Portable]
+            .into_iter()
+            .filter(|k| k.available())
+            .collect()
     }
 
-    /// Every length up to a few groups, fed whole and in pieces of every awkward size, gives
-    /// the crate's value bit for bit.
-    #[test]
-    fn matches_the_polyval_crate_in_any_pieces() {
-        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next = move || {
+    /// The hash written out from its definition, one word at a time: NH over each 512-byte
+    /// block of the zero-padded payload, twice with key offsets 0 and 2 words, then the
+    /// `polyval` crate over the values.
+    fn reference(seed: &[u8; 32], payload: &[u8]) -> Digest {
+        let key = PayloadKey::with_kernel(seed, Kernel::Portable);
+        let mut padded = payload.to_vec();
+        padded.resize(payload.len().next_multiple_of(PAD), 0);
+        let words: Vec<u32> = padded
+            .chunks_exact(4)
+            .map(|w| u32::from_le_bytes(w.try_into().unwrap()))
+            .collect();
+        let mut poly = Polyval::new(&key.h.into());
+        for block in words.chunks(NH_BLOCK / 4) {
+            let mut value = Vec::new();
+            for shift in [0, 2] {
+                let mut sum = 0u64;
+                for j in (0..block.len()).step_by(2) {
+                    let x = block[j].wrapping_add(key.nh[j + shift]);
+                    let y = block[j + 1].wrapping_add(key.nh[j + 1 + shift]);
+                    sum = sum.wrapping_add(u64::from(x) * u64::from(y));
+                }
+                value.extend_from_slice(&sum.to_le_bytes());
+            }
+            poly.update_padded(&value);
+        }
+        poly.finalize().into()
+    }
+
+    fn xorshift(mut seed: u64) -> impl FnMut() -> u64 {
+        move || {
             seed ^= seed << 13;
             seed ^= seed >> 7;
             seed ^= seed << 17;
             seed
-        };
-        for round in 0..40 {
-            let h: [u8; 16] = std::array::from_fn(|_| next() as u8);
-            let key = PayloadKey::with_kernel(h, fast::available() && round % 2 == 0);
-            let len = match round {
-                0 => 0,
-                1 => 1,
-                2 => 512,
-                3 => 4096,
-                _ => (next() % 5000) as usize,
-            };
-            let bytes: Vec<u8> = (0..len).map(|_| next() as u8).collect();
-            let want = crate_polyval(&h, &bytes);
-            assert_eq!(digest(&key, &bytes), want, "len {len}");
-            for piece in [1, 7, 15, 16, 17, 255, 256, 257, 511, 512, 513, 1000] {
-                let mut s = PayloadHasher::new(key.clone());
-                for c in bytes.chunks(piece) {
-                    s.update(c);
-                }
-                assert_eq!(s.finish(), want, "len {len} in pieces of {piece}");
+        }
+    }
+
+    /// A value pinned when the format was defined: the tag format is a wire contract, and any
+    /// change to it must be a deliberate one.
+    #[test]
+    fn known_answer() {
+        let seed: [u8; 32] = std::array::from_fn(|i| i as u8);
+        let payload: Vec<u8> = (0..1500u32).map(|i| (i * 7 + 3) as u8).collect();
+        let want = hex("c57b897711e1b3d2d95af5afd46bc3c4");
+        for k in kernels() {
+            let key = PayloadKey::with_kernel(&seed, k);
+            assert_eq!(digest(&key, &payload).to_vec(), want, "{k:?}");
+        }
+        assert_eq!(reference(&seed, &payload).to_vec(), want);
+    }
+
+    /// Every length up to two blocks and a tail, on every kernel this CPU runs, matches the
+    /// definition.
+    #[test]
+    fn every_length_matches_the_definition() {
+        let seed = [0xa7u8; 32];
+        let bytes: Vec<u8> = (0..(2 * NH_BLOCK + 200) as u32)
+            .map(|i| (i * 151 + 13) as u8)
+            .collect();
+        let keys: Vec<_> = kernels()
+            .into_iter()
+            .map(|k| PayloadKey::with_kernel(&seed, k))
+            .collect();
+        for len in 0..=bytes.len() {
+            let want = reference(&seed, &bytes[..len]);
+            for key in &keys {
+                assert_eq!(
+                    digest(key, &bytes[..len]),
+                    want,
+                    "len {len}, {}",
+                    key.kernel()
+                );
             }
         }
     }
 
-    /// Every length from 0 to two groups and a tail, on both kernels.
+    /// All-ones words and keys reach every carry: sums wrap mod 2^32 and mod 2^64 alike in
+    /// every kernel.
     #[test]
-    fn every_short_length_matches_on_both_kernels() {
-        let h = [0xa7u8; 16];
-        let bytes: Vec<u8> = (0..(2 * GROUP * BLOCK + 100) as u32)
-            .map(|i| (i * 151 + 13) as u8)
-            .collect();
-        for fast in [true, false] {
-            let key = PayloadKey::with_kernel(h, fast);
-            for len in 0..=bytes.len() {
-                assert_eq!(
-                    digest(&key, &bytes[..len]),
-                    crate_polyval(&h, &bytes[..len]),
-                    "len {len}"
-                );
+    fn wrapping_matches_on_every_kernel() {
+        let payload = vec![0xffu8; 3 * NH_BLOCK];
+        for seed in [[0u8; 32], [0xff; 32], [0x80; 32]] {
+            let want = reference(&seed, &payload);
+            for k in kernels() {
+                let key = PayloadKey::with_kernel(&seed, k);
+                assert_eq!(digest(&key, &payload), want, "{k:?}");
+            }
+        }
+    }
+
+    /// Fed in pieces of every awkward size, the hash is the hash of the whole.
+    #[test]
+    fn any_pieces_give_the_whole_hash() {
+        let mut next = xorshift(0x9e37_79b9_7f4a_7c15);
+        for round in 0..24 {
+            let seed: [u8; 32] = std::array::from_fn(|_| next() as u8);
+            let len = match round {
+                0 => 0,
+                1 => 1,
+                2 => NH_BLOCK,
+                3 => BATCH * NH_BLOCK + 3 * NH_BLOCK + 17,
+                _ => (next() % 5000) as usize,
+            };
+            let bytes: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+            let want = reference(&seed, &bytes);
+            for k in kernels() {
+                let key = PayloadKey::with_kernel(&seed, k);
+                assert_eq!(digest(&key, &bytes), want, "len {len}");
+                for piece in [1, 7, 63, 64, 65, 511, 512, 513, 1000, 4097] {
+                    let mut s = PayloadHasher::new(key.clone());
+                    for c in bytes.chunks(piece) {
+                        s.update(c);
+                    }
+                    assert_eq!(s.finish(), want, "len {len} in pieces of {piece}, {k:?}");
+                }
             }
         }
     }
 
     #[test]
     fn differs_per_key_and_per_byte() {
-        let a = PayloadKey::new([1; 16]);
-        let b = PayloadKey::new([2; 16]);
+        let a = PayloadKey::derive(&[1; 32]);
+        let b = PayloadKey::derive(&[2; 32]);
         let mut bytes = vec![0x5au8; 1 << 16];
         let d = digest(&a, &bytes);
         assert_ne!(d, digest(&b, &bytes));
-        bytes[40_000] ^= 1;
+        for at in [0, 4, 40_000, (1 << 16) - 1] {
+            bytes[at] ^= 1;
+            assert_ne!(d, digest(&a, &bytes), "flip at {at}");
+            bytes[at] ^= 1;
+        }
+        // Two blocks swapped.
+        bytes[..NH_BLOCK].fill(1);
+        let d = digest(&a, &bytes);
+        bytes[..NH_BLOCK].fill(0x5a);
+        bytes[NH_BLOCK..2 * NH_BLOCK].fill(1);
         assert_ne!(d, digest(&a, &bytes));
+    }
+
+    /// The POLYVAL kernel over every count of values up to two groups and a few more, from
+    /// any starting state, gives the crate's value.
+    #[test]
+    fn polyval_kernel_matches_the_crate() {
+        if !clmul::available() {
+            return;
+        }
+        let mut next = xorshift(0x2545_f491_4f6c_dd1d);
+        let h: [u8; BLOCK] = std::array::from_fn(|_| next() as u8);
+        // SAFETY: `available` checked the CPU features.
+        let powers = unsafe { clmul::powers(&h) };
+        let values: Vec<u8> = (0..(2 * GROUP + 5) * BLOCK).map(|_| next() as u8).collect();
+        for n in 0..=2 * GROUP + 5 {
+            for split in [0, n / 2, n] {
+                let (a, b) = values[..n * BLOCK].split_at(split * BLOCK);
+                let mut want = Polyval::new(&h.into());
+                want.update_padded(a);
+                want.update_padded(b);
+                // SAFETY: as above.
+                let got =
+                    unsafe { clmul::absorb(clmul::absorb([0; BLOCK], &powers, a), &powers, b) };
+                assert_eq!(
+                    got,
+                    Digest::from(want.finalize()),
+                    "{n} values split at {split}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn keys_compare_by_value() {
+        let a = PayloadKey::with_kernel(&[3; 32], Kernel::Portable);
+        let b = PayloadKey::derive(&[3; 32]);
+        assert!(*a == *b);
+        assert!(*a != *PayloadKey::derive(&[4; 32]));
     }
 }
