@@ -214,7 +214,7 @@ impl FrameOut {
 /// ahead of the bytes already sent, a receiver reads at most this much per call and hashes it
 /// at once. Small enough that the bytes are still in cache when the kernel copies them (send)
 /// or the hash reads them (receive), large enough that one system call moves a lot: on
-/// loopback a 2-rank ring all-reduce took 1.38× its untagged time with 128 KiB steps and
+/// loopback a 2-rank ring all-reduce took 1.37× its untagged time with 128 KiB steps and
 /// 1.19–1.23× with 256 KiB to 1 MiB (BENCHMARKS.md §8), the difference being system calls alone.
 pub const HASH_STEP: usize = 512 << 10;
 
