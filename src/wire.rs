@@ -287,8 +287,9 @@ pub fn relay_token(job_secret: &[u8], relay: &str) -> [u8; 32] {
     *h.finalize().as_bytes()
 }
 
-/// The two per-direction frame keys of one connection, and the payload hash key.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// The two per-direction frame keys of one connection, and the payload hash key. Its `Debug`
+/// hides the keys.
+#[derive(Clone, PartialEq, Eq)]
 pub struct SessionKeys {
     /// Tags frames this side sends.
     pub send: [u8; 32],
@@ -296,6 +297,12 @@ pub struct SessionKeys {
     pub recv: [u8; 32],
     /// The keys of the payload hash under both directions' tags.
     pub payload: Arc<PayloadKey>,
+}
+
+impl std::fmt::Debug for SessionKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SessionKeys(..)")
+    }
 }
 
 impl SessionKeys {
