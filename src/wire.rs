@@ -7,9 +7,11 @@
 //! touching memory.
 //!
 //! Handshake (the accepting side speaks first, so a connector can never be replayed):
-//! 1. acceptor → connector: `Challenge` with a fresh 32-byte nonce `ns`;
+//! 1. acceptor → connector: `Challenge` with a fresh 32-byte nonce `ns` (and, in `aux`, the
+//!    frame-tag format it speaks, [`TAG_FORMAT`]);
 //! 2. connector → acceptor: `Hello` with its own nonce `nc`, a MAC over
 //!    (`"client"`, `ns`, `nc`, body) keyed by the shared secret, and the body (who it is);
+//!    a connector of a tagged connection puts its tag format in `aux`;
 //! 3. acceptor → connector: `Welcome` with a MAC over (`"server"`, `nc`, `ns`, body) and its
 //!    own body, or `Reject` with a reason.
 //!
@@ -275,6 +277,32 @@ pub fn mac(key: &[u8; 32], role: &[u8], first: &[u8], second: &[u8], body: &[u8]
 
 /// Length of the integrity tag that follows every frame's payload after the handshake.
 pub const TAG_LEN: usize = 16;
+
+/// The frame-tag format this release speaks: 3, keyed blake3 over NH then POLYVAL of the
+/// payload ([`payload_hash`]). Acceptors send it in their `Challenge`'s `aux`, connectors of
+/// tagged connections (rank↔rank, peer→relay) in their `Hello`'s `aux`, and either side
+/// refuses a different one by name ([`tag_format_mismatch`]) rather than failing every frame's
+/// tag after the handshake. Releases before the format was numbered send 0 (their tags were
+/// blake3 over the payload, or over `POLYVAL_H(payload)`).
+pub const TAG_FORMAT: u32 = 3;
+
+/// The error for a handshake whose other side (`who`) speaks frame-tag format `theirs`, or
+/// `None` when it is [`TAG_FORMAT`].
+pub fn tag_format_mismatch(theirs: u32, who: &str) -> Option<String> {
+    (theirs != TAG_FORMAT).then(|| {
+        let release = if theirs == 0 {
+            "an older release, before tag formats were numbered"
+        } else if theirs < TAG_FORMAT {
+            "an older release"
+        } else {
+            "a newer release"
+        };
+        format!(
+            "{who} speaks frame-tag format {theirs} ({release}), this side format {TAG_FORMAT}: \
+             ranks and relays must run releases with the same tag format"
+        )
+    })
+}
 
 /// The token a static relay at `relay` (its address exactly as written in `MR_RELAYS`) holds
 /// for jobs whose secret is `job_secret`. One-way: the token reveals neither the job secret

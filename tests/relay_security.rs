@@ -265,3 +265,95 @@ fn killed_only_relay_leaves_the_job_on_the_ring() {
         h.join().unwrap();
     }
 }
+
+/// Read one frame (header and payload) from `s`.
+fn read_frame(s: &mut TcpStream) -> (FrameHeader, Vec<u8>) {
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut raw = [0u8; wire::HEADER_LEN];
+    s.read_exact(&mut raw).unwrap();
+    let h = FrameHeader::decode(&raw).unwrap();
+    let mut p = vec![0u8; h.len as usize];
+    s.read_exact(&mut p).unwrap();
+    (h, p)
+}
+
+/// A peer of a release with another frame-tag format (an older one sends 0 in its Hello) is
+/// refused by name at the handshake instead of joining and failing every frame's tag; a relay
+/// of another format is named by the peer's handshake the same way.
+#[test]
+fn another_tag_format_is_refused_by_name_at_the_handshake() {
+    let relay = RelayProc::start(TOKEN);
+    let token = relay_util::relay_token(TOKEN, &relay.addr);
+    let key = wire::mac_key(&mapreduce::config::parse_hex("t", &token).unwrap());
+    let body = JobHello {
+        job: [7; 16],
+        rank: 0,
+        world: 2,
+        stream: 0,
+        streams: 1,
+        chunk_bytes: 4096,
+        window: 4,
+    }
+    .encode();
+    for theirs in [0, wire::TAG_FORMAT + 1] {
+        let mut s = TcpStream::connect(&relay.addr).unwrap();
+        let (challenge, ns) = read_frame(&mut s);
+        assert_eq!(challenge.kind(), FrameKind::Challenge);
+        assert_eq!(
+            challenge.aux,
+            wire::TAG_FORMAT,
+            "the relay names its format"
+        );
+        let hello = wire::Hello::sign(&key, &ns.try_into().unwrap(), &body).encode();
+        let mut h = FrameHeader::new(FrameKind::Hello, hello.len());
+        h.aux = theirs;
+        s.write_all(&h.encode()).unwrap();
+        s.write_all(&hello).unwrap();
+        let (answer, reason) = read_frame(&mut s);
+        let reason = String::from_utf8_lossy(&reason);
+        assert_eq!(
+            answer.kind(),
+            FrameKind::Reject,
+            "format {theirs}: {reason}"
+        );
+        assert!(
+            reason.contains(&format!("frame-tag format {theirs}")),
+            "format {theirs}: {reason}"
+        );
+        assert!(closed_by_relay(&mut s));
+    }
+    // The same job hello with this release's format is welcome.
+    drop(authenticated(&relay, 4096));
+
+    // A "relay" of an older release: its challenge carries no format.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let old = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let ns = [5u8; wire::NONCE_LEN];
+        s.write_all(&FrameHeader::new(FrameKind::Challenge, ns.len()).encode())
+            .unwrap();
+        s.write_all(&ns).unwrap();
+        // Hold the connection until the peer gives up on it.
+        let mut rest = Vec::new();
+        let _ = s.read_to_end(&mut rest);
+        rest
+    });
+    let mut s = TcpStream::connect(addr).unwrap();
+    let e = FrameIo {
+        stream: &mut s,
+        deadline: Instant::now() + Duration::from_secs(5),
+        what: "relay 0".into(),
+    }
+    .client_handshake_keys(&key, &body)
+    .unwrap_err();
+    assert!(
+        e.message.contains("frame-tag format 0 (an older release"),
+        "{e}"
+    );
+    drop(s);
+    assert!(
+        old.join().unwrap().is_empty(),
+        "no Hello went to the old relay"
+    );
+}

@@ -383,13 +383,18 @@ impl FrameIo<'_> {
         key: &[u8; 32],
         body: &[u8],
     ) -> Result<(Vec<u8>, SessionKeys)> {
-        let (_, ns) = self.expect(FrameKind::Challenge)?;
+        let (challenge, ns) = self.expect(FrameKind::Challenge)?;
+        if let Some(msg) = wire::tag_format_mismatch(challenge.aux, "the other side") {
+            return Err(Error::remote(format!("{}: {msg}", self.what)));
+        }
         let ns: [u8; wire::NONCE_LEN] = ns
             .try_into()
             .map_err(|_| Error::remote(format!("{}: malformed challenge", self.what)))?;
         let hello = Hello::sign(key, &ns, body);
         let enc = hello.encode();
-        self.send(FrameHeader::new(FrameKind::Hello, enc.len()), &enc)?;
+        let mut h = FrameHeader::new(FrameKind::Hello, enc.len());
+        h.aux = wire::TAG_FORMAT;
+        self.send(h, &enc)?;
         let (_, welcome) = self.expect(FrameKind::Welcome)?;
         if welcome.len() < wire::MAC_LEN {
             return Err(Error::remote(format!("{}: malformed welcome", self.what)));
@@ -409,8 +414,10 @@ impl FrameIo<'_> {
     /// client nonce) so the caller can inspect the body before answering with [`Self::welcome`].
     pub fn server_handshake(&mut self, key: &[u8; 32]) -> Result<(Vec<u8>, [u8; 32], [u8; 32])> {
         let ns = wire::nonce();
-        self.send(FrameHeader::new(FrameKind::Challenge, ns.len()), &ns)?;
-        let (_, p) = self.expect(FrameKind::Hello)?;
+        let mut challenge = FrameHeader::new(FrameKind::Challenge, ns.len());
+        challenge.aux = wire::TAG_FORMAT;
+        self.send(challenge, &ns)?;
+        let (h, p) = self.expect(FrameKind::Hello)?;
         let hello = Hello::decode(&p)?;
         if !hello.verify(key, &ns) {
             self.reject(ErrorKind::Auth, "authentication failed: wrong job secret");
@@ -418,6 +425,10 @@ impl FrameIo<'_> {
                 "{}: peer failed authentication (wrong job secret)",
                 self.what
             )));
+        }
+        if let Some(msg) = wire::tag_format_mismatch(h.aux, "the connecting rank") {
+            self.reject(ErrorKind::Remote, &msg);
+            return Err(Error::remote(format!("{}: {msg}", self.what)));
         }
         Ok((hello.body.to_vec(), ns, hello.nonce))
     }

@@ -96,6 +96,15 @@ impl Pending {
         Ok(h)
     }
 
+    /// Send a `Reject` with `reason` (best effort: the connection is dropped after it).
+    fn reject(&mut self, kind: crate::error::ErrorKind, reason: &str) {
+        let mut h = FrameHeader::new(FrameKind::Reject, reason.len());
+        h.aux = kind as u32;
+        let mut frame = h.encode().to_vec();
+        frame.extend_from_slice(reason.as_bytes());
+        let _ = self.stream.write(&frame);
+    }
+
     fn finish(&mut self, key: &[u8; 32]) -> Step {
         let hello = match Hello::decode(&self.buf[HEADER_LEN..]) {
             Ok(h) => h,
@@ -103,13 +112,17 @@ impl Pending {
         };
         if !hello.verify(key, &self.ns) {
             // Tell a rank started with the wrong secret why, rather than letting it time out.
-            let reason = "authentication failed: wrong job secret";
-            let mut h = FrameHeader::new(FrameKind::Reject, reason.len());
-            h.aux = crate::error::ErrorKind::Auth as u32;
-            let mut frame = h.encode().to_vec();
-            frame.extend_from_slice(reason.as_bytes());
-            let _ = self.stream.write(&frame);
+            self.reject(
+                crate::error::ErrorKind::Auth,
+                "authentication failed: wrong job secret",
+            );
             return Step::Dropped("failed authentication (wrong job secret)".into());
+        }
+        let aux = FrameHeader::decode(self.buf[..HEADER_LEN].try_into().expect("header bytes"))
+            .map_or(0, |h| h.aux);
+        if let Some(msg) = wire::tag_format_mismatch(aux, "the connecting rank") {
+            self.reject(crate::error::ErrorKind::Remote, &msg);
+            return Step::Dropped(msg);
         }
         Step::Done(hello.body.to_vec(), hello.nonce)
     }
@@ -196,9 +209,9 @@ impl Inbound {
             }
         }
         let ns = wire::nonce();
-        let mut frame = FrameHeader::new(FrameKind::Challenge, ns.len())
-            .encode()
-            .to_vec();
+        let mut challenge = FrameHeader::new(FrameKind::Challenge, ns.len());
+        challenge.aux = wire::TAG_FORMAT;
+        let mut frame = challenge.encode().to_vec();
         frame.extend_from_slice(&ns);
         // A fresh connection's send buffer takes the 72-byte challenge whole.
         let sent = stream
@@ -280,5 +293,40 @@ mod tests {
         real.join().unwrap().unwrap();
         assert_eq!(wrong.join().unwrap().kind, crate::error::ErrorKind::Auth);
         drop((silent, garbage));
+    }
+
+    /// A rank of a release with another frame-tag format (an older one sends 0 in its Hello)
+    /// is told so by name and never joins.
+    #[test]
+    fn another_tag_format_is_refused_by_name() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let key = wire::mac_key(b"job secret");
+        let old = std::thread::spawn(move || {
+            let mut s = TcpStream::connect(addr).unwrap();
+            let mut io = FrameIo {
+                stream: &mut s,
+                deadline: Instant::now() + Duration::from_secs(10),
+                what: "old rank".into(),
+            };
+            let (challenge, ns) = io.expect(FrameKind::Challenge).unwrap();
+            assert_eq!(challenge.aux, wire::TAG_FORMAT);
+            let hello = wire::Hello::sign(&key, &ns.try_into().unwrap(), b"rank 1").encode();
+            io.send(FrameHeader::new(FrameKind::Hello, hello.len()), &hello)
+                .unwrap();
+            io.expect(FrameKind::Welcome).unwrap_err()
+        });
+        let mut inbound = Inbound::new(key, "test");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !old.is_finished() && Instant::now() < deadline {
+            assert!(inbound.poll(&listener, deadline).is_empty());
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let e = old.join().unwrap();
+        assert!(
+            e.message.contains("frame-tag format 0 (an older release"),
+            "{e}"
+        );
     }
 }

@@ -375,11 +375,9 @@ impl Relay {
         );
         self.unauthenticated += 1;
         self.unauthenticated_order.push_back(id);
-        self.send_control(
-            id,
-            FrameHeader::new(FrameKind::Challenge, nonce.len()),
-            nonce.to_vec(),
-        );
+        let mut challenge = FrameHeader::new(FrameKind::Challenge, nonce.len());
+        challenge.aux = crate::wire::TAG_FORMAT;
+        self.send_control(id, challenge, nonce.to_vec());
     }
 
     /// Close connections past their deadline or whose refusal was delivered, end idle jobs,

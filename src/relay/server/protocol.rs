@@ -72,7 +72,7 @@ impl Relay {
     ) -> Result<()> {
         let c = self.conns.get_mut(&id).expect("connection");
         match c.state {
-            State::AwaitHello { nonce, .. } => self.on_hello(id, nonce, payload.as_slice()),
+            State::AwaitHello { nonce, .. } => self.on_hello(id, nonce, &h, payload.as_slice()),
             State::Ready { job, rank } => match h.kind() {
                 FrameKind::OpError => {
                     if let Some(j) = self.jobs.get_mut(&job) {
@@ -152,7 +152,13 @@ impl Relay {
         self.send_control(id, FrameHeader::new(FrameKind::Welcome, p.len()), p);
     }
 
-    fn on_hello(&mut self, id: usize, nonce: [u8; 32], payload: &[u8]) -> Result<()> {
+    fn on_hello(
+        &mut self,
+        id: usize,
+        nonce: [u8; 32],
+        h: &FrameHeader,
+        payload: &[u8],
+    ) -> Result<()> {
         let hello = Hello::decode(payload)?;
         if let Some(req) = crate::relay::receipts::parse_request(hello.body) {
             self.answer_receipt(id, &hello, &nonce, req);
@@ -172,6 +178,12 @@ impl Relay {
                 return Ok(());
             }
         };
+        // Every frame after this one is tagged: refuse a peer whose tags this relay cannot
+        // check, by name, rather than failing all its frames.
+        if let Some(msg) = crate::wire::tag_format_mismatch(h.aux, "the peer") {
+            self.refuse(id, ErrorKind::Remote, &msg);
+            return Ok(());
+        }
         let tag = crate::config::to_hex(&jh.job[..4]);
         let known = self.jobs.get(&jh.job).map(|j| KnownJob {
             hello: &j.hello,
