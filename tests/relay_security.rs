@@ -55,12 +55,12 @@ fn closed_by_relay(s: &mut TcpStream) -> bool {
     false
 }
 
-fn authenticated(relay: &RelayProc, chunk_bytes: usize) -> TcpStream {
-    let mut s = TcpStream::connect(&relay.addr).unwrap();
+/// The relay's key for jobs of [`TOKEN`] and a job hello from rank 0 of 2 of job `job`.
+fn job_hello(relay: &RelayProc, job: u8, chunk_bytes: usize) -> ([u8; 32], Vec<u8>) {
     let token = relay_util::relay_token(TOKEN, &relay.addr);
     let key = wire::mac_key(&mapreduce::config::parse_hex("t", &token).unwrap());
     let body = JobHello {
-        job: [9; 16],
+        job: [job; 16],
         rank: 0,
         world: 2,
         stream: 0,
@@ -69,6 +69,12 @@ fn authenticated(relay: &RelayProc, chunk_bytes: usize) -> TcpStream {
         window: 4,
     }
     .encode();
+    (key, body)
+}
+
+fn authenticated(relay: &RelayProc, chunk_bytes: usize) -> TcpStream {
+    let mut s = TcpStream::connect(&relay.addr).unwrap();
+    let (key, body) = job_hello(relay, 9, chunk_bytes);
     FrameIo {
         stream: &mut s,
         deadline: Instant::now() + Duration::from_secs(5),
@@ -283,18 +289,7 @@ fn read_frame(s: &mut TcpStream) -> (FrameHeader, Vec<u8>) {
 #[test]
 fn another_tag_format_is_refused_by_name_at_the_handshake() {
     let relay = RelayProc::start(TOKEN);
-    let token = relay_util::relay_token(TOKEN, &relay.addr);
-    let key = wire::mac_key(&mapreduce::config::parse_hex("t", &token).unwrap());
-    let body = JobHello {
-        job: [7; 16],
-        rank: 0,
-        world: 2,
-        stream: 0,
-        streams: 1,
-        chunk_bytes: 4096,
-        window: 4,
-    }
-    .encode();
+    let (key, body) = job_hello(&relay, 7, 4096);
     for theirs in [0, wire::TAG_FORMAT + 1] {
         let mut s = TcpStream::connect(&relay.addr).unwrap();
         let (challenge, ns) = read_frame(&mut s);

@@ -237,34 +237,39 @@ mod tests {
     use super::*;
     use crate::net::bootstrap::FrameIo;
 
-    #[test]
-    fn a_real_client_gets_through_strangers_that_stay() {
+    /// A non-blocking listener on loopback, its address and a job key.
+    fn listen() -> (TcpListener, std::net::SocketAddr, [u8; 32]) {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         listener.set_nonblocking(true).unwrap();
         let addr = listener.local_addr().unwrap();
-        let key = wire::mac_key(b"job secret");
+        (listener, addr, wire::mac_key(b"job secret"))
+    }
+
+    /// The connector's side of a test connection, with a 10 s deadline.
+    fn io<'a>(stream: &'a mut TcpStream, what: &str) -> FrameIo<'a> {
+        FrameIo {
+            stream,
+            deadline: Instant::now() + Duration::from_secs(10),
+            what: what.into(),
+        }
+    }
+
+    #[test]
+    fn a_real_client_gets_through_strangers_that_stay() {
+        let (listener, addr, key) = listen();
         // Strangers first: silent, garbage, a wrong key.
         let silent = TcpStream::connect(addr).unwrap();
         let mut garbage = TcpStream::connect(addr).unwrap();
         garbage.write_all(&[0xff; 64]).unwrap();
         let wrong = std::thread::spawn(move || {
             let mut s = TcpStream::connect(addr).unwrap();
-            FrameIo {
-                stream: &mut s,
-                deadline: Instant::now() + Duration::from_secs(10),
-                what: "wrong key".into(),
-            }
-            .client_handshake(&wire::mac_key(b"another secret"), b"who")
-            .unwrap_err()
+            io(&mut s, "wrong key")
+                .client_handshake(&wire::mac_key(b"another secret"), b"who")
+                .unwrap_err()
         });
         let real = std::thread::spawn(move || {
             let mut s = TcpStream::connect(addr).unwrap();
-            FrameIo {
-                stream: &mut s,
-                deadline: Instant::now() + Duration::from_secs(10),
-                what: "real".into(),
-            }
-            .client_handshake(&key, b"rank 1")
+            io(&mut s, "real").client_handshake(&key, b"rank 1")
         });
         let mut inbound = Inbound::new(key, "test");
         let started = Instant::now();
@@ -299,17 +304,10 @@ mod tests {
     /// is told so by name and never joins.
     #[test]
     fn another_tag_format_is_refused_by_name() {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.set_nonblocking(true).unwrap();
-        let addr = listener.local_addr().unwrap();
-        let key = wire::mac_key(b"job secret");
+        let (listener, addr, key) = listen();
         let old = std::thread::spawn(move || {
             let mut s = TcpStream::connect(addr).unwrap();
-            let mut io = FrameIo {
-                stream: &mut s,
-                deadline: Instant::now() + Duration::from_secs(10),
-                what: "old rank".into(),
-            };
+            let mut io = io(&mut s, "old rank");
             let (challenge, ns) = io.expect(FrameKind::Challenge).unwrap();
             assert_eq!(challenge.aux, wire::TAG_FORMAT);
             let hello = wire::Hello::sign(&key, &ns.try_into().unwrap(), b"rank 1").encode();
