@@ -243,6 +243,32 @@ impl FrameHeader {
         Ok(h)
     }
 
+    /// A `Challenge` header for a `len`-byte nonce, naming the frame-tag format this side
+    /// speaks ([`TAG_FORMAT`]).
+    pub fn challenge(len: usize) -> FrameHeader {
+        FrameHeader {
+            aux: TAG_FORMAT,
+            ..FrameHeader::new(FrameKind::Challenge, len)
+        }
+    }
+
+    /// A `Hello` header for a `len`-byte payload on a tagged connection, naming the frame-tag
+    /// format this side speaks ([`TAG_FORMAT`]).
+    pub fn hello(len: usize) -> FrameHeader {
+        FrameHeader {
+            aux: TAG_FORMAT,
+            ..FrameHeader::new(FrameKind::Hello, len)
+        }
+    }
+
+    /// A `Reject` header for a `reason_len`-byte reason of `kind`.
+    pub fn reject(kind: ErrorKind, reason_len: usize) -> FrameHeader {
+        FrameHeader {
+            aux: kind as u32,
+            ..FrameHeader::new(FrameKind::Reject, reason_len)
+        }
+    }
+
     /// An `OpError` frame header for op `seq`; the payload is the message.
     pub fn op_error(seq: u64, kind: ErrorKind, msg_len: usize) -> FrameHeader {
         FrameHeader {

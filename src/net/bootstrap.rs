@@ -365,9 +365,7 @@ impl FrameIo<'_> {
     }
 
     pub fn reject(&mut self, kind: ErrorKind, reason: &str) {
-        let mut h = FrameHeader::new(FrameKind::Reject, reason.len());
-        h.aux = kind as u32;
-        let _ = self.send(h, reason.as_bytes());
+        let _ = self.send(FrameHeader::reject(kind, reason.len()), reason.as_bytes());
     }
 
     /// Connector side of the handshake: answer the challenge with `body`, check the acceptor's
@@ -392,9 +390,7 @@ impl FrameIo<'_> {
             .map_err(|_| Error::remote(format!("{}: malformed challenge", self.what)))?;
         let hello = Hello::sign(key, &ns, body);
         let enc = hello.encode();
-        let mut h = FrameHeader::new(FrameKind::Hello, enc.len());
-        h.aux = wire::TAG_FORMAT;
-        self.send(h, &enc)?;
+        self.send(FrameHeader::hello(enc.len()), &enc)?;
         let (_, welcome) = self.expect(FrameKind::Welcome)?;
         if welcome.len() < wire::MAC_LEN {
             return Err(Error::remote(format!("{}: malformed welcome", self.what)));
@@ -408,29 +404,6 @@ impl FrameIo<'_> {
         }
         let keys = SessionKeys::derive(key, &ns, &hello.nonce, false);
         Ok((wbody.to_vec(), keys))
-    }
-
-    /// Acceptor side: challenge, check the Hello's proof; returns (hello body, challenge,
-    /// client nonce) so the caller can inspect the body before answering with [`Self::welcome`].
-    pub fn server_handshake(&mut self, key: &[u8; 32]) -> Result<(Vec<u8>, [u8; 32], [u8; 32])> {
-        let ns = wire::nonce();
-        let mut challenge = FrameHeader::new(FrameKind::Challenge, ns.len());
-        challenge.aux = wire::TAG_FORMAT;
-        self.send(challenge, &ns)?;
-        let (h, p) = self.expect(FrameKind::Hello)?;
-        let hello = Hello::decode(&p)?;
-        if !hello.verify(key, &ns) {
-            self.reject(ErrorKind::Auth, "authentication failed: wrong job secret");
-            return Err(Error::auth(format!(
-                "{}: peer failed authentication (wrong job secret)",
-                self.what
-            )));
-        }
-        if let Some(msg) = wire::tag_format_mismatch(h.aux, "the connecting rank") {
-            self.reject(ErrorKind::Remote, &msg);
-            return Err(Error::remote(format!("{}: {msg}", self.what)));
-        }
-        Ok((hello.body.to_vec(), ns, hello.nonce))
     }
 
     pub fn welcome(

@@ -55,17 +55,17 @@ enum Step {
 impl Pending {
     fn step(&mut self, key: &[u8; 32]) -> Step {
         loop {
-            let want = if self.buf.len() < HEADER_LEN {
-                HEADER_LEN
+            let header = if self.buf.len() < HEADER_LEN {
+                None
             } else {
-                let h = match self.header() {
-                    Ok(h) => h,
+                match self.header() {
+                    Ok(h) => Some(h),
                     Err(e) => return Step::Dropped(e.message),
-                };
-                HEADER_LEN + h.len as usize
+                }
             };
-            if self.buf.len() == want && want > HEADER_LEN {
-                return self.finish(key);
+            let want = header.map_or(HEADER_LEN, |h| HEADER_LEN + h.len as usize);
+            if let Some(h) = header.filter(|_| self.buf.len() == want) {
+                return self.finish(key, &h);
             }
             let mut chunk = [0u8; 256];
             let room = (want - self.buf.len()).min(chunk.len());
@@ -98,14 +98,13 @@ impl Pending {
 
     /// Send a `Reject` with `reason` (best effort: the connection is dropped after it).
     fn reject(&mut self, kind: crate::error::ErrorKind, reason: &str) {
-        let mut h = FrameHeader::new(FrameKind::Reject, reason.len());
-        h.aux = kind as u32;
-        let mut frame = h.encode().to_vec();
+        let mut frame = FrameHeader::reject(kind, reason.len()).encode().to_vec();
         frame.extend_from_slice(reason.as_bytes());
         let _ = self.stream.write(&frame);
     }
 
-    fn finish(&mut self, key: &[u8; 32]) -> Step {
+    /// The whole hello has arrived (its header: `h`).
+    fn finish(&mut self, key: &[u8; 32], h: &FrameHeader) -> Step {
         let hello = match Hello::decode(&self.buf[HEADER_LEN..]) {
             Ok(h) => h,
             Err(e) => return Step::Dropped(e.message),
@@ -118,9 +117,7 @@ impl Pending {
             );
             return Step::Dropped("failed authentication (wrong job secret)".into());
         }
-        let aux = FrameHeader::decode(self.buf[..HEADER_LEN].try_into().expect("header bytes"))
-            .map_or(0, |h| h.aux);
-        if let Some(msg) = wire::tag_format_mismatch(aux, "the connecting rank") {
+        if let Some(msg) = wire::tag_format_mismatch(h.aux, "the connecting rank") {
             self.reject(crate::error::ErrorKind::Remote, &msg);
             return Step::Dropped(msg);
         }
@@ -209,9 +206,7 @@ impl Inbound {
             }
         }
         let ns = wire::nonce();
-        let mut challenge = FrameHeader::new(FrameKind::Challenge, ns.len());
-        challenge.aux = wire::TAG_FORMAT;
-        let mut frame = challenge.encode().to_vec();
+        let mut frame = FrameHeader::challenge(ns.len()).encode().to_vec();
         frame.extend_from_slice(&ns);
         // A fresh connection's send buffer takes the 72-byte challenge whole.
         let sent = stream

@@ -375,9 +375,7 @@ impl Relay {
         );
         self.unauthenticated += 1;
         self.unauthenticated_order.push_back(id);
-        let mut challenge = FrameHeader::new(FrameKind::Challenge, nonce.len());
-        challenge.aux = crate::wire::TAG_FORMAT;
-        self.send_control(id, challenge, nonce.to_vec());
+        self.send_control(id, FrameHeader::challenge(nonce.len()), nonce.to_vec());
     }
 
     /// Close connections past their deadline or whose refusal was delivered, end idle jobs,

@@ -98,9 +98,11 @@ impl Relay {
             log::debug!("rejected connection from {}: {reason}", c.peer);
         }
         c.state = State::Closing { since: self.now };
-        let mut h = FrameHeader::new(FrameKind::Reject, reason.len());
-        h.aux = kind as u32;
-        self.send_control(id, h, reason.as_bytes().to_vec());
+        self.send_control(
+            id,
+            FrameHeader::reject(kind, reason.len()),
+            reason.as_bytes().to_vec(),
+        );
     }
 
     /// A member of a granted job asks for the relay's signed receipt of one op (see
