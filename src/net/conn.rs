@@ -213,9 +213,10 @@ impl FrameOut {
 /// Payload bytes hashed per step on a tagged connection: a sender hashes at most this far
 /// ahead of the bytes already sent, a receiver reads at most this much per call and hashes it
 /// at once. Small enough that the bytes are still in cache when the kernel copies them (send)
-/// or the hash reads them (receive), large enough that one system call moves a lot: on
-/// loopback a 2-rank ring all-reduce took 1.37× its untagged time with 128 KiB steps and
-/// 1.19–1.23× with 256 KiB to 1 MiB (BENCHMARKS.md §8), the difference being system calls alone.
+/// or the hash reads them (receive), large enough that one system call moves a lot: with
+/// hashing switched off in a benchmark build, 128 KiB steps took a 2-rank loopback ring
+/// all-reduce to 1.36× its untagged time against 1.03× with no step limit, and 256 KiB to
+/// 1 MiB steps measured alike with hashing on (BENCHMARKS.md §8).
 pub const HASH_STEP: usize = 512 << 10;
 
 /// The rest of a frame whose header has arrived: its payload, then (on tagged connections)

@@ -242,12 +242,11 @@ impl PayloadHasher {
             if self.pending_len < NH_BLOCK {
                 return;
             }
-            let block = self.pending;
-            self.absorb(&block);
+            absorb(&self.key, &mut self.poly, &self.pending);
             self.pending_len = 0;
         }
         let whole = bytes.len() / NH_BLOCK * NH_BLOCK;
-        self.absorb(&bytes[..whole]);
+        absorb(&self.key, &mut self.poly, &bytes[..whole]);
         let rest = &bytes[whole..];
         self.pending[..rest.len()].copy_from_slice(rest);
         self.pending_len = rest.len();
@@ -269,16 +268,16 @@ impl PayloadHasher {
             Poly::Crate(p) => p.finalize().into(),
         }
     }
+}
 
-    /// Fold whole blocks into the state.
-    fn absorb(&mut self, blocks: &[u8]) {
-        debug_assert_eq!(blocks.len() % NH_BLOCK, 0);
-        let mut values = [0u8; BATCH * BLOCK];
-        for batch in blocks.chunks(BATCH * NH_BLOCK) {
-            let out = &mut values[..batch.len() / NH_BLOCK * BLOCK];
-            self.key.nh(batch, out);
-            self.poly.absorb(&self.key, out);
-        }
+/// Fold whole NH blocks into `poly`: NH in batches, then POLYVAL over each batch's values.
+fn absorb(key: &PayloadKey, poly: &mut Poly, blocks: &[u8]) {
+    debug_assert_eq!(blocks.len() % NH_BLOCK, 0);
+    let mut values = [0u8; BATCH * BLOCK];
+    for batch in blocks.chunks(BATCH * NH_BLOCK) {
+        let out = &mut values[..batch.len() / NH_BLOCK * BLOCK];
+        key.nh(batch, out);
+        poly.absorb(key, out);
     }
 }
 
